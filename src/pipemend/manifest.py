@@ -1,0 +1,171 @@
+"""The target's manifest, ``pipemend.yaml``: what to run, on what data, scored how, editable where.
+
+Validated by pydantic with unknown keys rejected. ``load_manifest`` turns every
+problem into a ``ConfigError`` that names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+MANIFEST_NAME = "pipemend.yaml"
+RUNGS = ("prompt", "retrieval", "context", "model")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitFractions(_Strict):
+    """Split one dataset file into train/val/test by seeded shuffle of ids."""
+
+    train: float = Field(ge=0, le=1, description="Fraction of rows for train (the proposer's view).")
+    val: float = Field(ge=0, le=1, description="Fraction for val (the gate's view, aggregates only).")
+    test: float = Field(ge=0, le=1, description="Fraction for test (scored once at the end).")
+    seed: int = Field(0, description="Seed of the shuffle, so splits are stable.")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitFractions":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions sum to {total:g}, expected train + val + test = 1")
+        return self
+
+
+class SplitFiles(_Strict):
+    """Explicit per-split JSONL files, relative to the target folder."""
+
+    train: str
+    val: str
+    test: str
+
+
+class DatasetConfig(_Strict):
+    path: str | None = Field(None, description="JSONL rows {id, inputs, expected, evidence?}, relative to the target.")
+    split: SplitFractions | None = Field(None, description="Fractions to split `path` into train/val/test.")
+    files: SplitFiles | None = Field(None, description="Explicit per-split files instead of `path` + `split`.")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DatasetConfig":
+        if self.files is None and (self.path is None or self.split is None):
+            raise ValueError("give either `path` and `split`, or `files: {train, val, test}`")
+        if self.files is not None and (self.path is not None or self.split is not None):
+            raise ValueError("give either `path` and `split`, or `files`, not both")
+        return self
+
+
+class Knob(_Strict):
+    """A named parameter a proposer may search: a key in a config file of the target."""
+
+    file: str = Field(description="Config file (YAML, JSON or TOML) relative to the target.")
+    key: str = Field(description="Dotted key path inside that file, e.g. `retrieval.top_k`.")
+    rung: Literal["prompt", "retrieval", "context", "model"] = Field(description="Which ladder rung it acts on.")
+    values: list[Any] = Field(min_length=1, description="Candidate values to try, in order of preference.")
+
+
+class LLMConfig(_Strict):
+    model: str = Field(description="Model the pipeline calls by default (PIPEMEND_MODEL overrides).")
+
+
+class Gates(_Strict):
+    """Acceptance thresholds for a candidate against its base on val."""
+
+    min_delta: float = Field(0.01, ge=0, description="Smallest mean val improvement worth a branch.")
+    max_regressions: int = Field(0, ge=0, description="Examples right in the base and wrong in the candidate.")
+    max_cost_ratio: float = Field(1.5, gt=0, description="Candidate cost / base cost on val.")
+    max_latency_ratio: float = Field(1.5, gt=0, description="Candidate latency / base latency on val.")
+    confidence: float = Field(0.9, gt=0, lt=1, description="Confidence that the improvement is > 0.")
+    test: Literal["bootstrap", "sign"] = Field("bootstrap", description="Paired test used for confidence.")
+    repeats: int = Field(1, ge=1, description="Evaluate each side this many times where the pipeline is noisy.")
+
+
+class RunnerConfig(_Strict):
+    concurrency: int = Field(4, ge=1, description="Examples run at once inside the sandbox.")
+    example_timeout_s: float = Field(120.0, gt=0, description="One example's time limit; past it scores 0.")
+
+
+class Manifest(_Strict):
+    name: str
+    description: str = ""
+    entrypoint: str = Field(description="`module:function`, called once per example with its `inputs` dict.")
+    dataset: DatasetConfig
+    metric: str = Field(description="Built-in name (exact_match, f1, contains, json_match) or `file.py:function`.")
+    editable: list[str] = Field(min_length=1, description="Globs (relative to the target) the proposer may change.")
+    protected: list[str] = Field(default_factory=list, description="Globs it may never change.")
+    knobs: dict[str, Knob] = Field(default_factory=dict)
+    llm: LLMConfig
+    requirements: str | None = Field(None, description="pip requirements file of the target's own dependencies.")
+    gates: Gates = Field(default_factory=Gates)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint_shape(cls, v: str) -> str:
+        mod, sep, fn = v.partition(":")
+        if not sep or not mod or not fn or not all(p.isidentifier() for p in mod.split(".")) or not fn.isidentifier():
+            raise ValueError(f"entrypoint {v!r} is not `module:function`")
+        return v
+
+    # ------------------------------------------------------------------ helpers used across pipemend
+
+    def always_protected(self) -> list[str]:
+        """Globs protected whatever the manifest says: the manifest, the data and a custom metric file."""
+        globs = [MANIFEST_NAME]
+        if self.dataset.path:
+            globs.append(self.dataset.path)
+        if self.dataset.files:
+            globs += [self.dataset.files.train, self.dataset.files.val, self.dataset.files.test]
+        if ":" in self.metric and self.metric.split(":", 1)[0].endswith(".py"):
+            globs.append(self.metric.split(":", 1)[0])
+        if self.requirements:
+            globs.append(self.requirements)
+        return globs
+
+    def all_protected(self) -> list[str]:
+        return list(dict.fromkeys(self.protected + self.always_protected()))
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+
+
+def load_manifest(target_dir: str | Path, *, check_files: bool = True) -> Manifest:
+    """Read and validate ``TARGET/pipemend.yaml``.
+
+    Raises ``ConfigError`` naming the file, the key and what was expected.
+    With ``check_files`` the cross-file checks run too (see ``manifest_checks``).
+    """
+    import yaml
+
+    target_dir = Path(target_dir)
+    path = target_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ConfigError(path, None, "no manifest found", f"a {MANIFEST_NAME} in {target_dir} (run `pipemend init {target_dir}`)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        raise ConfigError(path, where, f"not valid YAML: {getattr(e, 'problem', e)}", "a YAML mapping") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(path, None, "the manifest is not a mapping", "keys such as name, entrypoint, dataset, metric")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        kind = first.get("type", "")
+        if kind == "extra_forbidden":
+            raise ConfigError(path, _loc(first), "unknown key", "one of the documented keys (see `pipemend init`)") from None
+        if kind == "missing":
+            raise ConfigError(path, _loc(first), "required key is missing") from None
+        raise ConfigError(path, _loc(first), first.get("msg", "invalid value")) from None
+    if check_files:
+        from .manifest_checks import check_manifest_files
+
+        check_manifest_files(manifest, target_dir, path)
+    return manifest

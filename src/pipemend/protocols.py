@@ -1,0 +1,136 @@
+"""The pluggable parts of pipemend, in one place.
+
+- ``LLMBackend``: what the gateway forwards a Messages request to.
+- ``Sandbox``: where the runner executes a candidate's pipeline.
+- ``Proposer``: what edits a candidate worktree.
+
+Implementations live beside their kin (``gateway/backends/``, ``sandbox/``,
+``proposers/``) and are found through the short-name registries there; a
+dotted path ``package.module:Class`` works wherever a short name does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+
+# --------------------------------------------------------------------------- LLM backends
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    """Answers one Anthropic Messages API request body with a full (non-streaming) response body.
+
+    The gateway owns streaming, caching, logging and budgets; a backend only
+    answers. It raises ``BackendError`` (gateway/backends) for a request it
+    cannot serve; the gateway turns that into an Anthropic-style error reply.
+    """
+
+    name: str
+
+    def complete(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+# --------------------------------------------------------------------------- sandboxes
+
+
+@dataclass
+class SandboxJob:
+    """One runner invocation: a batch of examples of one candidate, in one sandbox."""
+
+    worktree: Path
+    """The candidate's worktree (the target's folder inside it is ``worktree / target_subdir``)."""
+    target_subdir: str
+    """Path of the target folder relative to the worktree root ('' when the worktree *is* the target)."""
+    entrypoint: str
+    """``module:function`` from the manifest, importable from the target folder."""
+    inputs_file: Path
+    """JSONL rows ``{"id", "inputs"}`` only: never labels."""
+    out_dir: Path
+    """Where the runner writes ``results.jsonl`` and ``traces/<id>.json``; on the host."""
+    gateway_url: str
+    """``http://127.0.0.1:PORT`` of the gateway (used by the process sandbox)."""
+    gateway_socket: Path | None
+    """Unix socket of the gateway, mounted into isolated sandboxes."""
+    model: str
+    """Value of ``PIPEMEND_MODEL`` for the pipeline."""
+    concurrency: int = 4
+    example_timeout_s: float = 120.0
+    wall_timeout_s: float = 3600.0
+    writable: bool = False
+    """Train runs of a proposer may write into the worktree; val/test runs are read-only."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the pipeline (never secrets)."""
+    requirements: Path | None = None
+    """The target's own requirements file, if any (sandbox installs it, cached by hash)."""
+
+
+@dataclass
+class SandboxOutcome:
+    """How the runner process ended. Per-example results are in ``job.out_dir``."""
+
+    sandbox: str
+    returncode: int | None
+    timed_out: bool = False
+    error: str | None = None
+    """Why the whole batch failed (OOM, pid limit, dead container...), or None."""
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    startup_s: float = 0.0
+    wall_s: float = 0.0
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    name: str
+
+    def run(self, job: SandboxJob) -> SandboxOutcome: ...
+
+
+# --------------------------------------------------------------------------- proposers
+
+
+@dataclass
+class Proposal:
+    """What a proposer hands back: its edits are already in the candidate worktree."""
+
+    rationale: str
+    rung: str | None = None
+    """The ladder rung the change addresses (prompt, retrieval, context, model), if known."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Anything worth keeping with the candidate (knob name and value, agent turns, cost...)."""
+
+
+@dataclass
+class ProposalContext:
+    """Everything a proposer may use. It sees train examples, never val or test labels."""
+
+    candidate_index: int
+    worktree: Path
+    """The candidate worktree, checked out from the current base; edit files here."""
+    target_subdir: str
+    manifest: Any
+    """The frozen ``pipemend.manifest.Manifest``."""
+    diagnosis: dict[str, Any]
+    """The base's latest diagnosis on train (``pipemend.diagnose`` JSON form)."""
+    history: list[dict[str, Any]]
+    """Earlier candidates: index, rationale, rung, meta, verdict summary (val aggregates only)."""
+    history_dir: Path | None
+    """A read-only folder with each earlier candidate's diff, rationale, verdict and train traces."""
+    tools: Any
+    """``pipemend.proposers.tools.ProposerTools``: guarded file edits, train runs, traces, diagnosis, diff."""
+    budget: Any
+    """``pipemend.proposers.ProposerBudget``: turns, tokens, dollars, per-tool seconds."""
+    train_examples: list[dict[str, Any]] = field(default_factory=list)
+    """Train rows (id, inputs, expected, evidence) for few-shot or inspection."""
+    log: Callable[[str], None] = print
+
+
+class Proposer(Protocol):
+    """Makes one change per call, or returns None when it has no more ideas."""
+
+    name: str
+
+    def propose(self, ctx: ProposalContext) -> Proposal | None: ...
