@@ -49,14 +49,19 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one record as one line; the line is written with a single write call and fsynced."""
+    """Append one record as one line; written with a single write call and fsynced."""
+    append_jsonl_many(path, [record])
+
+
+def append_jsonl_many(path: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
+    """Append records as lines with one write call and one fsync (a crash leaves at most a torn last line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode("utf-8")
+    data = b"".join((json.dumps(r, default=str, separators=(",", ":")) + "\n").encode("utf-8") for r in records)
     with _append_lock:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

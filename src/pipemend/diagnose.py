@@ -1,0 +1,424 @@
+"""The failure ladder: which rung (prompt, retrieval, context, model) each failed example points at.
+
+For every example scoring below ``pass_threshold``, the rules run in this
+order and the first that fires names its rung:
+
+1. **error** (not a rung): the runner reported an error or timeout, or no result.
+2. **retrieval** (only with evidence labels, and only when the trace declares
+   any ``doc_ids``): some gold evidence id never reached a generation step —
+   the union of the generation steps' ``doc_ids`` (or, when no generation
+   step declares any, of the retrieval steps') lacks it. The detail says
+   whether the gold was retrieved and then dropped before generation.
+3. **prompt**, first matching rule: ``parse_error`` (a ``parse`` step errored
+   or returned nothing), ``empty_output``, ``form`` (the output equals an
+   expected answer once normalized, yet the metric failed it), ``extra_text``
+   (the final output holds an expected answer wrapped in other words),
+   ``dropped_answer`` (a generation step's output held an expected answer,
+   the final output does not) or ``verbose`` (the answer is over
+   ``max_answer_tokens_ratio`` × the expected length and over
+   ``min_tokens_for_verbose`` tokens). The last four need a textual label.
+4. **context**: ``too_many_docs`` (the answering generation step saw more
+   than ``context_max_docs`` documents) or ``gold_buried`` (its first gold
+   document sits after position ``context_gold_position``, 1-based).
+5. **model**: none of the above; rule ``still_wrong``.
+
+The recommended rung is the cheapest (prompt, retrieval, context, model)
+whose share of the rung failures reaches ``min_share``, else the largest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .dataset import Example
+from .errors import ConfigError, UsageError
+from .fsutil import read_json, read_jsonl
+from .manifest import RUNGS
+from .metrics import METRIC_ERROR_PREFIX, answer_text, expected_answers, normalize_answer
+
+DIAGNOSIS_FORMAT = "pipemend-diagnosis-1"
+
+
+class LadderThresholds(BaseModel):
+    """The numbers the ladder's rules use; every one can be overridden by the user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pass_threshold: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="An example scoring below this failed (1.0 suits exact_match; lower it for f1 or json_match).")
+    max_answer_tokens_ratio: float = Field(
+        3.0, gt=0.0, description="`verbose` fires when the answer has more than this many times the expected tokens...")
+    min_tokens_for_verbose: int = Field(
+        5, ge=0, description="...and more than this many tokens (normalized), so short answers are never 'verbose'.")
+    context_max_docs: int = Field(
+        6, ge=1, description="`too_many_docs` fires when the answering generation step saw more documents than this.")
+    context_gold_position: int = Field(
+        3, ge=1, description="`gold_buried` fires when the first gold document sits after this 1-based position.")
+    min_share: float = Field(
+        0.15, ge=0.0, le=1.0,
+        description="Recommend the cheapest rung holding at least this share of the rung failures.")
+
+
+class ExampleDiagnosis(BaseModel):
+    """Why one failed example failed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rung: Literal["prompt", "retrieval", "context", "model", "error"]
+    rule: str = Field(description="The rule that fired, e.g. `verbose` or `missing_gold`.")
+    evidence: str = Field("", description="A short human-readable reason.")
+    score: float = 0.0
+
+
+class Diagnosis(BaseModel):
+    """The ladder's verdict on one evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    counts: dict[str, int] = Field(default_factory=lambda: {r: 0 for r in RUNGS})
+    errors: int = Field(0, description="Failed examples with a runner error, timeout or no result (not a rung).")
+    n_examples: int = 0
+    n_failed: int = Field(0, description="Examples below pass_threshold, errors included.")
+    ids: dict[str, list[str]] = Field(default_factory=lambda: {r: [] for r in RUNGS})
+    error_ids: list[str] = Field(default_factory=list)
+    details: dict[str, ExampleDiagnosis] = Field(default_factory=dict)
+    recommended: str | None = Field(None, description="The rung to try next; None when nothing failed on a rung.")
+    thresholds: LadderThresholds = Field(default_factory=LadderThresholds)
+
+    def shares(self) -> dict[str, float]:
+        """Each rung's share of the rung failures (errors excluded)."""
+        total = sum(self.counts.values())
+        return {r: (self.counts.get(r, 0) / total if total else 0.0) for r in RUNGS}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": DIAGNOSIS_FORMAT, **self.model_dump(mode="json")}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Diagnosis":
+        return cls.model_validate({k: v for k, v in data.items() if k != "format"})
+
+
+# --------------------------------------------------------------------------- thresholds from the user
+
+
+def load_thresholds(path: str | Path | None = None, **overrides: Any) -> LadderThresholds:
+    """Thresholds from a YAML/JSON file (flat, or under a ``diagnosis:`` key), then keyword overrides.
+
+    Raises ``ConfigError`` naming the file and key for a bad value or an unknown key.
+    """
+    values: dict[str, Any] = {}
+    source: str | Path = "thresholds"
+    if path is not None:
+        source = Path(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(path, None, f"cannot read thresholds file ({e.strerror})", "a YAML or JSON file") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(path, None, f"not valid YAML/JSON ({e})", "a mapping of threshold names") from e
+        if isinstance(data, dict) and set(data) == {"diagnosis"}:
+            data = data["diagnosis"]
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(path, None, "thresholds file is not a mapping", _known_keys())
+        values.update(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return LadderThresholds(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err.get("loc", ())) or None
+        raise ConfigError(source, key, err.get("msg", "invalid value"), _known_keys()) from e
+
+
+def _known_keys() -> str:
+    return "keys among " + ", ".join(LadderThresholds.model_fields)
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def _steps(trace: dict[str, Any] | None, kind: str) -> list[dict[str, Any]]:
+    steps = (trace or {}).get("steps") or []
+    return [s for s in steps if isinstance(s, dict) and s.get("kind") == kind]
+
+
+def _ids(step: dict[str, Any]) -> list[str] | None:
+    doc_ids = step.get("doc_ids")
+    if doc_ids is None:
+        return None
+    return [str(d) for d in doc_ids]
+
+
+def _union(steps: Iterable[dict[str, Any]]) -> list[str] | None:
+    """Ordered, de-duplicated ``doc_ids`` of the steps that declare any; None when none declares."""
+    declared = [ids for ids in (_ids(s) for s in steps) if ids is not None]
+    if not declared:
+        return None
+    return list(dict.fromkeys(d for ids in declared for d in ids))
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, dict, tuple)):
+        return not value
+    return False
+
+
+def _text_answers(expected: Any) -> list[str]:
+    """The normalized expected answers when they are textual; [] for dicts or no label."""
+    if expected is None:
+        return []
+    answers = expected_answers(expected)
+    if any(isinstance(a, dict) for a in answers):
+        return []
+    return [n for n in (normalize_answer(answer_text(a)) for a in answers) if n]
+
+
+def _contains(text: str, want: str) -> bool:
+    return f" {want} " in f" {text} "
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = " ".join(answer_text(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _retrieval_rule(gold: list[str], trace: dict[str, Any] | None) -> ExampleDiagnosis | None:
+    gen = _union(_steps(trace, "generation"))
+    ret = _union(_steps(trace, "retrieval"))
+    reached = gen if gen is not None else ret
+    if reached is None:  # the trace says nothing about documents: can't tell
+        return None
+    missing = [g for g in gold if g not in set(reached)]
+    if not missing:
+        return None
+    evidence = f"gold {missing} never reached generation"
+    rule = "missing_gold"
+    if gen is not None and ret is not None:
+        dropped = [g for g in missing if g in set(ret)]
+        if dropped:
+            rule = "dropped_before_generation"
+            evidence += f"; {dropped} were retrieved but dropped before generation (context assembly)"
+    return ExampleDiagnosis(rung="retrieval", rule=rule, evidence=evidence)
+
+
+def _prompt_rule(
+    output: Any, expected: Any, trace: dict[str, Any] | None, t: LadderThresholds
+) -> ExampleDiagnosis | None:
+    for step in _steps(trace, "parse"):
+        if step.get("error"):
+            err = step["error"]
+            msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else str(err)
+            return ExampleDiagnosis(rung="prompt", rule="parse_error",
+                                    evidence=f"parse step {step.get('name')!r} raised {_short(msg)}")
+        if _is_empty(step.get("output")):
+            return ExampleDiagnosis(rung="prompt", rule="parse_error",
+                                    evidence=f"parse step {step.get('name')!r} returned nothing")
+    if _is_empty(output) or not normalize_answer(answer_text(output)):
+        return ExampleDiagnosis(rung="prompt", rule="empty_output", evidence="the final output is empty")
+    answers = _text_answers(expected)
+    if not answers:
+        return None
+    final = normalize_answer(answer_text(output))
+    if final in answers:
+        return ExampleDiagnosis(rung="prompt", rule="form",
+                                evidence="equals the expected answer only after normalization (case, punctuation, "
+                                         "articles); the metric wants another form")
+    hit = next((a for a in answers if _contains(final, a)), None)
+    if hit is not None:
+        return ExampleDiagnosis(rung="prompt", rule="extra_text",
+                                evidence=f"the output holds {hit!r} wrapped in other text: {_short(output)!r}")
+    for step in _steps(trace, "generation"):
+        said = normalize_answer(answer_text(step.get("output")))
+        hit = next((a for a in answers if _contains(said, a)), None)
+        if hit is not None:
+            return ExampleDiagnosis(
+                rung="prompt", rule="dropped_answer",
+                evidence=f"step {step.get('name')!r} said {hit!r} but the final output is {_short(output)!r}")
+    n_out, n_want = len(final.split()), max(len(a.split()) for a in answers)
+    if n_out > t.max_answer_tokens_ratio * n_want and n_out > t.min_tokens_for_verbose:
+        return ExampleDiagnosis(rung="prompt", rule="verbose",
+                                evidence=f"answer has {n_out} tokens, expected about {n_want}")
+    return None
+
+
+def _context_docs(trace: dict[str, Any] | None, gold: list[str]) -> tuple[str, list[str]] | None:
+    """The answering step's documents: the last generation step declaring doc_ids (preferring one with gold)."""
+    declared = [s for s in _steps(trace, "generation") if _ids(s) is not None]
+    if declared:
+        with_gold = [s for s in declared if set(gold) & set(_ids(s) or [])]
+        step = (with_gold or declared)[-1]
+        return str(step.get("name")), _ids(step) or []
+    ret = _union(_steps(trace, "retrieval"))
+    return ("retrieved documents", ret) if ret is not None else None
+
+
+def _context_rule(trace: dict[str, Any] | None, gold: list[str], t: LadderThresholds) -> ExampleDiagnosis | None:
+    found = _context_docs(trace, gold)
+    if found is None:
+        return None
+    name, docs = found
+    if len(docs) > t.context_max_docs:
+        return ExampleDiagnosis(rung="context", rule="too_many_docs",
+                                evidence=f"{name!r} saw {len(docs)} documents (> {t.context_max_docs})")
+    positions = [i for i, d in enumerate(docs, start=1) if d in set(gold)]
+    if positions and positions[0] > t.context_gold_position:
+        return ExampleDiagnosis(rung="context", rule="gold_buried",
+                                evidence=f"first gold document at position {positions[0]} of {len(docs)} "
+                                         f"in {name!r} (> {t.context_gold_position})")
+    return None
+
+
+def diagnose_example(
+    *,
+    output: Any,
+    expected: Any,
+    evidence: list[str] | None,
+    trace: dict[str, Any] | None,
+    runner_error: str | None = None,
+    thresholds: LadderThresholds | None = None,
+) -> ExampleDiagnosis:
+    """The rung of one failed example (the caller decides that it failed)."""
+    t = thresholds or LadderThresholds()
+    if runner_error:
+        return ExampleDiagnosis(rung="error", rule="runner_error", evidence=_short(runner_error))
+    gold = [str(g) for g in evidence or []]
+    if gold:
+        found = _retrieval_rule(gold, trace)
+        if found:
+            return found
+    found = _prompt_rule(output, expected, trace, t) or _context_rule(trace, gold, t)
+    if found:
+        return found
+    return ExampleDiagnosis(rung="model", rule="still_wrong",
+                            evidence=f"answered {_short(output, 40)!r}, expected {_short(expected, 40)!r}")
+
+
+def recommend(counts: dict[str, int], min_share: float) -> str | None:
+    """The cheapest rung whose share of rung failures is at least ``min_share``, else the largest; None if none."""
+    total = sum(counts.get(r, 0) for r in RUNGS)
+    if total == 0:
+        return None
+    for rung in RUNGS:
+        if counts.get(rung, 0) / total >= min_share and counts.get(rung, 0) > 0:
+            return rung
+    return max(RUNGS, key=lambda r: counts.get(r, 0))  # ties: the cheaper rung (max keeps the first)
+
+
+def _is_runner_error(row: dict[str, Any]) -> str | None:
+    err = row.get("error")
+    if row.get("timed_out"):
+        return str(err or "timed out")
+    if err and not str(err).startswith(METRIC_ERROR_PREFIX):
+        return str(err)
+    return None
+
+
+def diagnose(
+    rows: Iterable[dict[str, Any]],
+    examples: Iterable[Example],
+    traces: dict[str, dict[str, Any] | None],
+    thresholds: LadderThresholds | None = None,
+) -> Diagnosis:
+    """Diagnose scored rows (``scored.jsonl`` shape) with their labels and traces (by example id)."""
+    t = thresholds or LadderThresholds()
+    by_id = {ex.id: ex for ex in examples}
+    d = Diagnosis(thresholds=t)
+    for row in rows:
+        d.n_examples += 1
+        example_id = str(row.get("id"))
+        score = float(row.get("score") or 0.0)
+        runner_error = _is_runner_error(row)
+        if score >= t.pass_threshold - 1e-9 and not runner_error:
+            continue
+        d.n_failed += 1
+        ex = by_id.get(example_id)
+        found = diagnose_example(
+            output=row.get("output"),
+            expected=ex.expected if ex else None,
+            evidence=ex.evidence if ex else None,
+            trace=traces.get(example_id),
+            runner_error=runner_error,
+            thresholds=t,
+        )
+        found.score = score
+        d.details[example_id] = found
+        if found.rung == "error":
+            d.errors += 1
+            d.error_ids.append(example_id)
+        else:
+            d.counts[found.rung] += 1
+            d.ids[found.rung].append(example_id)
+    d.recommended = recommend(d.counts, t.min_share)
+    return d
+
+
+def diagnose_eval_dir(
+    eval_dir: Path, examples: list[Example], thresholds: LadderThresholds | None = None
+) -> Diagnosis:
+    """Diagnose one evaluation folder (``scored.jsonl`` + ``traces/<id>.json``) with the host's labels."""
+    eval_dir = Path(eval_dir)
+    scored = eval_dir / "scored.jsonl"
+    if not scored.is_file():
+        raise UsageError(f"{scored}: no scored results to diagnose (run the evaluation first)")
+    rows = list(read_jsonl(scored))
+    traces_dir = eval_dir / "traces"
+    traces: dict[str, dict[str, Any] | None] = {}
+    for row in rows:
+        example_id = str(row.get("id"))
+        path = traces_dir / f"{example_id}.json"
+        trace = None
+        if path.parent == traces_dir and path.is_file():
+            try:
+                loaded = read_json(path)
+                trace = loaded if isinstance(loaded, dict) else None
+            except (OSError, ValueError):
+                trace = None  # a torn trace: diagnose from the output alone
+        traces[example_id] = trace
+    return diagnose(rows, examples, traces, thresholds)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_diagnosis(d: Diagnosis, *, max_ids: int = 5) -> Any:
+    """A rich table (rung, count, share, first example ids) and a line with the recommendation."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"Failure ladder: {d.n_failed} of {d.n_examples} examples failed")
+    table.add_column("rung")
+    table.add_column("count", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("examples")
+    shares = d.shares()
+
+    def ids_cell(ids: list[str]) -> str:
+        more = f" (+{len(ids) - max_ids})" if len(ids) > max_ids else ""
+        return ", ".join(ids[:max_ids]) + more
+
+    for rung in RUNGS:
+        style = "bold" if rung == d.recommended else ""
+        table.add_row(rung, str(d.counts.get(rung, 0)), f"{shares[rung]:.0%}", ids_cell(d.ids.get(rung, [])),
+                      style=style)
+    if d.errors:
+        table.add_row("error", str(d.errors), "-", ids_cell(d.error_ids), style="red")
+    if d.recommended:
+        line = Text(f"Next: try the {d.recommended} rung "
+                    f"(cheapest rung with ≥ {d.thresholds.min_share:.0%} of failures, else the largest).")
+    elif d.errors:
+        line = Text("Next: fix the runner errors; no example failed on a ladder rung.")
+    else:
+        line = Text("Nothing failed: no rung to recommend.")
+    return Group(table, line)

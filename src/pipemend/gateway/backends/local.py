@@ -1,0 +1,126 @@
+"""``local/qwen2.5-coder-1.5b-instruct``: llama-cpp-python serving the Q4_K_M GGUF on the CPU.
+
+One model instance per process, loaded on first use; calls are serialized by
+a lock. Greedy decoding by default (temperature 0, top_k 1, fixed seed), so a
+request always gets the same answer. Needs the ``local`` extra.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
+from .base import BackendError, message_response, text_of
+
+MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
+SEED = 0
+
+_lock = threading.Lock()
+_llama: Any = None  # the one llama_cpp.Llama of this process
+_llama_path: Path | None = None
+
+
+def _load(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
+    global _llama, _llama_path
+    if _llama is not None:
+        return _llama
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BackendError(
+            500, f"the local model needs llama-cpp-python, which is not installed: {INSTALL_HINT}"
+        ) from e
+    try:
+        path = ensure_model_file(model_path)
+    except ModelFileError as e:
+        raise BackendError(500, str(e)) from e
+    _llama = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=SEED, verbose=False
+    )
+    _llama_path = path
+    atexit.register(_close)
+    return _llama
+
+
+def _close() -> None:
+    """Free the model before interpreter teardown (llama-cpp's own destructor fails that late)."""
+    global _llama
+    if _llama is not None:
+        _llama.close()
+        _llama = None
+
+
+def to_chat_messages(request: dict[str, Any]) -> list[dict[str, str]]:
+    """Anthropic system + messages → chat-completion messages (text only; tool blocks as text)."""
+    out: list[dict[str, str]] = []
+    system = text_of(request.get("system") or "")
+    if system:
+        out.append({"role": "system", "content": system})
+    for message in request.get("messages") or []:
+        content = message.get("content")
+        parts: list[str] = []
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            for block in content or []:
+                kind = block.get("type")
+                if kind == "text":
+                    parts.append(str(block.get("text", "")))
+                elif kind == "tool_use":
+                    parts.append(f"[tool call {block.get('name')}: {json.dumps(block.get('input', {}))}]")
+                elif kind == "tool_result":
+                    parts.append(f"[tool result: {text_of(block.get('content', ''))}]")
+                elif kind in ("image", "document"):
+                    raise BackendError(400, f"{MODEL_NAME} takes text only, got a {kind} block")
+        out.append({"role": message.get("role", "user"), "content": "\n".join(parts)})
+    return out
+
+
+class LocalBackend:
+    cache_namespace = "local-qwen2.5-coder-1.5b-q4km-1"
+    deterministic = False
+    default_temperature = 0.0
+
+    def __init__(self, model_path: Path | None = None, n_ctx: int | None = None, n_threads: int | None = None):
+        self.name = MODEL_NAME
+        self.model_path = model_path
+        self.n_ctx = n_ctx or int(os.environ.get("PIPEMEND_LOCAL_N_CTX", "4096"))
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.calls = 0
+
+    def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        messages = to_chat_messages(request)
+        temperature = float(request.get("temperature", self.default_temperature))
+        kwargs: dict[str, Any] = {
+            "messages": messages,
+            "max_tokens": int(request.get("max_tokens", 256)),
+            "temperature": temperature,
+            "top_k": 1 if temperature == 0 else int(request.get("top_k", 40)),
+            "seed": SEED,
+            "stop": list(request.get("stop_sequences") or []) or None,
+        }
+        if "top_p" in request:
+            kwargs["top_p"] = float(request["top_p"])
+        with _lock:
+            llama = _load(self.model_path, self.n_ctx, self.n_threads)
+            self.calls += 1
+            try:
+                result = llama.create_chat_completion(**kwargs)
+            except ValueError as e:  # e.g. prompt longer than n_ctx
+                raise BackendError(400, f"{MODEL_NAME}: {e}") from e
+        choice = result["choices"][0]
+        text = choice["message"].get("content") or ""
+        usage = result.get("usage") or {}
+        return message_response(
+            MODEL_NAME,
+            [{"type": "text", "text": text}],
+            stop_reason="max_tokens" if choice.get("finish_reason") == "length" else "end_turn",
+            input_tokens=int(usage.get("prompt_tokens", 0)),
+            output_tokens=int(usage.get("completion_tokens", 0)),
+            id_prefix="msg_local_",
+        )

@@ -1,0 +1,123 @@
+"""Content-addressed response cache on disk, shared by every candidate of a run and across runs.
+
+The key hashes the backend's namespace, the request (minus ``stream`` and
+``metadata``, which do not change the answer) and a sample index for sampled
+requests. Entries are written atomically; a small in-memory LRU spares the
+disk on hot keys. ``get_or_compute`` lets one caller per key reach the
+backend while the others wait for its answer. Errors are never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from ..fsutil import atomic_write_json
+
+FORMAT = "pipemend-llm-cache-1"
+IGNORED_KEYS = frozenset({"stream", "metadata"})
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pipemend" / "llm-cache"
+
+
+def cache_key(namespace: str, request: dict[str, Any], sample: int | None = None) -> str:
+    material = {
+        "format": FORMAT,
+        "namespace": namespace,
+        "request": {k: v for k, v in request.items() if k not in IGNORED_KEYS},
+        "sample": sample,
+    }
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+
+class ResponseCache:
+    def __init__(self, directory: Path, memory_items: int = 2048):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._memory: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._memory_items = memory_items
+        self._inflight: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+        try:
+            entry = json.loads(self._path(key).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
+            return None
+        self._remember(key, entry["response"])
+        return entry["response"]
+
+    def put(self, key: str, response: dict[str, Any], model: str = "") -> None:
+        entry = {"format": FORMAT, "key": key, "model": model, "created": time.time(), "response": response}
+        atomic_write_json(self._path(key), entry)
+        self._remember(key, response)
+
+    def _remember(self, key: str, response: dict[str, Any]) -> None:
+        with self._lock:
+            self._memory[key] = response
+            self._memory.move_to_end(key)
+            while len(self._memory) > self._memory_items:
+                self._memory.popitem(last=False)
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], dict[str, Any]], model: str = ""
+    ) -> tuple[dict[str, Any], bool]:
+        """(response, hit). One ``compute`` per key in flight; concurrent callers wait and share its
+        answer (a hit for them) or its error. ``compute``'s answer is stored; its errors are not."""
+        cached = self.get(key)
+        if cached is not None:
+            return cached, True
+        with self._lock:
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[key] = _Flight()
+        assert flight is not None
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.response is not None
+            return flight.response, True
+        try:
+            cached = self.get(key)  # a leader that finished just before us may have stored it
+            if cached is not None:
+                flight.response = cached
+                return cached, True
+            response = compute()
+            self.put(key, response, model)
+            flight.response = response
+            return response, False
+        except BaseException as e:
+            flight.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            flight.done.set()

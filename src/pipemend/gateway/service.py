@@ -1,0 +1,158 @@
+"""One Messages call, start to end, independent of HTTP: parse, pick the backend, look in the
+cache, check the budget, call the backend, log the call, and build the reply."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+from .backends import BackendError, BackendRegistry, backend_kind, forward_headers
+from .backends.base import estimate_tokens, request_text
+from .budget import Budget
+from .cache import ResponseCache, cache_key
+from .calllog import CallLog
+from .pricing import cost_usd, tokens_of
+from .sse import sse_body
+from .validate import parse_request
+
+log = logging.getLogger("pipemend.gateway")
+FORWARDED = ("anthropic-version", "anthropic-beta")
+RAW_LOG_LIMIT = 65536
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_reply(status: int, obj: Any, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8"), headers=headers or {})
+
+
+def error_reply(error: BackendError, headers: dict[str, str] | None = None) -> Reply:
+    # The gateway has already retried what is worth retrying; the SDK should not retry on top.
+    return json_reply(error.status, error.body(), {"x-should-retry": "false", **(headers or {})})
+
+
+class GatewayService:
+    def __init__(self, registry: BackendRegistry, cache: ResponseCache, calls: CallLog, budget: Budget):
+        self.registry = registry
+        self.cache = cache
+        self.calls = calls
+        self.budget = budget
+        self._samples: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._stats = {"calls": 0, "cache_hits": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "errors": 0}
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def _key(self, backend: Any, body: dict[str, Any]) -> str:
+        namespace = getattr(backend, "cache_namespace", type(backend).__name__)
+        # Only an explicit temperature > 0 asks for distinct samples. A request that names no
+        # temperature is served from the cache like a greedy one, so an unchanged pipeline step
+        # costs nothing when a later candidate re-runs it (the API's own default is 1.0).
+        temperature = body.get("temperature", 0)
+        if getattr(backend, "deterministic", False) or not temperature:
+            return cache_key(namespace, body)
+        base = cache_key(namespace, body)
+        with self._lock:  # the n-th identical sampled request of this gateway gets sample n
+            sample = self._samples[base]
+            self._samples[base] += 1
+        return cache_key(namespace, body, sample)
+
+    def handle_messages(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
+        started, t0 = time.time(), time.perf_counter()
+        call_id = f"c-{uuid.uuid4().hex}"
+        request: Any = None
+        model = backend_name = None
+        response: dict[str, Any] | None = None
+        error: BackendError | None = None
+        hit = False
+        stream = False
+        try:
+            request = parse_request(raw)
+            model, stream = request["model"], bool(request.get("stream", False))
+            backend_name = backend_kind(model)
+            backend = self.registry.get(model)
+            body = {k: v for k, v in request.items() if k != "stream"}
+            fwd = {k: headers[k] for k in FORWARDED if headers.get(k)}
+
+            def compute() -> dict[str, Any]:
+                if reason := self.budget.exhausted():
+                    raise BackendError(429, reason, "rate_limit_error")
+                token = forward_headers.set(fwd)
+                try:
+                    answer = backend.complete(body)
+                finally:
+                    forward_headers.reset(token)
+                if not isinstance(answer, dict) or not isinstance(answer.get("content"), list):
+                    raise BackendError(502, f"backend {backend_name} returned a malformed response")
+                tin, tout = tokens_of(answer.get("usage"))
+                self.budget.charge(cost_usd(model, answer.get("usage")), tin + tout)
+                return answer
+
+            response, hit = self.cache.get_or_compute(self._key(backend, body), compute, model)
+        except BackendError as e:
+            error = e
+        except ConfigError as e:  # e.g. a bad script file
+            error = BackendError(400, str(e))
+        except Exception as e:  # a bug must cost this call, never the server
+            log.exception("gateway call %s failed", call_id)
+            error = BackendError(500, f"gateway internal error: {type(e).__name__}: {e}")
+        latency = time.perf_counter() - t0
+
+        usage = (response or {}).get("usage")
+        tin, tout = tokens_of(usage)
+        cost = 0.0 if hit or response is None or model is None else cost_usd(model, usage)
+        with self._lock:
+            s = self._stats
+            s["calls"] += 1
+            s["cache_hits"] += hit
+            s["errors"] += error is not None
+            if response is not None and not hit:
+                s["input_tokens"] += tin
+                s["output_tokens"] += tout
+                s["cost_usd"] += cost
+        if request is None:
+            request = raw[:RAW_LOG_LIMIT].decode("utf-8", errors="replace")
+        self.calls.append({
+            "call_id": call_id, "t": started,
+            "example_id": headers.get("x-pipemend-example"), "step": headers.get("x-pipemend-step"),
+            "model": model, "backend": backend_name, "request": request, "response": response,
+            "input_tokens": tin, "output_tokens": tout, "latency_s": round(latency, 6), "cost_usd": cost,
+            "cache": "hit" if hit else "miss",
+            "error": None if error is None else {"status": error.status, "type": error.error_type, "message": error.message},
+        })
+        out_headers = {
+            "x-pipemend-call-id": call_id, "request-id": call_id,
+            "x-pipemend-cache": "hit" if hit else "miss",
+            "x-pipemend-input-tokens": str(tin), "x-pipemend-output-tokens": str(tout),
+        }
+        if error is not None:
+            return error_reply(error, out_headers)
+        assert response is not None
+        if stream:
+            return Reply(200, sse_body(response), "text/event-stream; charset=utf-8", out_headers)
+        return json_reply(200, response, out_headers)
+
+    def count_tokens(self, raw: bytes) -> Reply:
+        """``/v1/messages/count_tokens``: an estimate (4 characters a token); no backend call."""
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                raise ValueError("expected an object with messages")
+        except ValueError as e:
+            return error_reply(BackendError(400, f"invalid count_tokens request: {e}"))
+        return json_reply(200, {"input_tokens": estimate_tokens(request_text(body))})

@@ -1,0 +1,69 @@
+"""Checks a Messages request just enough to refuse what no backend could answer.
+
+Unknown keys pass through untouched (clients such as Claude Code send
+``thinking``, ``metadata``, ``context_management`` and more).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .backends.base import BackendError
+
+ROLES = ("user", "assistant")
+
+
+def _bad(message: str) -> BackendError:
+    return BackendError(400, message, "invalid_request_error")
+
+
+def parse_request(raw: bytes) -> dict[str, Any]:
+    """The request body as a dict, or a 400 ``BackendError`` saying what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise _bad(f"request body must be a JSON object, got {type(body).__name__}")
+    check_request(body)
+    return body
+
+
+def check_request(body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model: field required (a model name string)")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise _bad("max_tokens: field required (an integer >= 1)")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages: field required (a non-empty list of messages)")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages.{i}: expected an object with role and content")
+        if message.get("role") not in ROLES:
+            raise _bad(f"messages.{i}.role: expected 'user' or 'assistant', got {message.get('role')!r}")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                    raise _bad(f"messages.{i}.content.{j}: expected a content block with a 'type'")
+        elif not isinstance(content, str):
+            raise _bad(f"messages.{i}.content: expected a string or a list of content blocks")
+    system = body.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        raise _bad("system: expected a string or a list of text blocks")
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 1
+    ):
+        raise _bad("temperature: expected a number between 0 and 1")
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
+        raise _bad("stop_sequences: expected a list of strings")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise _bad("stream: expected true or false")
+    if "tools" in body and not isinstance(body["tools"], list):
+        raise _bad("tools: expected a list of tool definitions")

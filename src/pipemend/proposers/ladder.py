@@ -1,0 +1,193 @@
+"""The ``ladder`` proposer: offline, deterministic, no LLM.
+
+From the diagnosis it starts at the cheapest rung with failures (prompt, then
+retrieval, then context; the model rung has no offline fix) and makes one change
+per candidate: first the manifest's knobs for that rung (each declared value
+other than the current one, written into the knob's config file by a one-line
+edit that keeps comments), then the prompt transforms for that rung
+(``transforms.PROMPT_TRANSFORMS``) applied to the answer prompt. When a rung's
+options are spent it climbs to the next; when all are spent it returns None.
+
+What it tried is read back from ``ctx.history`` (``meta["ladder_key"]`` of each
+earlier candidate, accepted or not, or the ``[ladder: KEY]`` tag that ends each of
+its rationales, for a loop that keeps only rationales), so it never repeats a change across
+candidates or after a resume; it always edits the current base, which already
+holds the accepted changes.
+
+Options (``get_proposer("ladder", few_shot_k=3, max_docs=5)``): see ``LadderConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import UsageError
+from ..protocols import Proposal, ProposalContext
+from .tools import ToolError
+from .transforms import (
+    PROMPT_TRANSFORMS,
+    PromptTransform,
+    TransformError,
+    check_template,
+    config_format,
+    get_dotted,
+    is_prompt_file,
+    parse_config,
+    set_config_value,
+)
+
+OFFLINE_RUNGS = ("prompt", "retrieval", "context")
+_KEY_TAG = re.compile(r"\[ladder: ([^\]\n]+)\]")
+
+
+class LadderConfig(BaseModel):
+    """Options of the ladder proposer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    few_shot_k: int = Field(3, ge=1, le=10, description="Train examples in the few-shot transform.")
+    max_docs: int = Field(5, ge=1, description="Passages kept by the truncate_docs transform.")
+    transforms: list[str] | None = Field(
+        None, description="Names of the prompt transforms to use (default: all, in library order)."
+    )
+
+
+def failing_rungs(diagnosis: dict[str, Any]) -> dict[str, int] | None:
+    """Failures per rung from a ``pipemend-diagnosis-1`` dict, or None when it says nothing."""
+    counts = diagnosis.get("counts")
+    ids = diagnosis.get("ids") or {}
+    if not isinstance(counts, dict) and not isinstance(ids, dict):
+        return None
+    if not counts and not ids:
+        return None
+    out = {}
+    for rung in (*OFFLINE_RUNGS, "model"):
+        n = (counts or {}).get(rung)
+        if not isinstance(n, (int, float)):
+            n = len(ids.get(rung) or []) if isinstance(ids, dict) else 0
+        out[rung] = int(n)
+    return out
+
+
+def rungs_to_try(diagnosis: dict[str, Any]) -> list[str]:
+    """Rungs in climbing order, from the cheapest with failures up; [] when nothing fails."""
+    counts = failing_rungs(diagnosis)
+    if counts is None:
+        return list(OFFLINE_RUNGS)
+    failing = [r for r in OFFLINE_RUNGS if counts[r] > 0]
+    if failing:
+        return list(OFFLINE_RUNGS[OFFLINE_RUNGS.index(failing[0]):])
+    if counts["model"] > 0:
+        # only "model" failures: the cheaper rungs may still not have been tried offline
+        return list(OFFLINE_RUNGS)
+    return []
+
+
+class LadderProposer:
+    name = "ladder"
+
+    def __init__(self, **options: Any):
+        try:
+            self.config = LadderConfig(**options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise UsageError(f"ladder proposer option {where!r}: {first.get('msg')}") from None
+        names = {t.name for t in PROMPT_TRANSFORMS}
+        unknown = sorted(set(self.config.transforms or []) - names)
+        if unknown:
+            raise UsageError(f"ladder proposer: unknown transforms {unknown}; valid: {', '.join(sorted(names))}")
+        self._tried: set[str] = set()
+
+    # ------------------------------------------------------------------ entry point
+
+    def propose(self, ctx: ProposalContext) -> Proposal | None:
+        tried = set(self._tried)
+        for entry in ctx.history or []:
+            key = (entry.get("meta") or {}).get("ladder_key")
+            if key:
+                tried.add(key)
+            tried.update(_KEY_TAG.findall(str(entry.get("rationale") or "")))
+        counts = failing_rungs(ctx.diagnosis or {}) or {}
+        for rung in rungs_to_try(ctx.diagnosis or {}):
+            for key, attempt in self._options(rung, ctx):
+                if key in tried:
+                    continue
+                self._tried.add(key)  # tried now, whether it applies or not
+                try:
+                    proposal = attempt()
+                except (ToolError, TransformError) as e:
+                    ctx.log(f"ladder: skipped {key}: {e}")
+                    continue
+                if proposal is None:
+                    continue
+                proposal.rung = rung
+                proposal.meta.update({"proposer": self.name, "ladder_key": key, "rung_failures": counts.get(rung)})
+                if counts.get(rung):
+                    proposal.rationale += f" (diagnosis: {counts[rung]} train failures at the {rung} rung)"
+                proposal.rationale += f" [ladder: {key}]"
+                return proposal
+        return None
+
+    # ------------------------------------------------------------------ options of one rung
+
+    def _options(self, rung: str, ctx: ProposalContext) -> Iterator[tuple[str, Any]]:
+        knobs = getattr(ctx.manifest, "knobs", {}) or {}
+        for name, knob in knobs.items():
+            if knob.rung != rung:
+                continue
+            for value in knob.values:
+                key = f"knob:{name}={json.dumps(value, sort_keys=True, default=str)}"
+                yield key, (lambda n=name, k=knob, v=value: self._set_knob(ctx, n, k, v))
+        wanted = self.config.transforms
+        for transform in PROMPT_TRANSFORMS:
+            if transform.rung != rung or (wanted is not None and transform.name not in wanted):
+                continue
+            yield f"transform:{transform.name}", (lambda t=transform: self._transform(ctx, t))
+
+    def _set_knob(self, ctx: ProposalContext, name: str, knob: Any, value: Any) -> Proposal | None:
+        tools = ctx.tools
+        fmt = config_format(knob.file)
+        text = tools.read_file(knob.file)
+        current = get_dotted(parse_config(text, fmt), knob.key, default=None)
+        if current == value:
+            return None
+        tools.write_file(knob.file, set_config_value(text, fmt, knob.key, value))
+        return Proposal(
+            rationale=f"set knob {name} ({knob.file}: {knob.key}) from {current!r} to {value!r}",
+            meta={"kind": "knob", "knob": name, "file": knob.file, "key": knob.key,
+                  "value": value, "previous": current},
+        )
+
+    def answer_prompts(self, ctx: ProposalContext) -> list[str]:
+        """Editable prompt files; those named for the answer step when there are any, else all."""
+        tools = ctx.tools
+        prompts = [p for p in tools.list_files() if is_prompt_file(p) and tools.is_writable(p)]
+        answer = [p for p in prompts if "answer" in p.rsplit("/", 1)[-1].lower()]
+        return answer or prompts
+
+    def _transform(self, ctx: ProposalContext, transform: PromptTransform) -> Proposal | None:
+        tools = ctx.tools
+        options = {"few_shot_k": self.config.few_shot_k, "max_docs": self.config.max_docs,
+                   "train_examples": ctx.train_examples}
+        changes: dict[str, str] = {}
+        for rel in self.answer_prompts(ctx):
+            text = tools.read_file(rel)
+            new = transform.apply(text, rel, options)
+            if new is None or new == text:
+                continue
+            check_template(new, rel)
+            changes[rel] = new
+        if not changes:
+            return None
+        for rel, new in changes.items():
+            tools.write_file(rel, new)
+        files = sorted(changes)
+        return Proposal(
+            rationale=f"{transform.describe} in {', '.join(files)}",
+            meta={"kind": "transform", "transform": transform.name, "files": files},
+        )

@@ -1,0 +1,426 @@
+"""The guarded tools a proposer works through: the only way it reads or writes the candidate.
+
+Paths are relative to the target folder inside the candidate worktree. A path is
+refused (``PathRefused``; the agent gets the message as a tool error) when it is
+absolute, has a ``..`` part, resolves outside the target folder, is or passes
+through a symlink, lies under ``.git`` or a ``.pipemend*`` folder, or, for
+writes, matches a protected glob or no editable glob.
+
+Protected files are never written, and never read either (the manifest
+``pipemend.yaml`` excepted): the dataset file holds every split, so reading it
+would leak val and test labels. Train examples reach a proposer one by one
+through ``ProposalContext.train_examples``.
+
+Calls into the rest of pipemend (``run_train``, ``read_trace``, ``diagnose``,
+``diff``) run in a daemon thread with a deadline of ``tool_timeout_s``; past it
+the tool raises ``ToolTimeout`` and the agent is told so. The thread cannot be
+killed, so the callables should bound their own work too.
+
+Glob semantics (shared with the gate's editable check): a glob matches the whole
+relative path; ``*`` and ``?`` stay within one path segment, ``**`` spans any
+number of segments (``**/`` may match none), and a glob naming a folder
+(``prompts`` or ``prompts/``) covers everything under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+from ..errors import PipemendError
+from ..fsutil import atomic_write_text
+from ..manifest import MANIFEST_NAME
+
+MAX_READ_CHARS = 60_000
+MAX_SEARCH_HITS = 100
+MAX_LIST = 500
+MAX_SEARCH_FILE_BYTES = 2_000_000
+_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".pytest_cache", ".mypy_cache"}
+
+
+class ToolError(PipemendError):
+    """A tool call that could not be done; its message goes back to the agent as a tool error."""
+
+
+class PathRefused(ToolError):
+    """A path the proposer may not read or write, with the reason."""
+
+
+class ToolTimeout(ToolError):
+    """A tool call ran past its deadline."""
+
+
+# --------------------------------------------------------------------------- globs
+
+
+@lru_cache(maxsize=512)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    pat = pattern.strip()
+    if pat.startswith("./"):
+        pat = pat[2:]
+    pat = pat.rstrip("/")
+    i, out = 0, []
+    while i < len(pat):
+        c = pat[i]
+        if pat.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pat.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = pat.find("]", i + 1)
+            if j == -1:
+                out.append(re.escape(c))
+                i += 1
+            else:
+                body = pat[i + 1 : j].replace("\\", "\\\\")
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    # a glob naming a folder covers what is under it
+    return re.compile("^" + "".join(out) + "(?:/.*)?$")
+
+
+def glob_match(path: str, pattern: str) -> bool:
+    """Whether the relative POSIX ``path`` matches ``pattern`` (see the module docstring)."""
+    return bool(_glob_regex(pattern).match(path))
+
+
+def matches_any(path: str, patterns: list[str]) -> bool:
+    return any(glob_match(path, p) for p in patterns)
+
+
+# --------------------------------------------------------------------------- guarded folder
+
+
+def _clean_relative(path: str, root_label: str) -> str:
+    """Validate the shape of a relative path and return it normalised (POSIX, no ``.`` parts)."""
+    if not isinstance(path, str) or not path.strip():
+        raise PathRefused("empty path: give a path relative to the " + root_label)
+    raw = path.strip().replace("\\", "/")
+    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw) or raw.startswith("~"):
+        raise PathRefused(f"{path!r}: absolute paths are refused; give a path relative to the {root_label}")
+    parts = [p for p in PurePosixPath(raw).parts if p not in ("", ".")]
+    if ".." in parts:
+        raise PathRefused(f"{path!r}: '..' is refused; stay inside the {root_label}")
+    if not parts:
+        return "."
+    return "/".join(parts)
+
+
+def _resolve_inside(root: Path, rel: str, root_label: str) -> Path:
+    """``root / rel`` after checking that no part of it is a symlink and it stays under ``root``."""
+    if rel == ".":
+        return root
+    cur = root
+    for part in rel.split("/"):
+        cur = cur / part
+        if cur.is_symlink():
+            raise PathRefused(f"{rel!r}: symlinks are refused ({cur.relative_to(root)} is a symlink)")
+    resolved = cur.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise PathRefused(f"{rel!r}: resolves outside the {root_label}")
+    return cur
+
+
+def _number(lines: list[str], first: int) -> str:
+    return "\n".join(f"{first + i:>5}\t{line}" for i, line in enumerate(lines))
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n... [truncated: {len(text) - limit} more characters]"
+
+
+class ReadOnlyTree:
+    """List, read and search one folder, refusing escapes and symlinks. Used for the history folder."""
+
+    def __init__(self, root: Path, *, label: str = "history folder", unreadable: list[str] | None = None):
+        self.root = Path(root).resolve()
+        self.label = label
+        self.unreadable = list(unreadable or [])
+
+    # subclasses add the write rules; reads share this
+    def _path(self, path: str) -> tuple[str, Path]:
+        rel = _clean_relative(path, self.label)
+        parts = rel.split("/")
+        if any(p == ".git" or p.startswith(".pipemend") for p in parts) and rel != ".":
+            raise PathRefused(f"{path!r}: .git and .pipemend* folders are refused")
+        return rel, _resolve_inside(self.root, rel, self.label)
+
+    def _check_readable(self, rel: str) -> None:
+        if self.unreadable and matches_any(rel, self.unreadable):
+            raise PathRefused(
+                f"{rel!r} is protected and may not be read (data files hold val/test labels); "
+                "train examples are shown one by one by the train-example tools"
+            )
+
+    def _walk(self, glob: str) -> list[str]:
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = sorted(
+                d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".pipemend")
+                and not os.path.islink(os.path.join(dirpath, d))
+            )
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    continue
+                rel = Path(full).relative_to(self.root).as_posix()
+                if glob_match(rel, glob):
+                    out.append(rel)
+        return out
+
+    def list_files(self, glob: str = "**/*") -> list[str]:
+        """Relative paths of the files matching ``glob`` (symlinks and .git skipped), capped."""
+        return self._walk(glob or "**/*")[:MAX_LIST]
+
+    def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None,
+                  *, numbered: bool = False) -> str:
+        """The file's text, or lines ``start_line..end_line`` (1-based, inclusive), capped in size."""
+        rel, full = self._path(path)
+        self._check_readable(rel)
+        if not full.is_file():
+            raise ToolError(f"{rel!r}: no such file in the {self.label}")
+        try:
+            text = full.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ToolError(f"{rel!r} is not a UTF-8 text file") from None
+        if start_line is None and end_line is None:
+            if not numbered:
+                return text
+            lines, first = text.split("\n"), 1
+        else:
+            all_lines = text.split("\n")
+            first = max(1, int(start_line or 1))
+            last = min(len(all_lines), int(end_line or len(all_lines)))
+            if first > last:
+                raise ToolError(f"{rel!r}: empty line range {first}..{last} (the file has {len(all_lines)} lines)")
+            lines = all_lines[first - 1 : last]
+            if not numbered:
+                return "\n".join(lines)
+        return _truncate(_number(lines, first), MAX_READ_CHARS)
+
+    def search(self, pattern: str, glob: str | None = None) -> list[str]:
+        """``path:line:text`` for each line matching the regex ``pattern``; unreadable files skipped."""
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ToolError(f"bad regular expression {pattern!r}: {e}") from None
+        hits: list[str] = []
+        for rel in self._walk(glob or "**/*"):
+            if self.unreadable and matches_any(rel, self.unreadable):
+                continue
+            full = self.root / rel
+            try:
+                if full.stat().st_size > MAX_SEARCH_FILE_BYTES:
+                    continue
+                text = full.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            for n, line in enumerate(text.split("\n"), start=1):
+                if rx.search(line):
+                    hits.append(f"{rel}:{n}:{line[:300]}")
+                    if len(hits) >= MAX_SEARCH_HITS:
+                        hits.append(f"... [stopped at {MAX_SEARCH_HITS} hits; narrow the pattern or glob]")
+                        return hits
+        return hits
+
+
+# --------------------------------------------------------------------------- the candidate's tools
+
+
+def _with_deadline(fn: Callable[..., Any], args: tuple, timeout_s: float, what: str) -> Any:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=f"pipemend-tool-{what}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise ToolTimeout(f"{what} did not finish within {timeout_s:g} s and was abandoned")
+    if "error" in box:
+        err = box["error"]
+        if isinstance(err, ToolError):
+            raise err
+        raise ToolError(f"{what} failed: {type(err).__name__}: {err}") from err
+    return box.get("value")
+
+
+class ProposerTools(ReadOnlyTree):
+    """Guarded file tools over ``worktree / target_subdir`` plus train runs, traces, diagnosis and diff."""
+
+    def __init__(
+        self,
+        *,
+        worktree: Path,
+        target_subdir: str,
+        editable: list[str],
+        protected: list[str],
+        run_train: Callable[[list[str] | None], list[dict]],
+        read_trace: Callable[[str], dict | None],
+        diagnose: Callable[[], dict],
+        diff: Callable[[], str],
+        tool_timeout_s: float = 300.0,
+    ):
+        self.worktree = Path(worktree).resolve()
+        sub = (target_subdir or "").strip("/")
+        root = self.worktree / sub if sub else self.worktree
+        if root.is_symlink() or (root.resolve() != self.worktree and self.worktree not in root.resolve().parents):
+            raise PathRefused(f"target folder {sub!r} is a symlink or lies outside the worktree")
+        super().__init__(root, label="target folder",
+                         unreadable=[p for p in protected if not glob_match(MANIFEST_NAME, p)])
+        self.target_subdir = sub
+        self.editable = list(editable)
+        self.protected = list(protected)
+        self._run_train = run_train
+        self._read_trace = read_trace
+        self._diagnose = diagnose
+        self._diff = diff
+        self.tool_timeout_s = float(tool_timeout_s)
+        self.written: list[str] = []
+        """Relative paths written so far, in order (duplicates removed)."""
+
+    # ----------------------------------------------------------------- write rules
+
+    def check_writable(self, path: str) -> tuple[str, Path]:
+        """The normalised relative path and full path, or ``PathRefused`` saying why not."""
+        rel, full = self._path(path)
+        if rel == ".":
+            raise PathRefused("the target folder itself is not a file")
+        if matches_any(rel, self.protected):
+            raise PathRefused(f"{rel!r} is protected (manifest `protected` or data/metric/manifest) and may not be changed")
+        if not matches_any(rel, self.editable):
+            raise PathRefused(f"{rel!r} matches no editable glob; editable: {', '.join(self.editable)}")
+        if full.exists() and not full.is_file():
+            raise PathRefused(f"{rel!r} is not a regular file")
+        return rel, full
+
+    def is_writable(self, path: str) -> bool:
+        try:
+            self.check_writable(path)
+            return True
+        except PathRefused:
+            return False
+
+    def write_file(self, path: str, content: str) -> str:
+        """Create or replace a file (atomically, keeping its mode). Returns a one-line confirmation."""
+        if not isinstance(content, str):
+            raise ToolError("content must be a string")
+        rel, full = self.check_writable(path)
+        mode = full.stat().st_mode & 0o777 if full.exists() else None
+        atomic_write_text(full, content)
+        if mode is not None:
+            os.chmod(full, mode)
+        if rel not in self.written:
+            self.written.append(rel)
+        return f"wrote {rel} ({len(content.splitlines())} lines)"
+
+    def edit_file(self, path: str, old: str, new: str) -> str:
+        """Replace the one exact occurrence of ``old`` by ``new``."""
+        rel, full = self.check_writable(path)
+        if not full.is_file():
+            raise ToolError(f"{rel!r}: no such file; use write_file to create it")
+        if not old:
+            raise ToolError("`old` is empty; give the exact text to replace")
+        if old == new:
+            raise ToolError("`old` and `new` are the same; nothing would change")
+        text = full.read_text(encoding="utf-8")
+        n = text.count(old)
+        if n == 0:
+            raise ToolError(f"{rel!r}: `old` was not found; read the file and copy the text exactly")
+        if n > 1:
+            raise ToolError(f"{rel!r}: `old` occurs {n} times; include more surrounding text so it is unique")
+        return self.write_file(rel, text.replace(old, new, 1)).replace("wrote", "edited", 1)
+
+    def describe(self, rel: str) -> str:
+        """``editable``, ``protected`` or ``read-only`` for a relative path."""
+        if matches_any(rel, self.protected):
+            return "protected"
+        return "editable" if matches_any(rel, self.editable) else "read-only"
+
+    # ----------------------------------------------------------------- the rest of pipemend
+
+    def run_train(self, ids: list[str] | None = None) -> list[dict]:
+        """Run the candidate on these train ids (None: all train) and return the scored rows."""
+        return _with_deadline(self._run_train, (ids,), self.tool_timeout_s, "run_train") or []
+
+    def read_trace_raw(self, example_id: str) -> dict | None:
+        return _with_deadline(self._read_trace, (example_id,), self.tool_timeout_s, "read_trace")
+
+    def read_trace(self, example_id: str, *, max_chars: int = 20_000) -> str:
+        """The latest train trace of ``example_id``, step by step, each field truncated."""
+        trace = self.read_trace_raw(example_id)
+        if not trace:
+            return f"no trace for {example_id!r} yet (run_train it first)"
+        return format_trace(trace, max_chars=max_chars)
+
+    def diagnose(self) -> dict:
+        return _with_deadline(self._diagnose, (), self.tool_timeout_s, "diagnose") or {}
+
+    def show_diff(self) -> str:
+        return _with_deadline(self._diff, (), self.tool_timeout_s, "diff") or ""
+
+
+def _short(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = text.replace("\n", "\n      ")
+    return text if len(text) <= limit else text[:limit] + f" ... [+{len(text) - limit} chars]"
+
+
+def format_trace(trace: dict, *, max_chars: int = 20_000, field_chars: int = 1_500) -> str:
+    """A ``pipemend-1`` trace as readable text: one block per step, in start order."""
+    lines = [f"example {trace.get('example_id')}  (trace format {trace.get('trace_format')})"]
+    if trace.get("error"):
+        err = trace["error"]
+        lines.append(f"ERROR: {err.get('type')}: {err.get('message')}" if isinstance(err, dict) else f"ERROR: {err}")
+    lines.append(f"final output: {_short(trace.get('output'), field_chars)}")
+    steps = trace.get("steps") or []
+    depth: dict[str, int] = {}
+    for n, step in enumerate(steps, start=1):
+        d = depth.get(step.get("parent") or "", -1) + 1 if step.get("parent") else 0
+        depth[step.get("id") or f"#{n}"] = d
+        pad = "  " * d
+        dur = ""
+        if isinstance(step.get("start"), (int, float)) and isinstance(step.get("end"), (int, float)):
+            dur = f" {step['end'] - step['start']:.2f}s"
+        lines.append(f"{pad}[{n}] {step.get('name')} ({step.get('kind')}){dur}")
+        lines.append(f"{pad}    inputs: {_short(step.get('inputs'), field_chars)}")
+        if step.get("doc_ids") is not None:
+            lines.append(f"{pad}    doc_ids: {_short(step.get('doc_ids'), field_chars)}")
+        lines.append(f"{pad}    output: {_short(step.get('output'), field_chars)}")
+        if step.get("error"):
+            err = step["error"]
+            msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else str(err)
+            lines.append(f"{pad}    error: {_short(msg, field_chars)}")
+        for log in (step.get("logs") or [])[:10]:
+            lines.append(f"{pad}    log[{log.get('source')}]: {_short(log.get('message'), 300)}")
+        for call in step.get("llm_calls") or []:
+            lines.append(
+                f"{pad}    llm call: model={call.get('gen_ai.request.model')} "
+                f"in={call.get('gen_ai.usage.input_tokens')} out={call.get('gen_ai.usage.output_tokens')} "
+                f"cache_hit={call.get('pipemend.cache_hit')}"
+            )
+    return _truncate("\n".join(lines), max_chars)

@@ -1,0 +1,266 @@
+"""Host-side scoring: join the runner's results with the labels, add cost and latency, and the statistics.
+
+Labels never leave the host: the runner writes ``results.jsonl`` (outputs
+only), and ``score_results`` joins them here with the frozen examples and
+metric. This module is also pipemend's one statistics module: bootstrap CI,
+paired bootstrap and the exact sign test the gate uses.
+
+Cost and tokens of an example come from the gateway call log. With a
+``traces_dir``, an example's calls are the ``call_id``s listed in its trace
+(exact even when the call log holds many evaluations of the same example);
+without a trace, or when the trace lists no call ids, they are the call-log
+rows whose ``example_id`` is the example's, so pass a call log that covers
+this evaluation only in that case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .dataset import Example
+from .fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .metrics import Metric
+
+EVAL_FORMAT = "pipemend-eval-1"
+NO_RESULT = "no result"
+
+
+# --------------------------------------------------------------------------- joining results, labels and costs
+
+
+def _runner_error(result: dict[str, Any]) -> str | None:
+    err = result.get("error")
+    if err:
+        if isinstance(err, dict):
+            kind, msg = err.get("type") or "Error", err.get("message") or ""
+            return f"{kind}: {msg}" if msg else str(kind)
+        return str(err)
+    if result.get("timed_out"):
+        return "timed out"
+    return None
+
+
+def _trace_call_ids(trace: dict[str, Any]) -> list[str]:
+    ids: list[str] = []
+    calls = list(trace.get("llm_calls") or [])
+    for step in trace.get("steps") or []:
+        if isinstance(step, dict):
+            calls += step.get("llm_calls") or []
+    for call in calls:
+        if isinstance(call, dict) and call.get("call_id"):
+            ids.append(str(call["call_id"]))
+    return list(dict.fromkeys(ids))
+
+
+def _read_trace(traces_dir: Path | None, example_id: str) -> dict[str, Any] | None:
+    if traces_dir is None:
+        return None
+    path = Path(traces_dir) / f"{example_id}.json"
+    if path.parent.resolve() != Path(traces_dir).resolve() or not path.is_file():
+        return None
+    try:
+        trace = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return trace if isinstance(trace, dict) else None
+
+
+def _num(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if math.isfinite(v) else 0.0
+
+
+def _usage(calls: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    calls = list(calls)
+    return {
+        "cost_usd": sum(_num(c.get("cost_usd")) for c in calls),
+        "input_tokens": int(sum(_num(c.get("input_tokens")) for c in calls)),
+        "output_tokens": int(sum(_num(c.get("output_tokens")) for c in calls)),
+        "llm_calls": len(calls),
+    }
+
+
+def score_results(
+    results_jsonl: Path,
+    examples: list[Example],
+    metric: Metric | Callable[..., float],
+    *,
+    split: str,
+    call_log: Path | None = None,
+    traces_dir: Path | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Scored rows (one per example, in ``examples`` order) and the summary, in AGENTS.md's shapes.
+
+    An example the runner reported as failed or timed out scores 0 with its
+    error; one missing from ``results_jsonl`` scores 0 with error ``"no result"``;
+    one whose metric fails scores 0 with ``"metric error: ..."``.
+    """
+    if not isinstance(metric, Metric):
+        metric = Metric(getattr(metric, "__name__", "metric"), metric)
+    results: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(results_jsonl):
+        if isinstance(row, dict) and "id" in row:
+            results[str(row["id"])] = row  # a re-run example: the last row wins
+
+    log_rows = [r for r in read_jsonl(call_log) if isinstance(r, dict)] if call_log is not None else []
+    by_call = {str(r["call_id"]): r for r in log_rows if r.get("call_id")}
+    by_example: dict[str, list[dict[str, Any]]] = {}
+    for r in log_rows:
+        by_example.setdefault(str(r.get("example_id")), []).append(r)
+
+    rows: list[dict[str, Any]] = []
+    for ex in examples:
+        result = results.get(ex.id)
+        row: dict[str, Any] = {"id": ex.id, "split": split, "output": None, "score": 0.0, "error": None,
+                               "timed_out": False, "latency_s": None}
+        if result is None:
+            row["error"] = NO_RESULT
+        else:
+            row["output"] = result.get("output")
+            row["timed_out"] = bool(result.get("timed_out"))
+            duration = result.get("duration_s")
+            row["latency_s"] = _num(duration) if duration is not None else None
+            row["error"] = _runner_error(result)
+            if row["error"] is None:
+                row["score"], row["error"] = metric.safe(row["output"], ex.expected, ex.model_dump())
+
+        trace = _read_trace(traces_dir, ex.id)
+        call_ids = _trace_call_ids(trace) if trace else []
+        if call_ids:
+            calls = [by_call.get(cid) or _call_from_trace(trace, cid) for cid in call_ids]
+        else:
+            calls = by_example.get(ex.id, [])
+        row.update(_usage(calls))
+        rows.append(row)
+    return rows, summarize(rows, split=split)
+
+
+def _call_from_trace(trace: dict[str, Any] | None, call_id: str) -> dict[str, Any]:
+    """A call the call log lacks: its tokens as the trace recorded them, cost unknown (0)."""
+    trace = trace or {}
+    holders = [trace] + [s for s in trace.get("steps") or [] if isinstance(s, dict)]
+    for holder in holders:
+        for call in holder.get("llm_calls") or []:
+            if isinstance(call, dict) and call.get("call_id") == call_id:
+                return {"call_id": call_id, "input_tokens": call.get("gen_ai.usage.input_tokens"),
+                        "output_tokens": call.get("gen_ai.usage.output_tokens"), "cost_usd": 0.0}
+    return {"call_id": call_id}
+
+
+def summarize(rows: Sequence[dict[str, Any]], *, split: str) -> dict[str, Any]:
+    """The ``summary.json`` object of scored rows (an empty evaluation scores 0 with CI (0, 0))."""
+    scores = [float(r["score"]) for r in rows]
+    low, high = bootstrap_ci(scores)
+    latencies = [float(r["latency_s"]) for r in rows if r.get("latency_s") is not None]
+    return {
+        "format": EVAL_FORMAT,
+        "split": split,
+        "n": len(rows),
+        "score": float(np.mean(scores)) if scores else 0.0,
+        "ci_low": low,
+        "ci_high": high,
+        "errors": sum(1 for r in rows if r.get("error")),
+        "cost_usd": float(sum(_num(r.get("cost_usd")) for r in rows)),
+        "latency_s_mean": float(np.mean(latencies)) if latencies else 0.0,
+        "input_tokens": int(sum(_num(r.get("input_tokens")) for r in rows)),
+        "output_tokens": int(sum(_num(r.get("output_tokens")) for r in rows)),
+    }
+
+
+def write_eval(out_dir: Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Write ``scored.jsonl`` and ``summary.json`` into ``out_dir``, each atomically."""
+    out_dir = Path(out_dir)
+    text = "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(out_dir / "scored.jsonl", text)
+    atomic_write_json(out_dir / "summary.json", {"format": EVAL_FORMAT, **summary})
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _resampled_means(values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    means = np.empty(n_resamples)
+    chunk = max(1, 2_000_000 // max(n, 1))  # bound memory: at most ~2M indices at once
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = values[idx].mean(axis=1)
+    return means
+
+
+def _interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    scores: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; deterministic for a given seed. Empty → (0.0, 0.0)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values = np.asarray(scores, dtype=float)
+    if values.size == 0:
+        return 0.0, 0.0
+    return _interval(_resampled_means(values, n_resamples, seed), confidence)
+
+
+def paired_bootstrap(
+    base_scores: Sequence[float],
+    cand_scores: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Bootstrap of the mean per-example delta (candidate − base), resampling examples in pairs.
+
+    Returns ``{"n", "mean_delta", "ci_low", "ci_high", "confidence", "prob_positive", "n_resamples"}``;
+    ``prob_positive`` is the share of resampled mean deltas above 0.
+    """
+    base, cand = np.asarray(base_scores, dtype=float), np.asarray(cand_scores, dtype=float)
+    if base.shape != cand.shape:
+        raise ValueError(f"paired scores differ in length: {base.size} base vs {cand.size} candidate")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    out: dict[str, Any] = {"n": int(base.size), "confidence": confidence, "n_resamples": n_resamples}
+    if base.size == 0:
+        return out | {"mean_delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "prob_positive": 0.0}
+    deltas = cand - base
+    means = _resampled_means(deltas, n_resamples, seed)
+    low, high = _interval(means, confidence)
+    return out | {"mean_delta": float(deltas.mean()), "ci_low": low, "ci_high": high,
+                  "prob_positive": float((means > 0).mean())}
+
+
+def sign_test(base: Sequence[float], cand: Sequence[float], *, tol: float = 1e-9) -> dict[str, Any]:
+    """Exact one-sided sign test that the candidate beats the base per example.
+
+    Ties (|delta| ≤ ``tol``) are dropped. ``p_value`` = P(X ≥ wins) for
+    X ~ Binomial(wins + losses, 1/2); 1.0 when every pair ties.
+    """
+    if len(base) != len(cand):
+        raise ValueError(f"paired scores differ in length: {len(base)} base vs {len(cand)} candidate")
+    wins = losses = ties = 0
+    for b, c in zip(base, cand):
+        d = float(c) - float(b)
+        if d > tol:
+            wins += 1
+        elif d < -tol:
+            losses += 1
+        else:
+            ties += 1
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+    return {"wins": wins, "losses": losses, "ties": ties, "n": n, "p_value": float(p)}

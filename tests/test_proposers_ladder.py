@@ -1,0 +1,200 @@
+"""The offline ladder proposer and its edits (knobs in YAML/TOML/JSON, prompt transforms)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+
+from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree  # noqa: E402
+
+from pipemend.errors import UsageError  # noqa: E402
+from pipemend.proposers import get_proposer  # noqa: E402
+from pipemend.proposers.ladder import LadderProposer, rungs_to_try  # noqa: E402
+from pipemend.proposers.transforms import (  # noqa: E402
+    PROMPT_TRANSFORMS,
+    TransformError,
+    insert_instruction,
+    set_config_value,
+)
+
+
+def render(path: Path) -> str:
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    docs = [{"id": f"d{i}", "text": f"passage {i}"} for i in range(8)]
+    return env.from_string(path.read_text()).render(question="Who?", docs=docs)
+
+
+def commit(wt: Path, msg: str) -> None:
+    git(wt, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "-am", msg)
+
+
+def test_ladder_climbs_one_change_at_a_time_and_ends_with_none(tmp_path):
+    wt = make_worktree(tmp_path)
+    root = wt / SUBDIR
+    ladder = get_proposer("ladder")
+    history: list[dict] = []
+    seen_keys, rungs, changed_files = [], [], []
+    for n in range(1, 30):
+        ctx = make_ctx(wt, n=n, history=history)
+        proposal = ladder.propose(ctx)
+        if proposal is None:
+            break
+        diff_files = git(wt, "diff", "--name-only").split()
+        assert len(diff_files) == 1, f"one change per candidate, got {diff_files}"
+        changed_files.append(diff_files[0])
+        key = proposal.meta["ladder_key"]
+        assert key not in seen_keys
+        seen_keys.append(key)
+        rungs.append(proposal.rung)
+        assert proposal.rationale and proposal.meta["proposer"] == "ladder"
+        # every prompt still renders and the YAML comments survive
+        for tpl in (root / "prompts").glob("*.j2"):
+            render(tpl)
+        assert "# passages fetched per hop" in (root / "config.yaml").read_text()
+        assert "# Pipeline settings" in (root / "config.yaml").read_text()
+        accepted = key in ("knob:answer_style=\"short\"", "transform:entity_only", "knob:top_k=5")
+        if accepted:
+            commit(wt, key)  # an accepted change becomes the base
+        else:
+            git(wt, "checkout", "-q", "--", ".")  # a rejected one is dropped
+        history.append({"n": n, "accepted": accepted, "rationale": proposal.rationale, "rung": proposal.rung,
+                        "meta": proposal.meta})
+    else:
+        pytest.fail("the ladder never ran out of options")
+
+    assert rungs == sorted(rungs, key=["prompt", "retrieval", "context"].index), "climbs, never goes back down"
+    assert seen_keys[0] == 'knob:answer_style="short"', "declared knobs of the rung come first"
+    assert {"knob:top_k=5", "knob:top_k=8", "knob:max_docs=4"} <= set(seen_keys)
+    assert "knob:top_k=3" not in seen_keys, "the current value is not a change"
+    assert {"transform:entity_only", "transform:few_shot", "transform:truncate_docs"} <= set(seen_keys)
+    assert all(f.endswith(("answer.j2", "config.yaml", "settings.toml")) for f in changed_files)
+    assert "decompose.j2" not in " ".join(changed_files), "only the answer prompt is transformed"
+    # the accepted changes are in the base, with comments intact
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    assert cfg["generation"]["style"] == "short" and cfg["retrieval"]["top_k"] == 5
+    assert "Output format: answer with the entity" in (root / "prompts/answer.j2").read_text()
+
+
+def test_a_fresh_ladder_does_not_repeat_what_history_holds(tmp_path):
+    wt = make_worktree(tmp_path)
+    first = LadderProposer().propose(make_ctx(wt, n=1))
+    assert first is not None
+    git(wt, "checkout", "-q", "--", ".")
+    # a resumed run: new proposer instance, history as the loop records it (rationale only, no meta)
+    history = [{"n": 1, "accepted": False, "rationale": first.rationale, "val_score": 0.4, "delta": -0.1}]
+    second = LadderProposer().propose(make_ctx(wt, n=2, history=history))
+    assert second is not None and second.meta["ladder_key"] != first.meta["ladder_key"]
+
+
+def test_start_rung_follows_the_diagnosis(tmp_path):
+    assert rungs_to_try(DIAGNOSIS) == ["prompt", "retrieval", "context"]
+    only_retrieval = {"counts": {"prompt": 0, "retrieval": 2, "context": 0, "model": 0}}
+    assert rungs_to_try(only_retrieval) == ["retrieval", "context"]
+    assert rungs_to_try({"counts": {"prompt": 0, "retrieval": 0, "context": 0, "model": 0}}) == []
+    assert rungs_to_try({}) == ["prompt", "retrieval", "context"]
+    assert rungs_to_try({"ids": {"context": ["t1"]}}) == ["context"]
+
+    wt = make_worktree(tmp_path)
+    proposal = LadderProposer().propose(make_ctx(wt, diagnosis=only_retrieval))
+    assert proposal.rung == "retrieval" and proposal.meta["ladder_key"] == "knob:top_k=5"
+    assert "(diagnosis: 2 train failures at the retrieval rung)" in proposal.rationale
+    nothing = {"counts": {"prompt": 0, "retrieval": 0, "context": 0, "model": 0}}
+    assert LadderProposer().propose(make_ctx(wt, diagnosis=nothing)) is None
+
+
+def test_few_shot_uses_train_examples_only_and_renders(tmp_path):
+    wt = make_worktree(tmp_path)
+    ladder = LadderProposer(transforms=["few_shot"])
+    tried = [{"n": 1, "accepted": False, "rationale": "x", "meta": {"ladder_key": 'knob:answer_style="short"'}}]
+    ctx = make_ctx(wt, diagnosis={"counts": {"prompt": 1}}, history=tried)
+    proposal = ladder.propose(ctx)
+    assert proposal.meta["transform"] == "few_shot"
+    text = (wt / SUBDIR / "prompts/answer.j2").read_text()
+    assert "Question: Which river flows through town 1?\nAnswer: River 1" in text
+    assert "ZEBRA" not in text and "OKAPI" not in text
+    assert text.rstrip().endswith("Answer:"), "the final cue line stays last"
+    assert "Answer: River 1" in render(wt / SUBDIR / "prompts/answer.j2")
+
+
+def test_ladder_options_are_validated():
+    with pytest.raises(UsageError, match="few_shot_k"):
+        get_proposer("ladder", few_shot_k=0)
+    with pytest.raises(UsageError, match="unknown transforms"):
+        get_proposer("ladder", transforms=["nope"])
+    with pytest.raises(UsageError, match="bogus"):
+        get_proposer("ladder", bogus=1)
+
+
+# --------------------------------------------------------------------------- knob edits
+
+
+YAML_TEXT = """\
+# top comment
+retrieval:
+  top_k: 3   # per hop
+  index: "bm25"  # quoted
+generation:
+  style: sentence
+list:
+  - a
+  - b
+"""
+
+
+def test_yaml_knob_edit_keeps_comments_and_everything_else():
+    new = set_config_value(YAML_TEXT, "yaml", "retrieval.top_k", 8)
+    assert new == YAML_TEXT.replace("top_k: 3   # per hop", "top_k: 8   # per hop")
+    new = set_config_value(YAML_TEXT, "yaml", "retrieval.index", "dense: v2")
+    assert yaml.safe_load(new)["retrieval"]["index"] == "dense: v2" and "# quoted" in new
+    new = set_config_value(YAML_TEXT, "yaml", "generation.style", ["a", 1])
+    assert yaml.safe_load(new)["generation"]["style"] == ["a", 1]
+    with pytest.raises(TransformError, match="not found"):
+        set_config_value(YAML_TEXT, "yaml", "retrieval.missing", 1)
+    with pytest.raises(TransformError, match="block"):
+        set_config_value(YAML_TEXT, "yaml", "retrieval", 1)
+
+
+def test_toml_and_json_knob_edits():
+    toml_text = '# c\ntop = 1\n[context]\nmax_docs = 10  # shown\norder = "score"\n[other]\nmax_docs = 2\n'
+    new = set_config_value(toml_text, "toml", "context.max_docs", 4)
+    assert "max_docs = 4  # shown" in new and tomllib.loads(new)["other"]["max_docs"] == 2
+    assert tomllib.loads(set_config_value(toml_text, "toml", "context.order", 'a "q"'))["context"]["order"] == 'a "q"'
+    assert tomllib.loads(set_config_value(toml_text, "toml", "top", True))["top"] is True
+    json_text = '{\n    "a": {"b": 1},\n    "c": [1, 2]\n}\n'
+    new = set_config_value(json_text, "json", "a.b", 2)
+    assert json.loads(new) == {"a": {"b": 2}, "c": [1, 2]} and new.endswith("}\n") and '\n    "a"' in new
+
+
+# --------------------------------------------------------------------------- prompt transforms
+
+
+def test_every_transform_keeps_a_jinja_template_rendering(tmp_path):
+    src = (Path(__file__).parent / "fixtures/proposers/target/prompts/answer.j2").read_text()
+    options = {"few_shot_k": 2, "max_docs": 2,
+               "train_examples": [{"id": "t1", "inputs": {"question": "Q1?"}, "expected": "A1"}]}
+    tpl = tmp_path / "answer.j2"
+    for transform in PROMPT_TRANSFORMS:
+        new = transform.apply(src, "prompts/answer.j2", options)
+        assert new is not None and new != src, transform.name
+        tpl.write_text(new)
+        out = render(tpl)
+        assert out, transform.name
+        assert transform.apply(new, "prompts/answer.j2", options) is None, f"{transform.name} applied twice"
+    tpl.write_text(next(t for t in PROMPT_TRANSFORMS if t.name == "truncate_docs").apply(src, "a.j2", options))
+    assert "passage 1" in render(tpl) and "passage 2" not in render(tpl)
+
+
+def test_instructions_are_not_applied_twice_and_go_before_the_cue():
+    entity = next(t for t in PROMPT_TRANSFORMS if t.name == "entity_only")
+    once = entity.apply("Q: {{ q }}\n\nAnswer:\n", "p.j2", {})
+    assert once.endswith("\n\nAnswer:\n") and "Output format" in once
+    assert entity.apply(once, "p.j2", {}) is None
+    assert insert_instruction("no cue here", "X") == "no cue here\n\nX\n"

@@ -1,0 +1,201 @@
+"""The guarded proposer tools on a real git worktree of the fixture target."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+
+from support import SUBDIR, make_tools, make_worktree, secret_labels  # noqa: E402
+
+from pipemend.proposers.tools import (  # noqa: E402
+    PathRefused,
+    ReadOnlyTree,
+    ToolError,
+    ToolTimeout,
+    format_trace,
+    glob_match,
+)
+
+
+@pytest.fixture
+def wt(tmp_path: Path) -> Path:
+    return make_worktree(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("path", "pattern", "expected"),
+    [
+        ("prompts/answer.j2", "prompts/**", True),
+        ("prompts/a/b.j2", "prompts/*.j2", False),
+        ("prompts/a/b.j2", "prompts/**/*.j2", True),
+        ("prompts/b.j2", "prompts/**/*.j2", True),
+        ("config.yaml", "config.yaml", True),
+        ("sub/config.yaml", "config.yaml", False),
+        ("sub/config.yaml", "**/config.yaml", True),
+        ("prompts/x.txt", "prompts", True),
+        ("prompts/x.txt", "prompts/", True),
+        ("promptsx/x.txt", "prompts", False),
+        ("data/qa.jsonl", "data/*.json", False),
+    ],
+)
+def test_glob_semantics(path, pattern, expected):
+    assert glob_match(path, pattern) is expected
+
+
+def test_write_and_edit_an_editable_file(wt):
+    tools = make_tools(wt)
+    assert tools.edit_file("prompts/answer.j2", "Answer:", "Final answer:").startswith("edited prompts/answer.j2")
+    assert "Final answer:" in (wt / SUBDIR / "prompts/answer.j2").read_text()
+    tools.write_file("prompts/new.j2", "Hello {{ name }}\n")
+    assert (wt / SUBDIR / "prompts/new.j2").read_text() == "Hello {{ name }}\n"
+    assert tools.written == ["prompts/answer.j2", "prompts/new.j2"]
+    assert "prompts/answer.j2" in tools.show_diff()
+
+
+def test_edit_requires_one_exact_match(wt):
+    tools = make_tools(wt)
+    with pytest.raises(ToolError, match="not found"):
+        tools.edit_file("prompts/answer.j2", "no such text", "x")
+    with pytest.raises(ToolError, match="occurs 2 times"):
+        tools.edit_file("prompts/answer.j2", "{{ doc", "{{ d")
+    with pytest.raises(ToolError, match="same"):
+        tools.edit_file("prompts/answer.j2", "Answer:", "Answer:")
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("../outside.txt", "'..'"),
+        ("prompts/../../x.j2", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("~/x.j2", "absolute"),
+        ("pipemend.yaml", "protected"),
+        ("data/qa.jsonl", "protected"),
+        ("secrets/token.txt", "protected"),
+        ("README.md", "no editable glob"),
+        (".git/config", ".git"),
+    ],
+)
+def test_writes_refused(wt, path, why):
+    tools = make_tools(wt)
+    with pytest.raises(PathRefused, match=why):
+        tools.write_file(path, "x")
+    assert not (wt / "outside.txt").exists()
+
+
+def test_symlinks_refused_for_the_file_and_its_parents(wt, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.j2").write_text("original")
+    root = wt / SUBDIR
+    os.symlink(outside / "victim.j2", root / "prompts" / "link.j2")
+    os.symlink(outside, root / "prompts" / "linkdir")
+    tools = make_tools(wt)
+    for path in ("prompts/link.j2", "prompts/linkdir/victim.j2", "prompts/linkdir/new.j2"):
+        with pytest.raises(PathRefused, match="symlink"):
+            tools.write_file(path, "pwned")
+        with pytest.raises(PathRefused, match="symlink"):
+            tools.read_file(path)
+    assert (outside / "victim.j2").read_text() == "original"
+    assert not (outside / "new.j2").exists()
+    assert not any("link" in f for f in tools.list_files())
+
+
+def test_target_folder_that_is_a_symlink_is_refused(tmp_path):
+    real = make_worktree(tmp_path)
+    wt = tmp_path / "wt2"
+    wt.mkdir()
+    os.symlink(real / SUBDIR, wt / SUBDIR)
+    with pytest.raises(PathRefused, match="symlink"):
+        make_tools(wt)
+
+
+def test_protected_data_is_never_read_or_searched(wt):
+    tools = make_tools(wt)
+    with pytest.raises(PathRefused, match="val/test labels"):
+        tools.read_file("data/qa.jsonl")
+    with pytest.raises(PathRefused):
+        tools.read_file("secrets/token.txt")
+    hits = tools.search("ZEBRA|OKAPI|API_TOKEN")
+    assert hits == []
+    for label in secret_labels():
+        assert all(label not in h for h in tools.search(label.split("-")[0]))
+    # the manifest stays readable: it is protected from writes only
+    assert "knobs:" in tools.read_file("pipemend.yaml")
+
+
+def test_read_ranges_search_and_listing(wt):
+    tools = make_tools(wt)
+    assert tools.read_file("prompts/answer.j2", 3, 3) == "Question: {{ question }}"
+    numbered = tools.read_file("prompts/answer.j2", 3, 4, numbered=True)
+    assert numbered.splitlines()[0] == "    3\tQuestion: {{ question }}"
+    assert "prompts/answer.j2:3:Question: {{ question }}" in tools.search(r"Question: \{\{")
+    assert tools.search("Question", glob="prompts/decompose.j2") == ["prompts/decompose.j2:3:Question: {{ question }}"]
+    files = tools.list_files()
+    assert "prompts/answer.j2" in files and "data/qa.jsonl" in files
+    assert tools.describe("data/qa.jsonl") == "protected"
+    assert tools.describe("prompts/answer.j2") == "editable"
+    assert tools.describe("README.md") == "read-only"
+    with pytest.raises(ToolError, match="bad regular expression"):
+        tools.search("(")
+    with pytest.raises(ToolError, match="no such file"):
+        tools.read_file("prompts/missing.j2")
+
+
+def test_run_train_past_its_deadline_is_a_tool_timeout(wt):
+    release = threading.Event()
+
+    def hung(ids):
+        release.wait(30)
+        return []
+
+    tools = make_tools(wt, train=hung, tool_timeout_s=0.2)
+    try:
+        with pytest.raises(ToolTimeout, match="run_train did not finish within 0.2 s"):
+            tools.run_train(["t1"])
+    finally:
+        release.set()
+
+
+def test_a_crashing_callable_becomes_a_tool_error(wt):
+    def broken(ids):
+        raise RuntimeError("sandbox fell over")
+
+    tools = make_tools(wt, train=broken)
+    with pytest.raises(ToolError, match="run_train failed: RuntimeError: sandbox fell over"):
+        tools.run_train(None)
+
+
+def test_read_trace_is_step_by_step_and_truncated(wt):
+    tools = make_tools(wt)
+    text = tools.read_trace("t1")
+    assert "[1] retrieve (retrieval)" in text and "[2] answer (generation)" in text
+    assert "doc_ids: [\"d1\"]" in text and "log[stdout]: answering" in text
+    assert "llm call: model=simulated/echo in=12 out=5" in text
+    assert "no trace" in tools.read_trace("v1")
+    long = {"trace_format": "pipemend-1", "example_id": "t1", "output": "x" * 5000,
+            "steps": [{"name": "s", "kind": "other", "inputs": {}, "output": "y" * 50_000}]}
+    out = format_trace(long, max_chars=3000)
+    assert len(out) < 3200 and "truncated" in out
+
+
+def test_history_tree_is_read_only_and_guarded(tmp_path):
+    hist = tmp_path / "history"
+    (hist / "1").mkdir(parents=True)
+    (hist / "1" / "rationale.md").write_text("tried top_k=5\n")
+    (tmp_path / "secret.txt").write_text("nope")
+    os.symlink(tmp_path / "secret.txt", hist / "1" / "link.txt")
+    tree = ReadOnlyTree(hist)
+    assert tree.list_files() == ["1/rationale.md"]
+    assert tree.read_file("1/rationale.md") == "tried top_k=5\n"
+    assert tree.search("top_k") == ["1/rationale.md:1:tried top_k=5"]
+    for bad in ("../secret.txt", "/etc/passwd", "1/link.txt"):
+        with pytest.raises(PathRefused):
+            tree.read_file(bad)
+    assert not hasattr(tree, "write_file")
