@@ -1,15 +1,33 @@
 """Dataset rows, splits and the frozen copy of data and metric a run scores with.
 
-OWNER: the manifest/dataset/evaluate helper fills in loading and freezing.
+``load_rows`` reads a JSONL file strictly (errors name the file and line);
+``load_splits`` cuts it into train/val/test by a seeded shuffle of ids, or
+reads explicit per-split files. ``freeze_target`` copies the manifest, the
+data and a custom metric into ``RUN_DIR/frozen/`` at the run's start: every
+score of the run comes from that copy, never from a candidate's files.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import ConfigError, UsageError
+from .fsutil import atomic_write_json, read_json
+
 SPLITS = ("train", "val", "test")
+ROW_KEYS = ("id", "inputs", "expected", "evidence")
+FROZEN_DIR = "frozen"
+FROZEN_FORMAT = "pipemend-frozen-1"
+MAX_ID_LEN = 200
 
 
 class Example(BaseModel):
@@ -26,3 +44,194 @@ class Example(BaseModel):
     def sealed(self) -> dict[str, Any]:
         """What may cross into a sandbox: id and inputs only."""
         return {"id": self.id, "inputs": self.inputs}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _check_id(value: Any, path: Path, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(path, where, f"`id` is {type(value).__name__}", "a string (or integer) id")
+    sid = str(value)
+    if not sid or len(sid) > MAX_ID_LEN or sid in (".", "..") or any(c in sid for c in "/\\\0\n"):
+        raise ConfigError(path, where, f"`id` {sid!r} cannot name a trace file", f"1-{MAX_ID_LEN} characters without '/', '\\\\' or newlines, not '.' or '..'")
+    return sid
+
+
+def load_rows(path: str | Path) -> list[Example]:
+    """Read JSONL rows ``{"id", "inputs", "expected"?, "evidence"?}``; blank lines are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, None, "dataset file not found", "a JSONL file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})", "a UTF-8 JSONL file") from None
+    rows: list[Example] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {n}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", 'an object {"id", "inputs", ...}')
+        unknown = sorted(set(raw) - set(ROW_KEYS))
+        if unknown:
+            raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(ROW_KEYS)}")
+        for key in ("id", "inputs"):
+            if key not in raw:
+                raise ConfigError(path, where, f"row has no `{key}`", 'rows {"id", "inputs", "expected", "evidence"?}')
+        sid = _check_id(raw["id"], path, where)
+        if not isinstance(raw["inputs"], dict):
+            raise ConfigError(path, where, f"`inputs` is a {type(raw['inputs']).__name__}", "`inputs` as a JSON object (the entrypoint's keyword dict)")
+        ev = raw.get("evidence")
+        if ev is not None and (not isinstance(ev, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in ev)):
+            raise ConfigError(path, where, "`evidence` is not a list of ids", "a list of document id strings, or no `evidence`")
+        if sid in seen:
+            raise ConfigError(path, where, f"duplicate id {sid!r} (first on line {seen[sid]})", "unique ids")
+        seen[sid] = n
+        rows.append(Example(id=sid, inputs=raw["inputs"], expected=raw.get("expected"),
+                            evidence=[str(x) for x in ev] if ev is not None else None))
+    if not rows:
+        raise ConfigError(path, None, "no rows", "at least one JSONL row")
+    return rows
+
+
+def split_ids(ids: list[str], train: float, val: float, seed: int) -> dict[str, set[str]]:
+    """Seeded shuffle of the sorted ids, cut at the cumulative fractions (stable for a given id set and seed)."""
+    order = sorted(ids)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    b1 = round(train * n)
+    b2 = max(b1, round((train + val) * n))
+    return {"train": set(order[:b1]), "val": set(order[b1:b2]), "test": set(order[b2:])}
+
+
+def load_splits(manifest: Any, target_dir: str | Path) -> dict[str, list[Example]]:
+    """``{"train": [...], "val": [...], "test": [...]}``, each in file order, each Example's ``split`` set."""
+    target_dir = Path(target_dir)
+    ds = manifest.dataset
+    out: dict[str, list[Example]] = {}
+    if ds.files is not None:
+        where_seen: dict[str, str] = {}
+        for split in SPLITS:
+            rel = getattr(ds.files, split)
+            rows = load_rows(target_dir / rel)
+            for ex in rows:
+                if ex.id in where_seen:
+                    other = where_seen[ex.id]
+                    raise ConfigError(target_dir / rel, f"id {ex.id!r}", f"also in the {other} split ({getattr(ds.files, other)})", "each id in one split only")
+                where_seen[ex.id] = split
+                ex.split = split
+            out[split] = rows
+        return out
+    rows = load_rows(target_dir / ds.path)
+    cut = split_ids([r.id for r in rows], ds.split.train, ds.split.val, ds.split.seed)
+    for split in SPLITS:
+        out[split] = [r.model_copy(update={"split": split}) for r in rows if r.id in cut[split]]
+    return out
+
+
+def limit_splits(splits: dict[str, list[Example]], n: int | None) -> dict[str, list[Example]]:
+    """The first ``n`` examples of each split (``--limit N``); all of them when ``n`` is None."""
+    if n is None:
+        return dict(splits)
+    if n < 1:
+        raise UsageError(f"--limit must be at least 1, got {n}")
+    return {k: v[:n] for k, v in splits.items()}
+
+
+# --------------------------------------------------------------------------- the frozen copy
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def frozen_files(manifest: Any) -> list[str]:
+    """Target-relative files a run freezes: the manifest, the data files and a custom metric file."""
+    from .manifest import MANIFEST_NAME
+
+    files = [MANIFEST_NAME]
+    ds = manifest.dataset
+    if ds.path:
+        files.append(ds.path)
+    if ds.files:
+        files += [ds.files.train, ds.files.val, ds.files.test]
+    if ":" in manifest.metric and manifest.metric.split(":", 1)[0].endswith(".py"):
+        files.append(manifest.metric.split(":", 1)[0])
+    return list(dict.fromkeys(files))
+
+
+@dataclass
+class FrozenTarget:
+    """The manifest, data and metric as at the run's start; the only source of labels and scoring."""
+
+    dir: Path
+    manifest: Any
+    source: str = ""
+    _splits: dict[str, list[Example]] | None = field(default=None, repr=False)
+    _metric: Callable[..., Any] | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "FrozenTarget":
+        from .manifest import load_manifest
+
+        fdir = Path(run_dir) / FROZEN_DIR
+        meta_path = fdir / "frozen.json"
+        if not meta_path.is_file():
+            raise UsageError(f"{run_dir}: not a pipemend run directory (no {FROZEN_DIR}/frozen.json)")
+        meta = read_json(meta_path)
+        for rel, digest in meta.get("files", {}).items():
+            if not (fdir / rel).is_file() or _sha256(fdir / rel) != digest:
+                raise ConfigError(fdir / rel, None, "frozen file is missing or was changed after the run started", f"sha256 {digest}")
+        return cls(dir=fdir, manifest=load_manifest(fdir, check_files=False), source=meta.get("source", ""))
+
+    def splits(self) -> dict[str, list[Example]]:
+        if self._splits is None:
+            self._splits = load_splits(self.manifest, self.dir)
+        return {k: list(v) for k, v in self._splits.items()}
+
+    def examples_by_id(self) -> dict[str, Example]:
+        return {ex.id: ex for rows in self.splits().values() for ex in rows}
+
+    def metric(self) -> Callable[..., Any]:
+        if self._metric is None:
+            from .metrics import load_metric
+
+            self._metric = load_metric(self.manifest.metric, self.dir)
+        return self._metric
+
+
+def freeze_target(target_dir: str | Path, manifest: Any, run_dir: str | Path) -> FrozenTarget:
+    """Copy the manifest, data and custom metric into ``RUN_DIR/frozen/`` and return the frozen view."""
+    target_dir, run_dir = Path(target_dir), Path(run_dir)
+    fdir = run_dir / FROZEN_DIR
+    hashes: dict[str, str] = {}
+    for rel in frozen_files(manifest):
+        src = target_dir / rel
+        if not src.is_file():
+            raise ConfigError(target_dir / "pipemend.yaml", None, f"cannot freeze {rel}: file not found", "the files the manifest names")
+        dst = fdir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        dst.chmod(0o444)
+        hashes[rel] = _sha256(dst)
+    frozen = FrozenTarget(dir=fdir, manifest=manifest, source=str(target_dir.resolve()))
+    splits = frozen.splits()  # validates the data now, before any sandbox runs
+    atomic_write_json(fdir / "frozen.json", {
+        "format": FROZEN_FORMAT,
+        "source": str(target_dir.resolve()),
+        "frozen_at": time.time(),
+        "files": hashes,
+        "splits": {k: [ex.id for ex in v] for k, v in splits.items()},
+    })
+    return frozen

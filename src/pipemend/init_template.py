@@ -1,0 +1,146 @@
+"""``pipemend init DIR``: a commented ``pipemend.yaml`` skeleton guessed from the folder's files."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .manifest import MANIFEST_NAME
+
+DEFAULT_MODEL = "claude-haiku-4-5"
+_ENTRY_NAMES = ("run", "main", "answer", "predict")
+_PREFERRED_FILES = ("pipeline.py", "main.py", "app.py")
+_SKIP = {".git", ".venv", "venv", "__pycache__", "node_modules", "tests", "reports"}
+
+TEMPLATE = """\
+# pipemend manifest: what to run, on what data, scored how, and what may change.
+# Reference: README.md ("The manifest"). Unknown keys are rejected.
+name: {name}
+description: ""
+
+# `module:function` importable from this folder, called once per example with
+# the example's `inputs` dict; returns a string or a JSON-able dict.
+entrypoint: {entrypoint}{entry_note}
+
+dataset:
+  # JSONL rows: {{"id": "q-1", "inputs": {{...}}, "expected": ..., "evidence": ["doc-id", ...]}}
+  # (`evidence`, the ids of gold supporting documents, is optional).
+  path: {dataset}{dataset_note}
+  # Seeded shuffle into splits. Or drop `path` and `split` and give
+  # `files: {{train: train.jsonl, val: val.jsonl, test: test.jsonl}}`.
+  split: {{train: 0.4, val: 0.4, test: 0.2, seed: 0}}
+
+# A built-in (exact_match, f1, contains, json_match) or `file.py:function`.
+metric: exact_match
+
+# Globs the optimizer may edit. The manifest, the data and a custom metric file
+# are always protected; add your own below (each glob must match a file).
+editable:
+{editable}
+protected: {protected}
+
+llm:
+  # Read by the pipeline from PIPEMEND_MODEL; `--model` switches a whole run,
+  # e.g. to local/qwen2.5-coder-1.5b-instruct (offline).
+  model: {model}
+
+# requirements: requirements.txt   # the pipeline's own pip dependencies, installed in the sandbox
+
+# knobs:                            # parameters the `ladder` proposer may search
+#   top_k: {{file: config.yaml, key: retrieval.top_k, rung: retrieval, values: [3, 5, 8]}}
+
+gates:
+  min_delta: 0.01          # smallest val improvement worth a branch
+  max_regressions: 0       # examples right before and wrong after
+  max_cost_ratio: 1.5
+  max_latency_ratio: 1.5
+  confidence: 0.9
+
+runner:
+  concurrency: 4
+  example_timeout_s: 120
+"""
+
+
+@dataclass
+class Guess:
+    entrypoint: str | None = None
+    dataset: str | None = None
+    editable: list[str] = field(default_factory=list)
+    protected: list[str] = field(default_factory=list)
+
+
+def _defines(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return []
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _looks_like_rows(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((ln for ln in f if ln.strip()), "")
+        row = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(row, dict) and "id" in row and "inputs" in row
+
+
+def guess(target_dir: Path) -> Guess:
+    """Guess the entrypoint (a ``*.py`` with a ``run``-like function), the data file and editable globs."""
+    g = Guess()
+    pys = sorted(p for p in target_dir.glob("*.py") if not p.name.startswith(("test_", "_")) and p.name != "setup.py")
+    pys.sort(key=lambda p: (p.name not in _PREFERRED_FILES, p.name))
+    for name in _ENTRY_NAMES:
+        hit = next((p for p in pys if name in _defines(p)), None)
+        if hit is not None:
+            g.entrypoint = f"{hit.stem}:{name}"
+            break
+    rows = [p for p in sorted(target_dir.rglob("*.jsonl")) if not (set(p.relative_to(target_dir).parts) & _SKIP)]
+    hit = next((p for p in rows if _looks_like_rows(p)), None)
+    if hit is not None:
+        g.dataset = hit.relative_to(target_dir).as_posix()
+    g.editable = [p.name for p in pys]
+    for folder in ("prompts", "templates"):
+        if (target_dir / folder).is_dir() and any((target_dir / folder).iterdir()):
+            g.editable.append(f"{folder}/**")
+    if (target_dir / "tests").is_dir() and any((target_dir / "tests").rglob("*")):
+        g.protected.append("tests/**")
+    return g
+
+
+def render(target_dir: Path) -> str:
+    """The skeleton's text for ``target_dir`` (placeholders marked TODO where nothing could be guessed)."""
+    g = guess(target_dir)
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in target_dir.resolve().name) or "pipeline"
+    editable = g.editable or ["pipeline.py"]
+    return TEMPLATE.format(
+        name=name,
+        entrypoint=g.entrypoint or "pipeline:run",
+        entry_note="" if g.entrypoint else "   # TODO: no *.py with a run(inputs) function found",
+        dataset=g.dataset or "data.jsonl",
+        dataset_note="" if g.dataset else "   # TODO: create it or point to your rows",
+        editable="\n".join(f"  - {json.dumps(e)}" for e in editable)
+        + ("" if g.editable else "   # TODO: your prompt and pipeline files"),
+        protected=json.dumps(g.protected),
+        model=DEFAULT_MODEL,
+    )
+
+
+def write_skeleton(target_dir: str | Path) -> Path:
+    """Write ``TARGET/pipemend.yaml``; refuses an existing manifest or a missing folder (``UsageError``)."""
+    target_dir = Path(target_dir)
+    if not target_dir.is_dir():
+        raise UsageError(f"{target_dir}: no such folder (expected the folder of an existing pipeline)")
+    path = target_dir / MANIFEST_NAME
+    if path.exists():
+        raise UsageError(f"{path}: a manifest already exists; edit it, or remove it to start over")
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(path, render(target_dir))
+    return path

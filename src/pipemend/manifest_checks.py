@@ -1,0 +1,272 @@
+"""Cross-file checks of a validated manifest: do the files, modules and keys it names exist?
+
+The schema (``manifest.py``) checks shapes; this module checks the manifest
+against the target folder. Every problem is a ``ConfigError`` naming the
+manifest, the key and what was expected. The cheap checks run first; the
+entrypoint import (a subprocess, so the host's ``sys.modules`` stays clean)
+runs last.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import ConfigError
+from .manifest import Manifest
+
+FALLBACK_BUILTIN_METRICS = ("exact_match", "f1", "contains", "json_match")
+IMPORT_TIMEOUT_S = 60.0
+_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".pytest_cache"}
+
+
+def check_manifest_files(
+    manifest: Manifest, target_dir: str | Path, manifest_path: str | Path, *, import_entrypoint: bool = True
+) -> None:
+    """Raise ``ConfigError`` for the first manifest entry that does not match the target folder."""
+    target_dir = Path(target_dir)
+    mp = Path(manifest_path)
+    _check_dataset(manifest, target_dir, mp)
+    _check_metric(manifest, target_dir, mp)
+    if manifest.requirements is not None:
+        _require_file(target_dir, manifest.requirements, mp, "requirements", "a pip requirements file")
+    _check_globs(manifest, target_dir, mp)
+    _check_knobs(manifest, target_dir, mp)
+    _check_entrypoint(manifest, target_dir, mp, run_import=import_entrypoint)
+
+
+# --------------------------------------------------------------------------- paths and globs
+
+
+def inside(target_dir: Path, rel: str) -> Path | None:
+    """``target_dir / rel`` if ``rel`` is a relative path that stays inside the target, else None."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or rel.strip() == "":
+        return None
+    return target_dir / rel
+
+
+def _require_file(target_dir: Path, rel: str, mp: Path, key: str, what: str) -> Path:
+    path = inside(target_dir, rel)
+    if path is None:
+        raise ConfigError(mp, key, f"{rel!r} is outside the target folder", f"a path relative to {target_dir}, without '..'")
+    if not path.is_file():
+        raise ConfigError(mp, key, f"file not found: {path}", what)
+    return path
+
+
+def glob_files(target_dir: Path, pattern: str) -> set[str]:
+    """Files under ``target_dir`` matching ``pattern`` (``**`` allowed), as POSIX paths relative to it."""
+    if inside(target_dir, pattern) is None:
+        return set()
+    found: set[str] = set()
+    for p in target_dir.glob(pattern):
+        rel = p.relative_to(target_dir)
+        if any(part in _SKIP_DIRS for part in rel.parts):
+            continue
+        if p.is_file():
+            found.add(rel.as_posix())
+        elif p.is_dir():  # a glob naming a folder covers what is inside it
+            for sub in p.rglob("*"):
+                srel = sub.relative_to(target_dir)
+                if sub.is_file() and not any(part in _SKIP_DIRS for part in srel.parts):
+                    found.add(srel.as_posix())
+    return found
+
+
+def _check_globs(manifest: Manifest, target_dir: Path, mp: Path) -> None:
+    for key, globs in (("editable", manifest.editable), ("protected", manifest.protected)):
+        for i, g in enumerate(globs):
+            if inside(target_dir, g) is None:
+                raise ConfigError(mp, f"{key}[{i}]", f"glob {g!r} is absolute or climbs out with '..'", "a glob relative to the target folder")
+    for i, g in enumerate(manifest.protected):
+        if not glob_files(target_dir, g):
+            raise ConfigError(mp, f"protected[{i}]", f"glob {g!r} matches no file in {target_dir}", "a glob that matches at least one file (or remove it)")
+    protected = {g: glob_files(target_dir, g) for g in manifest.all_protected()}
+    for i, g in enumerate(manifest.editable):
+        for f in sorted(glob_files(target_dir, g)):
+            for pg, pfiles in protected.items():
+                if f in pfiles:
+                    why = "always protected" if pg not in manifest.protected else f"protected by {pg!r}"
+                    raise ConfigError(
+                        mp, f"editable[{i}]",
+                        f"glob {g!r} matches {f}, which is {why}",
+                        "editable and protected globs that share no file (narrow the editable glob)",
+                    )
+
+
+# --------------------------------------------------------------------------- dataset, metric, knobs
+
+
+def _check_dataset(manifest: Manifest, target_dir: Path, mp: Path) -> None:
+    ds = manifest.dataset
+    if ds.path is not None:
+        _require_file(target_dir, ds.path, mp, "dataset.path", "a JSONL file of {id, inputs, expected, evidence?} rows")
+    if ds.files is not None:
+        for split in ("train", "val", "test"):
+            _require_file(target_dir, getattr(ds.files, split), mp, f"dataset.files.{split}", "a JSONL file of {id, inputs, expected, evidence?} rows")
+
+
+def builtin_metric_names() -> tuple[str, ...]:
+    try:
+        from . import metrics
+    except ImportError:
+        return FALLBACK_BUILTIN_METRICS
+    names = getattr(metrics, "BUILTIN_METRICS", None) or getattr(metrics, "BUILTINS", None)
+    return tuple(names) if names else FALLBACK_BUILTIN_METRICS
+
+
+def is_custom_metric(spec: str) -> bool:
+    return ":" in spec and spec.split(":", 1)[0].endswith(".py")
+
+
+def _check_metric(manifest: Manifest, target_dir: Path, mp: Path) -> None:
+    spec = manifest.metric
+    if not is_custom_metric(spec):
+        names = builtin_metric_names()
+        if spec not in names:
+            raise ConfigError(mp, "metric", f"unknown metric {spec!r}", f"one of {', '.join(names)}, or `file.py:function`")
+        return
+    rel, fn = spec.split(":", 1)
+    path = _require_file(target_dir, rel, mp, "metric", f"a Python file defining {fn}(output, expected, ...)")
+    if not fn.isidentifier():
+        raise ConfigError(mp, "metric", f"{fn!r} is not a function name", "`file.py:function`")
+    defined = _top_level_names(path, mp, "metric")
+    if fn not in defined:
+        raise ConfigError(mp, "metric", f"{path.name} defines no top-level {fn!r}", f"a function {fn} in {rel}")
+    try:
+        from .metrics import load_metric
+    except ImportError:
+        return
+    load_metric(spec, target_dir)  # imports it (scoring does so on the host too) and checks its signature
+
+
+def _top_level_names(path: Path, mp: Path, key: str) -> set[str]:
+    """Names a module binds at top level (defs, classes, assignments, imports), read without running it."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as e:
+        raise ConfigError(mp, key, f"{path} line {e.lineno}: syntax error: {e.msg}", "valid Python") from None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def read_config_file(path: Path) -> Any:
+    """Parse a knob's YAML, JSON or TOML file by its extension."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text)
+    if suffix == ".json":
+        return json.loads(text)
+    if suffix == ".toml":
+        return tomllib.loads(text)
+    raise ValueError(f"unsupported config file type {suffix or '(none)'}")
+
+
+def lookup_key(data: Any, dotted: str) -> tuple[bool, Any]:
+    """Follow ``a.b.0.c`` through dicts and lists; ``(found, value)``."""
+    cur = data
+    for part in dotted.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            return False, None
+    return True, cur
+
+
+def _check_knobs(manifest: Manifest, target_dir: Path, mp: Path) -> None:
+    for name, knob in manifest.knobs.items():
+        path = _require_file(target_dir, knob.file, mp, f"knobs.{name}.file", "a YAML, JSON or TOML config file")
+        try:
+            data = read_config_file(path)
+        except ValueError as e:
+            raise ConfigError(mp, f"knobs.{name}.file", f"cannot read {path}: {e}", "a .yaml, .yml, .json or .toml file") from None
+        except Exception as e:  # yaml / json / toml parse errors
+            raise ConfigError(mp, f"knobs.{name}.file", f"cannot parse {path}: {e}", "a valid YAML, JSON or TOML file") from None
+        found, _ = lookup_key(data, knob.key)
+        if not found:
+            raise ConfigError(mp, f"knobs.{name}.key", f"key {knob.key!r} not found in {knob.file}", f"a dotted key path that exists in {knob.file}")
+
+
+# --------------------------------------------------------------------------- entrypoint
+
+
+def module_file(target_dir: Path, module: str) -> Path | None:
+    """The file a dotted module name resolves to inside the target folder, or None."""
+    base = target_dir.joinpath(*module.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+_IMPORT_PROBE = """
+import importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+mod, fn = sys.argv[2], sys.argv[3]
+try:
+    m = importlib.import_module(mod)
+except BaseException as e:
+    print(json.dumps({"ok": False, "stage": "import", "type": type(e).__name__,
+                      "message": str(e), "name": getattr(e, "name", None)}))
+    sys.exit(0)
+f = getattr(m, fn, None)
+print(json.dumps({"ok": callable(f), "stage": "function", "type": type(f).__name__}))
+"""
+
+
+def _check_entrypoint(manifest: Manifest, target_dir: Path, mp: Path, *, run_import: bool) -> None:
+    mod, fn = manifest.entrypoint.split(":", 1)
+    path = module_file(target_dir, mod)
+    if path is None:
+        rel = Path(*mod.split(".")).as_posix()
+        raise ConfigError(mp, "entrypoint", f"module {mod!r} not found: no {rel}.py or {rel}/__init__.py in {target_dir}", "`module:function` importable from the target folder")
+    defined = _top_level_names(path, mp, "entrypoint")
+    if not run_import:
+        if fn not in defined:
+            raise ConfigError(mp, "entrypoint", f"{path} defines no top-level {fn!r}", f"a function {fn}(inputs) in {path.name}")
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}  # the key never reaches target code
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE, str(target_dir.resolve()), mod, fn],
+            cwd=target_dir, env=env, capture_output=True, text=True, timeout=IMPORT_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(mp, "entrypoint", f"importing {path} took over {IMPORT_TIMEOUT_S:g}s", "a module that imports quickly (do heavy work on first call)") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(mp, "entrypoint", f"importing {path} crashed the interpreter: {tail[0]}", "an importable module")
+    res = json.loads(lines[-1])
+    if res["ok"]:
+        return
+    if res["stage"] == "function":
+        if res["type"] == "NoneType":
+            raise ConfigError(mp, "entrypoint", f"{path} defines no {fn!r}", f"a function {fn}(inputs) in {path.name}")
+        raise ConfigError(mp, "entrypoint", f"{mod}.{fn} in {path} is a {res['type']}, not a function", f"a function {fn}(inputs)")
+    missing = res.get("name")
+    if res["type"] == "ModuleNotFoundError" and manifest.requirements and missing and module_file(target_dir, missing.split(".")[0]) is None:
+        return  # a dependency from the target's requirements: the sandbox installs it, the host need not have it
+    raise ConfigError(mp, "entrypoint", f"cannot import {path}: {res['type']}: {res['message']}", "a module that imports without errors")
