@@ -125,6 +125,36 @@ def test_concurrency_is_bounded(tmp_path):
     assert len(seen) == 6 and max(seen) <= 2
 
 
+# --------------------------------------------------------------------------- outputs: whole lines, whole traces
+
+
+def test_a_second_run_replaces_results_and_traces_whole(tmp_path):
+    first = [{"id": f"r{i}", "inputs": {"mode": "ok", "text": f"first {i}"}} for i in range(5)]
+    assert run_runner(tmp_path, "toy", first, "--concurrency", "3").returncode == 0
+    second = [{"id": f"r{i}", "inputs": {"mode": "ok", "text": f"second {i}"}} for i in range(3)]
+    proc = run_runner(tmp_path, "toy", second, "--concurrency", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "out" / "results.jsonl").read_text().split("\n")
+    assert lines[-1] == "" and len(lines) == 4  # this run's rows only, each a whole line
+    rows = [json.loads(line) for line in lines[:-1]]
+    assert sorted(r["id"] for r in rows) == ["r0", "r1", "r2"]
+    assert all("second" in json.dumps(r["output"]) for r in rows)
+    assert "second" in json.dumps(trace_of(tmp_path, "r1")["output"])
+    assert not [p.name for p in (tmp_path / "out" / "traces").iterdir() if not p.name.endswith(".json")]
+
+
+def test_a_trace_that_cannot_be_moved_into_place_leaves_no_temporary_file(tmp_path):
+    from pipemend.runner import write_trace
+
+    write_trace(tmp_path / "a.json", {"v": 1})
+    write_trace(tmp_path / "a.json", {"v": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"v": 2}
+    (tmp_path / "b.json").mkdir()  # os.replace onto a folder fails
+    with pytest.raises(OSError):
+        write_trace(tmp_path / "b.json", {"v": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
 # --------------------------------------------------------------------------- the label seal
 
 

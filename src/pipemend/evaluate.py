@@ -1,6 +1,7 @@
 """The one choke point that runs a split in a sandbox and scores it.
 
-``evaluate`` seals the examples (id and inputs only cross into the sandbox),
+``evaluate`` seals the examples (id and inputs only cross into the sandbox,
+and the sandbox masks the target's data and metric files: ``SandboxJob.hidden``),
 runs the runner through the sandbox, then scores on the host with the labels
 and metric of the run's frozen copy, whatever the caller handed in. Nothing
 else in pipemend scores. A dead sandbox is data: the examples it did not
@@ -71,6 +72,27 @@ def _count_lines(path: Path) -> int:
 
 def _wall_timeout(n: int, concurrency: int, example_timeout_s: float) -> float:
     return math.ceil(max(n, 1) / max(concurrency, 1)) * example_timeout_s + WALL_SLACK_S
+
+
+def _hidden(manifest: Any, target_dir: Path, run_dir: Path) -> list[str]:
+    """Target-relative paths no pipeline may read (the label seal, ``SandboxJob.hidden``).
+
+    The data files (labels and evidence for every split) and a custom metric
+    file; the target's own git history when the target folder is a repository's
+    root (its objects hold the data too); and the folder of pipemend's run
+    directories (frozen data, scores) when it lies inside the target folder.
+    """
+    from .dataset import frozen_files
+    from .manifest import MANIFEST_NAME
+
+    hidden = [f for f in frozen_files(manifest) if f != MANIFEST_NAME]
+    if (target_dir / ".git").is_dir():
+        hidden.append(".git")
+    target, run_dir = target_dir.resolve(), run_dir.resolve()
+    if target in run_dir.parents:
+        runs = run_dir.parent if run_dir.parent != target else run_dir
+        hidden.append(runs.relative_to(target).as_posix())
+    return hidden
 
 
 def _run_sandbox(sandbox: Sandbox, job: SandboxJob, total: int, progress: Callable[[int, int], None] | None) -> SandboxOutcome:
@@ -149,6 +171,7 @@ def evaluate(
         wall_timeout_s=_wall_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
         writable=writable,
         requirements=(target_dir / manifest.requirements) if manifest.requirements else None,
+        hidden=_hidden(manifest, target_dir, Path(ctx.run_dir)),
     )
     outcome = _run_sandbox(ctx.sandbox, job, len(labelled), progress) if labelled else SandboxOutcome(
         sandbox=getattr(ctx.sandbox, "name", "?"), returncode=0)

@@ -65,6 +65,9 @@ class SandboxJob:
     """Extra environment for the pipeline (never secrets)."""
     requirements: Path | None = None
     """The target's own requirements file, if any (sandbox installs it, cached by hash)."""
+    hidden: list[str] = field(default_factory=list)
+    """Paths relative to the target folder that the pipeline must not be able to read (the dataset files with
+    labels); every sandbox masks them."""
 
 
 @dataclass

@@ -14,7 +14,9 @@ and writes ``OUT/results.jsonl`` (one row per example as it finishes) and
 that is not a string or JSON-able dict/list is recorded as that example's
 error; the run goes on. Exit 0 when every example ran, 2 for bad usage or
 input (unimportable entrypoint, bad inputs file). Progress goes to stderr as
-``[runner] 3/10 done``; stdout stays quiet.
+``[runner] 3/10 done``; stdout stays quiet. Results are whole lines (one
+``write`` each) and traces are replaced atomically, both without fsync: a lost
+result only means the example is re-run or scored "no result".
 
 Every httpx request of the process gets ``x-pipemend-example`` and
 ``x-pipemend-step`` headers from the trace context (values are
@@ -45,7 +47,6 @@ from typing import Any, Callable, TextIO
 from urllib.parse import quote
 
 from pipemend import trace
-from pipemend.fsutil import append_jsonl, atomic_write_json, atomic_write_text
 
 ALLOWED_KEYS = frozenset({"id", "inputs"})
 GATEWAY_DUMMY_KEY = "pipemend-gateway"
@@ -316,6 +317,47 @@ def _run_one(fn: Callable, row: InputRow, holder: dict[str, Any], done: queue.Qu
     done.put((row.id, output, error, time.monotonic() - t0))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_trace(path: Path, trace_dict: dict) -> None:
+    """Write a trace atomically: a reader sees the whole old file or the whole new one, never a torn one.
+
+    Not fsynced, on purpose: the runner's outputs need no power-loss durability
+    (an example whose trace or result is lost is re-run or scored "no result"),
+    and an fsync per example was most of the runner's per-example cost.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = (json.dumps(trace_dict, indent=2, default=str) + "\n").encode("utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ResultsLog:
+    """``results.jsonl``, truncated when opened: each row appended as one whole line in one ``write``, no fsync."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+
+    def append(self, row: dict[str, Any]) -> None:
+        _write_all(self.fd, (json.dumps(row, default=str, separators=(",", ":")) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Runner:
     """Runs rows through ``fn``; writes results and traces under ``out``."""
 
@@ -330,7 +372,13 @@ class Runner:
 
     def run(self, rows: list[InputRow]) -> None:
         (self.out / "traces").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.results_path, "")  # this run's results only
+        self.results = ResultsLog(self.results_path)  # this run's results only
+        try:
+            self._run(rows)
+        finally:
+            self.results.close()
+
+    def _run(self, rows: list[InputRow]) -> None:
         self._say(f"{len(rows)} examples, concurrency {self.concurrency}, timeout {self.timeout_s:g}s")
         done: queue.Queue = queue.Queue()
         pending = list(reversed(rows))
@@ -383,10 +431,10 @@ class Runner:
 
     def _write(self, ex_id: str, output: Any, error: str | None, timed_out: bool, duration: float, trace_dict: dict) -> None:
         try:
-            atomic_write_json(self.out / "traces" / f"{ex_id}.json", trace_dict)
+            write_trace(self.out / "traces" / f"{ex_id}.json", trace_dict)
         except Exception as e:  # a trace that cannot be written must not lose the result
             self._say(f"could not write the trace of {ex_id!r}: {type(e).__name__}: {e}")
-        append_jsonl(self.results_path, {
+        self.results.append({
             "id": ex_id, "output": output, "error": error, "timed_out": timed_out, "duration_s": round(duration, 6),
         })
         self.n_done += 1

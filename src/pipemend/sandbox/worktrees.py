@@ -1,0 +1,277 @@
+"""Snapshot a target into git, and one worktree per candidate.
+
+If the target lives in a git repo, the run's branches are made in *that* repo
+(so a reviewer sees them with ``git branch``); the base branch is its HEAD plus
+the uncommitted and untracked (non-ignored) files under the target folder,
+built through a temporary index so the user's working tree, index and current
+branch are never touched. A target outside any repo is snapshotted into a bare
+repo under ``RUN_DIR/repo``.
+
+Every git call goes through gitpython with hooks disabled, signing off and a
+fixed pipemend identity, so a user's git configuration cannot make a run fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import git
+
+from ..errors import UsageError
+
+SNAPSHOT_FORMAT = "pipemend-snapshot-1"
+
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "pipemend",
+    "GIT_AUTHOR_EMAIL": "pipemend@localhost",
+    "GIT_COMMITTER_NAME": "pipemend",
+    "GIT_COMMITTER_EMAIL": "pipemend@localhost",
+}
+_CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.quotepath=false"]
+# What a snapshot repo of a non-git target leaves out (a user's repo has its own .gitignore).
+_DEFAULT_EXCLUDES = "__pycache__/\n*.pyc\n.venv/\n.pipemend-cache/\n.pytest_cache/\n"
+
+
+def _git(cwd: Path, *args: str, env: dict[str, str] | None = None, git_dir: Path | None = None) -> str:
+    """Run ``git <args>`` in ``cwd`` (through gitpython) and return stripped stdout."""
+    cmd = ["git", *_CONFIG]
+    if git_dir is not None:
+        cmd += [f"--git-dir={git_dir}", f"--work-tree={cwd}"]
+    full_env = dict(_IDENTITY)
+    if env:
+        full_env.update(env)
+    return git.Git(str(cwd)).execute(cmd + list(args), env=full_env)
+
+
+@contextmanager
+def _temp_index(seed: Path | None = None) -> Iterator[dict[str, str]]:
+    """A throwaway index file (a copy of ``seed`` if given, to keep its stat cache)."""
+    with tempfile.TemporaryDirectory(prefix="pipemend-index-") as d:
+        index = Path(d) / "index"
+        if seed is not None and seed.is_file():
+            shutil.copyfile(seed, index)
+        yield {"GIT_INDEX_FILE": str(index)}
+
+
+@dataclass
+class Snapshot:
+    """The run's git repo, where the target sits in it, and where candidate worktrees go."""
+
+    repo: Path
+    """Git repo holding the run's branches: the user's repo, or ``RUN_DIR/repo`` (bare)."""
+    target_subdir: str
+    """Target folder relative to the repo root ('' if the root)."""
+    run_id: str
+    base_branch: str
+    """``pipemend/<run-id>/base``."""
+    worktrees_dir: Path
+    """``RUN_DIR/worktrees``: one folder per live candidate worktree."""
+
+    # ------------------------------------------------------------------ worktrees
+
+    def add_worktree(self, name: str, ref: str) -> Path:
+        """A new worktree at ``worktrees_dir/name``, detached at ``ref``; a stale one there is replaced."""
+        if not name or "/" in name or name in (".", ".."):
+            raise UsageError(f"worktree name {name!r} must be a single path component")
+        path = self.worktrees_dir / name
+        if path.exists() or self._registered(path):
+            self.remove_worktree(path)
+        self.worktrees_dir.mkdir(parents=True, exist_ok=True)
+        _git(self.repo, "worktree", "add", "--detach", "--quiet", str(path), ref)
+        return path
+
+    def remove_worktree(self, path: Path) -> None:
+        """Remove a worktree (its branch or ref, if any, stays). Missing worktrees are fine."""
+        path = Path(path)
+        if self._registered(path):
+            try:
+                _git(self.repo, "worktree", "remove", "--force", "--force", str(path))
+            except git.GitCommandError:
+                pass
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        _git(self.repo, "worktree", "prune")
+
+    def prune(self) -> None:
+        """Remove this run's leftover worktrees (after a crash): registered ones and stray folders."""
+        root = self.worktrees_dir.resolve()
+        for wt in self._worktree_paths():
+            if wt.parent == root:
+                self.remove_worktree(wt)
+        if self.worktrees_dir.is_dir():
+            for child in self.worktrees_dir.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+        _git(self.repo, "worktree", "prune")
+
+    # ------------------------------------------------------------------ commits and refs
+
+    def commit(self, worktree: Path, message: str) -> str:
+        """Stage everything in ``worktree`` (deletions and untracked files too) and commit; returns the sha."""
+        _git(worktree, "add", "--all", ".")
+        _git(worktree, "commit", "--quiet", "--allow-empty", "--no-verify", "-m", message)
+        return _git(worktree, "rev-parse", "HEAD")
+
+    def set_branch(self, name: str, sha: str) -> None:
+        """Create or move ``refs/heads/<name>`` to ``sha``."""
+        try:
+            _git(self.repo, "check-ref-format", "--branch", name)
+        except git.GitCommandError as e:
+            raise UsageError(f"{name!r} is not a valid branch name") from e
+        _git(self.repo, "update-ref", f"refs/heads/{name}", sha)
+
+    def set_ref(self, ref: str, sha: str) -> None:
+        """Create or move any ref, e.g. ``refs/pipemend/<run>/rejected/3``."""
+        if not ref.startswith("refs/"):
+            raise UsageError(f"ref {ref!r} must start with 'refs/'")
+        _git(self.repo, "update-ref", ref, sha)
+
+    def resolve(self, ref: str) -> str:
+        """The commit sha a ref or branch names."""
+        return _git(self.repo, "rev-parse", "--verify", f"{ref}^{{commit}}")
+
+    # ------------------------------------------------------------------ what changed
+
+    def changed_files(self, worktree: Path, base_ref: str) -> list[str]:
+        """Repo-relative paths that differ between ``base_ref`` and the worktree's files (untracked included)."""
+        with self._staged_view(worktree) as env:
+            out = _git(worktree, "diff", "--cached", "--name-only", "--no-renames", "-z", base_ref, env=env)
+        return sorted(p for p in out.split("\0") if p)
+
+    def diff(self, worktree: Path, base_ref: str) -> str:
+        """Unified diff from ``base_ref`` to the worktree's files, untracked files included."""
+        with self._staged_view(worktree) as env:
+            return _git(
+                worktree, "diff", "--cached", "--no-color", "--no-ext-diff", "--no-renames", base_ref, env=env
+            ) + "\n"
+
+    @contextmanager
+    def _staged_view(self, worktree: Path) -> Iterator[dict[str, str]]:
+        """A temporary index holding everything in the worktree, leaving its real index alone."""
+        real_index = Path(_git(worktree, "rev-parse", "--path-format=absolute", "--git-path", "index"))
+        with _temp_index(seed=real_index) as env:
+            if not real_index.is_file():
+                _git(worktree, "read-tree", "HEAD", env=env)
+            _git(worktree, "add", "--all", ".", env=env)
+            yield env
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "repo": str(self.repo),
+            "target_subdir": self.target_subdir,
+            "run_id": self.run_id,
+            "base_branch": self.base_branch,
+            "worktrees_dir": str(self.worktrees_dir),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Snapshot":
+        if d.get("format") != SNAPSHOT_FORMAT:
+            raise UsageError(f"snapshot record has format {d.get('format')!r}, expected {SNAPSHOT_FORMAT!r}")
+        return cls(
+            repo=Path(d["repo"]),
+            target_subdir=d["target_subdir"],
+            run_id=d["run_id"],
+            base_branch=d["base_branch"],
+            worktrees_dir=Path(d["worktrees_dir"]),
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _worktree_paths(self) -> list[Path]:
+        out = _git(self.repo, "worktree", "list", "--porcelain")
+        return [Path(line[len("worktree "):]).resolve() for line in out.splitlines() if line.startswith("worktree ")]
+
+    def _registered(self, path: Path) -> bool:
+        return Path(path).resolve() in self._worktree_paths()
+
+
+# --------------------------------------------------------------------------- making a snapshot
+
+
+def snapshot_target(target_dir: Path, run_id: str, run_dir: Path) -> Snapshot:
+    """Make the run's base branch ``pipemend/<run-id>/base`` from the target, touching nothing of the user's."""
+    target_dir = Path(target_dir).resolve()
+    run_dir = Path(run_dir).resolve()
+    if not target_dir.is_dir():
+        raise UsageError(f"target {target_dir} is not a folder")
+    base_branch = f"pipemend/{run_id}/base"
+    try:
+        _git(Path.cwd(), "check-ref-format", "--branch", base_branch)
+    except git.GitCommandError as e:
+        raise UsageError(f"run id {run_id!r} cannot be part of a git branch name") from e
+    user_repo = _enclosing_repo(target_dir)
+    if user_repo is not None:
+        subdir = target_dir.relative_to(user_repo).as_posix()
+        subdir = "" if subdir == "." else subdir
+        sha = _commit_from_user_repo(user_repo, subdir, run_id)
+        repo = user_repo
+    else:
+        repo = run_dir / "repo"
+        subdir = ""
+        sha = _commit_into_snapshot_repo(repo, target_dir, run_id)
+    snap = Snapshot(repo, subdir, run_id, base_branch, run_dir / "worktrees")
+    snap.set_branch(base_branch, sha)
+    return snap
+
+
+def _enclosing_repo(target_dir: Path) -> Path | None:
+    """The root of the git repo holding ``target_dir``, unless the target is git-ignored there."""
+    try:
+        repo = git.Repo(target_dir, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    if repo.bare or repo.working_tree_dir is None:
+        return None
+    root = Path(repo.working_tree_dir).resolve()
+    if root != target_dir:
+        try:
+            _git(root, "check-ignore", "-q", "--no-index", target_dir.relative_to(root).as_posix())
+            return None  # the target is ignored by its repo: treat it as outside any repo
+        except git.GitCommandError:
+            pass
+    return root
+
+
+def _has_head(cwd: Path, git_dir: Path | None = None) -> bool:
+    try:
+        _git(cwd, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", git_dir=git_dir)
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def _commit_from_user_repo(root: Path, subdir: str, run_id: str) -> str:
+    """HEAD plus the working-tree state under ``subdir``, committed without touching index or HEAD."""
+    has_head = _has_head(root)
+    with _temp_index() as env:
+        if has_head:
+            _git(root, "read-tree", "HEAD", env=env)
+        _git(root, "add", "--all", "--", subdir or ".", env=env)
+        tree = _git(root, "write-tree", env=env)
+    parents = ["-p", "HEAD"] if has_head else []
+    msg = f"pipemend {run_id}: snapshot of {subdir or 'the repo root'} (HEAD + uncommitted changes)"
+    return _git(root, "commit-tree", tree, *parents, "-m", msg)
+
+
+def _commit_into_snapshot_repo(repo: Path, target_dir: Path, run_id: str) -> str:
+    """A bare repo at ``repo`` whose first commit is the target folder's files."""
+    if not (repo / "HEAD").exists():
+        repo.mkdir(parents=True, exist_ok=True)
+        _git(repo, "init", "--quiet", "--bare")
+        (repo / "info").mkdir(exist_ok=True)
+        (repo / "info" / "exclude").write_text(_DEFAULT_EXCLUDES, encoding="utf-8")
+    with _temp_index() as env:
+        _git(target_dir, "add", "--all", ".", env=env, git_dir=repo)
+        tree = _git(target_dir, "write-tree", env=env, git_dir=repo)
+    sha = _git(repo, "commit-tree", tree, "-m", f"pipemend {run_id}: snapshot of {target_dir}")
+    _git(repo, "symbolic-ref", "HEAD", f"refs/heads/pipemend/{run_id}/base")
+    return sha
+
