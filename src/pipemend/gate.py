@@ -1,0 +1,328 @@
+"""The gate: accept a candidate only if val improved, nothing regressed, and the diff is clean.
+
+Two halves, run in this order so that a bad diff costs no evaluation:
+
+``check_diff`` (static, before any evaluation) refuses a diff that
+- touches a path outside the target folder, an absolute path or one with ``..``;
+- touches a symlink, a protected file (data, metric, manifest, ``protected``
+  globs) or a file no ``editable`` glob names;
+- adds a val or test expected answer (a label leak; see ``_leak_rule`` below);
+- adds a val or test example id (an answers-by-id table);
+- adds a line of the metric's source (``metrics.metric_fingerprint``).
+
+``compare`` (statistics, on the SAME val examples for base and candidate)
+requires a mean paired delta of at least ``min_delta`` with ``confidence``
+(paired bootstrap: the share of resampled mean deltas above 0; sign test:
+``1 - p``), at most ``max_regressions`` examples that were right in the base
+and are wrong in the candidate, and cost and latency within their ratios.
+
+Label-leak rule. An expected val/test answer leaks when its SQuAD-normalized
+form appears, as whole words, in the added lines of a file and not in the
+base version of that file. Answers are skipped when they cannot carry
+example-specific information: shorter than 3 characters (2 when they hold a
+digit, so a year or a count is checked), or equal to a train example's answer
+(the proposer may see train labels, and class labels such as "yes" are
+legitimately written into instructions). "1887" pasted into a prompt is a leak.
+
+The frozen metric and data score every candidate, so editing the candidate's
+copies cannot raise its score; the static check still rejects such a diff.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Sequence
+
+from .fsutil import atomic_write_json
+from .proposers.tools import matches_any  # the same globs the proposer's tools obey
+
+VERDICT_FORMAT = "pipemend-verdict-1"
+RIGHT = 0.5
+"""An example is "right" when its score is at least this (binary metrics: 1)."""
+LATENCY_FLOOR_S = 0.05
+"""Latency ratios are judged only when the candidate is slower by more than this (timer noise)."""
+
+
+# --------------------------------------------------------------------------- the diff
+
+
+def added_lines(diff: str) -> dict[str, list[str]]:
+    """Lines a unified ``git diff`` adds, per repo-relative path (new side)."""
+    out: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in diff.splitlines():
+        if line.startswith("+++ "):
+            name = line[4:].strip()
+            current = None if name == "/dev/null" else (name[2:] if name.startswith("b/") else name)
+            if current is not None:
+                out.setdefault(current, [])
+        elif line.startswith("diff --git "):
+            current = None
+        elif current is not None and line.startswith("+"):
+            out[current].append(line[1:])
+    return out
+
+
+def _symlinks_in_diff(diff: str) -> set[str]:
+    paths: set[str] = set()
+    current: str | None = None
+    for line in diff.splitlines():
+        if line.startswith("diff --git "):
+            m = re.match(r"diff --git a/(.*) b/(.*)$", line)
+            current = m.group(2) if m else None
+        elif current and re.match(r"(new file mode|new mode|old mode|deleted file mode|index \w+\.\.\w+) 120000", line):
+            paths.add(current)
+    return paths
+
+
+def _normalize(text: str) -> str:
+    from .metrics import normalize_answer
+
+    return normalize_answer(text)
+
+
+def _answer_strings(expected: Any) -> list[str]:
+    """Every string or number inside an expected value (alternatives, dict leaves, lists)."""
+    if isinstance(expected, bool) or expected is None:
+        return []
+    if isinstance(expected, (str, int, float)):
+        return [str(expected)]
+    if isinstance(expected, dict):
+        return [s for v in expected.values() for s in _answer_strings(v)]
+    if isinstance(expected, (list, tuple)):
+        return [s for v in expected for s in _answer_strings(v)]
+    return []
+
+
+def _checkable(norm: str) -> bool:
+    return len(norm) >= 3 or (len(norm) >= 2 and any(ch.isdigit() for ch in norm))
+
+
+def _contains_words(haystack: str, needle: str) -> bool:
+    return f" {needle} " in f" {haystack} "
+
+
+@dataclass
+class Sealed:
+    """What the static check needs to know about the labels it must keep out of a diff."""
+
+    answers: dict[str, str] = field(default_factory=dict)
+    """normalized val/test answer -> one example id that has it"""
+    ids: set[str] = field(default_factory=set)
+    """val/test example ids worth checking"""
+
+    @classmethod
+    def from_splits(cls, splits: dict[str, Sequence[Any]]) -> "Sealed":
+        train = splits.get("train", [])
+        train_answers = {_normalize(s) for ex in train for s in _answer_strings(ex.expected)}
+        train_ids = {ex.id for ex in train}
+        sealed = cls()
+        for split in ("val", "test"):
+            for ex in splits.get(split, []):
+                for s in _answer_strings(ex.expected):
+                    norm = _normalize(s)
+                    if _checkable(norm) and norm not in train_answers:
+                        sealed.answers.setdefault(norm, ex.id)
+                if len(ex.id) >= 3 and ex.id not in train_ids:
+                    sealed.ids.add(ex.id)
+        return sealed
+
+
+def check_diff(
+    *,
+    diff: str,
+    changed: list[str],
+    worktree: Path,
+    target_subdir: str,
+    editable: list[str],
+    protected: list[str],
+    sealed: Sealed,
+    base_text: Callable[[str], str],
+    metric_lines: Sequence[str] = (),
+) -> list[str]:
+    """Reasons to refuse the diff without evaluating it; empty when it is clean.
+
+    ``changed`` are repo-relative paths; ``base_text(path)`` is that file's text
+    in the base ('' when new or binary).
+    """
+    reasons: list[str] = []
+    prefix = PurePosixPath(target_subdir) if target_subdir not in ("", ".") else None
+    symlinked = _symlinks_in_diff(diff)
+    for path in changed:
+        p = PurePosixPath(path)
+        if p.is_absolute() or ".." in p.parts:
+            reasons.append(f"{path}: absolute path or '..' refused")
+            continue
+        if prefix is not None and prefix not in p.parents:
+            reasons.append(f"{path}: outside the target folder {target_subdir}/")
+            continue
+        rel = str(p.relative_to(prefix)) if prefix is not None else str(p)
+        if path in symlinked or _has_symlink(worktree, p):
+            reasons.append(f"{path}: symlinks are refused")
+        elif matches_any(rel, protected):
+            reasons.append(f"{path}: protected file")
+        elif not matches_any(rel, editable):
+            reasons.append(f"{path}: not an editable path ({', '.join(editable)})")
+
+    fingerprint = [ln.strip() for ln in metric_lines if ln.strip()]
+    for path, lines in added_lines(diff).items():
+        base = base_text(path)
+        added_norm = _normalize("\n".join(lines))
+        base_norm = _normalize(base)
+        leaked = sorted(a for a in sealed.answers if _contains_words(added_norm, a) and not _contains_words(base_norm, a))
+        if leaked:
+            ids = sorted({sealed.answers[a] for a in leaked})
+            reasons.append(f"{path}: adds {len(leaked)} val/test expected answer(s) (label leak; examples {', '.join(ids[:5])})")
+        added_raw = "\n".join(lines)
+        ids = sorted(i for i in sealed.ids if _has_id(added_raw, i) and not _has_id(base, i))
+        if ids:
+            reasons.append(f"{path}: mentions val/test example id(s) {', '.join(ids[:5])} (hard-coded outputs)")
+        copied = [f for f in fingerprint if f not in base and any(f in ln for ln in lines)]
+        if copied:
+            reasons.append(f"{path}: copies the metric's logic ({copied[0]!r})")
+    return reasons
+
+
+def _has_id(text: str, example_id: str) -> bool:
+    return re.search(r"(?<![\w-])" + re.escape(example_id) + r"(?![\w-])", text) is not None
+
+
+def _has_symlink(worktree: Path, rel: PurePosixPath) -> bool:
+    cur = Path(worktree)
+    for part in rel.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _paired(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]]) -> tuple[list[str], list[float], list[float]]:
+    cand = {str(r["id"]): float(r.get("score") or 0.0) for r in cand_rows}
+    ids = [str(r["id"]) for r in base_rows]
+    return ids, [float(r.get("score") or 0.0) for r in base_rows], [cand.get(i, 0.0) for i in ids]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def compare(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], gates: Any, *, seed: int = 0) -> dict[str, Any]:
+    """The gate's numbers and its reasons to refuse (``reasons`` empty = the statistics accept)."""
+    from .scoring import paired_bootstrap, sign_test
+
+    ids, base, cand = _paired(base_rows, cand_rows)
+    n = len(ids)
+    delta = _mean(cand) - _mean(base)
+    out: dict[str, Any] = {"n": n, "base_mean": _mean(base), "cand_mean": _mean(cand), "delta": delta, "test": gates.test}
+    reasons: list[str] = []
+    if gates.test == "sign":
+        st = sign_test(base, cand)
+        out["sign_test"] = st
+        confident = st["p_value"] <= 1.0 - gates.confidence
+        conf_text = f"sign test p={st['p_value']:.3f} > {1 - gates.confidence:.3f}"
+    else:
+        bs = paired_bootstrap(base, cand, confidence=gates.confidence, seed=seed)
+        out["bootstrap"] = bs
+        out["ci_low"], out["ci_high"] = bs["ci_low"], bs["ci_high"]
+        confident = bs["prob_positive"] >= gates.confidence
+        conf_text = f"P(delta > 0) = {bs['prob_positive']:.3f} < {gates.confidence}"
+    if n == 0:
+        reasons.append("no val examples to compare")
+    if delta < gates.min_delta:
+        reasons.append(f"val delta {delta:+.4f} below min_delta {gates.min_delta}")
+    elif not confident:
+        reasons.append(f"improvement not confident: {conf_text}")
+
+    regressions = [i for i, b, c in zip(ids, base, cand) if b >= RIGHT and c < RIGHT]
+    fixed = [i for i, b, c in zip(ids, base, cand) if b < RIGHT and c >= RIGHT]
+    out["regressions"], out["fixed"] = regressions, fixed
+    if len(regressions) > gates.max_regressions:
+        reasons.append(f"{len(regressions)} regression(s) > max_regressions {gates.max_regressions}: {', '.join(regressions[:10])}")
+
+    base_cost = sum(float(r.get("cost_usd") or 0.0) for r in base_rows)
+    cand_cost = sum(float(r.get("cost_usd") or 0.0) for r in cand_rows)
+    cost_ratio = cand_cost / base_cost if base_cost > 0 else None
+    out["cost"] = {"base_usd": base_cost, "cand_usd": cand_cost, "ratio": cost_ratio, "max_ratio": gates.max_cost_ratio}
+    if cost_ratio is not None and cost_ratio > gates.max_cost_ratio:
+        reasons.append(f"cost ratio {cost_ratio:.2f} > max_cost_ratio {gates.max_cost_ratio}")
+
+    base_lat = _mean([float(r["latency_s"]) for r in base_rows if r.get("latency_s") is not None])
+    cand_lat = _mean([float(r["latency_s"]) for r in cand_rows if r.get("latency_s") is not None])
+    lat_ratio = cand_lat / base_lat if base_lat > 0 else None
+    out["latency"] = {"base_mean_s": base_lat, "cand_mean_s": cand_lat, "ratio": lat_ratio, "max_ratio": gates.max_latency_ratio}
+    if lat_ratio is not None and lat_ratio > gates.max_latency_ratio and cand_lat - base_lat > LATENCY_FLOOR_S:
+        reasons.append(f"latency ratio {lat_ratio:.2f} > max_latency_ratio {gates.max_latency_ratio}")
+    out["reasons"] = reasons
+    return out
+
+
+def average_repeats(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-example mean score, cost and latency over repeated evaluations (``gates.repeats``)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for i, row in enumerate(runs[0]):
+        same = [run[i] for run in runs]
+        merged = dict(row)
+        merged["score"] = _mean([float(r.get("score") or 0.0) for r in same])
+        merged["cost_usd"] = _mean([float(r.get("cost_usd") or 0.0) for r in same])
+        lats = [float(r["latency_s"]) for r in same if r.get("latency_s") is not None]
+        merged["latency_s"] = _mean(lats) if lats else None
+        out.append(merged)
+    return out
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+@dataclass
+class Verdict:
+    candidate: int
+    accepted: bool
+    reasons: list[str]
+    changed_files: list[str] = field(default_factory=list)
+    static_reasons: list[str] = field(default_factory=list)
+    stats: dict[str, Any] | None = None
+    gates: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": VERDICT_FORMAT, **asdict(self)}
+
+    def aggregates(self) -> dict[str, Any]:
+        """The verdict without per-example ids: what a proposer may see of val."""
+        stats = dict(self.stats or {})
+        for key in ("regressions", "fixed"):
+            if key in stats:
+                stats[key] = len(stats[key])
+        def strip(reasons: list[str]) -> list[str]:
+            out = [r.split(":")[0] if "regression" in r else r for r in reasons]
+            return [re.sub(r"\b(examples|id\(s\)) [^()]*", r"\1 (ids withheld)", r) for r in out]
+
+        reasons = strip(self.reasons)
+        if "reasons" in stats:
+            stats["reasons"] = strip(stats["reasons"])
+        return {"format": VERDICT_FORMAT, "candidate": self.candidate, "accepted": self.accepted,
+                "reasons": reasons, "changed_files": self.changed_files, "stats": stats}
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+
+def decide(candidate: int, *, changed: list[str], static_reasons: list[str], stats: dict[str, Any] | None,
+           gates: Any, extra_reasons: Sequence[str] = ()) -> Verdict:
+    """Accept only when there are changes, no static reason, no statistical reason and no extra reason."""
+    reasons = list(extra_reasons) + list(static_reasons)
+    if not changed and not reasons:
+        reasons.append("the proposal changed no file")
+    if stats is not None:
+        reasons += stats["reasons"]
+    elif not reasons:
+        reasons.append("not evaluated")
+    return Verdict(candidate=candidate, accepted=not reasons, reasons=reasons, changed_files=list(changed),
+                   static_reasons=list(static_reasons), stats=stats,
+                   gates=gates.model_dump() if hasattr(gates, "model_dump") else dict(gates))

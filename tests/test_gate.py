@@ -1,0 +1,209 @@
+"""The gate: static diff checks on real git worktrees, and the paired statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipemend import gate
+from pipemend.dataset import Example
+from pipemend.manifest import Gates, load_manifest
+from pipemend.metrics import metric_fingerprint
+from pipemend.sandbox.worktrees import _git, snapshot_target
+
+FIXTURE = Path(__file__).parent / "fixtures" / "optimize" / "tinyqa"
+
+
+def _rows(scores, cost=0.0, latency=1.0, prefix="v"):
+    return [{"id": f"{prefix}{i}", "score": s, "cost_usd": cost, "latency_s": latency} for i, s in enumerate(scores)]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_compare_accepts_a_clear_paired_improvement():
+    out = gate.compare(_rows([0, 0, 0, 0, 1, 1, 1, 1]), _rows([1, 1, 1, 0, 1, 1, 1, 1]), Gates())
+    assert out["reasons"] == []
+    assert out["delta"] == pytest.approx(3 / 8)
+    assert out["fixed"] == ["v0", "v1", "v2"] and out["regressions"] == []
+    assert out["bootstrap"]["prob_positive"] >= 0.9 and out["ci_low"] <= out["delta"] <= out["ci_high"]
+
+
+def test_compare_counts_regressions_by_id():
+    out = gate.compare(_rows([1, 1, 0, 0, 0, 0]), _rows([0, 1, 1, 1, 1, 1]), Gates(max_regressions=0))
+    assert out["regressions"] == ["v0"]
+    assert any("1 regression(s) > max_regressions 0: v0" in r for r in out["reasons"])
+    assert gate.compare(_rows([1, 1, 0, 0, 0, 0]), _rows([0, 1, 1, 1, 1, 1]), Gates(max_regressions=1))["reasons"] == []
+
+
+def test_compare_refuses_small_or_unconfident_gains():
+    one_of_eight = gate.compare(_rows([0] * 8), _rows([1] + [0] * 7), Gates(min_delta=0.01, confidence=0.9))
+    assert any("not confident" in r for r in one_of_eight["reasons"])
+    tiny = gate.compare(_rows([0] * 10), _rows([0.1] * 10), Gates(min_delta=0.2))
+    assert any("below min_delta" in r for r in tiny["reasons"])
+    same = gate.compare(_rows([1, 0, 1]), _rows([1, 0, 1]), Gates(min_delta=0.0))
+    assert same["reasons"], "an identical candidate is never accepted"
+
+
+def test_compare_sign_test():
+    out = gate.compare(_rows([0] * 8), _rows([1] * 6 + [0] * 2), Gates(test="sign", confidence=0.95))
+    assert out["sign_test"]["wins"] == 6 and out["reasons"] == []
+    weak = gate.compare(_rows([0] * 8), _rows([1] * 2 + [0] * 6), Gates(test="sign", confidence=0.95))
+    assert any("sign test" in r for r in weak["reasons"])
+
+
+def test_cost_and_latency_ratios():
+    base, better = [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]
+    dear = gate.compare(_rows(base, cost=0.01), _rows(better, cost=0.02), Gates(max_cost_ratio=1.5))
+    assert dear["cost"]["ratio"] == pytest.approx(2.0) and any("cost ratio" in r for r in dear["reasons"])
+    free_base = gate.compare(_rows(base, cost=0.0), _rows(better, cost=0.02), Gates())
+    assert free_base["cost"]["ratio"] is None and free_base["reasons"] == []
+    slow = gate.compare(_rows(base, latency=1.0), _rows(better, latency=2.0), Gates())
+    assert any("latency ratio" in r for r in slow["reasons"])
+    # milliseconds of timer noise on a fast pipeline are not a latency regression
+    noise = gate.compare(_rows(base, latency=0.001), _rows(better, latency=0.003), Gates())
+    assert noise["reasons"] == []
+
+
+def test_average_repeats_means_per_example():
+    merged = gate.average_repeats([_rows([1, 0]), _rows([0, 0])])
+    assert [r["score"] for r in merged] == [0.5, 0.0]
+
+
+# --------------------------------------------------------------------------- the label-leak rule
+
+
+def _ex(i, expected, split):
+    return Example(id=i, inputs={}, expected=expected, split=split)
+
+
+def test_sealed_answers_follow_the_documented_rule():
+    splits = {
+        "train": [_ex("t-1", "yes", "train"), _ex("t-2", "Paris", "train")],
+        "val": [_ex("v-1", "yes", "val"), _ex("v-2", "1887", "val"), _ex("v-3", "No", "val"),
+                _ex("v-4", "42", "val"), _ex("v-5", ["The Nile", "Nile River"], "val")],
+        "test": [_ex("x-1", {"answer": "Ada Lovelace"}, "test"), _ex("x-2", "Paris", "test")],
+    }
+    sealed = gate.Sealed.from_splits(splits)
+    assert set(sealed.answers) == {"1887", "42", "nile", "nile river", "ada lovelace"}
+    assert sealed.ids == {"v-1", "v-2", "v-3", "v-4", "v-5", "x-1", "x-2"}
+
+
+# --------------------------------------------------------------------------- static checks on real diffs
+
+
+@pytest.fixture()
+def repo_target(tmp_path):
+    """The tinyqa fixture inside a real git repo (targets/tinyqa), snapshotted, with a candidate worktree."""
+    repo = tmp_path / "repo"
+    shutil.copytree(FIXTURE, repo / "targets" / "tinyqa")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "init")
+    snap = snapshot_target(repo / "targets" / "tinyqa", "gate-test", tmp_path / "run")
+    wt = snap.add_worktree("cand-1", snap.base_branch)
+    return snap, wt, wt / "targets" / "tinyqa"
+
+
+def _check(snap, wt):
+    target = Path(snap.repo) / snap.target_subdir
+    manifest = load_manifest(target, check_files=False)
+    from pipemend.dataset import load_splits
+
+    diff, changed = snap.diff(wt, snap.base_branch), snap.changed_files(wt, snap.base_branch)
+
+    def base_text(path):
+        try:
+            return _git(snap.repo, "show", f"{snap.base_branch}:{path}")
+        except Exception:
+            return ""
+
+    return gate.check_diff(diff=diff, changed=changed, worktree=wt, target_subdir=snap.target_subdir,
+                           editable=manifest.editable, protected=manifest.all_protected(),
+                           sealed=gate.Sealed.from_splits(load_splits(manifest, target)), base_text=base_text,
+                           metric_lines=metric_fingerprint(manifest.metric, target))
+
+
+def test_a_clean_config_change_passes(repo_target):
+    snap, wt, t = repo_target
+    (t / "config.yaml").write_text((t / "config.yaml").read_text().replace("style: sentence", "style: short"))
+    assert _check(snap, wt) == []
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("metric", "metric.py: protected file"),
+    ("data", "data/val.jsonl: protected file"),
+    ("corpus", "corpus.json: protected file"),
+    ("manifest", "pipemend.yaml: protected file"),
+    ("dotdot", "targets/escape.py: outside the target folder"),
+    ("symlink", "symlinks are refused"),
+    ("not_editable", "notes.md: not an editable path"),
+    ("paste", "label leak"),
+    ("hardcode", "label leak"),
+    ("ids", "val/test example id(s) val-greece"),
+    ("copy_metric", "copies the metric's logic"),
+])
+def test_adversarial_diffs_are_refused(repo_target, attack, reason):
+    snap, wt, t = repo_target
+    if attack == "metric":
+        (t / "metric.py").write_text("def score(output, expected):\n    return 1.0\n")
+    elif attack == "data":
+        (t / "data" / "val.jsonl").write_text('{"id": "x", "inputs": {}, "expected": "x"}\n')
+    elif attack == "corpus":
+        (t / "corpus.json").write_text("{}\n")
+    elif attack == "manifest":
+        (t / "pipemend.yaml").write_text((t / "pipemend.yaml").read_text().replace("min_delta: 0.05", "min_delta: 0"))
+    elif attack == "dotdot":
+        (t / ".." / "escape.py").write_text("x = 1\n")
+    elif attack == "symlink":
+        os.symlink("../corpus.json", t / "prompts" / "facts.txt")
+    elif attack == "not_editable":
+        (t / "notes.md").write_text("hello\n")
+    elif attack == "paste":
+        (t / "prompts" / "sentence.txt").write_text("Capitals you know: Athens, Warsaw. Fact: {fact}\n")
+    elif attack == "hardcode":
+        (t / "pipeline.py").write_text((t / "pipeline.py").read_text() + '\nANSWERS = {"greece": "Athens"}\n')
+    elif attack == "ids":
+        (t / "pipeline.py").write_text((t / "pipeline.py").read_text() + '\nSKIP = ["val-greece"]\n')
+    elif attack == "copy_metric":
+        (t / "pipeline.py").write_text((t / "pipeline.py").read_text()
+                                       + '\n\ndef n(value):\n    return " ".join(str(value).lower().replace(".", " ").split())\n')
+    reasons = _check(snap, wt)
+    assert any(reason in r for r in reasons), reasons
+
+
+def test_an_answer_already_in_the_base_file_is_not_a_leak(repo_target):
+    snap, wt, t = repo_target
+    # "Paris" is a test answer (test-france) but also a train-free word already... put it in the base first:
+    base_line = "Example: the capital of France is Paris."
+    (t / "prompts" / "sentence.txt").write_text(base_line + "\nReply with a full sentence. Fact: {fact}\n")
+    snap2 = snap
+    sha = snap2.commit(wt, "base with an example")
+    snap2.set_branch(snap2.base_branch, sha)
+    (t / "prompts" / "sentence.txt").write_text(base_line + "\nReply with one sentence about Paris. Fact: {fact}\n")
+    assert _check(snap2, wt) == []
+
+
+def test_added_lines_parses_new_files_and_edits():
+    diff = ("diff --git a/x.txt b/x.txt\n--- a/x.txt\n+++ b/x.txt\n@@ -1 +1 @@\n-old\n+new\n"
+            "diff --git a/y.txt b/y.txt\nnew file mode 100644\n--- /dev/null\n+++ b/y.txt\n@@ -0,0 +1 @@\n+hello\n")
+    assert gate.added_lines(diff) == {"x.txt": ["new"], "y.txt": ["hello"]}
+
+
+def test_verdict_json_has_its_numbers_and_an_aggregate_view(tmp_path):
+    stats = gate.compare(_rows([1, 0, 0, 0]), _rows([0, 1, 1, 1]), Gates(max_regressions=0))
+    v = gate.decide(3, changed=["config.yaml"], static_reasons=[], stats=stats, gates=Gates())
+    assert not v.accepted
+    v.write(tmp_path / "verdict.json")
+    data = json.loads((tmp_path / "verdict.json").read_text())
+    assert data["format"] == "pipemend-verdict-1" and data["stats"]["regressions"] == ["v0"]
+    assert data["stats"]["fixed"] == ["v1", "v2", "v3"] and data["gates"]["max_regressions"] == 0
+    agg = v.aggregates()
+    assert agg["stats"]["regressions"] == 1 and "v0" not in json.dumps(agg)
+    nothing = gate.decide(4, changed=[], static_reasons=[], stats=None, gates=Gates())
+    assert nothing.reasons == ["the proposal changed no file"]

@@ -1,0 +1,163 @@
+"""The optimize loop end to end: real git repo, real gateway (simulated echo model), real runner.
+
+The proposer is a plugin loaded by dotted path (``tests/fixtures/optimize/optimize_plugins.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
+sys.path.insert(0, str(FIXTURES))
+
+import optimize_harness  # noqa: E402
+
+from pipemend.errors import UsageError  # noqa: E402
+from pipemend.fsutil import read_json, read_jsonl  # noqa: E402
+from pipemend.optimize import OptimizeConfig, resume, run_optimize  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture()
+def target(tmp_path):
+    return optimize_harness.make_repo(tmp_path / "repo")
+
+
+def _cfg(tmp_path, target, steps, **kw):
+    return OptimizeConfig(target=str(target), proposer="optimize_plugins:Script",
+                          proposer_options={"steps": steps}, sandbox="process", run_id=kw.pop("run_id", "t1"),
+                          reports_dir=str(tmp_path / "reports"), budget_usd=1.0, **kw)
+
+
+def _run(cfg):
+    return run_optimize(cfg, console=Console(file=io.StringIO(), width=200))
+
+
+def _git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _refs(repo, run_id):
+    out = _git(repo, "for-each-ref", "--format=%(refname)", f"refs/heads/pipemend/{run_id}", f"refs/pipemend/{run_id}")
+    return sorted(out.split())
+
+
+def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["short", "sentence"]))
+    repo = tmp_path / "repo"
+    assert s.status == "done" and s.stop_reason == "the proposer is out of ideas"
+    assert [c.accepted for c in s.candidates] == [True, False]
+    assert s.baseline["val"] == 0.0 and s.candidates[0].val_score == 1.0
+    assert s.baseline["test"] == 0.0 and s.best["test"] == 1.0 and s.best["branch"] == "pipemend/t1/cand-1"
+    assert _refs(repo, "t1") == ["refs/heads/pipemend/t1/base", "refs/heads/pipemend/t1/best",
+                                 "refs/heads/pipemend/t1/cand-1", "refs/pipemend/t1/rejected/2"]
+    assert _git(repo, "rev-parse", "pipemend/t1/best") == _git(repo, "rev-parse", "pipemend/t1/cand-1")
+    # the accepted commit carries the rationale and the val delta, on top of the base
+    msg = _git(repo, "log", "-1", "--format=%B", "pipemend/t1/cand-1")
+    assert "answer style short" in msg and "delta +1.0000" in msg
+    assert _git(repo, "rev-parse", "pipemend/t1/cand-1^") == _git(repo, "rev-parse", "pipemend/t1/base")
+    assert "style: short" in _git(repo, "show", "pipemend/t1/cand-1:targets/tinyqa/config.yaml")
+    # the rejected one is kept with its reasons, on top of the accepted one
+    assert _git(repo, "rev-parse", "refs/pipemend/t1/rejected/2^") == _git(repo, "rev-parse", "pipemend/t1/cand-1")
+    run_dir = Path(s.run_dir)
+    v2 = read_json(run_dir / "candidates" / "2" / "verdict.json")
+    assert v2["format"] == "pipemend-verdict-1" and not v2["accepted"]
+    assert len(v2["stats"]["regressions"]) == 8 and any("regression" in r for r in v2["reasons"])
+    v1 = read_json(run_dir / "candidates" / "1" / "verdict.json")
+    assert v1["accepted"] and v1["stats"]["delta"] == 1.0 and len(v1["stats"]["fixed"]) == 8
+    assert (run_dir / "candidates" / "1" / "diff.patch").read_text().count("+  style: short") == 1
+    # the proposer's train run went through the one evaluation choke point
+    assert (run_dir / "candidates" / "1" / "train" / "1" / "summary.json").is_file()
+    # the user's checkout is untouched
+    assert _git(repo, "status", "--porcelain") == "" and _git(repo, "branch", "--show-current") in ("master", "main")
+    assert read_json(run_dir / "run.json")["status"] == "done"
+    events = [e["event"] for e in read_jsonl(run_dir / "journal.jsonl")]
+    assert events[0] == "run_started" and events[-1] == "run_done" and "test_done" in events
+    assert not list((run_dir / "worktrees").glob("*")), "worktrees are removed"
+    # the history a later proposer reads has val aggregates only
+    hist = read_json(run_dir / "history" / "2" / "verdict.json")
+    assert hist["stats"]["regressions"] == 8 and "val-greece" not in json.dumps(hist)
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("metric", "metric.py: protected file"),
+    ("data", "data/val.jsonl: protected file"),
+    ("dotdot", "targets/escape.py: outside the target folder"),
+    ("symlink", "symlinks are refused"),
+    ("paste", "label leak"),
+    ("hardcode", "label leak"),
+    ("copy_metric", "copies the metric's logic"),
+])
+def test_adversarial_proposers_are_rejected_without_evaluation(tmp_path, target, attack, reason):
+    s = _run(_cfg(tmp_path, target, [attack], run_id=f"adv-{attack.replace('_', '-')}"))
+    (c,) = s.candidates
+    assert not c.accepted and any(reason in r for r in c.reasons), c.reasons
+    run_dir = Path(s.run_dir)
+    assert not (run_dir / "candidates" / "1" / "evals").exists(), "static checks run before any evaluation"
+    assert read_json(run_dir / "candidates" / "1" / "verdict.json")["static_reasons"]
+    assert s.best is None and _refs(tmp_path / "repo", s.run_id)[-1] == f"refs/pipemend/{s.run_id}/rejected/1"
+
+
+def test_a_behaviourally_identical_change_is_not_accepted(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["comment", "nothing"]))
+    assert [c.accepted for c in s.candidates] == [False, False]
+    assert any("below min_delta" in r for r in s.candidates[0].reasons)
+    assert s.candidates[1].reasons == ["the proposal changed no file"] and s.candidates[1].ref is None
+
+
+def test_crashing_proposer_and_candidate_cost_only_themselves(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["crash", "break", "short"]))
+    assert [c.accepted for c in s.candidates] == [False, False, True]
+    assert "proposer crashed: RuntimeError: the proposer fell over" in s.candidates[0].reasons
+    assert any("below min_delta" in r for r in s.candidates[1].reasons)
+    assert any("evaluation failed" in r for r in s.candidates[1].reasons), s.candidates[1].reasons
+    run_dir = Path(s.run_dir)
+    assert "RuntimeError" in (run_dir / "candidates" / "1" / "error.txt").read_text()
+    rows = list(read_jsonl(run_dir / "candidates" / "2" / "evals" / "val" / "scored.jsonl"))
+    assert rows and all(r["error"] for r in rows)
+    assert s.best["n"] == 3
+
+
+def test_stops_on_candidate_count_time_and_budget(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["comment", "comment", "comment"], max_candidates=2))
+    assert len(s.candidates) == 2 and s.stop_reason.startswith("candidate limit reached")
+    s = _run(_cfg(tmp_path, target, ["comment"], run_id="t2", hours=1e-9))
+    assert s.candidates == [] and s.stop_reason.startswith("time limit reached") and s.baseline["test"] == 0.0
+    s = _run(_cfg(tmp_path, target, ["short", "budget", "short"], run_id="t3"))
+    assert [c.accepted for c in s.candidates] == [True, False]
+    assert s.stop_reason.startswith("budget") and s.best["test"] == 1.0
+
+
+def test_bad_config_is_a_usage_error_before_any_run_dir(tmp_path, target):
+    with pytest.raises(UsageError):
+        _run(_cfg(tmp_path, target.parent / "nope", ["short"]))
+    with pytest.raises(UsageError):
+        _run(_cfg(tmp_path, target, ["short"], run_id="bad id!"))
+    with pytest.raises(Exception):
+        OptimizeConfig(target=str(target), unknown=1)
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
+
+
+def test_resume_of_a_finished_run_returns_its_summary(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["short"]))
+    again = resume(s.run_dir, console=Console(file=io.StringIO()))
+    assert again.best == s.best and again.status == "done"
+
+
+def test_the_ladder_proposer_finds_the_fix_through_the_loop(tmp_path, target):
+    cfg = OptimizeConfig(target=str(target), proposer="ladder", sandbox="process", run_id="lad",
+                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=6)
+    s = _run(cfg)
+    assert s.best is not None and s.best["val"] == 1.0 and s.best["test"] == 1.0, [c.reasons for c in s.candidates]
+    assert "style: short" in _git(tmp_path / "repo", "show", "pipemend/lad/best:targets/tinyqa/config.yaml")
+    # what it tried is in the history it is handed, so a later candidate never repeats a change
+    diffs = [(Path(s.run_dir) / "candidates" / str(c.n) / "diff.patch").read_text() for c in s.candidates]
+    assert len(set(diffs)) == len(diffs)

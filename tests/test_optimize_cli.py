@@ -1,0 +1,52 @@
+"""``pipemend optimize`` / ``resume`` as commands: exit codes and the JSON summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
+sys.path.insert(0, str(FIXTURES))
+
+import optimize_harness  # noqa: E402
+
+from pipemend import cli_optimize  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("optimize")(cli_optimize.optimize)
+    app.command("resume")(cli_optimize.resume)
+    return app
+
+
+def test_bad_usage_exits_2_with_what_and_where(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(_app(), ["optimize", str(tmp_path / "missing"), "--reports-dir", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "pipemend.yaml" in r.output
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    r = runner.invoke(_app(), ["optimize", str(target), "--budget-usd", "-1", "--reports-dir", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--budget-usd" in r.output
+    r = runner.invoke(_app(), ["optimize", str(target), "--proposer", "nosuch", "--reports-dir", str(tmp_path / "r"),
+                               "--sandbox", "process"])
+    assert r.exit_code == 2 and "unknown proposer" in r.output
+    r = runner.invoke(_app(), ["resume", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "not a pipemend run directory" in r.output
+
+
+def test_optimize_prints_a_json_summary(tmp_path):
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    r = CliRunner().invoke(_app(), ["optimize", str(target), "--proposer", "optimize_plugins:Script",
+                                    "--max-candidates", "0", "--sandbox", "process", "--run-id", "c1",
+                                    "--reports-dir", str(tmp_path / "r"), "--limit", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["format"] == "pipemend-optimize-summary-1" and summary["stop_reason"].startswith("candidate limit")
+    assert summary["baseline"] == {"train": 0.0, "val": 0.0, "test": 0.0}

@@ -1,0 +1,175 @@
+"""kill -9 an optimize run at several points, resume it, and get the same branches without paying twice.
+
+The run is a subprocess (``optimize_harness.py start``) killed with SIGKILL (its
+whole process group, runner included) when the journal reaches an event; then
+``optimize_harness.py resume`` finishes it. The accepted and rejected commits
+must hold the same trees as an uninterrupted run's, and the gateway's call log
+must show no request sent to the backend (a cache miss) twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
+sys.path.insert(0, str(FIXTURES))
+
+import optimize_harness  # noqa: E402
+
+from pipemend.fsutil import read_json, read_jsonl  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+STEPS = ["comment", "short", "sentence"]
+HARNESS = FIXTURES / "optimize_harness.py"
+
+
+def _config(tmp_path: Path, target: Path, run_id: str) -> dict:
+    return {"target": str(target), "proposer": "optimize_plugins:Script", "proposer_options": {"steps": STEPS},
+            "sandbox": "process", "run_id": run_id, "reports_dir": str(tmp_path / "reports"), "budget_usd": 1.0}
+
+
+def _drive(*args: str, kill_when=None, timeout: float = 240) -> subprocess.CompletedProcess | None:
+    p = subprocess.Popen([sys.executable, str(HARNESS), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.time() + timeout
+    while p.poll() is None and time.time() < deadline:
+        if kill_when is not None and kill_when():
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return None
+        time.sleep(0.02)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError("the optimize run did not finish in time")
+    out, err = p.communicate()
+    assert p.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _refs(repo: Path, run_id: str) -> dict[str, str]:
+    """Run-relative ref name -> tree sha of what it points at."""
+    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)",
+                          f"refs/heads/pipemend/{run_id}", f"refs/pipemend/{run_id}"],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    refs = {}
+    for line in filter(None, out):
+        name, sha = line.split()
+        tree = subprocess.run(["git", "-C", str(repo), "rev-parse", f"{sha}^{{tree}}"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        refs[name.replace(f"/{run_id}/", "/RUN/")] = tree
+    return refs
+
+
+def _events(run_dir: Path) -> list[dict]:
+    try:
+        return list(read_jsonl(run_dir / "journal.jsonl"))
+    except (OSError, ValueError):
+        return []
+
+
+def _at_event(run_dir: Path, event: str, nth: int = 1, **match):
+    def reached() -> bool:
+        hits = [e for e in _events(run_dir) if e.get("event") == event
+                and all(e.get(k) == v for k, v in match.items())]
+        return len(hits) >= nth
+    return reached
+
+
+def _mid_eval(run_dir: Path, rel: str):
+    def reached() -> bool:
+        f = run_dir / rel / "results.jsonl"
+        return f.is_file() and f.read_text().count("\n") >= 1
+    return reached
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the same script: its refs (by tree) and summary."""
+    tmp = tmp_path_factory.mktemp("reference")
+    target = optimize_harness.make_repo(tmp / "repo")
+    done = _drive("start", json.dumps(_config(tmp, target, "ref")))
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [c["accepted"] for c in summary["candidates"]] == [False, True, False]
+    return _refs(tmp / "repo", "ref"), summary
+
+
+KILL_POINTS = {
+    "snapshot": lambda d: _at_event(d, "snapshot"),
+    "baseline-mid-eval": lambda d: _mid_eval(d, "evals/baseline-val"),
+    "baseline_done": lambda d: _at_event(d, "baseline_done"),
+    "candidate-2-started": lambda d: _at_event(d, "candidate_started", n=2),
+    "candidate-2-mid-val": lambda d: _mid_eval(d, "candidates/2/evals/val"),
+    "candidate-2-done": lambda d: _at_event(d, "candidate_done", n=2),
+    "base_ready": lambda d: _at_event(d, "base_ready", n=2),
+    "loop_stopped": lambda d: _at_event(d, "loop_stopped"),
+    "test_done": lambda d: _at_event(d, "test_done"),
+}
+
+
+FAST_POINTS = ("candidate-2-mid-val", "base_ready")
+"""Kill points in the fast suite; the rest of the matrix runs with ``-m slow`` (each is a full run and a resume)."""
+
+
+@pytest.mark.parametrize("point", [p if p in FAST_POINTS else pytest.param(p, marks=pytest.mark.slow)
+                                   for p in KILL_POINTS])
+def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
+    ref_refs, ref_summary = reference
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "kill"
+    killed = _drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=KILL_POINTS[point](run_dir))
+    assert killed is None, f"the run finished before the kill point {point}"
+    status = read_json(run_dir / "run.json")["status"]  # "done" only when killed in its last milliseconds
+    assert status in ("running", "done")
+
+    done = _drive("resume", str(run_dir))
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "done"
+    assert [(c["n"], c["accepted"]) for c in summary["candidates"]] == \
+           [(c["n"], c["accepted"]) for c in ref_summary["candidates"]]
+    assert summary["best"]["test"] == ref_summary["best"]["test"] and summary["baseline"] == ref_summary["baseline"]
+    assert _refs(tmp_path / "repo", "kill") == ref_refs
+
+    # no request reached the backend twice: every repeat was served from the cache
+    misses = Counter(json.dumps(r["request"], sort_keys=True)
+                     for r in read_jsonl(run_dir / "gateway" / "calls.jsonl")
+                     if r.get("cache") == "miss" and not r.get("error"))
+    assert misses and max(misses.values()) == 1, [k for k, v in misses.items() if v > 1][:2]
+    events = [e["event"] for e in read_jsonl(run_dir / "journal.jsonl")]
+    assert ("run_resumed" in events) == (status == "running") and events[-1] == "run_done"
+    assert events.count("test_done") == 1 and events.count("baseline_done") == 1
+
+
+def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path):
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "lost"
+    _drive("start", json.dumps(_config(tmp_path, target, "lost")), kill_when=_at_event(run_dir, "base_ready", n=2))
+    repo = tmp_path / "repo"
+    sha = [e for e in _events(run_dir) if e.get("event") == "candidate_done" and e["n"] == 2][0]["sha"]
+    for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
+        subprocess.run(["git", "-C", str(repo), "update-ref", "-d", f"refs/heads/{branch}"], check=True)
+    _drive("resume", str(run_dir))
+    for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
+        got = subprocess.run(["git", "-C", str(repo), "rev-parse", branch], capture_output=True, text=True).stdout.strip()
+        assert got == sha
+
+
+def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, reference):
+    ref_refs, _ = reference
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "kill"
+    key = run_dir / "candidates" / "2" / "evals" / "val.key.json"
+    _drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=key.is_file)
+    summary = run_dir / "candidates" / "2" / "evals" / "val" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    _drive("resume", str(run_dir))
+    assert summary.stat().st_mtime_ns == before, "the finished val evaluation was read back, not re-run"
+    assert _refs(tmp_path / "repo", "kill") == ref_refs
