@@ -85,6 +85,11 @@ def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
     # the history a later proposer reads has val aggregates only
     hist = read_json(run_dir / "history" / "2" / "verdict.json")
     assert hist["stats"]["regressions"] == 8 and "val-greece" not in json.dumps(hist)
+    # the report was refreshed as the run went and shows both candidates and the accepted branch
+    html = (run_dir / "report.html").read_text()
+    assert "pipemend/t1/cand-1" in html and "refs/pipemend/t1/rejected/2" in html
+    assert (run_dir / "candidates" / "1" / "index.html").is_file()
+    assert "pipemend/t1/cand-1" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("attack, reason", [

@@ -162,6 +162,7 @@ class _Run:
         finally:
             if self.gateway is not None:
                 self.gateway.stop()
+            self.render_report()
 
     # ------------------------------------------------------------------ setup: freeze, snapshot, gateway, baseline
 
@@ -206,6 +207,7 @@ class _Run:
             self.st = replay(self.run_dir)
         self.diagnosis = self._base_diagnosis(diagnose_eval_dir)
         self.log(f"baseline: train {self.st.baseline['train_score']:.3f}, val {self.st.baseline['val_score']:.3f}")
+        self.render_report()
 
     def _restore_refs(self) -> None:
         """Re-set every journaled branch and ref from its sha (a kill may have come before a ref moved)."""
@@ -280,6 +282,7 @@ class _Run:
             while True:
                 self.check_limits()
                 self.candidate(self.st.next_index)
+                self.render_report()
         except StopLoop as stop:
             reason = str(stop)
         except BudgetExhausted as e:
@@ -569,6 +572,15 @@ class _Run:
 
     def log(self, msg: str) -> None:
         self.console.log(msg)
+
+    def render_report(self) -> None:
+        """Refresh report.html / report.md so a running job can be watched; a report fault never stops the run."""
+        from .report import render_report
+
+        try:
+            render_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"[yellow]report not refreshed: {type(e).__name__}: {e}[/]")
 
 
 def _clear_candidate_dir(cdir: Path) -> None:
