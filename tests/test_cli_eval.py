@@ -281,10 +281,16 @@ def test_help_lists_the_core_commands() -> None:
         assert opt in eval_help
 
 
-def test_doctor_prints_one_row_per_check() -> None:
-    doctor = pytest.importorskip("pipemend.sandbox.doctor", reason="the sandbox doctor is not built yet")
+def test_doctor_prints_one_row_per_check(monkeypatch) -> None:
+    from pipemend import doctor
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     res = run_cli("doctor", "--json")
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["checks"]
-    assert len(rows) == len(list(doctor.check_all()))
-    assert all(set(r) == {"name", "ok", "why", "fix"} and isinstance(r["ok"], bool) for r in rows)
+    assert [r["name"] for r in rows] == [c.name for c in doctor.check_all()]
+    assert all(set(r) == {"name", "ok", "detail", "fix"} and isinstance(r["ok"], bool) for r in rows)
+    by_name = {r["name"]: r for r in rows}
+    assert {"docker engine", "bwrap", "process", "local model", "anthropic key"} <= set(by_name)
+    assert not by_name["anthropic key"]["ok"] and "ANTHROPIC_API_KEY" in by_name["anthropic key"]["fix"]
+    assert by_name["process"]["ok"] and "NOT isolate" in by_name["process"]["detail"]

@@ -324,19 +324,19 @@ def _field(check: Any, name: str) -> Any:
 @cli_command
 def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
     """Check what this machine can run: Docker, bubblewrap, the sandbox image, the local model, API keys."""
-    from .sandbox.doctor import check_all
+    from .doctor import check_all
 
     checks = list(check_all())
-    rows = [{k: _field(c, k) for k in ("name", "ok", "why", "fix")} for c in checks]
+    rows = [{k: _field(c, k) for k in ("name", "ok", "detail", "fix")} for c in checks]
     if as_json:
         sys.stdout.write(json.dumps({"checks": rows}) + "\n")
         return
     table = Table(title="pipemend doctor")
-    for col in ("check", "ok", "why", "fix"):
+    for col in ("check", "ok", "detail", "fix"):
         table.add_column(col)
     for r in rows:
         table.add_row(escape(str(r["name"])), "[green]ok[/]" if r["ok"] else "[red]no[/]",
-                      escape(str(r["why"] or "")), escape(str(r["fix"] or "")))
+                      escape(str(r["detail"] or "")), escape(str(r["fix"] or "")))
     out.print(table)
 
 

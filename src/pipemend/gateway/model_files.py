@@ -65,7 +65,7 @@ def _write_sidecar(path: Path, digest: str) -> None:
     atomic_write_json(_sidecar(path), record)
 
 
-def _sidecar_ok(path: Path, expected_sha256: str) -> bool:
+def verified_by_sidecar(path: Path, expected_sha256: str) -> bool:
     try:
         record = read_json(_sidecar(path))
         st = path.stat()
@@ -89,7 +89,7 @@ def sha256_file(path: Path) -> str:
 
 def verify_model_file(path: Path, expected_sha256: str = MODEL_SHA256) -> Path:
     """Check an existing file against its digest (once: the sidecar remembers). Raise on mismatch."""
-    if _sidecar_ok(path, expected_sha256):
+    if verified_by_sidecar(path, expected_sha256):
         return path
     digest = sha256_file(path)
     if digest != expected_sha256:

@@ -1,0 +1,49 @@
+"""``pipemend doctor``: what this machine can run, and how to fix what it cannot.
+
+The sandbox checks live beside the sandboxes (``sandbox/doctor.py``); this adds
+the model side: the local model (llama-cpp-python and its GGUF file) and the
+Anthropic key the gateway would forward with.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .sandbox.doctor import Check
+from .sandbox.doctor import check_all as sandbox_checks
+
+
+def check_local_model() -> Check:
+    from .gateway.model_files import (
+        INSTALL_HINT,
+        MODEL_SHA256,
+        ModelFileError,
+        default_model_path,
+        part_paths_from_packages,
+        verified_by_sidecar,
+    )
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return Check("local model", False, "llama-cpp-python is not installed", INSTALL_HINT)
+    path = default_model_path()
+    if path.is_file() and verified_by_sidecar(path, MODEL_SHA256):
+        return Check("local model", True, f"{path.name} checked (sha256) in {path.parent}")
+    try:
+        part_paths_from_packages()
+    except ModelFileError as e:
+        if path.is_file():
+            return Check("local model", True, f"{path} present, checked by sha256 on first use")
+        return Check("local model", False, str(e), INSTALL_HINT)
+    return Check("local model", True, "the model's parts are installed; assembled and checked on first use")
+
+
+def check_anthropic_key() -> Check:
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        return Check("anthropic key", True, "ANTHROPIC_API_KEY is set: claude-* models and --proposer claude work")
+    return Check("anthropic key", False, "ANTHROPIC_API_KEY is not set: only local, scripted and simulated models",
+                 "export ANTHROPIC_API_KEY=... to use Claude (it stays in the gateway, never in a sandbox)")
+
+
+def check_all() -> list[Check]:
+    return [*sandbox_checks(), check_local_model(), check_anthropic_key()]
