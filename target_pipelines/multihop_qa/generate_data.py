@@ -114,7 +114,6 @@ def build(seed: int = SEED) -> tuple[list[dict], list[dict]]:
 
     company_of = {c["founder"]["id"]: c for c in companies}
     town_id = {t: f"town-{i:03d}" for i, t in enumerate(towns)}
-    river_id = {r: f"river-{i:03d}" for i, r in enumerate(rivers)}
     candidates: list[tuple[str, str, list[str]]] = []
     for c in companies:
         f = c["founder"]
@@ -155,7 +154,6 @@ def build(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     rng.shuffle(chosen)
     questions = [{"id": f"q-{n:03d}", "inputs": {"question": q}, "expected": ans, "evidence": ev}
                  for n, (q, ans, ev) in enumerate(chosen, 1)]
-    del river_id
     return w.docs, questions
 
 
