@@ -166,3 +166,45 @@ def test_the_ladder_proposer_finds_the_fix_through_the_loop(tmp_path, target):
     # what it tried is in the history it is handed, so a later candidate never repeats a change
     diffs = [(Path(s.run_dir) / "candidates" / str(c.n) / "diff.patch").read_text() for c in s.candidates]
     assert len(set(diffs)) == len(diffs)
+
+
+def test_the_claude_proposer_runs_through_its_own_gateway(tmp_path, target):
+    """`--proposer claude --agent-model scripted:...`: the agent's calls go to an agent-side gateway
+    (logged apart from the pipeline's), its edit becomes an accepted branch, its transcript is kept."""
+    import yaml
+
+    def turn(name, blocks, expect=None):
+        entry = {"name": name, "once": True, "required": True,
+                 "response": {"content": blocks, "stop_reason": "tool_use",
+                              "usage": {"input_tokens": 900, "output_tokens": 60}}}
+        if expect:
+            entry["match"] = {"last_user_contains": expect}
+        return entry
+
+    script = tmp_path / "agent.yaml"
+    script.write_text(yaml.safe_dump({"entries": [
+        turn("read", [{"type": "tool_use", "id": "t1", "name": "read_file", "input": {"path": "config.yaml"}}]),
+        turn("edit", [{"type": "tool_use", "id": "t2", "name": "edit_file",
+                       "input": {"path": "config.yaml", "old": "style: sentence", "new": "style: short"}}],
+             expect="style: sentence"),
+        turn("submit", [{"type": "tool_use", "id": "t3", "name": "submit",
+                         "input": {"rationale": "answer with the entity only", "rung": "prompt"}}]),
+    ]}, sort_keys=False))
+    cfg = OptimizeConfig(target=str(target), proposer="claude", agent_model=f"scripted:{script}",
+                         proposer_options={"max_retries": 0}, sandbox="process", run_id="ag",
+                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=1)
+    s = _run(cfg)
+    run_dir = Path(s.run_dir)
+    assert [c.accepted for c in s.candidates] == [True] and s.best["branch"] == "pipemend/ag/cand-1"
+    agent_calls = list(read_jsonl(run_dir / "agent" / "gateway" / "calls.jsonl"))
+    assert len(agent_calls) == 3 and all(c["model"].startswith("scripted:") for c in agent_calls)
+    pipeline_calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
+    assert pipeline_calls and all(c["model"] == "simulated/echo" for c in pipeline_calls)
+    assert (run_dir / "candidates" / "1" / "transcript.jsonl").is_file()
+    assert "answer with the entity only" in _git(tmp_path / "repo", "log", "-1", "--format=%B", "pipemend/ag/cand-1")
+
+
+def test_agent_model_is_refused_for_an_offline_proposer(tmp_path, target):
+    with pytest.raises(UsageError, match="--agent-model"):
+        _run(_cfg(tmp_path, target, ["short"], agent_model="claude-sonnet-4-5"))
+    assert not (tmp_path / "reports").exists()

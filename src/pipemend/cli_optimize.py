@@ -46,6 +46,8 @@ def optimize(
     sandbox: str = typer.Option("auto", help="docker | bwrap | process | auto."),
     run_id: Optional[str] = typer.Option(None, help="Run id (default optimize-<date>-<time>-<hex>)."),
     reports_dir: Path = typer.Option(Path("reports"), help="Folder holding run directories."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="LLM response cache to share across runs (default: one per run, RUN_DIR/gateway/cache)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
@@ -54,7 +56,8 @@ def optimize(
     try:
         cfg = OptimizeConfig(target=str(target), proposer=proposer, model=model, agent_model=agent_model,
                              budget_usd=budget_usd, max_candidates=max_candidates, hours=hours, limit=limit,
-                             sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir))
+                             sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
+                             cache_dir=str(cache_dir) if cache_dir else None)
         summary = run_optimize(cfg, console=Console(stderr=True))
     except (ValidationError, PipemendError) as e:
         raise _exit_for(e) from None

@@ -35,6 +35,10 @@ from .rundir import create_run_dir, finish_run, new_run_id, read_run, update_run
 SUMMARY_FORMAT = "pipemend-optimize-summary-1"
 
 
+LLM_PROPOSERS = ("claude",)
+"""Proposers that call a model: they get an agent-side gateway, a transcript folder and ``--agent-model``."""
+
+
 class StopLoop(Exception):
     """Ends the candidate loop; the message is the reason recorded in the journal."""
 
@@ -97,7 +101,7 @@ def run_optimize(cfg: OptimizeConfig, console: Console | None = None) -> Optimiz
     from .manifest import load_manifest
 
     load_manifest(cfg.target)  # a bad manifest or proposer is a usage error before any run directory exists
-    _make_proposer(cfg)
+    _check_proposer(cfg)
     cfg = cfg.model_copy(update={"run_id": cfg.run_id or new_run_id("optimize"),
                                  "target": str(Path(cfg.target).resolve())})
     run_dir = create_run_dir(cfg.reports_dir, cfg.run_id, kind="optimize", target=cfg.target,
@@ -131,6 +135,7 @@ class _Run:
         self.st: RunState = replay(self.run_dir)
         self.started_at = float(read_run(self.run_dir).get("started_at") or time.time())
         self.gateway: Any = None
+        self.agent_gateway: Any = None
         self._status: Any = None
         self._spent = 0.0
         self.failures: dict[str, str] = {}
@@ -160,8 +165,9 @@ class _Run:
             finish_run(self.run_dir, "failed", error=f"{type(e).__name__}: {e}")
             raise RunFailed(f"optimize run {self.cfg.run_id} failed: {type(e).__name__}: {e}") from e
         finally:
-            if self.gateway is not None:
-                self.gateway.stop()
+            for gw in (self.gateway, self.agent_gateway):
+                if gw is not None:
+                    gw.stop()
             self.render_report()
 
     # ------------------------------------------------------------------ setup: freeze, snapshot, gateway, baseline
@@ -195,7 +201,7 @@ class _Run:
         self.gateway.start()
         sandbox = get_sandbox(self.cfg.sandbox, announce=lambda msg: self.console.print(f"[yellow]{msg}[/]"))
         self.ectx = EvalContext(self.run_dir, self.frozen, sandbox, self.gateway, self.cfg.model or self.manifest.llm.model)
-        self.proposer = _make_proposer(self.cfg)
+        self.proposer = self._make_proposer(cache)
 
         if self.st.baseline is None:
             train = self.evaluate("baseline-train", "evals/baseline-train", self.st.base_sha, "train")
@@ -573,6 +579,20 @@ class _Run:
     def log(self, msg: str) -> None:
         self.console.log(msg)
 
+    def _make_proposer(self, cache: Path) -> Any:
+        """The proposer; an LLM proposer talks to its own gateway (``RUN_DIR/agent/``) so its calls are
+        logged, cached (a resumed run pays for none twice) and counted apart from the pipeline's."""
+        from .gateway import Gateway, GatewayConfig
+        from .proposers import get_proposer
+
+        options = _check_proposer(self.cfg)
+        if self.cfg.proposer in LLM_PROPOSERS:
+            self.agent_gateway = Gateway(GatewayConfig(run_dir=self.run_dir / "agent", cache_dir=cache)).start()
+            options.setdefault("base_url", self.agent_gateway.url)
+            options.setdefault("api_key", "pipemend-gateway")  # the real key stays in the agent gateway
+            options.setdefault("transcript_dir", str(self.run_dir / "candidates" / "{candidate}"))
+        return get_proposer(self.cfg.proposer, **options)
+
     def render_report(self) -> None:
         """Refresh report.html / report.md so a running job can be watched; a report fault never stops the run."""
         from .report import render_report
@@ -600,13 +620,18 @@ def _socket_path(run_dir: Path) -> Path:
     return Path("/tmp") / f"pipemend-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]}.sock"
 
 
-def _make_proposer(cfg: OptimizeConfig) -> Any:
+def _check_proposer(cfg: OptimizeConfig) -> dict[str, Any]:
+    """Build the proposer once to validate its name and options (a UsageError names what is wrong);
+    returns the options to build it with."""
     from .proposers import get_proposer
 
     options = dict(cfg.proposer_options)
     if cfg.agent_model:
+        if cfg.proposer not in LLM_PROPOSERS:
+            raise UsageError(f"--agent-model is for an LLM proposer ({', '.join(LLM_PROPOSERS)}), not {cfg.proposer!r}")
         options.setdefault("model", cfg.agent_model)
-    return get_proposer(cfg.proposer, **options)
+    get_proposer(cfg.proposer, **options)
+    return options
 
 
 def _read_optional(path: Path) -> dict[str, Any] | None:

@@ -21,8 +21,8 @@ from ..fsutil import read_json, read_jsonl
 RIGHT = 0.5
 """An example is right when its score is at least this (the gate's rule)."""
 RUNGS = ("prompt", "retrieval", "context", "model")
-AGENT_CALL_LOGS = ("gateway/agent-calls.jsonl", "gateway/agent_calls.jsonl", "agent/calls.jsonl")
-"""Where an agent-side call log may sit (same row shape as ``gateway/calls.jsonl``)."""
+AGENT_CALL_LOGS = ("agent/gateway/calls.jsonl",)
+"""The agent-side gateway's call log (``optimize`` runs an LLM proposer's own gateway with run_dir RUN_DIR/agent)."""
 
 
 def _json(path: Path) -> Any:
