@@ -101,6 +101,11 @@ def test_start_rung_follows_the_diagnosis(tmp_path):
     assert rungs_to_try({"counts": {"prompt": 0, "retrieval": 0, "context": 0, "model": 0}}) == []
     assert rungs_to_try({}) == ["prompt", "retrieval", "context"]
     assert rungs_to_try({"ids": {"context": ["t1"]}}) == ["context"]
+    # the diagnosis recommends retrieval (1 prompt failure is below its min_share): start there,
+    # climb, and come back to the cheaper rung it stepped over last
+    mostly_retrieval = {"counts": {"prompt": 1, "retrieval": 26, "context": 0, "model": 0}, "recommended": "retrieval"}
+    assert rungs_to_try(mostly_retrieval) == ["retrieval", "context", "prompt"]
+    assert rungs_to_try({**mostly_retrieval, "recommended": "model"}) == ["prompt", "retrieval", "context"]
 
     wt = make_worktree(tmp_path)
     proposal = LadderProposer().propose(make_ctx(wt, diagnosis=only_retrieval))

@@ -1,7 +1,8 @@
 """The ``ladder`` proposer: offline, deterministic, no LLM.
 
-From the diagnosis it starts at the cheapest rung with failures (prompt, then
-retrieval, then context; the model rung has no offline fix) and makes one change
+From the diagnosis it starts at the recommended rung (the cheapest holding a real
+share of the failures, in the order prompt, retrieval, context; the model rung has
+no offline fix), climbs from there, and makes one change
 per candidate: first the manifest's knobs for that rung (each declared value
 other than the current one, written into the knob's config file by a one-line
 edit that keeps comments), then the prompt transforms for that rung
@@ -74,17 +75,25 @@ def failing_rungs(diagnosis: dict[str, Any]) -> dict[str, int] | None:
 
 
 def rungs_to_try(diagnosis: dict[str, Any]) -> list[str]:
-    """Rungs in climbing order, from the cheapest with failures up; [] when nothing fails."""
+    """Rungs in the order to try them; [] when nothing fails.
+
+    It starts at the diagnosis's ``recommended`` rung (the cheapest one holding at
+    least ``min_share`` of the failures, DESIGN.md §5) and climbs from there; the
+    cheaper rungs it stepped over because they hold only a few failures come last.
+    Without a recommendation it starts at the cheapest rung with any failure.
+    """
     counts = failing_rungs(diagnosis)
     if counts is None:
         return list(OFFLINE_RUNGS)
     failing = [r for r in OFFLINE_RUNGS if counts[r] > 0]
-    if failing:
-        return list(OFFLINE_RUNGS[OFFLINE_RUNGS.index(failing[0]):])
-    if counts["model"] > 0:
+    if not failing:
         # only "model" failures: the cheaper rungs may still not have been tried offline
-        return list(OFFLINE_RUNGS)
-    return []
+        return list(OFFLINE_RUNGS) if counts["model"] > 0 else []
+    start = diagnosis.get("recommended")
+    if start not in OFFLINE_RUNGS or counts[start] == 0:
+        start = failing[0]
+    i = OFFLINE_RUNGS.index(start)
+    return list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing]
 
 
 class LadderProposer:

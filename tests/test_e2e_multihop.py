@@ -1,0 +1,105 @@
+"""End to end on the bundled multihop_qa target with the real local model (slow).
+
+These run the README's commands as a user would: `pipemend eval ... --json` and
+`pipemend optimize ... --proposer ladder`, in subprocesses, through the real
+gateway (llama.cpp serving Qwen2.5-Coder-1.5B), the real runner and sandbox.
+The target is copied into a fresh git repo so the run's branches land there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipemend.gateway.model_files import default_model_path, part_paths_from_packages
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ROOT / "target_pipelines" / "multihop_qa"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+
+def _local_model_missing() -> str | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install 'pipemend[local]')"
+    if default_model_path().is_file():
+        return None
+    try:
+        part_paths_from_packages()
+    except Exception as e:  # noqa: BLE001
+        return str(e)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_local_model():
+    missing = _local_model_missing()
+    if missing:
+        pytest.skip(missing)
+
+
+def _pipemend(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    return subprocess.run([sys.executable, "-m", "pipemend.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture()
+def user_repo(tmp_path: Path) -> Path:
+    """A user's repo holding a copy of the bundled target, on their own branch."""
+    repo = tmp_path / "work"
+    shutil.copytree(TARGET, repo / "multihop_qa", ignore=shutil.ignore_patterns("__pycache__"))
+    _git(tmp_path, "init", "-q", "-b", "mine", str(repo))
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=u", "-c", "user.email=u@example.com", "commit", "-qm", "my pipeline")
+    return repo
+
+
+def test_eval_json_on_the_local_model(user_repo: Path, tmp_path: Path) -> None:
+    res = _pipemend("eval", "multihop_qa", "--split", "val", "--limit", "6", "--json",
+                    "--reports-dir", str(tmp_path / "reports"), cwd=user_repo, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    val = out["splits"]["val"]
+    assert val["n"] == 6 and 0.0 <= val["ci_low"] <= val["score"] <= val["ci_high"] <= 1.0
+    assert val["errors"] == 0
+    counts = out["diagnosis"]["counts"]
+    assert set(counts) == {"prompt", "retrieval", "context", "model"}
+    failed = round(6 * (1 - val["score"]))
+    assert sum(counts.values()) == failed, "every failed example sits on exactly one rung"
+    assert failed > 0 and out["diagnosis"]["recommended"] in counts  # the shipped pipeline is weak on purpose
+    run_dir = Path(out["run_dir"])
+    calls = [json.loads(line) for line in (run_dir / "gateway" / "calls.jsonl").read_text().splitlines()]
+    assert calls and all(c["model"] == "local/qwen2.5-coder-1.5b-instruct" for c in calls)
+    assert {c["example_id"] for c in calls} == {r["id"] for r in map(json.loads, (
+        next((run_dir / "evals").iterdir()) / "scored.jsonl").read_text().splitlines())}
+    assert _git(user_repo, "status", "--porcelain") == ""
+
+
+def test_optimize_with_the_ladder_raises_val(user_repo: Path, tmp_path: Path) -> None:
+    res = _pipemend("optimize", "multihop_qa", "--proposer", "ladder", "--limit", "12", "--max-candidates", "6",
+                    "--run-id", "e2e", "--reports-dir", str(tmp_path / "reports"), "--json",
+                    cwd=user_repo, timeout=1700)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    accepted = [c for c in summary["candidates"] if c["accepted"]]
+    assert accepted, f"no candidate accepted: {[c.get('reasons') for c in summary['candidates']]}"
+    assert summary["best"]["val"] > summary["baseline"]["val"]
+    branches = _git(user_repo, "branch", "--list", "pipemend/*", "--format=%(refname:short)").split()
+    assert "pipemend/e2e/best" in branches
+    assert all(f"pipemend/e2e/cand-{c['n']}" in branches for c in accepted)
+    # the user's own branch and files are untouched
+    assert _git(user_repo, "branch", "--show-current") == "mine"
+    assert _git(user_repo, "status", "--porcelain") == ""
+    assert (tmp_path / "reports" / "e2e" / "report.html").is_file()
