@@ -168,6 +168,21 @@ def test_diagnose_rediagnoses_an_existing_run(tmp_path: Path) -> None:
     assert run_cli("diagnose", str(tmp_path / "nothing")).exit_code == 2
 
 
+def test_ladder_thresholds_are_configurable(tmp_path: Path) -> None:
+    target = copy_target("echo_qa", tmp_path)
+    first = run_cli("eval", str(target), "--json", "--sandbox", "process", "--reports-dir", str(tmp_path / "r"), "--run-id", "t")
+    assert first.exit_code == 0, first.output
+    assert sum(json.loads(first.stdout)["diagnosis"]["counts"].values()) > 0
+    # every example passes at a pass threshold of 0: nothing is left to diagnose
+    lenient = run_cli("diagnose", str(tmp_path / "r" / "t"), "--json", "--pass-threshold", "0")
+    assert lenient.exit_code == 0, lenient.output
+    assert sum(json.loads(lenient.stdout)["diagnosis"]["counts"].values()) == 0
+    bad = tmp_path / "ladder.yaml"
+    bad.write_text("diagnosis:\n  context_max_dogs: 3\n")
+    res = run_cli("diagnose", str(tmp_path / "r" / "t"), "--thresholds", str(bad))
+    assert res.exit_code == 2 and "ladder.yaml" in res.output and "context_max_dogs" in res.output
+
+
 def test_a_dead_sandbox_scores_zero_and_the_cli_exits_1(tmp_path: Path) -> None:
     target = copy_target("echo_qa", tmp_path)
     (target / "pipeline.py").write_text(

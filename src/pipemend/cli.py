@@ -107,7 +107,14 @@ def _primary_split(splits: list[str]) -> str:
     return "val" if "val" in splits else splits[0]
 
 
-def diagnose_run(run_dir: Path, evals: dict[str, Path], frozen: Any) -> tuple[Any, dict[str, Any]]:
+def _thresholds(path: Path | None, pass_threshold: float | None, min_share: float | None) -> Any:
+    """The ladder's thresholds from ``--thresholds FILE`` and the two common overrides (bad values exit 2)."""
+    from .diagnose import load_thresholds
+
+    return load_thresholds(path, pass_threshold=pass_threshold, min_share=min_share)
+
+
+def diagnose_run(run_dir: Path, evals: dict[str, Path], frozen: Any, thresholds: Any = None) -> tuple[Any, dict[str, Any]]:
     """Diagnose each split's eval dir on its own; write ``evals/<x>/diagnosis.json`` and the run's ``diagnosis.json``.
 
     Per split, because the failure mix differs between splits and the ladder's
@@ -123,7 +130,7 @@ def diagnose_run(run_dir: Path, evals: dict[str, Path], frozen: Any) -> tuple[An
     for split, eval_dir in evals.items():
         ids = [r["id"] for r in read_jsonl(eval_dir / "inputs.jsonl")]
         examples = [by_id[i] for i in ids if i in by_id]
-        d = diagnose_eval_dir(eval_dir, examples)
+        d = diagnose_eval_dir(eval_dir, examples, thresholds)
         atomic_write_json(eval_dir / "diagnosis.json", _diag_to_dict(d))
         per_split[split] = d
     primary = per_split[_primary_split(list(per_split))]
@@ -166,6 +173,10 @@ def eval_cmd(
     sandbox: str = typer.Option("auto", "--sandbox", help="auto, docker, bwrap, process or package.module:Class."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: eval-YYYYMMDD-HHMMSS-xxxx)."),
     reports_dir: Path = typer.Option(Path("reports"), "--reports-dir", help="Where run directories go."),
+    thresholds: Optional[Path] = typer.Option(
+        None, "--thresholds", help="YAML/JSON file of ladder thresholds (keys of pipemend.diagnose.LadderThresholds)."),
+    pass_threshold: Optional[float] = typer.Option(None, "--pass-threshold", help="Score at or above which an example passes."),
+    min_share: Optional[float] = typer.Option(None, "--min-share", help="Share of failures a rung needs to be recommended."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout, nothing else."),
 ) -> None:
     """Evaluate a target on a split (default val): scores, CI, cost, latency and the failure diagnosis."""
@@ -178,6 +189,7 @@ def eval_cmd(
         _choice(sandbox, SANDBOX_CHOICES, "--sandbox")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: expected a positive number of examples")
+    ladder = _thresholds(thresholds, pass_threshold, min_share)
     manifest = load_manifest(target)
     load_splits(manifest, target)  # bad data is a usage error before any run directory exists
     model = model or manifest.llm.model
@@ -186,7 +198,7 @@ def eval_cmd(
         "split": split, "limit": limit, "model": model, "sandbox": sandbox})
     try:
         result = _eval_run(target, manifest, run_dir, split=split, limit=limit, model=model,
-                           sandbox_kind=sandbox, show_progress=not as_json)
+                           sandbox_kind=sandbox, show_progress=not as_json, thresholds=ladder)
     except BaseException as e:
         finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -220,7 +232,7 @@ def _socket_path(run_dir: Path) -> Path:
 
 
 def _eval_run(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: int | None, model: str,
-              sandbox_kind: str, show_progress: bool) -> dict[str, Any]:
+              sandbox_kind: str, show_progress: bool, thresholds: Any = None) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .dataset import freeze_target, limit_splits
@@ -261,7 +273,7 @@ def _eval_run(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: 
                     dead.append(f"{s}: {why}")
     finally:
         gateway.stop()
-    primary, per_split = diagnose_run(run_dir, evals, frozen)
+    primary, per_split = diagnose_run(run_dir, evals, frozen, thresholds)
     journal(run_dir, "diagnosis", split=_primary_split(list(evals)), **_diag_brief(primary))
     return {"summaries": summaries, "diagnosis": primary, "per_split": per_split, "dead": dead}
 
@@ -273,12 +285,17 @@ def _eval_run(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: 
 @cli_command
 def diagnose_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory (reports/<run-id>)."),
+    thresholds: Optional[Path] = typer.Option(
+        None, "--thresholds", help="YAML/JSON file of ladder thresholds (keys of pipemend.diagnose.LadderThresholds)."),
+    pass_threshold: Optional[float] = typer.Option(None, "--pass-threshold", help="Score at or above which an example passes."),
+    min_share: Optional[float] = typer.Option(None, "--min-share", help="Share of failures a rung needs to be recommended."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout, nothing else."),
 ) -> None:
     """Re-diagnose an existing run from its frozen labels and its eval traces."""
     from .dataset import FrozenTarget
     from .fsutil import read_json
 
+    ladder = _thresholds(thresholds, pass_threshold, min_share)
     frozen = FrozenTarget.open(run_dir)
     evals: dict[str, Path] = {}
     summaries: dict[str, dict[str, Any]] = {}
@@ -291,7 +308,7 @@ def diagnose_cmd(
             evals[s], summaries[s] = eval_dir, summary
     if not evals:
         raise UsageError(f"{run_dir}: no scored evaluations under evals/ (run `pipemend eval` first)")
-    primary, per_split = diagnose_run(run_dir, evals, frozen)
+    primary, per_split = diagnose_run(run_dir, evals, frozen, ladder)
     if as_json:
         sys.stdout.write(json.dumps({"run_dir": str(run_dir),
                                      "splits": {s: _split_json(v) for s, v in summaries.items()},

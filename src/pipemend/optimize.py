@@ -213,6 +213,9 @@ class _Run:
             self.st = replay(self.run_dir)
         self.diagnosis = self._base_diagnosis(diagnose_eval_dir)
         self.log(f"baseline: train {self.st.baseline['train_score']:.3f}, val {self.st.baseline['val_score']:.3f}")
+        from .diagnose import Diagnosis, render_diagnosis
+
+        self.console.print(render_diagnosis(Diagnosis.from_json(self.diagnosis)))
         self.render_report()
 
     def _restore_refs(self) -> None:
