@@ -12,7 +12,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -107,6 +107,15 @@ def _primary_split(splits: list[str]) -> str:
     return "val" if "val" in splits else splits[0]
 
 
+# The ladder's thresholds, shared by `eval` and `diagnose`.
+ThresholdsFile = Annotated[Optional[Path], typer.Option(
+    "--thresholds", help="YAML/JSON file of ladder thresholds (keys of pipemend.diagnose.LadderThresholds).")]
+PassThreshold = Annotated[Optional[float], typer.Option(
+    "--pass-threshold", help="Score at or above which an example passes.")]
+MinShare = Annotated[Optional[float], typer.Option(
+    "--min-share", help="Share of failures a rung needs to be recommended.")]
+
+
 def _thresholds(path: Path | None, pass_threshold: float | None, min_share: float | None) -> Any:
     """The ladder's thresholds from ``--thresholds FILE`` and the two common overrides (bad values exit 2)."""
     from .diagnose import load_thresholds
@@ -173,10 +182,9 @@ def eval_cmd(
     sandbox: str = typer.Option("auto", "--sandbox", help="auto, docker, bwrap, process or package.module:Class."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: eval-YYYYMMDD-HHMMSS-xxxx)."),
     reports_dir: Path = typer.Option(Path("reports"), "--reports-dir", help="Where run directories go."),
-    thresholds: Optional[Path] = typer.Option(
-        None, "--thresholds", help="YAML/JSON file of ladder thresholds (keys of pipemend.diagnose.LadderThresholds)."),
-    pass_threshold: Optional[float] = typer.Option(None, "--pass-threshold", help="Score at or above which an example passes."),
-    min_share: Optional[float] = typer.Option(None, "--min-share", help="Share of failures a rung needs to be recommended."),
+    thresholds: ThresholdsFile = None,
+    pass_threshold: PassThreshold = None,
+    min_share: MinShare = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout, nothing else."),
 ) -> None:
     """Evaluate a target on a split (default val): scores, CI, cost, latency and the failure diagnosis."""
@@ -285,10 +293,9 @@ def _eval_run(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: 
 @cli_command
 def diagnose_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory (reports/<run-id>)."),
-    thresholds: Optional[Path] = typer.Option(
-        None, "--thresholds", help="YAML/JSON file of ladder thresholds (keys of pipemend.diagnose.LadderThresholds)."),
-    pass_threshold: Optional[float] = typer.Option(None, "--pass-threshold", help="Score at or above which an example passes."),
-    min_share: Optional[float] = typer.Option(None, "--min-share", help="Share of failures a rung needs to be recommended."),
+    thresholds: ThresholdsFile = None,
+    pass_threshold: PassThreshold = None,
+    min_share: MinShare = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout, nothing else."),
 ) -> None:
     """Re-diagnose an existing run from its frozen labels and its eval traces."""

@@ -12,7 +12,8 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Iterator
 
 _append_lock = threading.Lock()
 _UMASK = os.umask(0)
@@ -21,13 +22,18 @@ _FILE_MODE = 0o666 & ~_UMASK
 """Mode of files written atomically: what ``open()`` would give (mkstemp alone gives 0600)."""
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Write ``path`` through a temporary file in the same folder, fsynced, then moved into place.
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
@@ -38,6 +44,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

