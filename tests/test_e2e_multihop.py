@@ -103,3 +103,8 @@ def test_optimize_with_the_ladder_raises_val(user_repo: Path, tmp_path: Path) ->
     assert _git(user_repo, "branch", "--show-current") == "mine"
     assert _git(user_repo, "status", "--porcelain") == ""
     assert (tmp_path / "reports" / "e2e" / "report.html").is_file()
+    # the shipped pipeline fails at more than one rung of the ladder, so the optimizer has work at each
+    diag = _pipemend("diagnose", str(tmp_path / "reports" / "e2e"), "--json", cwd=user_repo, timeout=300)
+    assert diag.returncode == 0, diag.stderr[-3000:]
+    counts = json.loads(diag.stdout)["diagnosis"]["counts"]
+    assert sum(1 for n in counts.values() if n) >= 2, counts

@@ -133,11 +133,11 @@ def answer(question: str, docs: list[dict]) -> str:
 
 
 def parse_answer(raw: str) -> str:
-    """The answer is the first line of the reply, without a trailing full stop."""
+    """The answer is the first line of the reply, up to a ``[n]`` citation, without a trailing full stop."""
     with trace.step("parse_answer", kind="parse", raw=raw) as s:
         text = raw.strip()
         first = text.splitlines()[0].strip() if text else ""
-        result = first.rstrip(".").strip()
+        result = first.split("[", 1)[0].strip().rstrip(".").strip()
         s.output(result)
     return result
 
