@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import pipemend.sandbox as sandbox_pkg
 from pipemend.cli import app
 from pipemend.dataset import freeze_target
 from pipemend.evaluate import EvalContext, evaluate
@@ -123,7 +122,7 @@ def test_eval_limit_and_all_splits_with_human_output(tmp_path: Path) -> None:
 
 
 def test_default_reports_dir_is_relative_to_cwd(tmp_path: Path, monkeypatch) -> None:
-    target = copy_target("echo_qa", tmp_path)
+    copy_target("echo_qa", tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

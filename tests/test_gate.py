@@ -75,6 +75,14 @@ def test_average_repeats_means_per_example():
     assert [r["score"] for r in merged] == [0.5, 0.0]
 
 
+def test_average_repeats_matches_rows_by_id_and_counts_a_missing_row_as_zero():
+    first = _rows([1, 1, 0], latency=1.0)
+    second = list(reversed(_rows([0, 1, 1], latency=3.0)))[:2]  # other order, and v0 produced no row
+    merged = gate.average_repeats([first, second])
+    assert [(r["id"], r["score"]) for r in merged] == [("v0", 0.5), ("v1", 1.0), ("v2", 0.5)]
+    assert [r["latency_s"] for r in merged] == [1.0, 2.0, 2.0]
+
+
 # --------------------------------------------------------------------------- the label-leak rule
 
 

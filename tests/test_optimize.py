@@ -37,8 +37,8 @@ def _cfg(tmp_path, target, steps, **kw):
                           reports_dir=str(tmp_path / "reports"), budget_usd=1.0, **kw)
 
 
-def _run(cfg):
-    return run_optimize(cfg, console=Console(file=io.StringIO(), width=200))
+def _run(cfg, out=None):
+    return run_optimize(cfg, console=Console(file=out or io.StringIO(), width=200))
 
 
 def _git(repo, *args):
@@ -51,7 +51,8 @@ def _refs(repo, run_id):
 
 
 def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
-    s = _run(_cfg(tmp_path, target, ["short", "sentence"]))
+    out = io.StringIO()
+    s = _run(_cfg(tmp_path, target, ["short", "sentence"]), out)
     repo = tmp_path / "repo"
     assert s.status == "done" and s.stop_reason == "the proposer is out of ideas"
     assert [c.accepted for c in s.candidates] == [True, False]
@@ -90,6 +91,11 @@ def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
     assert "pipemend/t1/cand-1" in html and "refs/pipemend/t1/rejected/2" in html
     assert (run_dir / "candidates" / "1" / "index.html").is_file()
     assert "pipemend/t1/cand-1" in (run_dir / "report.md").read_text()
+    # the console ends with what is left: failures per rung before and after
+    before = read_json(run_dir / "diagnosis.json")["counts"]
+    after = read_json(run_dir / "candidates" / "1" / "diagnosis.json")["counts"]
+    assert before["prompt"] > after["prompt"] == 0
+    assert f"baseline → best: prompt {before['prompt']} → 0, retrieval" in out.getvalue()
 
 
 @pytest.mark.parametrize("attack, reason", [
@@ -208,3 +214,24 @@ def test_agent_model_is_refused_for_an_offline_proposer(tmp_path, target):
     with pytest.raises(UsageError, match="--agent-model"):
         _run(_cfg(tmp_path, target, ["short"], agent_model="claude-sonnet-4-5"))
     assert not (tmp_path / "reports").exists()
+
+
+def test_repeats_evaluate_both_sides_again_and_gate_on_the_means(tmp_path, target):
+    manifest = target / "pipemend.yaml"
+    manifest.write_text(manifest.read_text().replace("  min_delta: 0.05\n", "  min_delta: 0.05\n  repeats: 2\n"))
+    s = _run(_cfg(tmp_path, target, ["short"]))
+    (c,) = s.candidates
+    assert c.accepted, c.reasons
+    run_dir = Path(s.run_dir)
+    evals = run_dir / "candidates" / "1" / "evals"
+    assert {"val", "val-r2", "base-val-r2"} <= {p.name for p in evals.iterdir() if p.is_dir()}
+
+    def mean(d: Path) -> float:
+        rows = list(read_jsonl(d / "scored.jsonl"))
+        assert len(rows) == 8
+        return sum(r["score"] for r in rows) / len(rows)
+
+    stats = read_json(run_dir / "candidates" / "1" / "verdict.json")["stats"]
+    assert stats["cand_mean"] == pytest.approx((mean(evals / "val") + mean(evals / "val-r2")) / 2)
+    assert stats["base_mean"] == pytest.approx((mean(run_dir / "evals" / "baseline-val") + mean(evals / "base-val-r2")) / 2)
+    assert stats["delta"] == pytest.approx(stats["cand_mean"] - stats["base_mean"])

@@ -262,16 +262,21 @@ def compare(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], ga
 
 
 def average_repeats(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per-example mean score, cost and latency over repeated evaluations (``gates.repeats``)."""
+    """Per-example mean score, cost and latency over repeated evaluations (``gates.repeats``).
+
+    Rows are matched by example id, in the first run's order; an example missing
+    from a later run counts as a score of 0 there (it produced no result).
+    """
     if len(runs) == 1:
         return runs[0]
+    by_id = [{r["id"]: r for r in run} for run in runs]
     out = []
-    for i, row in enumerate(runs[0]):
-        same = [run[i] for run in runs]
+    for row in runs[0]:
+        same = [run.get(row["id"]) for run in by_id]
         merged = dict(row)
-        merged["score"] = _mean([float(r.get("score") or 0.0) for r in same])
-        merged["cost_usd"] = _mean([float(r.get("cost_usd") or 0.0) for r in same])
-        lats = [float(r["latency_s"]) for r in same if r.get("latency_s") is not None]
+        merged["score"] = _mean([float((r or {}).get("score") or 0.0) for r in same])
+        merged["cost_usd"] = _mean([float(r.get("cost_usd") or 0.0) for r in same if r is not None])
+        lats = [float(r["latency_s"]) for r in same if r is not None and r.get("latency_s") is not None]
         merged["latency_s"] = _mean(lats) if lats else None
         out.append(merged)
     return out

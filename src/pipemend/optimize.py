@@ -551,6 +551,19 @@ class _Run:
         self.console.print(t)
         self.console.print(f"spent ${s.spent_usd:.4f}, {s.llm_calls} LLM calls ({s.cache_hits} from cache), "
                            f"{s.wall_s:.0f} s; best: {s.best['branch'] if s.best else 'none accepted'}")
+        ladder = self.ladder_change(s.best["n"] if s.best else None)
+        if ladder:
+            self.console.print(f"failures per rung on train, {'baseline → best' if s.best else 'baseline'}: {ladder}")
+
+    def ladder_change(self, best_n: int | None) -> str | None:
+        """``prompt 6 → 0, retrieval 3 → 3, ...`` from the baseline's and the best's train diagnoses."""
+        try:
+            before = read_json(self.run_dir / "diagnosis.json")["counts"]
+            after = read_json(self.run_dir / "candidates" / str(best_n) / "diagnosis.json")["counts"] if best_n else None
+        except (OSError, KeyError, ValueError):
+            return None
+        return ", ".join(f"{rung} {before.get(rung, 0)}" + (f" → {after.get(rung, 0)}" if after else "")
+                         for rung in before)
 
     # ------------------------------------------------------------------ spend and progress
 

@@ -371,21 +371,20 @@ class _StepSpec:
         name = self.name or getattr(fn, "__name__", "step")
         kind, doc_ids, fixed = self.kind, self.doc_ids, self.inputs
 
+        def one_call(args: tuple, kwargs: dict) -> _StepSpec:
+            # A fresh spec per call, so concurrent calls never share a stack of handles.
+            return _StepSpec(name, kind, doc_ids, _bound_inputs(fn, args, kwargs, fixed))
+
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def awrapper(*args, **kwargs):
                 if _example.get() is None:
                     return await fn(*args, **kwargs)
-                handle, token = _open(name, kind, _bound_inputs(fn, args, kwargs, fixed), doc_ids)
-                try:
+                with one_call(args, kwargs) as handle:
                     result = await fn(*args, **kwargs)
-                except BaseException as e:
-                    _close(handle, token, e)
-                    raise
-                if not handle._output_set:
-                    handle.output(result)
-                _close(handle, token, None)
+                    if not handle._output_set:
+                        handle.output(result)
                 return result
 
             return awrapper
@@ -394,15 +393,10 @@ class _StepSpec:
         def wrapper(*args, **kwargs):
             if _example.get() is None:
                 return fn(*args, **kwargs)
-            handle, token = _open(name, kind, _bound_inputs(fn, args, kwargs, fixed), doc_ids)
-            try:
+            with one_call(args, kwargs) as handle:
                 result = fn(*args, **kwargs)
-            except BaseException as e:
-                _close(handle, token, e)
-                raise
-            if not handle._output_set:
-                handle.output(result)
-            _close(handle, token, None)
+                if not handle._output_set:
+                    handle.output(result)
             return result
 
         return wrapper

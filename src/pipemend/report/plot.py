@@ -100,7 +100,7 @@ def score_plot(baseline: float | None, candidates: list[dict[str, Any]]) -> str:
                        f'y2="{cy - d:.1f}"/></g>')
 
     lx, ly = W - RIGHT + 16, TOP + 10  # legend
-    out += [f'<g class="legend" fill="#24292f">',
+    out += ['<g class="legend" fill="#24292f">',
             f'<circle cx="{lx}" cy="{ly}" r="6" fill="{ACCEPTED}"/><text x="{lx + 14}" y="{ly + 4}">accepted</text>',
             f'<g stroke="{REJECTED}" stroke-width="3" stroke-linecap="round"><line x1="{lx - 5}" y1="{ly + 17}" '
             f'x2="{lx + 5}" y2="{ly + 27}"/><line x1="{lx - 5}" y1="{ly + 27}" x2="{lx + 5}" y2="{ly + 17}"/></g>'

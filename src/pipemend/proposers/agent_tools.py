@@ -1,0 +1,253 @@
+"""The agent proposers' tools, shared by ``claude`` (an Anthropic tool-use loop) and ``claude-code`` (an MCP server).
+
+Each tool is a pydantic input model (its JSON schema is what the agent sees;
+a validation error is what it gets back when its input is wrong) and a handler
+over the guarded ``ProposerTools`` (target folder, train runs, traces,
+diagnosis, diff), the read-only history folder and the train examples. Val and
+test never appear here. ``submit`` and ``give_up`` end a session; the session
+asks ``Toolbox.finish`` whether the call is acceptable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..protocols import ProposalContext
+from .tools import ReadOnlyTree, ToolError
+
+ENDING_TOOLS = ("submit", "give_up")
+
+
+# --------------------------------------------------------------------------- tool inputs (schemas + validation)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListFilesIn(_In):
+    glob: str = Field("**/*", description="Glob relative to the target folder; ** spans folders.")
+
+
+class ReadFileIn(_In):
+    path: str = Field(description="Path relative to the target folder.")
+    start_line: int | None = Field(None, ge=1, description="First line (1-based).")
+    end_line: int | None = Field(None, ge=1, description="Last line (inclusive).")
+
+
+class SearchIn(_In):
+    pattern: str = Field(description="Python regular expression matched against each line.")
+    glob: str | None = Field(None, description="Only files matching this glob.")
+
+
+class EditFileIn(_In):
+    path: str = Field(description="Path relative to the target folder (must be editable).")
+    old: str = Field(min_length=1, description="Exact text to replace; must occur exactly once.")
+    new: str = Field(description="Replacement text.")
+
+
+class WriteFileIn(_In):
+    path: str = Field(description="Path relative to the target folder (must be editable).")
+    content: str = Field(description="The whole new content of the file.")
+
+
+class RunTrainIn(_In):
+    ids: list[str] | None = Field(None, description="Train example ids; omit to run all train examples.")
+
+
+class ExampleIdIn(_In):
+    id: str = Field(description="A train example id.")
+
+
+class NoIn(_In):
+    pass
+
+
+class ListTrainIn(_In):
+    offset: int = Field(0, ge=0, description="Skip this many ids.")
+    limit: int = Field(50, ge=1, le=500, description="Return at most this many ids.")
+
+
+class SubmitIn(_In):
+    rationale: str = Field(min_length=1, description="What you changed, which failures it targets, and why.")
+    rung: Literal["prompt", "retrieval", "context", "model"] = Field(description="The ladder rung of the change.")
+
+
+class GiveUpIn(_In):
+    reason: str = Field(min_length=1, description="Why there is nothing worth trying.")
+
+
+def tool_schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            node.pop("title", None)
+            if "anyOf" in node and {"type": "null"} in node["anyOf"]:
+                rest = [s for s in node.pop("anyOf") if s != {"type": "null"}]
+                node.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+            for v in node.values():
+                clean(v)
+        elif isinstance(node, list):
+            for v in node:
+                clean(v)
+        return node
+
+    clean(schema)
+    schema.setdefault("properties", {})
+    schema["additionalProperties"] = False
+    return schema
+
+
+TOOL_SPECS: dict[str, tuple[type[BaseModel], str]] = {
+    "list_files": (ListFilesIn, "List files of the target folder, each marked editable, read-only or protected."),
+    "read_file": (ReadFileIn, "Read a file (numbered lines) of the target folder; protected files are refused."),
+    "search": (SearchIn, "Search the target folder's readable files with a regex; returns path:line:text."),
+    "edit_file": (EditFileIn, "Replace one exact, unique occurrence of `old` by `new` in an editable file."),
+    "write_file": (WriteFileIn, "Create or overwrite an editable file with `content`."),
+    "run_train": (RunTrainIn, "Run the candidate on train examples (some ids, or all) and get per-example scores."),
+    "read_trace": (ExampleIdIn, "The latest train trace of one example in this candidate, step by step."),
+    "diagnose": (NoIn, "Re-run the failure diagnosis of this candidate on train: failures per ladder rung."),
+    "show_diff": (NoIn, "The diff of the candidate against the base so far."),
+    "list_train_examples": (ListTrainIn, "Ids of the train examples (paged)."),
+    "show_train_example": (ExampleIdIn, "One train example: id, inputs, expected answer, gold evidence ids."),
+    "history_list": (ListFilesIn, "List files of the read-only history folder of earlier candidates."),
+    "history_read": (ReadFileIn, "Read a file of the history folder (diffs, rationales, verdicts, traces)."),
+    "history_search": (SearchIn, "Search the history folder with a regex."),
+    "submit": (SubmitIn, "Submit the change now in the worktree as this candidate, with its rationale and rung."),
+    "give_up": (GiveUpIn, "End without a candidate when nothing worth trying is left."),
+}
+
+
+class Toolbox:
+    """The tools of one proposer session over one candidate."""
+
+    def __init__(self, ctx: ProposalContext, *, max_output_chars: int = 20_000):
+        self.ctx = ctx
+        self.tools = ctx.tools
+        self.max_output_chars = max_output_chars
+        self.history = ReadOnlyTree(ctx.history_dir) if ctx.history_dir and Path(ctx.history_dir).is_dir() else None
+        self.train = {str(ex["id"]): ex for ex in ctx.train_examples}
+
+    def names(self) -> list[str]:
+        return [n for n in TOOL_SPECS if self.history is not None or not n.startswith("history_")]
+
+    def defs(self) -> list[dict[str, Any]]:
+        """``{name, description, input_schema}`` of each tool this session has."""
+        return [{"name": n, "description": TOOL_SPECS[n][1], "input_schema": tool_schema(TOOL_SPECS[n][0])}
+                for n in self.names()]
+
+    def call(self, name: str, args: Any) -> tuple[str, bool]:
+        """Run one (non-ending) tool: its output, capped, and whether it is an error for the agent."""
+        handler: Callable[[Any], str] | None = getattr(self, f"_t_{name}", None)
+        if name not in self.names() or name in ENDING_TOOLS or handler is None:
+            output, is_error = f"unknown tool {name!r}; the tools are: {', '.join(self.names())}", True
+        else:
+            try:
+                output, is_error = handler(TOOL_SPECS[name][0].model_validate(args or {})), False
+            except ValidationError as e:
+                output, is_error = f"bad input for {name}: {explain(e)}", True
+            except ToolError as e:
+                output, is_error = f"{name} refused: {e}", True
+            except Exception as e:  # noqa: BLE001 - a tool fault is the agent's information, not a crash
+                output, is_error = f"{name} failed: {type(e).__name__}: {e}", True
+        cap = self.max_output_chars
+        if len(output) > cap:
+            output = output[:cap] + f"\n... [truncated: {len(output) - cap} more characters]"
+        return output, is_error
+
+    def finish(self, name: str, args: Any) -> SubmitIn | GiveUpIn | str:
+        """The parsed ``submit``/``give_up``, or a string telling the agent why it was refused."""
+        try:
+            parsed = TOOL_SPECS[name][0].model_validate(args or {})
+        except ValidationError as e:
+            return f"{name} refused: {explain(e)}"
+        if isinstance(parsed, GiveUpIn):
+            return parsed
+        if not parsed.rationale.strip():
+            return "submit refused: the rationale is empty; say what you changed and why"
+        try:
+            diff = self.tools.show_diff()
+        except ToolError as e:
+            return f"submit refused: could not compute the diff ({e})"
+        if not diff.strip():
+            return "submit refused: the worktree has no change yet; edit a file first"
+        return parsed
+
+    def _t_list_files(self, a: ListFilesIn) -> str:
+        files = self.tools.list_files(a.glob)
+        return "\n".join(f"{f}  [{self.tools.describe(f)}]" for f in files) or "(no files match)"
+
+    def _t_read_file(self, a: ReadFileIn) -> str:
+        return self.tools.read_file(a.path, a.start_line, a.end_line, numbered=True)
+
+    def _t_search(self, a: SearchIn) -> str:
+        return "\n".join(self.tools.search(a.pattern, a.glob)) or "(no matches)"
+
+    def _t_edit_file(self, a: EditFileIn) -> str:
+        return self.tools.edit_file(a.path, a.old, a.new)
+
+    def _t_write_file(self, a: WriteFileIn) -> str:
+        return self.tools.write_file(a.path, a.content)
+
+    def _check_train_id(self, example_id: str) -> None:
+        if example_id not in self.train:
+            raise ToolError(f"{example_id!r} is not a train example id (see list_train_examples)")
+
+    def _t_run_train(self, a: RunTrainIn) -> str:
+        for i in a.ids or []:
+            self._check_train_id(i)
+        rows = self.tools.run_train(a.ids or None)
+        if not rows:
+            return "no results"
+        scores = [float(r.get("score") or 0.0) for r in rows]
+        lines = [f"mean {self.ctx.manifest.metric} = {sum(scores) / len(scores):.3f} over {len(rows)} train examples"]
+        for r in rows:
+            out = json.dumps(r.get("output"), ensure_ascii=False, default=str)
+            line = f"- {r.get('id')}: score={float(r.get('score') or 0.0):.3f} output={out[:200]}"
+            if r.get("error"):
+                err = r["error"]
+                line += f" error={(err.get('message') if isinstance(err, dict) else err)!s:.200}"
+            if r.get("timed_out"):
+                line += " TIMED OUT"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _t_read_trace(self, a: ExampleIdIn) -> str:
+        self._check_train_id(a.id)
+        return self.tools.read_trace(a.id, max_chars=self.max_output_chars)
+
+    def _t_diagnose(self, a: NoIn) -> str:
+        return json.dumps(self.tools.diagnose(), indent=1, default=str)
+
+    def _t_show_diff(self, a: NoIn) -> str:
+        return self.tools.show_diff() or "(no changes yet)"
+
+    def _t_list_train_examples(self, a: ListTrainIn) -> str:
+        ids = sorted(self.train)
+        page = ids[a.offset : a.offset + a.limit]
+        more = len(ids) - a.offset - len(page)
+        return "\n".join(page) + (f"\n... ({more} more; use offset)" if more > 0 else "") if page else "(none)"
+
+    def _t_show_train_example(self, a: ExampleIdIn) -> str:
+        self._check_train_id(a.id)
+        ex = self.train[a.id]
+        shown = {k: ex.get(k) for k in ("id", "inputs", "expected", "evidence")}
+        return json.dumps(shown, indent=1, ensure_ascii=False, default=str)
+
+    def _t_history_list(self, a: ListFilesIn) -> str:
+        return "\n".join(self.history.list_files(a.glob)) or "(no files match)"
+
+    def _t_history_read(self, a: ReadFileIn) -> str:
+        return self.history.read_file(a.path, a.start_line, a.end_line, numbered=True)
+
+    def _t_history_search(self, a: SearchIn) -> str:
+        return "\n".join(self.history.search(a.pattern, a.glob)) or "(no matches)"
+
+
+def explain(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'input'}: {err['msg']}" for err in e.errors())
