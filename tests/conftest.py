@@ -1,6 +1,6 @@
 """Shared test set-up.
 
-Tests that need Docker, bubblewrap, Chromium or the local model skip themselves
+Tests that need Docker, bubblewrap, Chromium, Claude Code or the local model skip themselves
 with a reason when that is missing. In CI (`PIPEMEND_REQUIRE_SANDBOXES=1`, set by
 `.ci/run`, which installs all of them) such a skip is turned into a failure, so a
 broken install step cannot hide behind a green run.
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-_REQUIRED_MARKERS = ("docker", "bwrap", "chromium", "slow")
+_REQUIRED_MARKERS = ("docker", "bwrap", "chromium", "slow", "claude_code")
 
 
 @pytest.hookimpl(hookwrapper=True)

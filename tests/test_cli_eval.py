@@ -305,6 +305,6 @@ def test_doctor_prints_one_row_per_check(monkeypatch) -> None:
     assert [r["name"] for r in rows] == [c.name for c in doctor.check_all()]
     assert all(set(r) == {"name", "ok", "detail", "fix"} and isinstance(r["ok"], bool) for r in rows)
     by_name = {r["name"]: r for r in rows}
-    assert {"docker engine", "bwrap", "process", "local model", "anthropic key"} <= set(by_name)
+    assert {"docker engine", "bwrap", "process", "local model", "anthropic key", "claude-code proposer"} <= set(by_name)
     assert not by_name["anthropic key"]["ok"] and "ANTHROPIC_API_KEY" in by_name["anthropic key"]["fix"]
     assert by_name["process"]["ok"] and "NOT isolate" in by_name["process"]["detail"]

@@ -248,11 +248,13 @@ def test_claude_code_shaped_request_streams_sse(gw, tmp_path):
         "model": model, "max_tokens": 32000, "stream": True,
         "system": [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI.",
                     "cache_control": {"type": "ephemeral"}}],
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "fix the bug"}]}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "fix the bug"}]},
+                     {"role": "system", "content": [{"type": "text", "text": "# Environment\n - Platform: linux"}]}],
         "tools": [{"name": "Read", "description": "read", "input_schema": {"type": "object"}}],
         "thinking": {"type": "enabled", "budget_tokens": 1024},
         "metadata": {"user_id": "user_abc_session_1"},
         "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+        "output_config": {"effort": "high"},
     }
     headers = {"x-api-key": "sk-ant-whatever", "anthropic-version": "2023-06-01",
                "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14", "user-agent": "claude-cli/2.0"}

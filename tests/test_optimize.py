@@ -174,36 +174,45 @@ def test_the_ladder_proposer_finds_the_fix_through_the_loop(tmp_path, target):
     assert len(set(diffs)) == len(diffs)
 
 
-def test_the_claude_proposer_runs_through_its_own_gateway(tmp_path, target):
-    """`--proposer claude --agent-model scripted:...`: the agent's calls go to an agent-side gateway
-    (logged apart from the pipeline's), its edit becomes an accepted branch, its transcript is kept."""
+@pytest.mark.parametrize("proposer", ["claude", pytest.param("claude-code", marks=pytest.mark.claude_code)])
+def test_an_agent_proposer_runs_through_its_own_gateway(tmp_path, target, proposer):
+    """`--proposer claude|claude-code --agent-model scripted:...`: the agent's calls go to an agent-side
+    gateway (logged apart from the pipeline's), its edit becomes an accepted branch, its transcript is kept."""
     import yaml
 
-    def turn(name, blocks, expect=None):
+    if proposer == "claude-code":
+        pytest.importorskip("claude_agent_sdk", reason="the claude-code extra is not installed")
+    prefix = "mcp__pipemend__" if proposer == "claude-code" else ""
+
+    def turn(name, blocks, expect=None, stop="tool_use"):
         entry = {"name": name, "once": True, "required": True,
-                 "response": {"content": blocks, "stop_reason": "tool_use",
+                 "response": {"content": blocks, "stop_reason": stop,
                               "usage": {"input_tokens": 900, "output_tokens": 60}}}
         if expect:
             entry["match"] = {"last_user_contains": expect}
         return entry
 
-    script = tmp_path / "agent.yaml"
-    script.write_text(yaml.safe_dump({"entries": [
-        turn("read", [{"type": "tool_use", "id": "t1", "name": "read_file", "input": {"path": "config.yaml"}}]),
-        turn("edit", [{"type": "tool_use", "id": "t2", "name": "edit_file",
-                       "input": {"path": "config.yaml", "old": "style: sentence", "new": "style: short"}}],
+    def tool(uid, name, args):
+        return [{"type": "tool_use", "id": uid, "name": prefix + name, "input": args}]
+
+    entries = [
+        turn("read", tool("t1", "read_file", {"path": "config.yaml"})),
+        turn("edit", tool("t2", "edit_file", {"path": "config.yaml", "old": "style: sentence", "new": "style: short"}),
              expect="style: sentence"),
-        turn("submit", [{"type": "tool_use", "id": "t3", "name": "submit",
-                         "input": {"rationale": "answer with the entity only", "rung": "prompt"}}]),
-    ]}, sort_keys=False))
-    cfg = OptimizeConfig(target=str(target), proposer="claude", agent_model=f"scripted:{script}",
-                         proposer_options={"max_retries": 0}, sandbox="process", run_id="ag",
-                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=1)
+        turn("submit", tool("t3", "submit", {"rationale": "answer with the entity only", "rung": "prompt"})),
+    ]
+    if proposer == "claude-code":  # Claude Code sends the submit's result back; the agent then ends its turn
+        entries.append(turn("end", [{"type": "text", "text": "Submitted."}], expect="session is over", stop="end_turn"))
+    script = tmp_path / "agent.yaml"
+    script.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
+    cfg = OptimizeConfig(target=str(target), proposer=proposer, agent_model=f"scripted:{script}",
+                         proposer_options={"max_retries": 0} if proposer == "claude" else {}, sandbox="process",
+                         run_id="ag", reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=1)
     s = _run(cfg)
     run_dir = Path(s.run_dir)
     assert [c.accepted for c in s.candidates] == [True] and s.best["branch"] == "pipemend/ag/cand-1"
     agent_calls = list(read_jsonl(run_dir / "agent" / "gateway" / "calls.jsonl"))
-    assert len(agent_calls) == 3 and all(c["model"].startswith("scripted:") for c in agent_calls)
+    assert len(agent_calls) == len(entries) and all(c["model"].startswith("scripted:") for c in agent_calls)
     pipeline_calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
     assert pipeline_calls and all(c["model"] == "simulated/echo" for c in pipeline_calls)
     assert (run_dir / "candidates" / "1" / "transcript.jsonl").is_file()

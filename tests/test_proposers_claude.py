@@ -8,85 +8,17 @@ fails the test (``check_complete``).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
 
-from support import SUBDIR, git, make_ctx, make_worktree, secret_labels  # noqa: E402
+from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript  # noqa: E402
+from support import sessions, wt  # noqa: E402, F401 - pytest fixtures
 
-from pipemend.gateway import Gateway, GatewayConfig  # noqa: E402
-from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted, get_proposer  # noqa: E402
-
-
-def tool_use(name: str, args: dict[str, Any], uid: str) -> dict[str, Any]:
-    return {"type": "tool_use", "id": uid, "name": name, "input": args}
-
-
-def reply(*blocks: dict[str, Any], stop: str = "tool_use", tokens: tuple[int, int] = (100, 20)) -> dict[str, Any]:
-    return {"content": list(blocks), "stop_reason": stop,
-            "usage": {"input_tokens": tokens[0], "output_tokens": tokens[1]}}
-
-
-class Session:
-    """A scripted agent behind a real gateway, plus the proposer pointed at it."""
-
-    def __init__(self, tmp_path: Path, steps: list[tuple[str | None, dict[str, Any]]]):
-        entries = []
-        for i, (expect, response) in enumerate(steps, start=1):
-            entry: dict[str, Any] = {"name": f"turn-{i}", "once": True, "required": True, "response": response}
-            if expect:
-                entry["match"] = {"last_user_contains": expect}
-            entries.append(entry)
-        self.script = tmp_path / "agent-script.yaml"
-        self.script.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
-        self.model = f"scripted:{self.script}"
-        self.run_dir = tmp_path / "run"
-        self.gateway = Gateway(GatewayConfig(run_dir=self.run_dir, cache_dir=tmp_path / "cache")).start()
-
-    def proposer(self, **options: Any):
-        return get_proposer("claude", model=self.model, base_url=self.gateway.url, api_key="test",
-                            max_retries=0, transcript_dir=str(self.run_dir / "candidates" / "{candidate}"),
-                            **options)
-
-    def check_complete(self) -> None:
-        self.gateway.registry.get(self.model).check_complete()
-
-    def calls_text(self) -> str:
-        self.gateway.flush()
-        return (self.run_dir / "gateway" / "calls.jsonl").read_text()
-
-    def close(self) -> None:
-        self.gateway.stop()
-
-
-@pytest.fixture
-def wt(tmp_path: Path) -> Path:
-    return make_worktree(tmp_path)
-
-
-@pytest.fixture
-def sessions():
-    made: list[Session] = []
-    yield made
-    for s in made:
-        s.close()
-
-
-def start(tmp_path, sessions, steps) -> Session:
-    s = Session(tmp_path, steps)
-    sessions.append(s)
-    return s
-
-
-def transcript(s: Session, n: int = 1) -> list[dict[str, Any]]:
-    path = s.run_dir / "candidates" / str(n) / "transcript.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted  # noqa: E402
 
 
 def test_multi_turn_session_reads_edits_runs_and_submits(tmp_path, wt, sessions):

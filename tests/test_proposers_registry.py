@@ -61,7 +61,13 @@ def test_bad_options_are_usage_errors():
         get_proposer("claude", max_tokens=1)
     with pytest.raises(UsageError, match="temprature"):
         get_proposer("claude", temprature=0.5)
-    with pytest.raises(UsageError, match="not available"):
+    with pytest.raises(UsageError, match="max_reminders"):
+        get_proposer("claude-code", max_reminders=-1)
+
+
+def test_claude_code_without_its_extra_is_a_usage_error_naming_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "claude_agent_sdk", None)  # as if the extra were not installed
+    with pytest.raises(UsageError, match=r"pipemend\[claude-code\]"):
         get_proposer("claude-code")
 
 

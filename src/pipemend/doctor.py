@@ -1,8 +1,8 @@
 """``pipemend doctor``: what this machine can run, and how to fix what it cannot.
 
 The sandbox checks live beside the sandboxes (``sandbox/doctor.py``); this adds
-the model side: the local model (llama-cpp-python and its GGUF file) and the
-Anthropic key the gateway would forward with.
+the model side: the local model (llama-cpp-python and its GGUF file), the
+Anthropic key the gateway would forward with, and the claude-code proposer.
 """
 
 from __future__ import annotations
@@ -40,10 +40,27 @@ def check_local_model() -> Check:
 
 def check_anthropic_key() -> Check:
     if os.environ.get("ANTHROPIC_API_KEY"):
-        return Check("anthropic key", True, "ANTHROPIC_API_KEY is set: claude-* models and --proposer claude work")
+        return Check("anthropic key", True,
+                     "ANTHROPIC_API_KEY is set: claude-* models and the claude and claude-code proposers work")
     return Check("anthropic key", False, "ANTHROPIC_API_KEY is not set: only local, scripted and simulated models",
                  "export ANTHROPIC_API_KEY=... to use Claude (it stays in the gateway, never in a sandbox)")
 
 
+def check_claude_code() -> Check:
+    """claude-agent-sdk importable, and the Claude Code CLI it bundles present and executable."""
+    fix = "scripts/install --claude-code (or pip install 'pipemend[claude-code]')"
+    if importlib.util.find_spec("claude_agent_sdk") is None:
+        return Check("claude-code proposer", False, "claude-agent-sdk is not installed", fix)
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import claude_agent_sdk
+
+    cli = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    if not os.access(cli, os.X_OK):
+        return Check("claude-code proposer", False, f"the bundled Claude Code CLI is missing ({cli})", fix)
+    return Check("claude-code proposer", True, f"claude-agent-sdk {version('claude-agent-sdk')} with its bundled CLI")
+
+
 def check_all() -> list[Check]:
-    return [*sandbox_checks(), check_local_model(), check_anthropic_key()]
+    return [*sandbox_checks(), check_local_model(), check_anthropic_key(), check_claude_code()]

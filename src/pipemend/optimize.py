@@ -35,7 +35,7 @@ from .rundir import create_run_dir, finish_run, new_run_id, read_run, update_run
 SUMMARY_FORMAT = "pipemend-optimize-summary-1"
 
 
-LLM_PROPOSERS = ("claude",)
+LLM_PROPOSERS = ("claude", "claude-code")
 """Proposers that call a model: they get an agent-side gateway, a transcript folder and ``--agent-model``."""
 
 
@@ -327,7 +327,7 @@ class _Run:
                 proposal = self.proposer.propose(self.context(n, wt, cdir, base_sha))
             except BudgetExhausted as e:
                 problems.append(f"budget exhausted while proposing: {e}")
-                stop = None if getattr(e, "reason", None) in ("turns", "tokens", "usd") else f"budget: {e}"
+                stop = None if getattr(e, "reason", None) in ("turns", "tokens", "usd", "time") else f"budget: {e}"
                 self._save_meta(cdir, getattr(e, "meta", {}))
             except Exception as e:  # noqa: BLE001 - a crashing proposer costs this candidate, not the run
                 problems.append(f"proposer crashed: {type(e).__name__}: {e}")

@@ -1,7 +1,9 @@
 """Checks a Messages request just enough to refuse what no backend could answer.
 
 Unknown keys pass through untouched (clients such as Claude Code send
-``thinking``, ``metadata``, ``context_management`` and more).
+``thinking``, ``metadata``, ``context_management``, ``output_config`` and
+more), and so do ``system``-role messages among the turns, which Claude Code
+uses for its environment notes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from .backends.base import BackendError
 
-ROLES = ("user", "assistant")
+ROLES = ("user", "assistant", "system")
 
 
 def _bad(message: str) -> BackendError:
@@ -44,7 +46,7 @@ def check_request(body: dict[str, Any]) -> None:
         if not isinstance(message, dict):
             raise _bad(f"messages.{i}: expected an object with role and content")
         if message.get("role") not in ROLES:
-            raise _bad(f"messages.{i}.role: expected 'user' or 'assistant', got {message.get('role')!r}")
+            raise _bad(f"messages.{i}.role: expected 'user', 'assistant' or 'system', got {message.get('role')!r}")
         content = message.get("content")
         if isinstance(content, list):
             for j, block in enumerate(content):

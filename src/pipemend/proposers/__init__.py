@@ -8,7 +8,9 @@ a dotted path ``package.module:Class``; the class is constructed with
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from ..errors import UsageError
 from ..protocols import Proposer
@@ -20,7 +22,19 @@ PROPOSERS: dict[str, str] = {
     "ladder": "pipemend.proposers.ladder:LadderProposer",
 }
 
-__all__ = ["PROPOSERS", "ProposerBudget", "ProposerBudgetExhausted", "get_proposer", "load_class"]
+__all__ = ["PROPOSERS", "ProposerBudget", "ProposerBudgetExhausted", "get_proposer", "load_class", "parse_options"]
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def parse_options(config_cls: type[Config], options: dict[str, Any], proposer: str) -> Config:
+    """A proposer's options as its pydantic config; a ``UsageError`` naming the first bad option."""
+    try:
+        return config_cls(**options)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise UsageError(f"{proposer} proposer option {where!r}: {first.get('msg')}") from None
 
 
 def load_class(dotted: str) -> type:

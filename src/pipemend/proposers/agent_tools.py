@@ -6,20 +6,28 @@ over the guarded ``ProposerTools`` (target folder, train runs, traces,
 diagnosis, diff), the read-only history folder and the train examples. Val and
 test never appear here. ``submit`` and ``give_up`` end a session; the session
 asks ``Toolbox.finish`` whether the call is acceptable.
+
+``AgentProposerConfig`` holds the options both agent proposers take, and
+``AgentSession`` what both keep per session: toolbox, budget, transcript and
+the ending (a ``Proposal``, or None for ``give_up``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..protocols import ProposalContext
+from ..fsutil import append_jsonl
+from ..protocols import Proposal, ProposalContext
+from .budget import ProposerBudget, ProposerBudgetExhausted
 from .tools import ReadOnlyTree, ToolError
 
 ENDING_TOOLS = ("submit", "give_up")
+TRANSCRIPT_FORMAT = "pipemend-transcript-1"
 
 
 # --------------------------------------------------------------------------- tool inputs (schemas + validation)
@@ -247,6 +255,82 @@ class Toolbox:
 
     def _t_history_search(self, a: SearchIn) -> str:
         return "\n".join(self.history.search(a.pattern, a.glob)) or "(no matches)"
+
+
+class AgentProposerConfig(BaseModel):
+    """Options every agent proposer has; each adds its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("claude-sonnet-4-5", description="Model of the agent (not of the pipeline).")
+    base_url: str | None = Field(None, description="Messages API base URL; the loop passes the agent-side gateway.")
+    api_key: str | None = Field(None, description="API key; default $ANTHROPIC_API_KEY, else a dummy for a gateway.")
+    transcript_dir: str | None = Field(None, description="Folder for transcript.jsonl; `{candidate}` is replaced.")
+    max_tool_output_chars: int = Field(20_000, ge=1000, description="Cap on one tool result sent to the agent.")
+    system_template: str | None = Field(None, description="A Jinja2 file replacing templates/system.md.j2.")
+    price_per_mtok: tuple[float, float] | None = Field(
+        None, description="(input, output) dollars per million tokens of `model`; default: the price table."
+    )
+
+
+class AgentSession:
+    """What every agent proposer session keeps: the toolbox, the budget, the transcript, the ending.
+
+    Transcript: each event (start, request, response, tool, notice, end) is a
+    ``pipemend-transcript-1`` record, kept in memory for ``Proposal.meta`` and
+    appended as it happens to ``<transcript_dir>/transcript.jsonl`` when a
+    ``transcript_dir`` is given (``{candidate}`` replaced by the candidate index).
+    """
+
+    proposer_name = "agent"
+
+    def __init__(self, ctx: ProposalContext, *, model: str, transcript_dir: str | None, max_tool_output_chars: int):
+        self.ctx = ctx
+        self.model = model
+        self.tools = ctx.tools
+        self.budget: ProposerBudget = ctx.budget if ctx.budget is not None else ProposerBudget()
+        self.box = Toolbox(ctx, max_output_chars=max_tool_output_chars)
+        self.train = self.box.train
+        self.transcript: list[dict[str, Any]] = []
+        self.transcript_path: Path | None = None
+        if transcript_dir:
+            folder = Path(transcript_dir.replace("{candidate}", str(ctx.candidate_index)))
+            self.transcript_path = folder / "transcript.jsonl"
+        self.turn = 0
+
+    def record(self, event: str, **fields: Any) -> None:
+        rec = {"format": TRANSCRIPT_FORMAT, "t": time.time(), "candidate": self.ctx.candidate_index,
+               "turn": self.turn, "event": event, **fields}
+        self.transcript.append(rec)
+        if self.transcript_path is not None:
+            append_jsonl(self.transcript_path, rec)
+
+    def meta(self, outcome: str) -> dict[str, Any]:
+        meta = {"proposer": self.proposer_name, "model": self.model, "outcome": outcome,
+                **{f"agent_{k}": v for k, v in self.budget.spent().items()}, "transcript": self.transcript}
+        if self.transcript_path is not None:
+            meta["transcript_path"] = str(self.transcript_path)
+        return meta
+
+    def exhausted(self, reason: str, message: str) -> ProposerBudgetExhausted:
+        self.record("end", outcome="budget_exhausted", reason=reason, message=message, spent=self.budget.spent())
+        return ProposerBudgetExhausted(reason, message, self.meta("budget_exhausted"))
+
+    def _finish(self, name: str, args: Any) -> Proposal | None | str:
+        """The session's result (a Proposal, or None for give_up), or a string telling the agent why its
+        ``submit``/``give_up`` was refused."""
+        parsed = self.box.finish(name, args)
+        if isinstance(parsed, str):
+            return parsed
+        if isinstance(parsed, GiveUpIn):
+            self.record("end", outcome="gave_up", reason=parsed.reason, spent=self.budget.spent())
+            self.ctx.log(f"{self.proposer_name} proposer gave up: {parsed.reason}")
+            return None
+        self.record("end", outcome="submitted", rationale=parsed.rationale, rung=parsed.rung,
+                    spent=self.budget.spent())
+        meta = self.meta("submitted")
+        meta["files_written"] = list(getattr(self.tools, "written", []))
+        return Proposal(rationale=parsed.rationale.strip(), rung=parsed.rung, meta=meta)
 
 
 def explain(e: ValidationError) -> str:

@@ -21,7 +21,8 @@ __all__ = ["ProposerBudget", "ProposerBudgetExhausted", "cost_usd"]
 class ProposerBudgetExhausted(BudgetExhausted):
     """A proposer's limit is spent before it submitted.
 
-    ``reason`` is ``turns``, ``tokens``, ``usd`` or ``gateway``; ``meta`` carries
+    ``reason`` is ``turns``, ``tokens``, ``usd``, ``time`` (a session's wall clock) or
+    ``gateway``; ``meta`` carries
     what the loop records with the candidate (turns, tokens, dollars, transcript).
     The candidate's worktree may hold partial edits: the loop discards it.
     """

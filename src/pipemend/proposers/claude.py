@@ -35,36 +35,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from ..errors import UsageError
-from ..fsutil import append_jsonl
 from ..protocols import Proposal, ProposalContext
-from .agent_tools import ENDING_TOOLS, GiveUpIn, Toolbox
-from .budget import ProposerBudget, ProposerBudgetExhausted, cost_usd
+from . import parse_options
+from .agent_tools import ENDING_TOOLS, AgentProposerConfig, AgentSession
+from .budget import cost_usd
 
-TRANSCRIPT_FORMAT = "pipemend-transcript-1"
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-class ClaudeProposerConfig(BaseModel):
+class ClaudeProposerConfig(AgentProposerConfig):
     """Options of the ``claude`` proposer (``get_proposer("claude", **options)``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("claude-sonnet-4-5", description="Model of the agent (not of the pipeline).")
-    base_url: str | None = Field(None, description="Messages API base URL; the loop passes the agent-side gateway.")
-    api_key: str | None = Field(None, description="API key; default $ANTHROPIC_API_KEY, else a dummy for a gateway.")
     max_tokens: int = Field(8192, ge=256, description="max_tokens of each agent response.")
     temperature: float | None = Field(None, ge=0, le=1, description="Sampling temperature; None: the API default.")
     max_retries: int = Field(2, ge=0, description="SDK retries of a failed request.")
     request_timeout_s: float = Field(600.0, gt=0, description="HTTP timeout of one agent request.")
-    transcript_dir: str | None = Field(None, description="Folder for transcript.jsonl; `{candidate}` is replaced.")
-    max_tool_output_chars: int = Field(20_000, ge=1000, description="Cap on one tool result sent to the agent.")
-    system_template: str | None = Field(None, description="A Jinja2 file replacing templates/system.md.j2.")
-    price_per_mtok: tuple[float, float] | None = Field(
-        None, description="(input, output) dollars per million tokens of `model`; default: the price table."
-    )
 
 
 def _aggregate_verdict(verdict: Any) -> dict[str, Any]:
@@ -120,12 +107,7 @@ class ClaudeProposer:
     name = "claude"
 
     def __init__(self, **options: Any):
-        try:
-            self.config = ClaudeProposerConfig(**options)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise UsageError(f"claude proposer option {where!r}: {first.get('msg')}") from None
+        self.config = parse_options(ClaudeProposerConfig, options, "claude")
 
     def client(self) -> Any:
         import anthropic
@@ -138,43 +120,16 @@ class ClaudeProposer:
         return _Session(self, ctx).run()
 
 
-class _Session:
+class _Session(AgentSession):
     """One agent session for one candidate."""
 
+    proposer_name = "claude"
+
     def __init__(self, proposer: ClaudeProposer, ctx: ProposalContext):
+        super().__init__(ctx, model=proposer.config.model, transcript_dir=proposer.config.transcript_dir,
+                         max_tool_output_chars=proposer.config.max_tool_output_chars)
         self.cfg = proposer.config
         self.proposer = proposer
-        self.ctx = ctx
-        self.tools = ctx.tools
-        self.budget: ProposerBudget = ctx.budget if ctx.budget is not None else ProposerBudget()
-        self.box = Toolbox(ctx, max_output_chars=self.cfg.max_tool_output_chars)
-        self.train = self.box.train
-        self.transcript: list[dict[str, Any]] = []
-        self.transcript_path: Path | None = None
-        if self.cfg.transcript_dir:
-            folder = Path(self.cfg.transcript_dir.replace("{candidate}", str(ctx.candidate_index)))
-            self.transcript_path = folder / "transcript.jsonl"
-        self.turn = 0
-
-    # ----------------------------------------------------------------- bookkeeping
-
-    def record(self, event: str, **fields: Any) -> None:
-        rec = {"format": TRANSCRIPT_FORMAT, "t": time.time(), "candidate": self.ctx.candidate_index,
-               "turn": self.turn, "event": event, **fields}
-        self.transcript.append(rec)
-        if self.transcript_path is not None:
-            append_jsonl(self.transcript_path, rec)
-
-    def meta(self, outcome: str) -> dict[str, Any]:
-        meta = {"proposer": "claude", "model": self.cfg.model, "outcome": outcome,
-                **{f"agent_{k}": v for k, v in self.budget.spent().items()}, "transcript": self.transcript}
-        if self.transcript_path is not None:
-            meta["transcript_path"] = str(self.transcript_path)
-        return meta
-
-    def exhausted(self, reason: str, message: str) -> ProposerBudgetExhausted:
-        self.record("end", outcome="budget_exhausted", reason=reason, message=message, spent=self.budget.spent())
-        return ProposerBudgetExhausted(reason, message, self.meta("budget_exhausted"))
 
     # ----------------------------------------------------------------- the loop
 
@@ -261,23 +216,6 @@ class _Session:
         if block.type == "tool_use":
             return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
         return block.model_dump(mode="json", exclude_none=True)
-
-    # ----------------------------------------------------------------- ending
-
-    def _finish(self, name: str, args: Any) -> Proposal | None | str:
-        """The session's result, or a string telling the agent why its submit was refused."""
-        parsed = self.box.finish(name, args)
-        if isinstance(parsed, str):
-            return parsed
-        if isinstance(parsed, GiveUpIn):
-            self.record("end", outcome="gave_up", reason=parsed.reason, spent=self.budget.spent())
-            self.ctx.log(f"claude proposer gave up: {parsed.reason}")
-            return None
-        self.record("end", outcome="submitted", rationale=parsed.rationale, rung=parsed.rung,
-                    spent=self.budget.spent())
-        meta = self.meta("submitted")
-        meta["files_written"] = list(getattr(self.tools, "written", []))
-        return Proposal(rationale=parsed.rationale.strip(), rung=parsed.rung, meta=meta)
 
     # ----------------------------------------------------------------- tools
 

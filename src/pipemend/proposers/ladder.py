@@ -24,10 +24,11 @@ import json
 import re
 from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import UsageError
 from ..protocols import Proposal, ProposalContext
+from . import parse_options
 from .tools import ToolError
 from .transforms import (
     PROMPT_TRANSFORMS,
@@ -100,12 +101,7 @@ class LadderProposer:
     name = "ladder"
 
     def __init__(self, **options: Any):
-        try:
-            self.config = LadderConfig(**options)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise UsageError(f"ladder proposer option {where!r}: {first.get('msg')}") from None
+        self.config = parse_options(LadderConfig, options, "ladder")
         names = {t.name for t in PROMPT_TRANSFORMS}
         unknown = sorted(set(self.config.transforms or []) - names)
         if unknown:
