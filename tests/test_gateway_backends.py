@@ -280,6 +280,45 @@ def test_real_local_model_call_through_sdk(tmp_path):
         with c.messages.stream(**ask) as stream:  # greedy: same answer, from the cache
             assert stream.get_final_message().content[0].text == msg.content[0].text
         assert gw.stats()["cache_hits"] == 1
+    # without the cache too, the answer depends on the request alone, not on what the model saw before
+    from pipemend.gateway.backends.local import LocalBackend
+
+    backend, request = LocalBackend(), {**ask, "system": "Answer with one word."}
+    first = backend.complete(request)["content"][0]["text"]
+    backend.complete({**request, "messages": [{"role": "user", "content": "What is the capital of Spain?"}]})
+    assert backend.complete(request)["content"][0]["text"] == first == msg.content[0].text
+
+
+class FakeLlamaAtTheModelBoundary:
+    """Stands in for llama_cpp.Llama: records resets and completions in order."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def reset(self):
+        self.events.append("reset")
+
+    def create_chat_completion(self, **kwargs):
+        self.events.append("complete:" + kwargs["messages"][-1]["content"])
+        return {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+
+@pytest.mark.parametrize("env, reuse", [(None, False), ("1", True), ("0", False)])
+def test_local_backend_resets_the_kv_cache_before_every_call_unless_told(monkeypatch, env, reuse):
+    from pipemend.gateway.backends import local
+
+    fake = FakeLlamaAtTheModelBoundary()
+    monkeypatch.setattr(local, "_load", lambda *args: fake)
+    if env is None:
+        monkeypatch.delenv("PIPEMEND_LOCAL_PREFIX_REUSE", raising=False)
+    else:
+        monkeypatch.setenv("PIPEMEND_LOCAL_PREFIX_REUSE", env)
+    backend = local.LocalBackend()
+    for question in ("a", "b"):
+        assert backend.complete({"model": local.MODEL_NAME, "max_tokens": 5,
+                                 "messages": [{"role": "user", "content": question}]})["content"][0]["text"] == "ok"
+    assert fake.events == (["complete:a", "complete:b"] if reuse else ["reset", "complete:a", "reset", "complete:b"])
 
 
 PLUGIN_SOURCE = """
