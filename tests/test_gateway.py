@@ -280,6 +280,22 @@ def test_claude_code_shaped_request_streams_sse(gw, tmp_path):
     assert again.headers["x-pipemend-cache"] == "hit"
 
 
+def test_a_cache_hit_logs_how_long_its_answer_took_to_compute(tmp_path):
+    script = write_script(tmp_path / "slow.yaml", [{"text": "slow answer", "delay_s": 0.3}])
+    ask = dict(model=script, max_tokens=5, messages=HELLO)
+    with Gateway(GatewayConfig(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")) as gw:
+        client(gw).messages.create(**ask)
+        client(gw).messages.create(**ask)
+        miss, hit = calls(gw)
+    assert miss["cache"] == "miss" and miss["origin_latency_s"] is None and miss["latency_s"] >= 0.3
+    assert hit["cache"] == "hit" and hit["latency_s"] < 0.3 and 0.3 <= hit["origin_latency_s"] <= miss["latency_s"]
+    # the latency is stored with the entry, so a later run's hit (a fresh gateway, the same cache) knows it too
+    with Gateway(GatewayConfig(run_dir=tmp_path / "run2", cache_dir=tmp_path / "cache")) as gw2:
+        client(gw2).messages.create(**ask)
+        (later,) = calls(gw2)
+    assert later["cache"] == "hit" and later["origin_latency_s"] == hit["origin_latency_s"]
+
+
 def test_stats_endpoint(gw):
     c = client(gw)
     for _ in range(2):

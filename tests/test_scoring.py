@@ -85,6 +85,22 @@ def test_scores_join_labels_and_call_log_costs_per_example(tmp_path):
     assert summary["ci_low"] <= 0.5 <= summary["ci_high"]
 
 
+def test_latency_adds_back_what_the_llm_cache_saved(tmp_path):
+    """A candidate whose unchanged steps hit the cache is compared with a base that paid for every call."""
+    results = tmp_path / "results.jsonl"
+    _write_results(results, _results()[:2])
+    log = tmp_path / "calls.jsonl"
+    hit = {**_call("c1", "q1", 0.0, 100, 10, cache="hit"), "latency_s": 0.002, "origin_latency_s": 2.502}
+    old_hit = _call("c2", "q1", 0.0, 100, 10, cache="hit")  # logged before origin latencies existed
+    miss = {**_call("c3", "q2", 0.01, 100, 10), "origin_latency_s": None}
+    for row in (hit, old_hit, miss):
+        append_jsonl(log, row)
+    rows, _ = score_results(results, _examples()[:2], load_metric("exact_match", tmp_path), split="val",
+                            call_log=log)
+    assert rows[0]["latency_s"] == pytest.approx(1.0 + 2.5)
+    assert rows[1]["latency_s"] == pytest.approx(3.0)
+
+
 def test_trace_call_ids_pick_this_evaluations_calls_only(tmp_path):
     """The call log holds two evaluations of q1; the trace's call ids select the right one."""
     results = tmp_path / "results.jsonl"

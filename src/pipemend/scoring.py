@@ -88,6 +88,17 @@ def _usage(calls: Iterable[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _cache_savings(calls: Iterable[dict[str, Any]]) -> float:
+    """Seconds the LLM cache saved an example: for each hit, what computing its answer took, less what
+    the hit took. Added to the runner's wall time, so latency compares a candidate whose unchanged
+    steps hit the cache with a base that paid for every call."""
+    saved = 0.0
+    for c in calls:
+        if c.get("cache") == "hit" and isinstance(c.get("origin_latency_s"), (int, float)):
+            saved += max(0.0, float(c["origin_latency_s"]) - _num(c.get("latency_s")))
+    return saved
+
+
 def score_results(
     results_jsonl: Path,
     examples: list[Example],
@@ -101,7 +112,8 @@ def score_results(
 
     An example the runner reported as failed or timed out scores 0 with its
     error; one missing from ``results_jsonl`` scores 0 with error ``"no result"``;
-    one whose metric fails scores 0 with ``"metric error: ..."``.
+    one whose metric fails scores 0 with ``"metric error: ..."``. ``latency_s`` is
+    the runner's wall time plus what the LLM cache saved the example.
     """
     if not isinstance(metric, Metric):
         metric = Metric(getattr(metric, "__name__", "metric"), metric)
@@ -139,6 +151,8 @@ def score_results(
         else:
             calls = by_example.get(ex.id, [])
         row.update(_usage(calls))
+        if row["latency_s"] is not None:
+            row["latency_s"] += _cache_savings(calls)
         rows.append(row)
     return rows, summarize(rows, split=split)
 

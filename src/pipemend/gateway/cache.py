@@ -5,6 +5,10 @@ The key hashes the backend's namespace, the request (minus ``stream`` and
 requests. Entries are written atomically; a small in-memory LRU spares the
 disk on hot keys. ``get_or_compute`` lets one caller per key reach the
 backend while the others wait for its answer. Errors are never stored.
+
+Each entry also keeps ``latency_s``, how long the backend took to compute it,
+so a hit can say what it saved (the call log's ``origin_latency_s``) and a
+candidate's latency is compared with its base's as if nothing were cached.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..fsutil import atomic_write_json
 
@@ -44,14 +48,22 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.response: dict[str, Any] | None = None
+        self.latency_s: float | None = None
         self.error: BaseException | None = None
+
+
+class Lookup(NamedTuple):
+    response: dict[str, Any]
+    hit: bool
+    origin_latency_s: float | None
+    """How long the backend took for this answer when it was computed (None: not recorded)."""
 
 
 class ResponseCache:
     def __init__(self, directory: Path, memory_items: int = 2048):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._memory: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._memory: OrderedDict[str, tuple[dict[str, Any], float | None]] = OrderedDict()
         self._memory_items = memory_items
         self._inflight: dict[str, _Flight] = {}
         self._lock = threading.Lock()
@@ -60,6 +72,10 @@ class ResponseCache:
         return self.directory / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> dict[str, Any] | None:
+        found = self._get(key)
+        return found[0] if found else None
+
+    def _get(self, key: str) -> tuple[dict[str, Any], float | None] | None:
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -70,29 +86,31 @@ class ResponseCache:
             return None
         if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
             return None
-        self._remember(key, entry["response"])
-        return entry["response"]
+        latency = entry.get("latency_s")
+        found = (entry["response"], float(latency) if isinstance(latency, (int, float)) else None)
+        self._remember(key, *found)
+        return found
 
-    def put(self, key: str, response: dict[str, Any], model: str = "") -> None:
-        entry = {"format": FORMAT, "key": key, "model": model, "created": time.time(), "response": response}
+    def put(self, key: str, response: dict[str, Any], model: str = "", latency_s: float | None = None) -> None:
+        entry = {"format": FORMAT, "key": key, "model": model, "created": time.time(), "latency_s": latency_s,
+                 "response": response}
         atomic_write_json(self._path(key), entry)
-        self._remember(key, response)
+        self._remember(key, response, latency_s)
 
-    def _remember(self, key: str, response: dict[str, Any]) -> None:
+    def _remember(self, key: str, response: dict[str, Any], latency_s: float | None) -> None:
         with self._lock:
-            self._memory[key] = response
+            self._memory[key] = (response, latency_s)
             self._memory.move_to_end(key)
             while len(self._memory) > self._memory_items:
                 self._memory.popitem(last=False)
 
-    def get_or_compute(
-        self, key: str, compute: Callable[[], dict[str, Any]], model: str = ""
-    ) -> tuple[dict[str, Any], bool]:
-        """(response, hit). One ``compute`` per key in flight; concurrent callers wait and share its
-        answer (a hit for them) or its error. ``compute``'s answer is stored; its errors are not."""
-        cached = self.get(key)
-        if cached is not None:
-            return cached, True
+    def get_or_compute(self, key: str, compute: Callable[[], dict[str, Any]], model: str = "") -> Lookup:
+        """(response, hit, origin_latency_s). One ``compute`` per key in flight; concurrent callers wait
+        and share its answer (a hit for them) or its error. ``compute``'s answer is stored, with how long
+        it took; its errors are not."""
+        found = self._get(key)
+        if found is not None:
+            return Lookup(found[0], True, found[1])
         with self._lock:
             flight = self._inflight.get(key)
             leader = flight is None
@@ -104,16 +122,18 @@ class ResponseCache:
             if flight.error is not None:
                 raise flight.error
             assert flight.response is not None
-            return flight.response, True
+            return Lookup(flight.response, True, flight.latency_s)
         try:
-            cached = self.get(key)  # a leader that finished just before us may have stored it
-            if cached is not None:
-                flight.response = cached
-                return cached, True
+            found = self._get(key)  # a leader that finished just before us may have stored it
+            if found is not None:
+                flight.response, flight.latency_s = found
+                return Lookup(found[0], True, found[1])
+            t0 = time.perf_counter()
             response = compute()
-            self.put(key, response, model)
-            flight.response = response
-            return response, False
+            latency = round(time.perf_counter() - t0, 6)
+            self.put(key, response, model, latency)
+            flight.response, flight.latency_s = response, latency
+            return Lookup(response, False, None)
         except BaseException as e:
             flight.error = e
             raise

@@ -80,6 +80,7 @@ class GatewayService:
         response: dict[str, Any] | None = None
         error: BackendError | None = None
         hit = False
+        origin_latency: float | None = None
         stream = False
         try:
             request = parse_request(raw)
@@ -103,7 +104,7 @@ class GatewayService:
                 self.budget.charge(cost_usd(model, answer.get("usage")), tin + tout)
                 return answer
 
-            response, hit = self.cache.get_or_compute(self._key(backend, body), compute, model)
+            response, hit, origin_latency = self.cache.get_or_compute(self._key(backend, body), compute, model)
         except BackendError as e:
             error = e
         except ConfigError as e:  # e.g. a bad script file
@@ -132,7 +133,7 @@ class GatewayService:
             "example_id": headers.get("x-pipemend-example"), "step": headers.get("x-pipemend-step"),
             "model": model, "backend": backend_name, "request": request, "response": response,
             "input_tokens": tin, "output_tokens": tout, "latency_s": round(latency, 6), "cost_usd": cost,
-            "cache": "hit" if hit else "miss",
+            "cache": "hit" if hit else "miss", "origin_latency_s": origin_latency,
             "error": None if error is None else {"status": error.status, "type": error.error_type, "message": error.message},
         })
         out_headers = {
