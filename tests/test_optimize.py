@@ -244,3 +244,20 @@ def test_repeats_evaluate_both_sides_again_and_gate_on_the_means(tmp_path, targe
     assert stats["cand_mean"] == pytest.approx((mean(evals / "val") + mean(evals / "val-r2")) / 2)
     assert stats["base_mean"] == pytest.approx((mean(run_dir / "evals" / "baseline-val") + mean(evals / "base-val-r2")) / 2)
     assert stats["delta"] == pytest.approx(stats["cand_mean"] - stats["base_mean"])
+
+
+def test_a_run_is_driven_by_one_process_at_a_time(tmp_path, target):
+    import fcntl
+    import os
+
+    s = _run(_cfg(tmp_path, target, [], run_id="locked"))
+    run_dir = Path(s.run_dir)
+    fd = os.open(run_dir / "run.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process driving it
+    try:
+        with pytest.raises(UsageError, match="another pipemend process is driving this run"):
+            resume(run_dir, console=Console(file=io.StringIO()))
+    finally:
+        os.close(fd)
+    assert resume(run_dir, console=Console(file=io.StringIO())).status == "done"
+

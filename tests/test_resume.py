@@ -156,7 +156,10 @@ def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path):
     sha = [e for e in _events(run_dir) if e.get("event") == "candidate_done" and e["n"] == 2][0]["sha"]
     for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
         subprocess.run(["git", "-C", str(repo), "update-ref", "-d", f"refs/heads/{branch}"], check=True)
+        # a git killed inside update-ref leaves the ref's lock file behind; resume clears this run's
+        (repo / ".git" / "refs" / "heads" / f"{branch}.lock").write_text("")
     _drive("resume", str(run_dir))
+    assert not list((repo / ".git" / "refs" / "heads" / "pipemend" / "lost").rglob("*.lock"))
     for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
         got = subprocess.run(["git", "-C", str(repo), "rev-parse", branch], capture_output=True, text=True).stdout.strip()
         assert got == sha

@@ -14,12 +14,15 @@ stops through ``StopLoop``; a candidate that crashes is a rejected candidate.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -106,7 +109,8 @@ def run_optimize(cfg: OptimizeConfig, console: Console | None = None) -> Optimiz
                                  "target": str(Path(cfg.target).resolve())})
     run_dir = create_run_dir(cfg.reports_dir, cfg.run_id, kind="optimize", target=cfg.target,
                              config=cfg.model_dump(mode="json"))
-    return _Run(run_dir, cfg, console).drive()
+    with _run_lock(run_dir):
+        return _Run(run_dir, cfg, console).drive()
 
 
 def resume(run_dir: str | Path, console: Console | None = None) -> OptimizeSummary:
@@ -118,10 +122,27 @@ def resume(run_dir: str | Path, console: Console | None = None) -> OptimizeSumma
     if run.get("kind") != "optimize":
         raise UsageError(f"{run_dir}: not an optimize run (kind {run.get('kind')!r})")
     cfg = OptimizeConfig.model_validate(run["config"])
-    if run.get("status") != "done":
-        update_run(run_dir, status="running")
-        record(run_dir, "run_resumed")
-    return _Run(run_dir, cfg, console).drive()
+    with _run_lock(run_dir):
+        if run.get("status") != "done":
+            update_run(run_dir, status="running")
+            record(run_dir, "run_resumed")
+        return _Run(run_dir, cfg, console).drive()
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One process drives a run at a time: an exclusive ``flock`` on ``RUN_DIR/run.lock``, which the
+    kernel releases when the process dies (even by kill -9), so a resume after a crash never waits."""
+    fd = os.open(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{run_dir}: another pipemend process is driving this run (it holds "
+                             f"{run_dir / 'run.lock'}); wait for it or stop it first") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # --------------------------------------------------------------------------- the run

@@ -98,7 +98,9 @@ class Snapshot:
         _git(self.repo, "worktree", "prune")
 
     def prune(self) -> None:
-        """Remove this run's leftover worktrees (after a crash): registered ones and stray folders."""
+        """Remove this run's leftover worktrees (after a crash): registered ones and stray folders, and
+        the ref lock files a killed git left under this run's refs."""
+        self.clear_stale_ref_locks()
         root = self.worktrees_dir.resolve()
         for wt in self._worktree_paths():
             if wt.parent == root:
@@ -107,6 +109,23 @@ class Snapshot:
             for child in self.worktrees_dir.iterdir():
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
         _git(self.repo, "worktree", "prune")
+
+    def clear_stale_ref_locks(self) -> list[Path]:
+        """Delete ``*.lock`` files under ``refs/heads/pipemend/<run>/`` and ``refs/pipemend/<run>/``.
+
+        A git killed inside ``update-ref`` leaves ``<ref>.lock`` behind and every later update of that
+        ref fails. Only this run's driver writes these refs, and it holds the run lock, so a lock file
+        found there when the run starts or resumes is stale."""
+        common = Path(_git(self.repo, "rev-parse", "--git-common-dir"))
+        common = common if common.is_absolute() else self.repo / common
+        removed = []
+        for namespace in (f"refs/heads/pipemend/{self.run_id}", f"refs/pipemend/{self.run_id}"):
+            folder = common / namespace
+            if folder.is_dir():
+                for lock in sorted(folder.rglob("*.lock")):
+                    lock.unlink(missing_ok=True)
+                    removed.append(lock)
+        return removed
 
     # ------------------------------------------------------------------ commits and refs
 
