@@ -71,11 +71,8 @@ class ResponseCache:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        found = self._get(key)
-        return found[0] if found else None
-
-    def _get(self, key: str) -> tuple[dict[str, Any], float | None] | None:
+    def get(self, key: str) -> tuple[dict[str, Any], float | None] | None:
+        """(response, latency_s it took to compute) of a stored entry, or None."""
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -108,7 +105,7 @@ class ResponseCache:
         """(response, hit, origin_latency_s). One ``compute`` per key in flight; concurrent callers wait
         and share its answer (a hit for them) or its error. ``compute``'s answer is stored, with how long
         it took; its errors are not."""
-        found = self._get(key)
+        found = self.get(key)
         if found is not None:
             return Lookup(found[0], True, found[1])
         with self._lock:
@@ -124,7 +121,7 @@ class ResponseCache:
             assert flight.response is not None
             return Lookup(flight.response, True, flight.latency_s)
         try:
-            found = self._get(key)  # a leader that finished just before us may have stored it
+            found = self.get(key)  # a leader that finished just before us may have stored it
             if found is not None:
                 flight.response, flight.latency_s = found
                 return Lookup(found[0], True, found[1])

@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import PipemendError, UsageError
+from ..gateway.pricing import tokens_of
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
 from .agent_tools import (
@@ -266,10 +267,9 @@ class _CodeSession(AgentSession):
             return
         self.charged.add(msg_id)
         usage = message.usage
-        tokens_in = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_creation_input_tokens",
-                                                           "cache_read_input_tokens"))
+        tokens_in, tokens_out = tokens_of(usage)
         self.turn += 1
-        self.budget.charge(turns=1, input_tokens=tokens_in, output_tokens=int(usage.get("output_tokens") or 0),
+        self.budget.charge(turns=1, input_tokens=tokens_in, output_tokens=tokens_out,
                            usd=cost_usd(self.cfg.model, usage, self.cfg.price_per_mtok))
         if not self.finished:
             self.spent_reason = self.budget.exhausted()
