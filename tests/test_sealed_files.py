@@ -207,10 +207,18 @@ def test_the_manifest_itself_is_not_sealed(tmp_path):
 def test_a_symlink_to_a_sealed_file_is_sealed(tmp_path):
     root = make_target(tmp_path / "t", runtime=["data/corpus.jsonl"])
     os.symlink("data/questions.jsonl", root / "q.jsonl.txt")
-    os.symlink("../data/questions.jsonl", root / "prompts" / "examples.txt")
+    (root / "docs").mkdir()
+    os.symlink("../data/questions.jsonl", root / "docs" / "examples.txt")
     got = reasons(root)
-    assert "q.jsonl.txt" in got and "prompts/examples.txt" in got
-    assert "symlink" in got["q.jsonl.txt"][0]
+    assert "q.jsonl.txt" in got and "docs/examples.txt" in got
+    assert "symlink" in got["q.jsonl.txt"][0] and got["q.jsonl.txt"][1] is False
+
+
+def test_a_symlink_to_a_sealed_file_among_editable_files_is_refused(tmp_path):
+    root = make_target(tmp_path / "t", runtime=["data/corpus.jsonl"])
+    os.symlink("../data/questions.jsonl", root / "prompts" / "examples.txt")
+    err = config_error(root)
+    assert err.where == "editable[1]" and "prompts/examples.txt" in err.problem and "symlink" in err.problem
 
 
 def test_a_link_chain_and_a_folder_link_are_sealed(tmp_path):

@@ -235,7 +235,6 @@ class _Planner:
         self.entries = self.tree.entries()
         self.seals: dict[str, Seal] = {}
         self.runtime = self._globs("runtime", manifest.runtime)
-        self.runtime_files = set().union(*self.runtime.values()) if self.runtime else set()
 
     def _globs(self, key: str, globs: list[str]) -> dict[int, set[str]]:
         out = {}
