@@ -43,6 +43,7 @@ ROW_ERRORS = {
     "duplicate id": (['{"id": "a", "inputs": {}}'], "line 2", "duplicate id 'a' (first on line 1)", "unique ids"),
     "id with slash": (['{"id": "../x", "inputs": {}}'], "line 2", "cannot name a trace file", None),
     "bad evidence": (['{"id": "b", "inputs": {}, "evidence": "d1"}'], "line 2", "`evidence` is not a list", None),
+    "reserved id": (['{"id": "<startup>", "inputs": {}}'], "line 2", "`id` '<startup>' is reserved", "not of the form <name>"),
 }
 
 

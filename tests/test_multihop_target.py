@@ -27,6 +27,7 @@ from pipemend.manifest import Manifest
 from pipemend.metrics import exact_match
 
 TARGET = Path(__file__).resolve().parents[1] / "target_pipelines" / "multihop_qa"
+GENERATOR = Path(__file__).resolve().parents[1] / "target_pipelines" / "_generators" / "multihop_qa.py"
 TARGET_MODULES = ("pipeline", "retrieval")
 
 
@@ -63,7 +64,7 @@ def target_modules():
 
 
 def test_regenerating_the_data_gives_identical_bytes(tmp_path):
-    spec = importlib.util.spec_from_file_location("multihop_generate_data", TARGET / "generate_data.py")
+    spec = importlib.util.spec_from_file_location("multihop_generate_data", GENERATOR)
     gen = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = gen  # dataclasses look their module up while the class is built
     try:
@@ -73,9 +74,24 @@ def test_regenerating_the_data_gives_identical_bytes(tmp_path):
     corpus, questions = gen.build()
     assert gen.render(corpus) == (TARGET / "data" / "corpus.jsonl").read_bytes()
     assert gen.render(questions) == (TARGET / "data" / "questions.jsonl").read_bytes()
-    # and the script's own check agrees, run as a user would
-    done = subprocess.run([sys.executable, str(TARGET / "generate_data.py"), "--check"], capture_output=True, text=True)
+    # and the script's own check agrees, run as a user would, from anywhere
+    done = subprocess.run([sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    # writing into another folder gives the committed bytes too
+    done = subprocess.run([sys.executable, str(GENERATOR), "--out", str(tmp_path / "fresh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("corpus.jsonl", "questions.jsonl"):
+        assert (tmp_path / "fresh" / name).read_bytes() == (TARGET / "data" / name).read_bytes()
+
+
+def test_the_generator_lives_outside_the_target_and_check_catches_stale_data(tmp_path):
+    assert TARGET not in GENERATOR.parents and not (TARGET / "generate_data.py").exists()
+    stale = tmp_path / "data"
+    stale.mkdir()
+    (stale / "corpus.jsonl").write_bytes((TARGET / "data" / "corpus.jsonl").read_bytes())
+    (stale / "questions.jsonl").write_text('{"id": "q-001"}\n')
+    done = subprocess.run([sys.executable, str(GENERATOR), "--check", "--out", str(stale)], capture_output=True, text=True)
+    assert done.returncode == 1 and "questions.jsonl" in done.stderr and "corpus.jsonl" not in done.stderr
 
 
 def test_corpus_and_question_rows_have_the_documented_shape(corpus, questions):
@@ -173,9 +189,13 @@ def test_manifest_validates_and_its_knobs_point_at_real_config_keys():
     files = [p.relative_to(TARGET).as_posix() for p in TARGET.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     for glob in m.editable + m.protected:
         assert any(fnmatch(f, glob) for f in files), glob
-    for protected in ("data/questions.jsonl", "data/corpus.jsonl", "generate_data.py"):
+    for protected in ("data/questions.jsonl", "data/corpus.jsonl", "README.md"):
         assert any(fnmatch(protected, g) for g in m.all_protected())
         assert not any(fnmatch(protected, g) for g in m.editable)
+    for glob in m.runtime + m.sealed:
+        assert any(fnmatch(f, glob) for f in files), glob
+    # (a stale __pycache__/generate_data.*.pyc from before the generator moved out would be sealed too)
+    assert [p for p in m.sealed_paths(TARGET) if not p.startswith("__pycache__/")] == ["README.md", "data/questions.jsonl"]
     rungs = set()
     for name, knob in m.knobs.items():
         node = yaml.safe_load((TARGET / knob.file).read_text(encoding="utf-8"))

@@ -55,6 +55,8 @@ def _check_id(value: Any, path: Path, where: str) -> str:
     sid = str(value)
     if not sid or len(sid) > MAX_ID_LEN or sid in (".", "..") or any(c in sid for c in "/\\\0\n"):
         raise ConfigError(path, where, f"`id` {sid!r} cannot name a trace file", f"1-{MAX_ID_LEN} characters without '/', '\\\\' or newlines, not '.' or '..'")
+    if sid.startswith("<") and sid.endswith(">"):  # the runner tags calls outside examples <startup>, <outside>
+        raise ConfigError(path, where, f"`id` {sid!r} is reserved", "an id that is not of the form <name> (pipemend's tags for calls outside examples)")
     return sid
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .sealing import Seal, glob_is_relative, plan_seals
 
 MANIFEST_NAME = "pipemend.yaml"
 RUNGS = ("prompt", "retrieval", "context", "model")
@@ -102,6 +103,42 @@ class Manifest(_Strict):
     requirements: str | None = Field(None, description="pip requirements file of the target's own dependencies.")
     gates: Gates = Field(default_factory=Gates)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    # ------------------------------------------------------------------ sealed vs run-time files (the label seal)
+    sealed: list[str] = Field(default_factory=list, description=(
+        "Globs of files that neither the pipeline nor any proposer may read (labels and anything they can be "
+        "derived from: answer keys, a seeded generator). Sealed files are masked in the sandbox and absent from "
+        "candidate worktrees. Sealed whatever this says: the dataset files and a custom metric file. Sealed by "
+        "default unless matched by `runtime`: every file in the dataset's folder (when it is not the target's "
+        "root), every file whose bytes name a dataset file (`questions.jsonl`: that is how a generator that "
+        "writes the dataset is found; keep generators outside the target folder), a file with a dataset file's "
+        "name or content, and a symlink that leaves the target. A symlink or hard link to a sealed file is "
+        "sealed too. A sealed file may not be editable."))
+    runtime: list[str] = Field(default_factory=list, description=(
+        "Globs of protected files the pipeline reads at run time (a corpus, a model file, an index): never "
+        "sealed by default. May not match a dataset file, the metric file, a `sealed` glob's files or a link to "
+        "one; declare here only what cannot derive labels."))
+
+    @field_validator("sealed", "runtime")
+    @classmethod
+    def _relative_globs(cls, v: list[str], info: Any) -> list[str]:
+        for i, g in enumerate(v):
+            if not glob_is_relative(g):
+                raise ValueError(f"{info.field_name}[{i}]: glob {g!r} is empty, absolute or climbs out with '..'; "
+                                 "expected a glob relative to the target folder")
+        return v
+
+    def seal_plan(self, target_dir: str | Path) -> list[Seal]:
+        """Every sealed path of the target with why (``Seal.declared`` False: sealed by default, worth flagging).
+
+        Raises ``ConfigError`` naming the manifest and the key for conflicts (see ``pipemend.sealing``).
+        """
+        return plan_seals(self, target_dir, manifest_name=MANIFEST_NAME)
+
+    def sealed_paths(self, target_dir: str | Path) -> list[str]:
+        """Target-relative POSIX paths (sorted) that the pipeline and proposers must never read: regular
+        files, and symlinks by their own path (never followed). Compute it once from the baseline target."""
+        return [s.path for s in self.seal_plan(target_dir)]
 
     @field_validator("entrypoint")
     @classmethod

@@ -9,25 +9,47 @@ Cost and tokens of an example come from the gateway call log. With a
 ``traces_dir``, an example's calls are the ``call_id``s listed in its trace
 (exact even when the call log holds many evaluations of the same example);
 without a trace, or when the trace lists no call ids, they are the call-log
-rows whose ``example_id`` is the example's, so pass a call log that covers
-this evaluation only in that case.
+rows whose ``example_id`` is the example's (among this evaluation's calls when
+they are known, else in the whole log).
+
+Everything the candidate causes counts: the calls of this evaluation that no
+example of it accounts for (made at import time, tagged ``<startup>``, or from
+a background thread, tagged ``<outside>``, or with no example header at all)
+and the pipeline's start-up time (``OUT/runner.json``) are charged to the
+evaluation and spread evenly over its examples: each row's ``cost_usd`` gets
+an equal share of their cost, and each row that ran an equal share of their
+latency (start-up time, or the start-up calls' own latency when larger, plus
+the latency of the other unaccounted calls). The summary shows them apart
+(``startup_s``, ``unattributed_calls``, ``unattributed_cost_usd``,
+``unattributed_latency_s``). A call belongs to this evaluation when its
+call-log row's ``eval`` is the evaluation's token (``x-pipemend-eval``, which
+the runner sends on every request), or when it has no ``eval`` and its ``t``
+falls in the evaluation's time window (a pipeline that strips the header is
+charged, not excused).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .dataset import Example
-from .fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .fsutil import atomic_write_json, atomic_write_text, read_jsonl
 from .metrics import Metric
 
 EVAL_FORMAT = "pipemend-eval-1"
 NO_RESULT = "no result"
+RUNNER_JSON = "runner.json"
+RUNNER_FORMAT = "pipemend-runner-1"
+STARTUP_TAG = "<startup>"
+MAX_TRACE_BYTES = 32 << 20
+MAX_RUNNER_JSON_BYTES = 64 << 10
 
 
 # --------------------------------------------------------------------------- joining results, labels and costs
@@ -57,17 +79,49 @@ def _trace_call_ids(trace: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def _read_sandbox_json(path: Path, max_bytes: int) -> dict[str, Any] | None:
+    """A JSON object a sandbox wrote: a regular file opened without following a link, at most
+    ``max_bytes``; None for anything else (missing, a link, a fifo, too big, not a JSON object)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _read_trace(traces_dir: Path | None, example_id: str) -> dict[str, Any] | None:
     if traces_dir is None:
         return None
     path = Path(traces_dir) / f"{example_id}.json"
-    if path.parent.resolve() != Path(traces_dir).resolve() or not path.is_file():
+    if path.parent != Path(traces_dir) or os.path.islink(traces_dir):
         return None
-    try:
-        trace = read_json(path)
-    except (OSError, ValueError):
-        return None
-    return trace if isinstance(trace, dict) else None
+    return _read_sandbox_json(path, MAX_TRACE_BYTES)
+
+
+def read_runner_json(path: Path) -> dict[str, Any]:
+    """``{"startup_s": float, "eval": str | None}`` from the runner's ``runner.json`` (hostile: checked,
+    size-capped, never through a link); ``startup_s`` 0.0 and ``eval`` None when absent or malformed."""
+    obj = _read_sandbox_json(path, MAX_RUNNER_JSON_BYTES) or {}
+    if obj.get("format") != RUNNER_FORMAT:
+        obj = {}
+    token = obj.get("eval")
+    return {"startup_s": max(0.0, _num(obj.get("startup_s"))), "eval": token if isinstance(token, str) and token else None}
 
 
 def _num(value: Any) -> float:
@@ -107,13 +161,22 @@ def score_results(
     split: str,
     call_log: Path | None = None,
     traces_dir: Path | None = None,
+    runner_json: Path | None = None,
+    eval_token: str | None = None,
+    window: tuple[float, float] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Scored rows (one per example, in ``examples`` order) and the summary, in AGENTS.md's shapes.
 
     An example the runner reported as failed or timed out scores 0 with its
     error; one missing from ``results_jsonl`` scores 0 with error ``"no result"``;
     one whose metric fails scores 0 with ``"metric error: ..."``. ``latency_s`` is
-    the runner's wall time plus what the LLM cache saved the example.
+    the runner's wall time plus what the LLM cache saved the example, plus its
+    share of the evaluation's start-up and unaccounted calls (module docstring).
+
+    ``runner_json`` defaults to ``runner.json`` beside ``results_jsonl``;
+    ``eval_token`` (the host's ``PIPEMEND_EVAL`` for this evaluation) defaults to
+    the token the runner reports there; ``window`` is ``(start, end)`` in
+    ``time.time()`` seconds of the sandbox run, for calls that carry no token.
     """
     if not isinstance(metric, Metric):
         metric = Metric(getattr(metric, "__name__", "metric"), metric)
@@ -122,11 +185,14 @@ def score_results(
         if isinstance(row, dict) and "id" in row:
             results[str(row["id"])] = row  # a re-run example: the last row wins
 
+    runner = read_runner_json(Path(runner_json) if runner_json is not None else Path(results_jsonl).parent / RUNNER_JSON)
     log_rows = [r for r in read_jsonl(call_log) if isinstance(r, dict)] if call_log is not None else []
     by_call = {str(r["call_id"]): r for r in log_rows if r.get("call_id")}
+    ours = _eval_calls(log_rows, eval_token or runner["eval"], window)
     by_example: dict[str, list[dict[str, Any]]] = {}
-    for r in log_rows:
+    for r in ours if ours else log_rows:
         by_example.setdefault(str(r.get("example_id")), []).append(r)
+    accounted: set[int] = set()
 
     rows: list[dict[str, Any]] = []
     for ex in examples:
@@ -150,11 +216,54 @@ def score_results(
             calls = [by_call.get(cid) or _call_from_trace(trace, cid) for cid in call_ids]
         else:
             calls = by_example.get(ex.id, [])
+        accounted |= {id(c) for c in calls}
         row.update(_usage(calls))
         if row["latency_s"] is not None:
             row["latency_s"] += _cache_savings(calls)
         rows.append(row)
-    return rows, summarize(rows, split=split)
+    overhead = _charge_overhead(rows, [r for r in ours if id(r) not in accounted], runner["startup_s"])
+    summary = summarize(rows, split=split) | overhead
+    summary["input_tokens"] += overhead["unattributed_input_tokens"]
+    summary["output_tokens"] += overhead["unattributed_output_tokens"]
+    return rows, summary
+
+
+def _eval_calls(log_rows: list[dict[str, Any]], token: str | None, window: tuple[float, float] | None) -> list[dict[str, Any]]:
+    """This evaluation's call-log rows: its token's, and token-less ones inside its time window."""
+    ours = []
+    for r in log_rows:
+        tag = r.get("eval")
+        if token is not None and tag == token:
+            ours.append(r)
+        elif not tag and window is not None and window[0] <= _num(r.get("t")) <= window[1]:
+            ours.append(r)
+    return ours
+
+
+def _charge_overhead(rows: list[dict[str, Any]], unaccounted: list[dict[str, Any]], startup_s: float) -> dict[str, Any]:
+    """Spread the unaccounted calls and the start-up time evenly over the rows (cost over all of them,
+    latency over those that ran); return the summary's overhead fields."""
+    usage = _usage(unaccounted)
+    at_startup = [c for c in unaccounted if c.get("example_id") == STARTUP_TAG]
+    later = [c for c in unaccounted if c.get("example_id") != STARTUP_TAG]
+
+    def wall(calls: list[dict[str, Any]]) -> float:
+        return sum(_num(c.get("latency_s")) for c in calls) + _cache_savings(calls)
+
+    latency = max(startup_s, wall(at_startup)) + wall(later)
+    ran = [r for r in rows if r.get("latency_s") is not None]
+    for r in rows:
+        r["cost_usd"] += usage["cost_usd"] / len(rows)
+    for r in ran:
+        r["latency_s"] += latency / len(ran)
+    return {
+        "startup_s": startup_s,
+        "unattributed_calls": usage["llm_calls"],
+        "unattributed_cost_usd": usage["cost_usd"],
+        "unattributed_latency_s": latency,
+        "unattributed_input_tokens": usage["input_tokens"],
+        "unattributed_output_tokens": usage["output_tokens"],
+    }
 
 
 def _call_from_trace(trace: dict[str, Any] | None, call_id: str) -> dict[str, Any]:

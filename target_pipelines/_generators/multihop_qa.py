@@ -1,12 +1,18 @@
-"""Generate the fictional corpus and the two-hop questions of this target.
+"""Generate the fictional corpus and the two-hop questions of the bundled ``multihop_qa`` target.
 
 Deterministic: a seeded ``random.Random`` and no other source of entropy, so
-running it again writes byte-identical ``data/corpus.jsonl`` and
-``data/questions.jsonl``. Every name is invented, so no model can answer from
-memory; similar names and shared attributes make retrieval non-trivial.
+running it again writes byte-identical ``multihop_qa/data/corpus.jsonl`` and
+``multihop_qa/data/questions.jsonl``. Every name is invented, so no model can
+answer from memory; similar names and shared attributes make retrieval non-trivial.
 
-    python generate_data.py            # (re)write data/
-    python generate_data.py --check    # exit 1 if data/ differs from what would be written
+It lives outside the target folder on purpose: it rebuilds every label from
+its seed, so a copy inside the target would let the pipeline (or a proposer)
+derive the answers. Nothing under ``target_pipelines/_generators/`` is ever
+part of a target.
+
+    python target_pipelines/_generators/multihop_qa.py            # (re)write the target's data/
+    python target_pipelines/_generators/multihop_qa.py --check    # exit 1 if data/ differs from what would be written
+    python target_pipelines/_generators/multihop_qa.py --out DIR  # write the two files into DIR instead
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SEED = 20240611
-HERE = Path(__file__).resolve().parent
+DATA_DIR = Path(__file__).resolve().parents[1] / "multihop_qa" / "data"
 
 ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "qu", "r", "s", "st",
           "t", "th", "tr", "v", "w", "z", "sk", "fl", "pr", "cl"]
@@ -163,10 +169,11 @@ def render(rows: list[dict]) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="compare with data/ instead of writing it")
+    ap.add_argument("--check", action="store_true", help="compare with the data folder instead of writing it")
+    ap.add_argument("--out", type=Path, default=DATA_DIR, help=f"the data folder (default: {DATA_DIR})")
     args = ap.parse_args(argv)
     corpus, questions = build()
-    files = {HERE / "data" / "corpus.jsonl": render(corpus), HERE / "data" / "questions.jsonl": render(questions)}
+    files = {args.out / "corpus.jsonl": render(corpus), args.out / "questions.jsonl": render(questions)}
     if args.check:
         stale = [str(p) for p, b in files.items() if not p.is_file() or p.read_bytes() != b]
         for p in stale:
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for p, b in files.items():
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b)
-    print(f"wrote {len(corpus)} documents and {len(questions)} questions to {HERE / 'data'}")
+    print(f"wrote {len(corpus)} documents and {len(questions)} questions to {args.out}")
     return 0
 
 
