@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
@@ -15,15 +14,12 @@ sys.path.insert(0, str(FIXTURES))
 
 import optimize_harness  # noqa: E402
 
-from pipemend import cli_optimize  # noqa: E402
+from pipemend.cli import app  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("optimize")(cli_optimize.optimize)
-    app.command("resume")(cli_optimize.resume)
+def _app():
     return app
 
 
