@@ -330,7 +330,7 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
             journal(run_dir, "eval_started", split=s, n=len(examples))
             res = evaluate(ctx, name=s, worktree=target, target_subdir="", split=s, examples=examples,
                            out_dir=run_dir / "evals" / s,
-                           progress=lambda done, total, s=s: progress.event("eval_progress", name=f"eval {s}",
+                           progress=lambda done, total, s=s: progress.event("eval_progress", task=f"eval {s}",
                                                                             done=done, total=total))
             summaries[s], evals[s] = res.summary, res.out_dir
             journal(run_dir, "eval_done", split=s, score=res.score, n=res.summary.get("n"),

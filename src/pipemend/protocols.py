@@ -160,7 +160,7 @@ class Progress(Protocol):
         """A line worth keeping (plain text, no markup)."""
 
     def event(self, name: str, **fields: Any) -> None:
-        """Something with data: ``announce`` (text: a sandbox fallback), ``eval_progress`` (name, done, total),
+        """Something with data: ``announce`` (text: a sandbox fallback), ``eval_progress`` (task, done, total),
         ``diagnosis`` (split, diagnosis: the JSON form), ``candidate_done`` (n, accepted, val_score, delta,
         reasons)."""
 

@@ -68,7 +68,7 @@ class RichProgress:
         if name in ("announce", "warning"):
             self.console.print(f"[yellow]{escape(str(fields.get('text', '')))}[/]")
         elif name == "eval_progress":
-            self._count(str(fields["name"]), int(fields["done"]), int(fields["total"]))
+            self._count(str(fields["task"]), int(fields["done"]), int(fields["total"]))
         elif name == "candidate_done":
             self._line(candidate_line(**fields))
         elif name == "diagnosis":
