@@ -32,7 +32,7 @@ from .config import LLM_PROPOSERS, OptimizeConfig, proposer_options
 
 
 class RunEnv:
-    """The run's fixed parts; every attribute is set here. ``open`` builds one from a run directory."""
+    """The run's fixed parts; every attribute is set here. ``open_env`` builds one from a run directory."""
 
     def __init__(self, *, run_dir: Path, cfg: OptimizeConfig, frozen: FrozenTarget, splits: dict[str, list[Example]],
                  snap: Snapshot, gateway: Gateway, agent_gateway: Gateway | None, ectx: EvalContext,
@@ -57,52 +57,6 @@ class RunEnv:
         self.best_val: float | None = None
         """The current base's val score (shown in the status line; ``track`` keeps it)."""
 
-    @classmethod
-    def open(cls, run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
-        """Freeze and snapshot (once per run, journaled), restore refs, start the gateway(s), build the proposer.
-        Gateways already started are stopped again if a later step fails."""
-        st = replay(run_dir)
-        if not st.frozen:
-            shutil.rmtree(run_dir / "frozen", ignore_errors=True)
-            freeze_target(cfg.target, load_manifest(cfg.target), run_dir)
-            record(run_dir, "frozen")
-        frozen = FrozenTarget.open(run_dir)
-        if st.snapshot is None:
-            snap = snapshot_target(Path(cfg.target), cfg.run_id or run_dir.name, run_dir)
-            record(run_dir, "snapshot", snapshot=snap.to_json(), base_sha=snap.resolve(snap.base_branch))
-            st = replay(run_dir)
-        snap = Snapshot.from_json(st.snapshot or {})
-        snap.prune()
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "gateway" / "cache"
-        gateways: list[Gateway] = []
-        try:
-            gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
-                                            socket_path=gateway_socket_path(run_dir)))
-            gateway.start()
-            gateways.append(gateway)
-            sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
-            ectx = EvalContext(run_dir, frozen, sandbox, gateway, cfg.model or frozen.manifest.llm.model)
-            options = proposer_options(cfg)
-            agent_gateway = None
-            if cfg.proposer in LLM_PROPOSERS:
-                # its own gateway (RUN_DIR/agent/): the agent's calls are logged, cached (a resumed run pays for
-                # none twice) and counted apart from the pipeline's; the real key stays in the gateway
-                agent_gateway = Gateway(GatewayConfig(run_dir=run_dir / "agent", cache_dir=cache)).start()
-                gateways.append(agent_gateway)
-                options.setdefault("base_url", agent_gateway.url)
-                options.setdefault("api_key", "pipemend-gateway")
-                options.setdefault("transcript_dir", str(run_dir / "candidates" / "{candidate}"))
-            proposer = get_proposer(cfg.proposer, **options)
-        except BaseException:
-            for gw in gateways:
-                gw.stop()
-            raise
-        env = cls(run_dir=run_dir, cfg=cfg, frozen=frozen, splits=limit_splits(frozen.splits(), cfg.limit),
-                  snap=snap, gateway=gateway, agent_gateway=agent_gateway, ectx=ectx, proposer=proposer,
-                  progress=progress, started_at=float(read_run(run_dir).get("started_at") or time.time()))
-        env.restore_refs(st)
-        return env
-
     def close(self) -> None:
         for gw in (self.gateway, self.agent_gateway):
             if gw is not None:
@@ -114,17 +68,7 @@ class RunEnv:
         return branch_name(self.run_id, n)
 
     def rejected_ref(self, n: int) -> str:
-        return f"refs/pipemend/{self.run_id}/rejected/{n}"
-
-    def restore_refs(self, st: RunState) -> None:
-        """Re-set every journaled branch and ref from its sha (a kill may have come before a ref moved)."""
-        for c in st.candidates.values():
-            if c.sha and c.accepted:
-                self.snap.set_branch(self.branch(c.n), c.sha)
-            elif c.sha:
-                self.snap.set_ref(self.rejected_ref(c.n), c.sha)
-        if st.best is not None and st.best.sha:
-            self.snap.set_branch(self.branch("best"), st.best.sha)
+        return rejected_ref_name(self.run_id, n)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -185,9 +129,70 @@ class RunEnv:
             self.progress.event("warning", text=f"report not refreshed: {type(e).__name__}: {e}")
 
 
+def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
+    """Freeze and snapshot (once per run, journaled), restore refs, start the gateway(s), build the proposer.
+    Gateways already started are stopped again if a later step fails."""
+    st = replay(run_dir)
+    if not st.frozen:
+        shutil.rmtree(run_dir / "frozen", ignore_errors=True)
+        freeze_target(cfg.target, load_manifest(cfg.target), run_dir)
+        record(run_dir, "frozen")
+    frozen = FrozenTarget.open(run_dir)
+    if st.snapshot is None:
+        snap = snapshot_target(Path(cfg.target), cfg.run_id or run_dir.name, run_dir)
+        record(run_dir, "snapshot", snapshot=snap.to_json(), base_sha=snap.resolve(snap.base_branch))
+        st = replay(run_dir)
+    snap = Snapshot.from_json(st.snapshot or {})
+    snap.prune()
+    restore_refs(snap, cfg.run_id or run_dir.name, st)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "gateway" / "cache"
+    gateways: list[Gateway] = []
+    try:
+        gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
+                                        socket_path=gateway_socket_path(run_dir)))
+        gateway.start()
+        gateways.append(gateway)
+        sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
+        ectx = EvalContext(run_dir, frozen, sandbox, gateway, cfg.model or frozen.manifest.llm.model)
+        options = proposer_options(cfg)
+        agent_gateway = None
+        if cfg.proposer in LLM_PROPOSERS:
+            # its own gateway (RUN_DIR/agent/): the agent's calls are logged, cached (a resumed run pays for
+            # none twice) and counted apart from the pipeline's; the real key stays in the gateway
+            agent_gateway = Gateway(GatewayConfig(run_dir=run_dir / "agent", cache_dir=cache)).start()
+            gateways.append(agent_gateway)
+            options.setdefault("base_url", agent_gateway.url)
+            options.setdefault("api_key", "pipemend-gateway")
+            options.setdefault("transcript_dir", str(run_dir / "candidates" / "{candidate}"))
+        proposer = get_proposer(cfg.proposer, **options)
+    except BaseException:
+        for gw in gateways:
+            gw.stop()
+        raise
+    return RunEnv(run_dir=run_dir, cfg=cfg, frozen=frozen, splits=limit_splits(frozen.splits(), cfg.limit),
+                  snap=snap, gateway=gateway, agent_gateway=agent_gateway, ectx=ectx, proposer=proposer,
+                  progress=progress, started_at=float(read_run(run_dir).get("started_at") or time.time()))
+
+
+def restore_refs(snap: Snapshot, run_id: str, st: RunState) -> None:
+    """Re-set every journaled branch and ref from its sha (a kill may have come before a ref moved)."""
+    for c in st.candidates.values():
+        if c.sha and c.accepted:
+            snap.set_branch(branch_name(run_id, c.n), c.sha)
+        elif c.sha:
+            snap.set_ref(rejected_ref_name(run_id, c.n), c.sha)
+    if st.best is not None and st.best.sha:
+        snap.set_branch(branch_name(run_id, "best"), st.best.sha)
+
+
 def branch_name(run_id: str, n: int | str) -> str:
     """``pipemend/<run>/cand-<n>``, or ``pipemend/<run>/best``."""
     return f"pipemend/{run_id}/{'best' if n == 'best' else f'cand-{n}'}"
+
+
+def rejected_ref_name(run_id: str, n: int) -> str:
+    """``refs/pipemend/<run>/rejected/<n>``: a rejected candidate's commit (not a branch)."""
+    return f"refs/pipemend/{run_id}/rejected/{n}"
 
 
 def call_log_stats(run_dir: Path) -> dict[str, Any]:

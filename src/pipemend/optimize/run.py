@@ -18,7 +18,7 @@ from ..report import render_report
 from ..rundir import create_run_dir, finish_run, new_run_id, read_run, update_run
 from . import loop
 from .config import CandidateSummary, OptimizeConfig, OptimizeSummary, proposer_options
-from .env import RunEnv, branch_name, call_log_stats
+from .env import RunEnv, branch_name, call_log_stats, open_env
 
 
 def run_optimize(cfg: OptimizeConfig, progress: Progress | None = None) -> OptimizeSummary:
@@ -73,7 +73,7 @@ def _drive(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> OptimizeSu
         return summarize(run_dir, cfg, st)
     env: RunEnv | None = None
     try:
-        env = RunEnv.open(run_dir, cfg, progress)
+        env = open_env(run_dir, cfg, progress)
         st = loop.run(env)
         summary = summarize(run_dir, cfg, st, env)
         atomic_write_json(run_dir / "summary.json", summary.model_dump(mode="json"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..errors import BUDGET_REASONS, BudgetExhausted, BudgetReason
+from ..errors import BudgetExhausted, BudgetReason
 
 StopReason = Literal["candidates", "hours", "budget", "ideas"]
 Action = Literal["skip_candidate", "stop_run"]
