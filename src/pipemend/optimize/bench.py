@@ -9,6 +9,7 @@ latest train trace (this candidate's runs first, then the base's train run);
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +20,34 @@ from ..fsutil import read_json
 from .env import RunEnv
 
 
+@dataclass
 class TrainBench:
-    def __init__(self, env: RunEnv, *, n: int, worktree: Path, base_sha: str, base_train_dir: Path,
-                 base_diagnosis: dict[str, Any]):
-        self.env = env
-        self.n = n
-        self.worktree = worktree
-        self.base_sha = base_sha
-        self.base_train_dir = base_train_dir
-        self.base_diagnosis = base_diagnosis
-        self.train = env.splits["train"]
-        self.by_id = {ex.id: ex for ex in self.train}
-        self.runs: list[tuple[Path, list[Example]]] = []
-        """This candidate's train runs so far: (eval dir, examples)."""
+    env: RunEnv
+    n: int
+    """The candidate."""
+    worktree: Path
+    base_sha: str
+    base_train_dir: Path
+    """The base's train evaluation (its traces answer ``trace`` before the candidate's first run)."""
+    base_diagnosis: dict[str, Any]
+    runs: list[tuple[Path, list[Example]]] = field(default_factory=list)
+    """This candidate's train runs so far: (eval dir, examples)."""
+
+    @property
+    def train(self) -> list[Example]:
+        return self.env.splits["train"]
+
+    @property
+    def by_id(self) -> dict[str, Example]:
+        return {ex.id: ex for ex in self.train}
 
     def run(self, ids: list[str] | None) -> list[dict[str, Any]]:
         """Scored rows of the candidate on these train ids (all of train when None)."""
-        unknown = [i for i in ids or [] if i not in self.by_id]
+        by_id = self.by_id
+        unknown = [i for i in ids or [] if i not in by_id]
         if unknown:
             raise UsageError(f"not train example ids: {', '.join(unknown[:5])}")
-        exs = self.train if ids is None else [self.by_id[i] for i in ids]
+        exs = self.train if ids is None else [by_id[i] for i in ids]
         k = len(self.runs) + 1
         rel = f"candidates/{self.n}/train/{k}"
         rows = self.env.evaluate(f"cand-{self.n}-train-{k}", rel, self.base_sha, "train", worktree=self.worktree,
