@@ -63,6 +63,7 @@ class RandomKnobs:
 
 
 def run_one(label: str, proposer: str, args: argparse.Namespace, work: Path, cache: Path | None) -> dict[str, Any]:
+    from pipemend.cli.progress import RichProgress
     from pipemend.optimize import OptimizeConfig, run_optimize
 
     target = work / f"target-{label}"
@@ -73,7 +74,8 @@ def run_one(label: str, proposer: str, args: argparse.Namespace, work: Path, cac
                          cache_dir=str(cache) if cache else None,
                          proposer_options={"seed": args.seed} if proposer.endswith(":RandomKnobs") else {})
     t0 = time.perf_counter()
-    s = run_optimize(cfg, console=Console(stderr=True))
+    with RichProgress(Console(stderr=True)) as progress:
+        s = run_optimize(cfg, progress)
     return {"label": label, "summary": s, "wall_s": time.perf_counter() - t0}
 
 

@@ -308,3 +308,33 @@ def test_doctor_prints_one_row_per_check(monkeypatch) -> None:
     assert {"docker engine", "bwrap", "process", "local model", "anthropic key", "claude-code proposer"} <= set(by_name)
     assert not by_name["anthropic key"]["ok"] and "ANTHROPIC_API_KEY" in by_name["anthropic key"]["fix"]
     assert by_name["process"]["ok"] and "NOT isolate" in by_name["process"]["detail"]
+
+def test_a_finished_evaluation_is_reused_only_under_its_own_key(tmp_path: Path) -> None:
+    from pipemend.dataset import Example
+    from pipemend.evaluate import EvalKey, remember, reuse
+
+    exs = [Example(id="a", inputs={}, expected="x"), Example(id="b", inputs={}, expected="y")]
+    key = EvalKey.of(sha="abc", diff="", split="val", examples=exs, model="m")
+    out = tmp_path / "evals" / "val"
+    assert reuse(out, key) is None  # nothing there yet
+    out.mkdir(parents=True)
+    (out / "scored.jsonl").write_text('{"id": "a", "score": 1}\n{"id": "b", "score": 0}\n')
+    (out / "outcome.json").write_text("{}")
+    assert reuse(out, key) is None and not out.exists(), "an evaluation never marked finished is cleared"
+    out.mkdir(parents=True)
+    (out / "scored.jsonl").write_text('{"id": "a", "score": 1}\n')
+    (out / "outcome.json").write_text("{}")
+    remember(out, key)
+    assert reuse(out, key) == [{"id": "a", "score": 1}]
+    other = EvalKey.of(sha="abc", diff="+ a change", split="val", examples=exs, model="m")
+    assert other != key and reuse(out, other) is None and not out.exists()
+    assert not (tmp_path / "evals" / "val.key.json").exists()
+
+
+def test_the_gateway_socket_path_stays_short(tmp_path: Path) -> None:
+    from pipemend.evaluate import gateway_socket_path
+
+    assert gateway_socket_path(tmp_path) == tmp_path / "gateway" / "gateway.sock"
+    deep = tmp_path / ("x" * 120)
+    long = gateway_socket_path(deep)
+    assert len(str(long)) < 100 and long.parent == Path("/tmp") and long == gateway_socket_path(deep)

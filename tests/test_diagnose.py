@@ -15,8 +15,8 @@ from pipemend.diagnose import (
     diagnose_example,
     load_thresholds,
     recommend,
-    render_diagnosis,
 )
+from pipemend.cli.render import render_diagnosis
 from pipemend.errors import ConfigError, UsageError
 from pipemend.fsutil import append_jsonl
 

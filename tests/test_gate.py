@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipemend import gate
-from pipemend.dataset import Example
+from pipemend.dataset import Example, load_splits
 from pipemend.manifest import Gates, load_manifest
 from pipemend.metrics import metric_fingerprint
 from pipemend.sandbox.worktrees import _git, snapshot_target
@@ -28,46 +28,46 @@ def _rows(scores, cost=0.0, latency=1.0, prefix="v"):
 
 def test_compare_accepts_a_clear_paired_improvement():
     out = gate.compare(_rows([0, 0, 0, 0, 1, 1, 1, 1]), _rows([1, 1, 1, 0, 1, 1, 1, 1]), Gates())
-    assert out["reasons"] == []
-    assert out["delta"] == pytest.approx(3 / 8)
-    assert out["fixed"] == ["v0", "v1", "v2"] and out["regressions"] == []
-    assert out["bootstrap"]["prob_positive"] >= 0.9 and out["ci_low"] <= out["delta"] <= out["ci_high"]
+    assert gate.texts(out.reasons) == []
+    assert out.delta == pytest.approx(3 / 8)
+    assert out.fixed == ["v0", "v1", "v2"] and out.regressions == []
+    assert out.bootstrap["prob_positive"] >= 0.9 and out.ci_low <= out.delta <= out.ci_high
 
 
 def test_compare_counts_regressions_by_id():
     out = gate.compare(_rows([1, 1, 0, 0, 0, 0]), _rows([0, 1, 1, 1, 1, 1]), Gates(max_regressions=0))
-    assert out["regressions"] == ["v0"]
-    assert any("1 regression(s) > max_regressions 0: v0" in r for r in out["reasons"])
-    assert gate.compare(_rows([1, 1, 0, 0, 0, 0]), _rows([0, 1, 1, 1, 1, 1]), Gates(max_regressions=1))["reasons"] == []
+    assert out.regressions == ["v0"]
+    assert any("1 regression(s) > max_regressions 0: v0" in r for r in gate.texts(out.reasons))
+    assert gate.compare(_rows([1, 1, 0, 0, 0, 0]), _rows([0, 1, 1, 1, 1, 1]), Gates(max_regressions=1)).reasons == []
 
 
 def test_compare_refuses_small_or_unconfident_gains():
     one_of_eight = gate.compare(_rows([0] * 8), _rows([1] + [0] * 7), Gates(min_delta=0.01, confidence=0.9))
-    assert any("not confident" in r for r in one_of_eight["reasons"])
+    assert any("not confident" in r for r in gate.texts(one_of_eight.reasons))
     tiny = gate.compare(_rows([0] * 10), _rows([0.1] * 10), Gates(min_delta=0.2))
-    assert any("below min_delta" in r for r in tiny["reasons"])
+    assert any("below min_delta" in r for r in gate.texts(tiny.reasons))
     same = gate.compare(_rows([1, 0, 1]), _rows([1, 0, 1]), Gates(min_delta=0.0))
-    assert same["reasons"], "an identical candidate is never accepted"
+    assert gate.texts(same.reasons), "an identical candidate is never accepted"
 
 
 def test_compare_sign_test():
     out = gate.compare(_rows([0] * 8), _rows([1] * 6 + [0] * 2), Gates(test="sign", confidence=0.95))
-    assert out["sign_test"]["wins"] == 6 and out["reasons"] == []
+    assert out.sign_test["wins"] == 6 and gate.texts(out.reasons) == []
     weak = gate.compare(_rows([0] * 8), _rows([1] * 2 + [0] * 6), Gates(test="sign", confidence=0.95))
-    assert any("sign test" in r for r in weak["reasons"])
+    assert any("sign test" in r for r in gate.texts(weak.reasons))
 
 
 def test_cost_and_latency_ratios():
     base, better = [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]
     dear = gate.compare(_rows(base, cost=0.01), _rows(better, cost=0.02), Gates(max_cost_ratio=1.5))
-    assert dear["cost"]["ratio"] == pytest.approx(2.0) and any("cost ratio" in r for r in dear["reasons"])
+    assert dear.cost["ratio"] == pytest.approx(2.0) and any("cost ratio" in r for r in gate.texts(dear.reasons))
     free_base = gate.compare(_rows(base, cost=0.0), _rows(better, cost=0.02), Gates())
-    assert free_base["cost"]["ratio"] is None and free_base["reasons"] == []
+    assert free_base.cost["ratio"] is None and gate.texts(free_base.reasons) == []
     slow = gate.compare(_rows(base, latency=1.0), _rows(better, latency=2.0), Gates())
-    assert any("latency ratio" in r for r in slow["reasons"])
+    assert any("latency ratio" in r for r in gate.texts(slow.reasons))
     # milliseconds of timer noise on a fast pipeline are not a latency regression
     noise = gate.compare(_rows(base, latency=0.001), _rows(better, latency=0.003), Gates())
-    assert noise["reasons"] == []
+    assert gate.texts(noise.reasons) == []
 
 
 def test_average_repeats_means_per_example():
@@ -121,8 +121,6 @@ def repo_target(tmp_path):
 def _check(snap, wt):
     target = Path(snap.repo) / snap.target_subdir
     manifest = load_manifest(target, check_files=False)
-    from pipemend.dataset import load_splits
-
     diff, changed = snap.diff(wt, snap.base_branch), snap.changed_files(wt, snap.base_branch)
 
     def base_text(path):
@@ -153,7 +151,7 @@ def test_a_clean_config_change_passes(repo_target):
     ("not_editable", "notes.md: not an editable path"),
     ("paste", "label leak"),
     ("hardcode", "label leak"),
-    ("ids", "val/test example id(s) val-greece"),
+    ("ids", "val/test example id(s) (hard-coded outputs): val-greece"),
     ("copy_metric", "copies the metric's logic"),
 ])
 def test_adversarial_diffs_are_refused(repo_target, attack, reason):
@@ -181,7 +179,7 @@ def test_adversarial_diffs_are_refused(repo_target, attack, reason):
     elif attack == "copy_metric":
         (t / "pipeline.py").write_text((t / "pipeline.py").read_text()
                                        + '\n\ndef n(value):\n    return " ".join(str(value).lower().replace(".", " ").split())\n')
-    reasons = _check(snap, wt)
+    reasons = gate.texts(_check(snap, wt))
     assert any(reason in r for r in reasons), reasons
 
 
@@ -214,4 +212,44 @@ def test_verdict_json_has_its_numbers_and_an_aggregate_view(tmp_path):
     agg = v.aggregates()
     assert agg["stats"]["regressions"] == 1 and "v0" not in json.dumps(agg)
     nothing = gate.decide(4, changed=[], static_reasons=[], stats=None, gates=Gates())
-    assert nothing.reasons == ["the proposal changed no file"]
+    assert gate.texts(nothing.reasons) == ["the proposal changed no file"]
+    assert nothing.to_json()["stats"] is None and nothing.aggregates()["stats"] == {}
+
+
+def test_verdict_json_keeps_the_keys_the_report_reads(tmp_path):
+    stats = gate.compare(_rows([0, 0, 0, 0, 1, 1, 1, 1]), _rows([1, 1, 1, 0, 1, 1, 1, 1]), Gates())
+    data = gate.decide(1, changed=["a"], static_reasons=[], stats=stats, gates=Gates()).to_json()
+    assert list(data) == ["format", "candidate", "accepted", "reasons", "changed_files", "static_reasons", "stats",
+                          "gates"]
+    assert data["accepted"] and data["reasons"] == []
+    assert {"n", "base_mean", "cand_mean", "delta", "ci_low", "ci_high", "regressions", "fixed", "cost", "latency",
+            "reasons", "bootstrap", "test"} == set(data["stats"])
+    sign = gate.compare(_rows([0] * 8), _rows([1] * 6 + [0] * 2), Gates(test="sign")).to_json()
+    assert "sign_test" in sign and "ci_low" not in sign and "bootstrap" not in sign
+
+
+def test_a_reason_keeps_example_ids_apart_from_its_text():
+    r = gate.Reason("regressions", "2 regression(s) > max_regressions 0", ("v0", "v7"))
+    assert str(r) == "2 regression(s) > max_regressions 0: v0, v7" and "v0" not in r.text
+    many = gate.Reason("label_leak", "x.txt: adds 12 val/test expected answer(s) (label leak)",
+                       tuple(f"q{i:02d}" for i in range(12)))
+    assert str(many).endswith("q09 (+2 more)") and "q10" not in str(many)
+    assert str(gate.Reason("cost", "cost ratio 2.00 > max_cost_ratio 1.5")) == "cost ratio 2.00 > max_cost_ratio 1.5"
+
+
+def test_what_a_proposer_sees_never_names_a_val_example(repo_target):
+    """Every reason that names examples (leaks, id tables, regressions) drops them in ``aggregates``."""
+    snap, wt, t = repo_target
+    (t / "prompts" / "sentence.txt").write_text("Capitals you know: Athens, Warsaw. Fact: {fact}\n")
+    (t / "pipeline.py").write_text((t / "pipeline.py").read_text() + '\nSKIP = ["val-greece", "val-poland"]\n')
+    static = _check(snap, wt)
+    assert {r.code for r in static} >= {"label_leak", "example_ids"}
+    assert any("val-greece" in str(r) for r in static), gate.texts(static)
+    stats = gate.compare(_rows([1, 1, 0, 0]), _rows([0, 0, 1, 1]), Gates(max_regressions=0))
+    assert any(r.code == "regressions" and r.example_ids == ("v0", "v1") for r in stats.reasons)
+    v = gate.decide(5, changed=["targets/tinyqa/pipeline.py"], static_reasons=static, stats=stats, gates=Gates())
+    full, seen = json.dumps(v.to_json()), json.dumps(v.aggregates())
+    assert "val-greece" in full and '"v0"' in full
+    for example_id in ("val-greece", "val-poland", '"v0"', '"v1"'):
+        assert example_id not in seen, example_id
+    assert "regression(s) > max_regressions 0" in seen and "label leak" in seen

@@ -19,9 +19,12 @@ sys.path.insert(0, str(FIXTURES))
 
 import optimize_harness  # noqa: E402
 
-from pipemend.errors import UsageError  # noqa: E402
+from pipemend.cli.optimize import print_summary  # noqa: E402
+from pipemend.errors import BUDGET_REASONS, BudgetExhausted, UsageError  # noqa: E402
 from pipemend.fsutil import read_json, read_jsonl  # noqa: E402
-from pipemend.optimize import OptimizeConfig, resume, run_optimize  # noqa: E402
+from pipemend.optimize import OptimizeConfig, ladder_change, resume, run_optimize  # noqa: E402
+from pipemend.optimize.stops import ON_BUDGET, StopRun, check_limits, on_budget  # noqa: E402
+from pipemend.proposers.budget import ProposerBudgetExhausted  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,8 +40,8 @@ def _cfg(tmp_path, target, steps, **kw):
                           reports_dir=str(tmp_path / "reports"), budget_usd=1.0, **kw)
 
 
-def _run(cfg, out=None):
-    return run_optimize(cfg, console=Console(file=out or io.StringIO(), width=200))
+def _run(cfg, progress=None):
+    return run_optimize(cfg, progress or optimize_harness.RecordingProgress())
 
 
 def _git(repo, *args):
@@ -51,8 +54,8 @@ def _refs(repo, run_id):
 
 
 def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
-    out = io.StringIO()
-    s = _run(_cfg(tmp_path, target, ["short", "sentence"]), out)
+    progress = optimize_harness.RecordingProgress()
+    s = _run(_cfg(tmp_path, target, ["short", "sentence"]), progress)
     repo = tmp_path / "repo"
     assert s.status == "done" and s.stop_reason == "the proposer is out of ideas"
     assert [c.accepted for c in s.candidates] == [True, False]
@@ -91,11 +94,28 @@ def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
     assert "pipemend/t1/cand-1" in html and "refs/pipemend/t1/rejected/2" in html
     assert (run_dir / "candidates" / "1" / "index.html").is_file()
     assert "pipemend/t1/cand-1" in (run_dir / "report.md").read_text()
-    # the console ends with what is left: failures per rung before and after
+    # what is left: failures per rung before and after, which the CLI prints under its summary table
     before = read_json(run_dir / "diagnosis.json")["counts"]
     after = read_json(run_dir / "candidates" / "1" / "diagnosis.json")["counts"]
     assert before["prompt"] > after["prompt"] == 0
+    assert ladder_change(run_dir, 1).startswith(f"prompt {before['prompt']} → 0, retrieval")
+    out = io.StringIO()
+    print_summary(Console(file=out, width=200), s)
     assert f"baseline → best: prompt {before['prompt']} → 0, retrieval" in out.getvalue()
+    assert "cand-1 accepted" in out.getvalue() and "pipemend/t1/cand-1" in out.getvalue()
+    # the loop told its caller what it did, through the Progress callback only
+    done = progress.events("candidate_done")
+    assert [(e["n"], e["accepted"]) for e in done] == [(1, True), (2, False)]
+    assert done[0]["val_score"] == 1.0 and done[0]["delta"] == 1.0 and done[0]["reasons"] == []
+    assert any("regression" in r for r in done[1]["reasons"])
+    assert [e["split"] for e in progress.events("diagnosis")] == ["train"]
+    assert progress.events("diagnosis")[0]["diagnosis"]["counts"] == before
+    logs = progress.texts("log")
+    assert logs[0] == "baseline: train 0.000, val 0.000" and logs[-1] == "loop stopped: the proposer is out of ideas"
+    statuses = progress.texts("status")
+    assert "candidate 1: proposing · best val 0.000 · spent $0.0000" in statuses
+    assert any(t.startswith("candidate 2: val · best val 1.000") for t in statuses), statuses
+    assert any(t.startswith("test split: candidate 1") for t in statuses)
 
 
 @pytest.mark.parametrize("attack, reason", [
@@ -147,6 +167,42 @@ def test_stops_on_candidate_count_time_and_budget(tmp_path, target):
     assert s.stop_reason.startswith("budget") and s.best["test"] == 1.0
 
 
+def test_a_proposer_out_of_its_own_budget_costs_only_its_candidate(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["spent", "short"]))
+    assert [c.accepted for c in s.candidates] == [False, True] and s.stop_reason == "the proposer is out of ideas"
+    assert s.candidates[0].reasons == ["budget exhausted while proposing: proposer budget exhausted (turns): 40/40 turns"]
+    assert s.candidates[0].ref is not None  # its partial edit is kept as a rejected ref, never evaluated
+    run_dir = Path(s.run_dir)
+    assert read_json(run_dir / "candidates" / "1" / "proposal.json")["agent_turns"] == 40
+    assert not (run_dir / "candidates" / "1" / "evals").exists()
+
+
+def test_one_table_says_what_each_spent_budget_does():
+    assert set(ON_BUDGET) == set(BUDGET_REASONS)
+    assert {r for r, action in ON_BUDGET.items() if action == "skip_candidate"} == {"turns", "tokens", "usd", "time"}
+    assert on_budget(ProposerBudgetExhausted("tokens", "spent")) == "skip_candidate"
+    assert on_budget(ProposerBudgetExhausted("gateway", "the agent gateway refused")) == "stop_run"
+    assert on_budget(BudgetExhausted("the run's gateway refused")) == "stop_run"  # a plain one is the run's budget
+    assert StopRun.from_budget(BudgetExhausted("out")).message == "budget: out"
+    with pytest.raises(ValueError, match="budget reason 'coins'"):
+        BudgetExhausted("x", reason="coins")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw, reason, text", [
+    ({"done": 3}, "candidates", "candidate limit reached (3 of 3)"),
+    ({"elapsed_s": 7200.0}, "hours", "time limit reached (2 h)"),
+    ({"spent_usd": 0.8}, "budget", "budget spent ($0.8000 of $1.00, 20% kept for the test split)"),
+])
+def test_stop_rules(kw, reason, text):
+    limits = {"done": 0, "max_candidates": 3, "elapsed_s": 0.0, "hours": 2.0, "spent_usd": 0.0, "budget_usd": 1.0,
+              "test_reserve": 0.2}
+    check_limits(**limits)  # nothing reached yet
+    check_limits(**{**limits, "spent_usd": 0.79, "elapsed_s": 7199.0, "done": 2})
+    with pytest.raises(StopRun) as stop:
+        check_limits(**{**limits, **kw})
+    assert stop.value.reason == reason and stop.value.message == text
+
+
 def test_bad_config_is_a_usage_error_before_any_run_dir(tmp_path, target):
     with pytest.raises(UsageError):
         _run(_cfg(tmp_path, target.parent / "nope", ["short"]))
@@ -159,7 +215,7 @@ def test_bad_config_is_a_usage_error_before_any_run_dir(tmp_path, target):
 
 def test_resume_of_a_finished_run_returns_its_summary(tmp_path, target):
     s = _run(_cfg(tmp_path, target, ["short"]))
-    again = resume(s.run_dir, console=Console(file=io.StringIO()))
+    again = resume(s.run_dir)
     assert again.best == s.best and again.status == "done"
 
 
@@ -256,8 +312,8 @@ def test_a_run_is_driven_by_one_process_at_a_time(tmp_path, target):
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process driving it
     try:
         with pytest.raises(UsageError, match="another pipemend process is driving this run"):
-            resume(run_dir, console=Console(file=io.StringIO()))
+            resume(run_dir)
     finally:
         os.close(fd)
-    assert resume(run_dir, console=Console(file=io.StringIO())).status == "done"
+    assert resume(run_dir).status == "done"
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
@@ -15,15 +14,12 @@ sys.path.insert(0, str(FIXTURES))
 
 import optimize_harness  # noqa: E402
 
-from pipemend import cli_optimize  # noqa: E402
+from pipemend.cli import app  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("optimize")(cli_optimize.optimize)
-    app.command("resume")(cli_optimize.resume)
+def _app():
     return app
 
 
@@ -50,3 +46,13 @@ def test_optimize_prints_a_json_summary(tmp_path):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["format"] == "pipemend-optimize-summary-1" and summary["stop_reason"].startswith("candidate limit")
     assert summary["baseline"] == {"train": 0.0, "val": 0.0, "test": 0.0}
+
+
+def test_one_mapping_from_errors_to_exit_codes():
+    from pipemend.cli import exit_code
+    from pipemend.errors import BudgetExhausted, ConfigError, RunFailed, SandboxUnavailable, UsageError
+
+    assert exit_code(UsageError("x")) == exit_code(ConfigError("f", "k", "bad")) == 2
+    assert exit_code(SandboxUnavailable("no docker")) == 2
+    assert exit_code(RunFailed("x")) == exit_code(BudgetExhausted("spent")) == 1
+    assert exit_code(ValueError("a bug")) is None  # a bug keeps its traceback

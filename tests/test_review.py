@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "runs"))
 from runbuilder import PROMPT, build_run, git  # noqa: E402
 
-from pipemend import cli_review  # noqa: E402
-from pipemend.cli import cli_command  # noqa: E402
+from pipemend.cli import app  # noqa: E402
 from pipemend.errors import UsageError  # noqa: E402
 from pipemend.review import apply_candidate, list_candidates, parse_candidate  # noqa: E402
 
@@ -156,10 +155,6 @@ def test_target_outside_git_refuses_when_a_changed_file_was_edited(tmp_path: Pat
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("report")(cli_command(cli_review.report))
-    app.command("branches")(cli_command(cli_review.branches))
-    app.command("apply")(cli_command(cli_review.apply))
     return app
 
 

@@ -28,15 +28,16 @@ whose share of the rung failures reaches ``min_share``, else the largest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .dataset import Example
+from .dataset import Example, FrozenTarget
 from .errors import ConfigError, UsageError
-from .fsutil import read_json, read_jsonl
+from .fsutil import atomic_write_json, read_json, read_jsonl
 from .manifest import RUNGS
 from .metrics import METRIC_ERROR_PREFIX, answer_text, expected_answers, normalize_answer
 
@@ -97,6 +98,10 @@ class Diagnosis(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return {"format": DIAGNOSIS_FORMAT, **self.model_dump(mode="json")}
+
+    def brief(self) -> dict[str, Any]:
+        """Counts per rung and the recommendation (``eval --json``'s ``diagnosis``, the journal's event)."""
+        return {"counts": {r: int(self.counts.get(r, 0)) for r in RUNGS}, "recommended": self.recommended}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Diagnosis":
@@ -388,37 +393,58 @@ def diagnose_eval_dir(
     return diagnose(rows, examples, traces, thresholds)
 
 
-# --------------------------------------------------------------------------- rendering
+# --------------------------------------------------------------------------- a run's evaluations
 
 
-def render_diagnosis(d: Diagnosis, *, max_ids: int = 5) -> Any:
-    """A rich table (rung, count, share, first example ids) and a line with the recommendation."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
+def primary_split(splits: list[str]) -> str:
+    """The split whose diagnosis is the run's: val when evaluated (the split the gate optimizes), else the first."""
+    return "val" if "val" in splits else splits[0]
 
-    table = Table(title=f"Failure ladder: {d.n_failed} of {d.n_examples} examples failed")
-    table.add_column("rung")
-    table.add_column("count", justify="right")
-    table.add_column("share", justify="right")
-    table.add_column("examples")
-    shares = d.shares()
 
-    def ids_cell(ids: list[str]) -> str:
-        more = f" (+{len(ids) - max_ids})" if len(ids) > max_ids else ""
-        return ", ".join(ids[:max_ids]) + more
+def diagnose_run(run_dir: Path, evals: dict[str, Path], frozen: FrozenTarget,
+                 thresholds: LadderThresholds | None = None) -> tuple[Diagnosis, dict[str, Diagnosis]]:
+    """Diagnose each split's eval dir on its own; write ``evals/<x>/diagnosis.json`` and the run's ``diagnosis.json``.
 
-    for rung in RUNGS:
-        style = "bold" if rung == d.recommended else ""
-        table.add_row(rung, str(d.counts.get(rung, 0)), f"{shares[rung]:.0%}", ids_cell(d.ids.get(rung, [])),
-                      style=style)
-    if d.errors:
-        table.add_row("error", str(d.errors), "-", ids_cell(d.error_ids), style="red")
-    if d.recommended:
-        line = Text(f"Next: try the {d.recommended} rung "
-                    f"(cheapest rung with ≥ {d.thresholds.min_share:.0%} of failures, else the largest).")
-    elif d.errors:
-        line = Text("Next: fix the runner errors; no example failed on a ladder rung.")
-    else:
-        line = Text("Nothing failed: no rung to recommend.")
-    return Group(table, line)
+    Per split, because the failure mix differs between splits and the ladder's
+    recommendation is read against the split one optimizes on: the run-level
+    ``diagnosis.json`` is val's, or the only split's.
+    Returns ``(diagnosis of the primary split, {split: diagnosis})``.
+    """
+    by_id = frozen.examples_by_id()
+    per_split: dict[str, Diagnosis] = {}
+    for split, eval_dir in evals.items():
+        ids = [r["id"] for r in read_jsonl(eval_dir / "inputs.jsonl")]
+        d = diagnose_eval_dir(eval_dir, [by_id[i] for i in ids if i in by_id], thresholds)
+        atomic_write_json(eval_dir / "diagnosis.json", d.to_json())
+        per_split[split] = d
+    primary = per_split[primary_split(list(per_split))]
+    atomic_write_json(Path(run_dir) / "diagnosis.json", primary.to_json())
+    return primary, per_split
+
+
+@dataclass
+class Rediagnosis:
+    """``pipemend diagnose``: each split's ``summary.json`` and diagnosis, and the run's (primary) diagnosis."""
+
+    summaries: dict[str, dict[str, Any]]
+    diagnosis: Diagnosis
+    per_split: dict[str, Diagnosis]
+
+
+def rediagnose(run_dir: Path, thresholds: LadderThresholds | None = None) -> Rediagnosis:
+    """Re-diagnose an existing run from its frozen labels and its eval traces (one eval per split: the first
+    by name, e.g. ``baseline-val``)."""
+    frozen = FrozenTarget.open(run_dir)
+    evals: dict[str, Path] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for eval_dir in sorted((Path(run_dir) / "evals").glob("*/")):
+        if not (eval_dir / "summary.json").is_file():
+            continue
+        summary = read_json(eval_dir / "summary.json")
+        s = summary.get("split") or eval_dir.name
+        if s not in evals:
+            evals[s], summaries[s] = eval_dir, summary
+    if not evals:
+        raise UsageError(f"{run_dir}: no scored evaluations under evals/ (run `pipemend eval` first)")
+    primary, per_split = diagnose_run(run_dir, evals, frozen, thresholds)
+    return Rediagnosis(summaries=summaries, diagnosis=primary, per_split=per_split)

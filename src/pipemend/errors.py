@@ -7,6 +7,16 @@ The CLI maps ``UsageError`` (and its subclasses) to exit code 2 and
 
 from __future__ import annotations
 
+from typing import Any, Literal, get_args
+
+BudgetReason = Literal["turns", "tokens", "usd", "time", "gateway", "run"]
+"""Which limit a ``BudgetExhausted`` reports. A proposer's own limits for one candidate: ``turns``,
+``tokens``, ``usd`` (its agent dollars), ``time`` (its session's wall clock); ``gateway``: the agent-side
+gateway refused the proposer; ``run``: the run's pipeline budget (the gateway refused a pipeline call).
+What each one does to the optimize loop is one table: ``pipemend.optimize.stops.ON_BUDGET``."""
+
+BUDGET_REASONS: tuple[str, ...] = get_args(BudgetReason)
+
 
 class PipemendError(Exception):
     """Base class of every error pipemend raises on purpose."""
@@ -40,7 +50,18 @@ class RunFailed(PipemendError):
 
 
 class BudgetExhausted(PipemendError):
-    """A token, dollar, evaluation, time or turn budget is spent."""
+    """A token, dollar, evaluation, time or turn budget is spent.
+
+    ``reason`` says which (``BudgetReason``; default ``run``, the run's own budget); ``meta`` is what the
+    optimize loop records with the candidate when a proposer ran out (turns, tokens, dollars, transcript).
+    """
+
+    def __init__(self, message: str, *, reason: BudgetReason = "run", meta: dict[str, Any] | None = None):
+        if reason not in BUDGET_REASONS:
+            raise ValueError(f"budget reason {reason!r}: expected one of {', '.join(BUDGET_REASONS)}")
+        self.reason: BudgetReason = reason
+        self.meta: dict[str, Any] = dict(meta or {})
+        super().__init__(message)
 
 
 class SandboxUnavailable(PipemendError):

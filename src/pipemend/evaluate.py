@@ -1,4 +1,4 @@
-"""The one choke point that runs a split in a sandbox and scores it.
+"""The one choke point that runs a split in a sandbox and scores it, and the ``eval`` flow.
 
 ``evaluate`` seals the examples (id and inputs only cross into the sandbox,
 and the sandbox masks the target's data and metric files: ``SandboxJob.hidden``),
@@ -6,21 +6,34 @@ runs the runner through the sandbox, then scores on the host with the labels
 and metric of the run's frozen copy, whatever the caller handed in. Nothing
 else in pipemend scores. A dead sandbox is data: the examples it did not
 finish score 0; ``evaluate`` itself does not raise for it.
+
+``EvalKey`` / ``reuse`` / ``remember``: a finished evaluation is read back
+from disk when its key (commit, diff, split, example ids, model) matches, so a
+resumed run pays for nothing twice. ``run_eval`` is ``pipemend eval``: freeze,
+gateway, evaluate the splits, diagnose; the CLI only presents its result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from .dataset import Example, FrozenTarget
+from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_splits, load_splits
+from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
-from .fsutil import atomic_write_json, atomic_write_text
-from .protocols import Sandbox, SandboxJob, SandboxOutcome
+from .fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .gateway import Gateway, GatewayConfig
+from .manifest import MANIFEST_NAME, load_manifest
+from .protocols import NullProgress, Progress, Sandbox, SandboxJob, SandboxOutcome
+from .rundir import create_run_dir, finish_run, journal, new_run_id
+from .sandbox import get_sandbox
+from .scoring import score_results, write_eval
 
 OUTCOME_FORMAT = "pipemend-outcome-1"
 POLL_S = 0.25
@@ -82,9 +95,6 @@ def _hidden(manifest: Any, target_dir: Path, run_dir: Path) -> list[str]:
     root (its objects hold the data too); and the folder of pipemend's run
     directories (frozen data, scores) when it lies inside the target folder.
     """
-    from .dataset import frozen_files
-    from .manifest import MANIFEST_NAME
-
     hidden = [f for f in frozen_files(manifest) if f != MANIFEST_NAME]
     if (target_dir / ".git").is_dir():
         hidden.append(".git")
@@ -140,8 +150,6 @@ def evaluate(
     ``results.jsonl`` and ``traces/``, then ``scored.jsonl``, ``summary.json``
     and ``outcome.json`` (how the sandbox ended).
     """
-    from .scoring import score_results, write_eval
-
     frozen_by_id = ctx.frozen.examples_by_id()
     unknown = [ex.id for ex in examples if ex.id not in frozen_by_id]
     if unknown:
@@ -188,3 +196,151 @@ def evaluate(
         "stdout_tail": outcome.stdout_tail[-4000:], "stderr_tail": outcome.stderr_tail[-4000:],
     })
     return EvalResult(name=name, split=split, out_dir=out_dir, rows=rows, summary=summary, outcome=outcome)
+
+
+# --------------------------------------------------------------------------- finished evaluations, reused from disk
+
+
+@dataclass(frozen=True)
+class EvalKey:
+    """What makes two evaluations the same: the commit, the diff on top of it, the split, the example ids
+    and the pipeline's model. Stored beside a finished evaluation as ``<out_dir>.key.json``."""
+
+    sha: str | None
+    diff: str
+    """sha256 of the diff text."""
+    split: str
+    ids: tuple[str, ...]
+    model: str
+
+    @classmethod
+    def of(cls, *, sha: str | None, diff: str, split: str, examples: Sequence[Example], model: str) -> EvalKey:
+        return cls(sha=sha, diff=hashlib.sha256(diff.encode()).hexdigest(), split=split,
+                   ids=tuple(ex.id for ex in examples), model=model)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha": self.sha, "diff": self.diff, "split": self.split, "ids": list(self.ids), "model": self.model}
+
+
+def _key_file(out_dir: Path) -> Path:
+    return out_dir.parent / f"{out_dir.name}.key.json"
+
+
+def reuse(out_dir: Path, key: EvalKey) -> list[dict[str, Any]] | None:
+    """The scored rows of a finished evaluation in ``out_dir`` with this key; otherwise None, and whatever
+    is there (a torn or different evaluation) is cleared for a fresh one."""
+    key_file = _key_file(out_dir)
+    if (out_dir / "outcome.json").is_file() and key_file.is_file() and read_json(key_file) == key.to_json():
+        return list(read_jsonl(out_dir / "scored.jsonl"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    key_file.unlink(missing_ok=True)
+    return None
+
+
+def remember(out_dir: Path, key: EvalKey) -> None:
+    """Mark the evaluation in ``out_dir`` finished (only one whose sandbox did not die is ever reused)."""
+    atomic_write_json(_key_file(out_dir), key.to_json())
+
+
+def gateway_socket_path(run_dir: Path) -> Path:
+    """The gateway's unix socket for isolated sandboxes: ``RUN_DIR/gateway/gateway.sock``, or a short
+    ``/tmp`` path named by the run dir's hash when that is too long for a socket address."""
+    path = Path(run_dir) / "gateway" / "gateway.sock"
+    if len(str(path)) < 100:
+        return path
+    return Path("/tmp") / f"pipemend-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]}.sock"
+
+
+# --------------------------------------------------------------------------- the eval flow
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
+SANDBOX_CHOICES = ("auto", "docker", "bwrap", "process")
+
+
+@dataclass
+class EvalRun:
+    """What ``run_eval`` did: per split its ``summary.json``, the diagnoses, and the splits whose sandbox died."""
+
+    run_dir: Path
+    summaries: dict[str, dict[str, Any]]
+    diagnosis: Diagnosis
+    """The run's diagnosis: val's when val was evaluated, else the only split's."""
+    per_split: dict[str, Diagnosis]
+    dead: list[str]
+    """``split: why`` for each split whose sandbox or runner died (its examples scored 0)."""
+
+
+def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    if value not in choices:
+        raise UsageError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def run_eval(target: Path, *, split: str = "val", limit: int | None = None, model: str | None = None,
+             sandbox: str = "auto", run_id: str | None = None, reports_dir: Path = Path("reports"),
+             thresholds: LadderThresholds | None = None, progress: Progress | None = None) -> EvalRun:
+    """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
+
+    Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
+    A dead sandbox is not an exception: the run ends ``failed`` and ``EvalRun.dead`` says why.
+    """
+    progress = progress or NullProgress()
+    check_choice(split, SPLIT_CHOICES, "--split")
+    if ":" not in sandbox:  # a dotted path `package.module:Class` is a plugin sandbox
+        check_choice(sandbox, SANDBOX_CHOICES, "--sandbox")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: expected a positive number of examples")
+    manifest = load_manifest(target)
+    load_splits(manifest, target)  # bad data is a usage error before any run directory exists
+    model = model or manifest.llm.model
+    target, reports_dir = Path(target).resolve(), Path(reports_dir).resolve()  # sandboxes run elsewhere
+    run_dir = create_run_dir(reports_dir, run_id or new_run_id("eval"), kind="eval", target=target, config={
+        "split": split, "limit": limit, "model": model, "sandbox": sandbox})
+    try:
+        result = _eval_splits(target, manifest, run_dir, split=split, limit=limit, model=model,
+                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress)
+    except BaseException as e:
+        finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finish_run(run_dir, "failed" if result.dead else "done",
+               scores={s: v.get("score") for s, v in result.summaries.items()},
+               **({"error": "; ".join(result.dead)} if result.dead else {}))
+    return result
+
+
+def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: int | None, model: str,
+                 sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress) -> EvalRun:
+    frozen = freeze_target(target, manifest, run_dir)
+    splits_all = frozen.splits()
+    journal(run_dir, "frozen", dir=str(frozen.dir), sizes={k: len(v) for k, v in splits_all.items()})
+    splits = limit_splits(splits_all, limit)
+    wanted = ["train", "val", "test"] if split == "all" else [split]
+    box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
+    progress.log(f"model: {model} (sandbox {box.name})")
+    gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir)))
+    gateway.start()
+    journal(run_dir, "gateway_started", url=gateway.url)
+    summaries: dict[str, dict[str, Any]] = {}
+    evals: dict[str, Path] = {}
+    dead: list[str] = []
+    try:
+        ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model)
+        for s in wanted:
+            examples = splits[s]
+            journal(run_dir, "eval_started", split=s, n=len(examples))
+            res = evaluate(ctx, name=s, worktree=target, target_subdir="", split=s, examples=examples,
+                           out_dir=run_dir / "evals" / s,
+                           progress=lambda done, total, s=s: progress.event("eval_progress", task=f"eval {s}",
+                                                                            done=done, total=total))
+            summaries[s], evals[s] = res.summary, res.out_dir
+            journal(run_dir, "eval_done", split=s, score=res.score, n=res.summary.get("n"),
+                    sandbox_error=res.outcome.error, returncode=res.outcome.returncode)
+            if res.failed_systemically and examples:
+                o = res.outcome
+                why = o.error or (o.stderr_tail.strip().splitlines() or [f"exit code {o.returncode}"])[-1]
+                dead.append(f"{s}: {why}")
+    finally:
+        gateway.stop()
+    primary, per_split = diagnose_run(run_dir, evals, frozen, thresholds)
+    journal(run_dir, "diagnosis", split=primary_split(list(evals)), **primary.brief())
+    return EvalRun(run_dir=run_dir, summaries=summaries, diagnosis=primary, per_split=per_split, dead=dead)

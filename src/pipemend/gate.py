@@ -26,23 +26,58 @@ legitimately written into instructions). "1887" pasted into a prompt is a leak.
 
 The frozen metric and data score every candidate, so editing the candidate's
 copies cannot raise its score; the static check still rejects such a diff.
+
+Every reason to refuse is a ``Reason(code, text, example_ids)``: ``text`` never
+names a val/test example, the ids ride apart, so what a proposer sees
+(``Verdict.aggregates``) drops them by construction; ``str(reason)`` is the
+full text (with ids) that verdict.json, the journal and the report show.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 from .fsutil import atomic_write_json
+from .manifest import Gates
+from .metrics import normalize_answer
 from .proposers.tools import matches_any  # the same globs the proposer's tools obey
+from .scoring import paired_bootstrap, sign_test
 
 VERDICT_FORMAT = "pipemend-verdict-1"
 RIGHT = 0.5
 """An example is "right" when its score is at least this (binary metrics: 1)."""
 LATENCY_FLOOR_S = 0.05
 """Latency ratios are judged only when the candidate is slower by more than this (timer noise)."""
+SHOWN_IDS = 10
+"""Example ids written into a reason's full text at most."""
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason to refuse a candidate.
+
+    ``code`` names the rule (``protected``, ``label_leak``, ``regressions``...), ``text`` says what is wrong
+    without naming any val/test example, ``example_ids`` are the examples concerned (kept out of what a
+    proposer sees). ``str()`` is the full text: ``text`` then ``: id, id, ...``.
+    """
+
+    code: str
+    text: str
+    example_ids: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.example_ids:
+            return self.text
+        more = len(self.example_ids) - SHOWN_IDS
+        return f"{self.text}: {', '.join(self.example_ids[:SHOWN_IDS])}" + (f" (+{more} more)" if more > 0 else "")
+
+
+def texts(reasons: Sequence[Reason]) -> list[str]:
+    """The full texts (verdict.json, the journal, the report)."""
+    return [str(r) for r in reasons]
 
 
 # --------------------------------------------------------------------------- the diff
@@ -78,8 +113,6 @@ def _symlinks_in_diff(diff: str) -> set[str]:
 
 
 def _normalize(text: str) -> str:
-    from .metrics import normalize_answer
-
     return normalize_answer(text)
 
 
@@ -141,30 +174,30 @@ def check_diff(
     sealed: Sealed,
     base_text: Callable[[str], str],
     metric_lines: Sequence[str] = (),
-) -> list[str]:
+) -> list[Reason]:
     """Reasons to refuse the diff without evaluating it; empty when it is clean.
 
     ``changed`` are repo-relative paths; ``base_text(path)`` is that file's text
     in the base ('' when new or binary).
     """
-    reasons: list[str] = []
+    reasons: list[Reason] = []
     prefix = PurePosixPath(target_subdir) if target_subdir not in ("", ".") else None
     symlinked = _symlinks_in_diff(diff)
     for path in changed:
         p = PurePosixPath(path)
         if p.is_absolute() or ".." in p.parts:
-            reasons.append(f"{path}: absolute path or '..' refused")
+            reasons.append(Reason("path", f"{path}: absolute path or '..' refused"))
             continue
         if prefix is not None and prefix not in p.parents:
-            reasons.append(f"{path}: outside the target folder {target_subdir}/")
+            reasons.append(Reason("outside_target", f"{path}: outside the target folder {target_subdir}/"))
             continue
         rel = str(p.relative_to(prefix)) if prefix is not None else str(p)
         if path in symlinked or _has_symlink(worktree, p):
-            reasons.append(f"{path}: symlinks are refused")
+            reasons.append(Reason("symlink", f"{path}: symlinks are refused"))
         elif matches_any(rel, protected):
-            reasons.append(f"{path}: protected file")
+            reasons.append(Reason("protected", f"{path}: protected file"))
         elif not matches_any(rel, editable):
-            reasons.append(f"{path}: not an editable path ({', '.join(editable)})")
+            reasons.append(Reason("not_editable", f"{path}: not an editable path ({', '.join(editable)})"))
 
     fingerprint = [ln.strip() for ln in metric_lines if ln.strip()]
     for path, lines in added_lines(diff).items():
@@ -174,14 +207,16 @@ def check_diff(
         leaked = sorted(a for a in sealed.answers if _contains_words(added_norm, a) and not _contains_words(base_norm, a))
         if leaked:
             ids = sorted({sealed.answers[a] for a in leaked})
-            reasons.append(f"{path}: adds {len(leaked)} val/test expected answer(s) (label leak; examples {', '.join(ids[:5])})")
+            reasons.append(Reason("label_leak", f"{path}: adds {len(leaked)} val/test expected answer(s) (label leak)",
+                                  tuple(ids)))
         added_raw = "\n".join(lines)
         ids = sorted(i for i in sealed.ids if _has_id(added_raw, i) and not _has_id(base, i))
         if ids:
-            reasons.append(f"{path}: mentions val/test example id(s) {', '.join(ids[:5])} (hard-coded outputs)")
+            reasons.append(Reason("example_ids", f"{path}: mentions {len(ids)} val/test example id(s) "
+                                                 "(hard-coded outputs)", tuple(ids)))
         copied = [f for f in fingerprint if f not in base and any(f in ln for ln in lines)]
         if copied:
-            reasons.append(f"{path}: copies the metric's logic ({copied[0]!r})")
+            reasons.append(Reason("metric_copy", f"{path}: copies the metric's logic ({copied[0]!r})"))
     return reasons
 
 
@@ -211,54 +246,98 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def compare(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], gates: Any, *, seed: int = 0) -> dict[str, Any]:
-    """The gate's numbers and its reasons to refuse (``reasons`` empty = the statistics accept)."""
-    from .scoring import paired_bootstrap, sign_test
+@dataclass
+class Comparison:
+    """The gate's numbers for candidate vs base on the same val examples, and its reasons to refuse
+    (``reasons`` empty: the statistics accept). ``to_json`` is verdict.json's ``stats``."""
 
+    n: int
+    base_mean: float
+    cand_mean: float
+    delta: float
+    test: str
+    regressions: list[str]
+    """Ids right in the base and wrong in the candidate."""
+    fixed: list[str]
+    """Ids wrong in the base and right in the candidate."""
+    cost: dict[str, Any]
+    latency: dict[str, Any]
+    reasons: list[Reason] = field(default_factory=list)
+    sign_test: dict[str, Any] | None = None
+    bootstrap: dict[str, Any] | None = None
+
+    @property
+    def ci_low(self) -> float | None:
+        return None if self.bootstrap is None else self.bootstrap["ci_low"]
+
+    @property
+    def ci_high(self) -> float | None:
+        return None if self.bootstrap is None else self.bootstrap["ci_high"]
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n, "base_mean": self.base_mean, "cand_mean": self.cand_mean,
+                               "delta": self.delta, "test": self.test}
+        if self.sign_test is not None:
+            out["sign_test"] = self.sign_test
+        if self.bootstrap is not None:
+            out["bootstrap"] = self.bootstrap
+            out["ci_low"], out["ci_high"] = self.ci_low, self.ci_high
+        return {**out, "regressions": list(self.regressions), "fixed": list(self.fixed), "cost": self.cost,
+                "latency": self.latency, "reasons": texts(self.reasons)}
+
+    def aggregates(self) -> dict[str, Any]:
+        """``to_json`` without example ids: regressions and fixed as counts, reasons as their id-free text."""
+        return {**self.to_json(), "regressions": len(self.regressions), "fixed": len(self.fixed),
+                "reasons": [r.text for r in self.reasons]}
+
+
+def compare(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], gates: Gates, *,
+            seed: int = 0) -> Comparison:
+    """The gate's numbers and its reasons to refuse."""
     ids, base, cand = _paired(base_rows, cand_rows)
     n = len(ids)
     delta = _mean(cand) - _mean(base)
-    out: dict[str, Any] = {"n": n, "base_mean": _mean(base), "cand_mean": _mean(cand), "delta": delta, "test": gates.test}
-    reasons: list[str] = []
+    reasons: list[Reason] = []
+    sign = boot = None
     if gates.test == "sign":
-        st = sign_test(base, cand)
-        out["sign_test"] = st
-        confident = st["p_value"] <= 1.0 - gates.confidence
-        conf_text = f"sign test p={st['p_value']:.3f} > {1 - gates.confidence:.3f}"
+        sign = sign_test(base, cand)
+        confident = sign["p_value"] <= 1.0 - gates.confidence
+        conf_text = f"sign test p={sign['p_value']:.3f} > {1 - gates.confidence:.3f}"
     else:
-        bs = paired_bootstrap(base, cand, confidence=gates.confidence, seed=seed)
-        out["bootstrap"] = bs
-        out["ci_low"], out["ci_high"] = bs["ci_low"], bs["ci_high"]
-        confident = bs["prob_positive"] >= gates.confidence
-        conf_text = f"P(delta > 0) = {bs['prob_positive']:.3f} < {gates.confidence}"
+        boot = paired_bootstrap(base, cand, confidence=gates.confidence, seed=seed)
+        confident = boot["prob_positive"] >= gates.confidence
+        conf_text = f"P(delta > 0) = {boot['prob_positive']:.3f} < {gates.confidence}"
     if n == 0:
-        reasons.append("no val examples to compare")
+        reasons.append(Reason("no_examples", "no val examples to compare"))
     if delta < gates.min_delta:
-        reasons.append(f"val delta {delta:+.4f} below min_delta {gates.min_delta}")
+        reasons.append(Reason("min_delta", f"val delta {delta:+.4f} below min_delta {gates.min_delta}"))
     elif not confident:
-        reasons.append(f"improvement not confident: {conf_text}")
+        reasons.append(Reason("not_confident", f"improvement not confident: {conf_text}"))
 
     regressions = [i for i, b, c in zip(ids, base, cand) if b >= RIGHT and c < RIGHT]
     fixed = [i for i, b, c in zip(ids, base, cand) if b < RIGHT and c >= RIGHT]
-    out["regressions"], out["fixed"] = regressions, fixed
     if len(regressions) > gates.max_regressions:
-        reasons.append(f"{len(regressions)} regression(s) > max_regressions {gates.max_regressions}: {', '.join(regressions[:10])}")
+        reasons.append(Reason("regressions", f"{len(regressions)} regression(s) > max_regressions "
+                                             f"{gates.max_regressions}", tuple(regressions)))
 
     base_cost = sum(float(r.get("cost_usd") or 0.0) for r in base_rows)
     cand_cost = sum(float(r.get("cost_usd") or 0.0) for r in cand_rows)
     cost_ratio = cand_cost / base_cost if base_cost > 0 else None
-    out["cost"] = {"base_usd": base_cost, "cand_usd": cand_cost, "ratio": cost_ratio, "max_ratio": gates.max_cost_ratio}
+    cost = {"base_usd": base_cost, "cand_usd": cand_cost, "ratio": cost_ratio, "max_ratio": gates.max_cost_ratio}
     if cost_ratio is not None and cost_ratio > gates.max_cost_ratio:
-        reasons.append(f"cost ratio {cost_ratio:.2f} > max_cost_ratio {gates.max_cost_ratio}")
+        reasons.append(Reason("cost", f"cost ratio {cost_ratio:.2f} > max_cost_ratio {gates.max_cost_ratio}"))
 
     base_lat = _mean([float(r["latency_s"]) for r in base_rows if r.get("latency_s") is not None])
     cand_lat = _mean([float(r["latency_s"]) for r in cand_rows if r.get("latency_s") is not None])
     lat_ratio = cand_lat / base_lat if base_lat > 0 else None
-    out["latency"] = {"base_mean_s": base_lat, "cand_mean_s": cand_lat, "ratio": lat_ratio, "max_ratio": gates.max_latency_ratio}
+    latency = {"base_mean_s": base_lat, "cand_mean_s": cand_lat, "ratio": lat_ratio,
+               "max_ratio": gates.max_latency_ratio}
     if lat_ratio is not None and lat_ratio > gates.max_latency_ratio and cand_lat - base_lat > LATENCY_FLOOR_S:
-        reasons.append(f"latency ratio {lat_ratio:.2f} > max_latency_ratio {gates.max_latency_ratio}")
-    out["reasons"] = reasons
-    return out
+        reasons.append(Reason("latency", f"latency ratio {lat_ratio:.2f} > max_latency_ratio "
+                                         f"{gates.max_latency_ratio}"))
+    return Comparison(n=n, base_mean=_mean(base), cand_mean=_mean(cand), delta=delta, test=gates.test,
+                      regressions=regressions, fixed=fixed, cost=cost, latency=latency, reasons=reasons,
+                      sign_test=sign, bootstrap=boot)
 
 
 def average_repeats(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -289,45 +368,38 @@ def average_repeats(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 class Verdict:
     candidate: int
     accepted: bool
-    reasons: list[str]
+    reasons: list[Reason]
     changed_files: list[str] = field(default_factory=list)
-    static_reasons: list[str] = field(default_factory=list)
-    stats: dict[str, Any] | None = None
+    static_reasons: list[Reason] = field(default_factory=list)
+    stats: Comparison | None = None
     gates: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": VERDICT_FORMAT, **asdict(self)}
+        """verdict.json: reasons as their full texts (the report reads ``reasons``, ``stats``, ``changed_files``)."""
+        return {"format": VERDICT_FORMAT, "candidate": self.candidate, "accepted": self.accepted,
+                "reasons": texts(self.reasons), "changed_files": list(self.changed_files),
+                "static_reasons": texts(self.static_reasons),
+                "stats": None if self.stats is None else self.stats.to_json(), "gates": dict(self.gates)}
 
     def aggregates(self) -> dict[str, Any]:
         """The verdict without per-example ids: what a proposer may see of val."""
-        stats = dict(self.stats or {})
-        for key in ("regressions", "fixed"):
-            if key in stats:
-                stats[key] = len(stats[key])
-        def strip(reasons: list[str]) -> list[str]:
-            out = [r.split(":")[0] if "regression" in r else r for r in reasons]
-            return [re.sub(r"\b(examples|id\(s\)) [^()]*", r"\1 (ids withheld)", r) for r in out]
-
-        reasons = strip(self.reasons)
-        if "reasons" in stats:
-            stats["reasons"] = strip(stats["reasons"])
         return {"format": VERDICT_FORMAT, "candidate": self.candidate, "accepted": self.accepted,
-                "reasons": reasons, "changed_files": self.changed_files, "stats": stats}
+                "reasons": [r.text for r in self.reasons], "changed_files": list(self.changed_files),
+                "stats": {} if self.stats is None else self.stats.aggregates()}
 
     def write(self, path: Path) -> None:
         atomic_write_json(path, self.to_json())
 
 
-def decide(candidate: int, *, changed: list[str], static_reasons: list[str], stats: dict[str, Any] | None,
-           gates: Any, extra_reasons: Sequence[str] = ()) -> Verdict:
+def decide(candidate: int, *, changed: list[str], static_reasons: Sequence[Reason], stats: Comparison | None,
+           gates: Gates, extra_reasons: Sequence[Reason] = ()) -> Verdict:
     """Accept only when there are changes, no static reason, no statistical reason and no extra reason."""
     reasons = list(extra_reasons) + list(static_reasons)
     if not changed and not reasons:
-        reasons.append("the proposal changed no file")
+        reasons.append(Reason("no_change", "the proposal changed no file"))
     if stats is not None:
-        reasons += stats["reasons"]
+        reasons += stats.reasons
     elif not reasons:
-        reasons.append("not evaluated")
+        reasons.append(Reason("not_evaluated", "not evaluated"))
     return Verdict(candidate=candidate, accepted=not reasons, reasons=reasons, changed_files=list(changed),
-                   static_reasons=list(static_reasons), stats=stats,
-                   gates=gates.model_dump() if hasattr(gates, "model_dump") else dict(gates))
+                   static_reasons=list(static_reasons), stats=stats, gates=gates.model_dump())

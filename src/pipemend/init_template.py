@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .fsutil import atomic_write_text
 from .manifest import MANIFEST_NAME
 
 DEFAULT_MODEL = "claude-haiku-4-5"
@@ -140,7 +141,5 @@ def write_skeleton(target_dir: str | Path) -> Path:
     path = target_dir / MANIFEST_NAME
     if path.exists():
         raise UsageError(f"{path}: a manifest already exists; edit it, or remove it to start over")
-    from .fsutil import atomic_write_text
-
     atomic_write_text(path, render(target_dir))
     return path

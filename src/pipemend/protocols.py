@@ -3,6 +3,7 @@
 - ``LLMBackend``: what the gateway forwards a Messages request to.
 - ``Sandbox``: where the runner executes a candidate's pipeline.
 - ``Proposer``: what edits a candidate worktree.
+- ``Progress``: how a flow (``optimize``, ``eval``) tells its caller what it is doing.
 
 Implementations live beside their kin (``gateway/backends/``, ``sandbox/``,
 ``proposers/``) and are found through the short-name registries there; a
@@ -13,7 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the manifest and the tools import this module; these names are for annotations only
+    from .manifest import Manifest
+    from .proposers.budget import ProposerBudget
+    from .proposers.tools import ProposerTools
 
 
 # --------------------------------------------------------------------------- LLM backends
@@ -114,18 +120,18 @@ class ProposalContext:
     worktree: Path
     """The candidate worktree, checked out from the current base; edit files here."""
     target_subdir: str
-    manifest: Any
-    """The frozen ``pipemend.manifest.Manifest``."""
+    manifest: Manifest
+    """The frozen manifest."""
     diagnosis: dict[str, Any]
     """The base's latest diagnosis on train (``pipemend.diagnose`` JSON form)."""
     history: list[dict[str, Any]]
     """Earlier candidates: index, rationale, rung, meta, verdict summary (val aggregates only)."""
     history_dir: Path | None
     """A read-only folder with each earlier candidate's diff, rationale, verdict and train traces."""
-    tools: Any
-    """``pipemend.proposers.tools.ProposerTools``: guarded file edits, train runs, traces, diagnosis, diff."""
-    budget: Any
-    """``pipemend.proposers.ProposerBudget``: turns, tokens, dollars, per-tool seconds."""
+    tools: ProposerTools
+    """Guarded file edits, train runs, traces, diagnosis, diff."""
+    budget: ProposerBudget | None
+    """Turns, tokens, dollars, per-tool seconds (None: the proposer's defaults)."""
     train_examples: list[dict[str, Any]] = field(default_factory=list)
     """Train rows (id, inputs, expected, evidence) for few-shot or inspection."""
     log: Callable[[str], None] = print
@@ -137,3 +143,36 @@ class Proposer(Protocol):
     name: str
 
     def propose(self, ctx: ProposalContext) -> Proposal | None: ...
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@runtime_checkable
+class Progress(Protocol):
+    """What a running flow tells its caller; the CLI shows it (rich), a test records it, a library caller may
+    ignore it (``NullProgress``). Every method returns at once and never raises into the flow."""
+
+    def status(self, text: str) -> None:
+        """What is happening now (replaces the previous status)."""
+
+    def log(self, text: str) -> None:
+        """A line worth keeping (plain text, no markup)."""
+
+    def event(self, name: str, **fields: Any) -> None:
+        """Something with data: ``announce`` (text: a sandbox fallback), ``eval_progress`` (task, done, total),
+        ``diagnosis`` (split, diagnosis: the JSON form), ``candidate_done`` (n, accepted, val_score, delta,
+        reasons)."""
+
+
+class NullProgress:
+    """The default ``Progress``: shows nothing."""
+
+    def status(self, text: str) -> None:
+        pass
+
+    def log(self, text: str) -> None:
+        pass
+
+    def event(self, name: str, **fields: Any) -> None:
+        pass

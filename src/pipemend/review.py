@@ -34,6 +34,7 @@ from .errors import UsageError
 from .fsutil import atomic_write_bytes, read_json
 from .journal import replay
 from .report.load import branch_of, candidate_numbers, first_line, journal_state, load_candidate, resolve_run_dir
+from .rundir import read_run
 from .sandbox.worktrees import Snapshot, _git
 
 __all__ = ["list_candidates", "apply_candidate", "parse_candidate"]
@@ -228,8 +229,6 @@ def _stderr(e: git.GitCommandError) -> str:
 
 
 def _apply_to_folder(run_dir: Path, snap: Snapshot, parent: str, cand_sha: str) -> str:
-    from .rundir import read_run
-
     target = Path(read_run(run_dir).get("target") or "")
     if not target.is_dir():
         raise UsageError(f"{target}: the run's target folder is gone")

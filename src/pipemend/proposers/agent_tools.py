@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..errors import BudgetReason
 from ..fsutil import append_jsonl
 from ..protocols import Proposal, ProposalContext
 from .budget import ProposerBudget, ProposerBudgetExhausted
@@ -312,7 +313,7 @@ class AgentSession:
             meta["transcript_path"] = str(self.transcript_path)
         return meta
 
-    def exhausted(self, reason: str, message: str) -> ProposerBudgetExhausted:
+    def exhausted(self, reason: BudgetReason, message: str) -> ProposerBudgetExhausted:
         self.record("end", outcome="budget_exhausted", reason=reason, message=message, spent=self.budget.spent())
         return ProposerBudgetExhausted(reason, message, self.meta("budget_exhausted"))
 

@@ -8,11 +8,11 @@ the pipeline's own calls, which the gateway's run budget covers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from ..errors import BudgetExhausted
+from ..errors import BudgetExhausted, BudgetReason
 from ..gateway.pricing import cost_usd  # one price table for the product: agent calls are priced like pipeline calls
 
 __all__ = ["ProposerBudget", "ProposerBudgetExhausted", "cost_usd"]
@@ -22,15 +22,13 @@ class ProposerBudgetExhausted(BudgetExhausted):
     """A proposer's limit is spent before it submitted.
 
     ``reason`` is ``turns``, ``tokens``, ``usd``, ``time`` (a session's wall clock) or
-    ``gateway``; ``meta`` carries
+    ``gateway`` (``errors.BudgetReason``); ``meta`` carries
     what the loop records with the candidate (turns, tokens, dollars, transcript).
     The candidate's worktree may hold partial edits: the loop discards it.
     """
 
-    def __init__(self, reason: str, message: str, meta: dict[str, Any] | None = None):
-        self.reason = reason
-        self.meta = dict(meta or {})
-        super().__init__(message)
+    def __init__(self, reason: BudgetReason, message: str, meta: dict[str, Any] | None = None):
+        super().__init__(message, reason=reason, meta=meta)
 
 
 class ProposerBudget(BaseModel):
@@ -67,7 +65,7 @@ class ProposerBudget(BaseModel):
         self._output_tokens += int(output_tokens)
         self._usd += float(usd)
 
-    def exhausted(self) -> str | None:
+    def exhausted(self) -> Literal["turns", "tokens", "usd"] | None:
         """The first spent limit (``turns``, ``tokens``, ``usd``) or None."""
         if self._turns >= self.max_turns:
             return "turns"

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import jinja2
 from pydantic import Field
 
 from ..protocols import Proposal, ProposalContext
@@ -70,8 +72,6 @@ def _aggregate_verdict(verdict: Any) -> dict[str, Any]:
 
 
 def render_system_prompt(ctx: ProposalContext, template_path: Path | None = None) -> str:
-    import jinja2
-
     path = template_path or TEMPLATES / "system.md.j2"
     # plain Undefined: optional fields of the diagnosis and history may be absent
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)),
@@ -110,8 +110,6 @@ class ClaudeProposer:
         self.config = parse_options(ClaudeProposerConfig, options, "claude")
 
     def client(self) -> Any:
-        import anthropic
-
         key = self.config.api_key or os.environ.get("ANTHROPIC_API_KEY") or "pipemend-gateway"
         return anthropic.Anthropic(base_url=self.config.base_url, api_key=key,
                                    max_retries=self.config.max_retries, timeout=self.config.request_timeout_s)
@@ -134,8 +132,6 @@ class _Session(AgentSession):
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> Proposal | None:
-        import anthropic
-
         ctx = self.ctx
         system = render_system_prompt(ctx, Path(self.cfg.system_template) if self.cfg.system_template else None)
         tools = self.box.defs()

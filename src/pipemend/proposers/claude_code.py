@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..errors import PipemendError, UsageError
+from ..errors import BudgetReason, PipemendError, UsageError
 from ..gateway.pricing import tokens_of
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
@@ -98,7 +98,7 @@ class _CodeSession(AgentSession):
         self.cfg = cfg
         self.finished = False  # set by an accepted submit or give_up
         self.outcome: Proposal | None = None  # the submitted proposal (None after give_up)
-        self.spent_reason: str | None = None
+        self.spent_reason: BudgetReason | None = None
         self.charged: set[str] = set()
         self.stderr: list[str] = []
         self.pending: dict[str, Any] | None = None

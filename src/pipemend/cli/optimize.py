@@ -1,8 +1,5 @@
-"""``pipemend optimize`` and ``pipemend resume``: plain typer-annotated functions.
-
-``cli.py`` registers them (``app.command("optimize")(cli_command(cli_optimize.optimize))``).
-They map errors to exit codes themselves too: 2 for bad usage or config, 1 for a failed run.
-"""
+"""``pipemend optimize`` and ``pipemend resume``: the library's ``run_optimize`` / ``resume``, presented
+(a rich status line and log while it runs, the summary table at the end, ``--json``: the summary only)."""
 
 from __future__ import annotations
 
@@ -16,22 +13,22 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import PipemendError, SandboxUnavailable, UsageError
+from ..optimize import OptimizeConfig, OptimizeSummary, ladder_change, resume, run_optimize
+from .common import err, options_error
+from .progress import RichProgress
+from .render import summary_table, summary_footer
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def print_summary(console: Console, s: OptimizeSummary) -> None:
+    console.print(summary_table(s))
+    for line in summary_footer(s, ladder_change(s.run_dir, s.best["n"] if s.best else None)):
+        console.print(escape(line))
 
 
-def _exit_for(e: Exception) -> typer.Exit:
-    if isinstance(e, ValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-        err.print(f"[bold red]error:[/] --{where.replace('_', '-')}: {escape(first.get('msg', 'invalid value'))}")
-        return typer.Exit(2)
-    if isinstance(e, (UsageError, SandboxUnavailable)):
-        err.print(f"[bold red]error:[/] {escape(str(e))}")
-        return typer.Exit(2)
-    err.print(f"[bold red]run failed:[/] {escape(str(e))}")
-    return typer.Exit(1)
+def _show(summary: OptimizeSummary, json_out: bool) -> None:
+    print_summary(err, summary)
+    if json_out:
+        sys.stdout.write(json.dumps(summary.model_dump(mode="json")) + "\n")
 
 
 def optimize(
@@ -51,30 +48,23 @@ def optimize(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
-    from .optimize import OptimizeConfig, run_optimize
-
     try:
         cfg = OptimizeConfig(target=str(target), proposer=proposer, model=model, agent_model=agent_model,
                              budget_usd=budget_usd, max_candidates=max_candidates, hours=hours, limit=limit,
                              sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
                              cache_dir=str(cache_dir) if cache_dir else None)
-        summary = run_optimize(cfg, console=Console(stderr=True))
-    except (ValidationError, PipemendError) as e:
-        raise _exit_for(e) from None
-    if json_out:
-        sys.stdout.write(json.dumps(summary.model_dump(mode="json")) + "\n")
+    except ValidationError as e:
+        raise options_error(e) from None
+    with RichProgress(err) as progress:
+        summary = run_optimize(cfg, progress)
+    _show(summary, json_out)
 
 
-def resume(
+def resume_cmd(
     run: Path = typer.Argument(..., help="A run directory (reports/<run-id>) or a run id."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Continue an optimize run after a crash or kill, keeping everything accepted and paying nothing twice."""
-    from .optimize import resume as resume_run
-
-    try:
-        summary = resume_run(run, console=Console(stderr=True))
-    except (ValidationError, PipemendError) as e:
-        raise _exit_for(e) from None
-    if json_out:
-        sys.stdout.write(json.dumps(summary.model_dump(mode="json")) + "\n")
+    with RichProgress(err) as progress:
+        summary = resume(run, progress)
+    _show(summary, json_out)

@@ -1,0 +1,55 @@
+"""What every command shares: the consoles and the one mapping from pipemend's errors to exit codes.
+
+Exit codes: 0 done, 1 the run failed (``RunFailed`` and any other ``PipemendError``,
+``BudgetExhausted``...), 2 bad usage, config or input (``UsageError``/``ConfigError``,
+and ``SandboxUnavailable``, whose message says how to fix it). A bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import PipemendError, SandboxUnavailable, UsageError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+USAGE_EXIT = 2
+FAILED_EXIT = 1
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The exit code for one of pipemend's errors; None for anything else (a bug)."""
+    if isinstance(e, (UsageError, SandboxUnavailable)):
+        return USAGE_EXIT
+    if isinstance(e, PipemendError):
+        return FAILED_EXIT
+    return None
+
+
+def cli_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command, turning pipemend's errors into their exit code and a one-line message on stderr."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PipemendError as e:
+            code = exit_code(e)
+            err.print(f"[bold red]{'error' if code == USAGE_EXIT else 'run failed'}:[/] {escape(str(e))}")
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+def options_error(e: ValidationError) -> UsageError:
+    """A pydantic error in a command's options as a usage error naming the option (``--budget-usd: ...``)."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "options"
+    return UsageError(f"--{where.replace('_', '-')}: {first.get('msg', 'invalid value')}")

@@ -1,0 +1,45 @@
+"""``pipemend init``, ``gateway`` and ``doctor``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+
+from ..doctor import check_all
+from ..gateway import serve_forever_cli
+from ..init_template import write_skeleton
+from .common import err, out
+from .render import checks_table
+
+
+def init_cmd(directory: Path = typer.Argument(..., help="Folder of an existing pipeline.")) -> None:
+    """Write a commented pipemend.yaml skeleton next to an existing pipeline."""
+    path = write_skeleton(directory)
+    err.print(escape(f"wrote {path}: fill in the TODOs, then run `pipemend eval {directory}`"))
+
+
+def gateway_cmd(
+    port: int = typer.Option(8787, "--port", help="Port on 127.0.0.1."),
+    run_dir: Path = typer.Option(Path("reports/gateway"), "--run-dir", help="Where the call log and cache go."),
+    budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Stop answering past this spend."),
+) -> None:
+    """Serve the Anthropic-compatible gateway in the foreground (Ctrl-C stops it)."""
+    serve_forever_cli(port=port, run_dir=run_dir, budget_usd=budget_usd)
+
+
+def _field(check: Any, name: str) -> Any:
+    return check.get(name) if isinstance(check, dict) else getattr(check, name, None)
+
+
+def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
+    """Check what this machine can run: Docker, bubblewrap, the sandbox image, the local model, API keys."""
+    rows = [{k: _field(c, k) for k in ("name", "ok", "detail", "fix")} for c in check_all()]
+    if as_json:
+        sys.stdout.write(json.dumps({"checks": rows}) + "\n")
+        return
+    out.print(checks_table(rows))

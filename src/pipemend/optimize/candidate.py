@@ -1,0 +1,235 @@
+"""One candidate's steps: propose, judge, keep, journal. Any failure in them is a rejected candidate.
+
+``propose`` gives the proposer a worktree of the base, the guarded tools over a
+``TrainBench``, its budget and the history; a crash or a spent per-candidate
+budget is a reason, a spent run budget also ends the loop (``stops.ON_BUDGET``),
+no proposal at all ends it (``StopRun("ideas")``). ``judge`` runs the static
+checks, then candidate vs base on val (``gates.repeats`` times), then the
+verdict. ``keep`` commits the worktree: an accepted candidate gets its branch
+and moves ``best``, a rejected one a ref. ``journal`` writes what later
+proposers may read (``history/<n>``, val as aggregates only) and
+``candidate_done``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import gate
+from ..errors import BudgetExhausted
+from ..fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from ..journal import RunState, record, replay
+from ..metrics import metric_fingerprint
+from ..protocols import Proposal, ProposalContext
+from ..proposers import ProposerBudget
+from ..proposers.tools import ProposerTools
+from ..sandbox.worktrees import _git
+from .base import base_train_dir
+from .bench import TrainBench
+from .env import RunEnv
+from .stops import StopRun, on_budget
+
+
+@dataclass
+class Proposed:
+    """What came of asking the proposer: its proposal (None: it failed), the reasons it failed, and a
+    ``StopRun`` when its failure also ends the loop."""
+
+    proposal: Proposal | None
+    problems: list[gate.Reason]
+    stop: StopRun | None = None
+
+    @property
+    def rationale(self) -> str:
+        return self.proposal.rationale if self.proposal else ""
+
+
+@dataclass
+class Judged:
+    verdict: gate.Verdict
+    stop: StopRun | None = None
+
+
+def start(env: RunEnv, n: int, base_sha: str) -> Path:
+    """Journal ``candidate_started``; a fresh ``candidates/<n>`` (finished evaluations of a redone candidate stay,
+    reused when their key matches)."""
+    record(env.run_dir, "candidate_started", n=n, base_sha=base_sha)
+    cdir = env.run_dir / "candidates" / str(n)
+    cdir.mkdir(parents=True, exist_ok=True)
+    for child in cdir.iterdir():
+        if child.name in ("evals", "train"):
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    env.show(f"candidate {n}: proposing")
+    return cdir
+
+
+@contextlib.contextmanager
+def worktree(env: RunEnv, n: int, base_sha: str) -> Iterator[Path]:
+    wt = env.snap.add_worktree(f"cand-{n}", base_sha)
+    try:
+        yield wt
+    finally:
+        env.snap.remove_worktree(wt)
+
+
+def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosis: dict[str, Any]) -> Proposed:
+    cdir = env.run_dir / "candidates" / str(n)
+    try:
+        proposal = env.proposer.propose(context(env, st, n, wt, base_sha, diagnosis))
+    except BudgetExhausted as e:
+        _save_meta(cdir, e.meta)
+        stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
+        return Proposed(None, [gate.Reason("budget", f"budget exhausted while proposing: {e}")], stop)
+    except Exception as e:  # noqa: BLE001 - a crashing proposer costs this candidate, not the run
+        atomic_write_text(cdir / "error.txt", traceback.format_exc())
+        return Proposed(None, [gate.Reason("proposer_crashed", f"proposer crashed: {type(e).__name__}: {e}")])
+    if proposal is None:
+        shutil.rmtree(cdir, ignore_errors=True)
+        record(env.run_dir, "candidate_abandoned", n=n, reason="out of ideas")
+        raise StopRun("ideas", "the proposer is out of ideas")
+    _save_meta(cdir, {"rung": proposal.rung, **proposal.meta})
+    return Proposed(proposal, [])
+
+
+def judge(env: RunEnv, n: int, wt: Path, base_sha: str, base_val_dir: str, proposed: Proposed) -> Judged:
+    """Static checks, then val (only for a clean change), then the verdict (``candidates/<n>/verdict.json``)."""
+    cdir = env.run_dir / "candidates" / str(n)
+    diff = env.snap.diff(wt, base_sha)
+    changed = env.snap.changed_files(wt, base_sha)
+    atomic_write_text(cdir / "diff.patch", diff)
+    atomic_write_text(cdir / "rationale.md", proposed.rationale + "\n")
+    problems = list(proposed.problems)
+    static = [] if problems else static_checks(env, wt, diff, changed, base_sha)
+    stats, stop = None, None
+    if not problems and not static and changed:
+        try:
+            stats = gate_val(env, n, wt, diff, base_sha, base_val_dir)
+        except BudgetExhausted as e:
+            problems.append(gate.Reason("budget", str(e)))
+            stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
+    verdict = gate.decide(n, changed=changed, static_reasons=static, stats=stats, gates=env.manifest.gates,
+                          extra_reasons=problems)
+    verdict.write(cdir / "verdict.json")
+    return Judged(verdict, stop)
+
+
+def static_checks(env: RunEnv, wt: Path, diff: str, changed: list[str], base_sha: str) -> list[gate.Reason]:
+    def base_text(path: str) -> str:
+        try:
+            return _git(env.snap.repo, "show", f"{base_sha}:{path}")
+        except Exception:  # noqa: BLE001 - a new or binary file has no base text
+            return ""
+
+    return gate.check_diff(diff=diff, changed=changed, worktree=wt, target_subdir=env.snap.target_subdir,
+                           editable=env.manifest.editable, protected=env.manifest.all_protected(),
+                           sealed=gate.Sealed.from_splits(env.frozen.splits()), base_text=base_text,
+                           metric_lines=metric_fingerprint(env.manifest.metric, env.frozen.dir))
+
+
+def gate_val(env: RunEnv, n: int, wt: Path, diff: str, base_sha: str, base_val_dir: str) -> gate.Comparison:
+    """Candidate vs base on the same val examples, ``gates.repeats`` times each."""
+    cand_runs, base_runs = [], [list(read_jsonl(env.run_dir / base_val_dir / "scored.jsonl"))]
+    for r in range(env.manifest.gates.repeats):
+        suffix = "" if r == 0 else f"-r{r + 1}"
+        env.show(f"candidate {n}: val{suffix}")
+        cand_runs.append(env.evaluate(f"cand-{n}-val{suffix}", f"candidates/{n}/evals/val{suffix}", base_sha,
+                                      "val", worktree=wt, diff=diff))
+        if r > 0:
+            base_runs.append(env.evaluate(f"cand-{n}-base-val{suffix}", f"candidates/{n}/evals/base-val{suffix}",
+                                          base_sha, "val"))
+    stats = gate.compare(gate.average_repeats(base_runs), gate.average_repeats(cand_runs), env.manifest.gates,
+                         seed=env.cfg.seed + n)
+    died = [gate.Reason("eval_failed", f"the candidate's evaluation failed: {why}")
+            for rel, why in env.failures.items() if rel.startswith(f"candidates/{n}/evals/")]
+    stats.reasons = died + stats.reasons
+    return stats
+
+
+def keep(env: RunEnv, n: int, wt: Path, verdict: gate.Verdict, rationale: str) -> tuple[str | None, str | None]:
+    """Commit the candidate; an accepted one gets its branch and moves best, a rejected one a ref.
+    A candidate that changed nothing is not committed."""
+    if not verdict.changed_files:
+        return None, None
+    s = verdict.stats
+    head = rationale.strip().splitlines()[0][:72] if rationale.strip() else "candidate"
+    body = (f"{rationale.strip()}\n\nval {s.base_mean:.4f} -> {s.cand_mean:.4f} (delta {s.delta:+.4f})"
+            if s else rationale.strip())
+    if not verdict.accepted:
+        body += "\n\nrejected:\n" + "\n".join(f"- {r}" for r in verdict.reasons)
+    sha = env.snap.commit(wt, f"pipemend {env.run_id} cand-{n}: {head}\n\n{body}\n")
+    if verdict.accepted:
+        env.snap.set_branch(env.branch(n), sha)
+        env.snap.set_branch(env.branch("best"), sha)
+        return sha, f"refs/heads/{env.branch(n)}"
+    env.snap.set_ref(env.rejected_ref(n), sha)
+    return sha, env.rejected_ref(n)
+
+
+def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: str | None, rationale: str) -> RunState:
+    """``history/<n>`` for later proposers, then ``candidate_done``; returns the journal's new state."""
+    cdir = env.run_dir / "candidates" / str(n)
+    _history(env.run_dir / "history" / str(n), cdir, verdict)
+    stats = verdict.stats
+    record(env.run_dir, "candidate_done", n=n, accepted=verdict.accepted, sha=sha, ref=ref,
+           reasons=gate.texts(verdict.reasons), rationale=rationale[:4000],
+           val_dir=f"candidates/{n}/evals/val" if stats else None,
+           val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None)
+    env.progress.event("candidate_done", n=n, accepted=verdict.accepted,
+                       val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None,
+                       reasons=gate.texts(verdict.reasons))
+    return replay(env.run_dir)
+
+
+# --------------------------------------------------------------------------- what the proposer gets
+
+
+def context(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosis: dict[str, Any]) -> ProposalContext:
+    base_n, _, _ = st.current_base
+    bench = TrainBench(env, n=n, worktree=wt, base_sha=base_sha, base_train_dir=env.run_dir / base_train_dir(base_n),
+                       base_diagnosis=diagnosis)
+    tools = ProposerTools(worktree=wt, target_subdir=env.snap.target_subdir, editable=env.manifest.editable,
+                          protected=env.manifest.all_protected(), run_train=bench.run, read_trace=bench.trace,
+                          diagnose=bench.diagnose, diff=bench.diff, tool_timeout_s=env.cfg.per_tool_timeout_s)
+    budget = ProposerBudget(max_turns=env.cfg.max_turns, max_agent_usd=env.cfg.max_agent_usd,
+                            per_tool_timeout_s=env.cfg.per_tool_timeout_s)
+    history = []
+    for _, c in sorted(st.candidates.items()):
+        meta = _read_optional(env.run_dir / "candidates" / str(c.n) / "proposal.json") or {}
+        meta.pop("format", None)
+        history.append({"n": c.n, "accepted": c.accepted, "rationale": c.rationale, "rung": meta.pop("rung", None),
+                        "meta": meta, "verdict": _read_optional(env.run_dir / "history" / str(c.n) / "verdict.json")})
+    return ProposalContext(candidate_index=n, worktree=wt, target_subdir=env.snap.target_subdir,
+                           manifest=env.manifest, diagnosis=diagnosis, history=history,
+                           history_dir=env.run_dir / "history", tools=tools, budget=budget,
+                           train_examples=[ex.model_dump() for ex in env.splits["train"]], log=env.progress.log)
+
+
+def _history(h: Path, cdir: Path, verdict: gate.Verdict) -> None:
+    """``RUN_DIR/history/<n>``: what later proposers may read (val as aggregates only)."""
+    h.mkdir(parents=True, exist_ok=True)
+    for name in ("diff.patch", "rationale.md"):
+        if (cdir / name).is_file():
+            shutil.copyfile(cdir / name, h / name)
+    atomic_write_json(h / "verdict.json", verdict.aggregates())
+    train_runs = sorted((cdir / "train").glob("*/traces"), key=lambda p: int(p.parent.name))
+    if train_runs:
+        shutil.copytree(train_runs[-1], h / "train_traces", dirs_exist_ok=True)
+
+
+def _save_meta(cdir: Path, meta: dict[str, Any]) -> None:
+    meta = dict(meta)
+    transcript = meta.pop("transcript", None)
+    if isinstance(transcript, list):
+        atomic_write_text(cdir / "transcript.jsonl", "".join(json.dumps(t, default=str) + "\n" for t in transcript))
+    atomic_write_json(cdir / "proposal.json", {"format": "pipemend-proposal-1", **meta})
+
+
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    return read_json(path) if path.is_file() else None

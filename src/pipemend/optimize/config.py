@@ -1,0 +1,77 @@
+"""An optimize run's configuration (``run.json``'s ``config``) and its summary (``summary.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import UsageError
+from ..proposers import get_proposer
+
+SUMMARY_FORMAT = "pipemend-optimize-summary-1"
+
+LLM_PROPOSERS = ("claude", "claude-code")
+"""Proposers that call a model: they get an agent-side gateway, a transcript folder and ``--agent-model``."""
+
+
+class OptimizeConfig(BaseModel):
+    """One optimize run. Stored in ``run.json``; ``resume`` reads it back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(description="The target pipeline's folder (holding pipemend.yaml).")
+    proposer: str = Field("ladder", description="claude | claude-code | ladder | package.module:Class.")
+    proposer_options: dict[str, Any] = Field(default_factory=dict, description="Keyword options for the proposer.")
+    model: str | None = Field(None, description="Model the pipeline calls (PIPEMEND_MODEL); default the manifest's llm.model.")
+    agent_model: str | None = Field(None, description="Model of an LLM proposer (passed to it as `model`).")
+    budget_usd: float = Field(5.0, gt=0, description="Dollars the gateway may spend on pipeline calls, test split included.")
+    test_reserve: float = Field(0.2, ge=0, lt=1, description="Share of budget_usd kept for the final test split.")
+    max_candidates: int = Field(10, ge=0, description="Candidates to propose at most.")
+    hours: float | None = Field(None, gt=0, description="Stop proposing after this many hours since the run started.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N examples of each split.")
+    sandbox: str = Field("auto", description="docker | bwrap | process | auto.")
+    run_id: str | None = Field(None, description="Run id (default optimize-<date>-<time>-<hex>).")
+    reports_dir: str = Field("reports", description="Folder holding run directories.")
+    cache_dir: str | None = Field(None, description="LLM response cache (default RUN_DIR/gateway/cache).")
+    max_turns: int = Field(40, ge=1, description="Turns of an LLM proposer per candidate.")
+    max_agent_usd: float = Field(2.0, ge=0, description="Dollars of an LLM proposer's own calls per candidate.")
+    per_tool_timeout_s: float = Field(300.0, gt=0, description="Time limit of one proposer tool call.")
+    seed: int = Field(0, description="Seed of the gate's bootstrap.")
+
+
+class CandidateSummary(BaseModel):
+    n: int
+    accepted: bool
+    val_score: float | None
+    delta: float | None
+    reasons: list[str]
+    rationale: str
+    ref: str | None
+
+
+class OptimizeSummary(BaseModel):
+    format: str = SUMMARY_FORMAT
+    run_id: str
+    run_dir: str
+    status: str
+    stop_reason: str | None
+    baseline: dict[str, float | None] = Field(description="train, val and test scores of the base.")
+    best: dict[str, Any] | None = Field(description="The last accepted candidate: n, branch, sha, val, test.")
+    candidates: list[CandidateSummary]
+    spent_usd: float
+    llm_calls: int
+    cache_hits: int
+    wall_s: float
+
+
+def proposer_options(cfg: OptimizeConfig) -> dict[str, Any]:
+    """Build the proposer once to validate its name and options (a UsageError names what is wrong);
+    returns the options to build it with."""
+    options = dict(cfg.proposer_options)
+    if cfg.agent_model:
+        if cfg.proposer not in LLM_PROPOSERS:
+            raise UsageError(f"--agent-model is for an LLM proposer ({', '.join(LLM_PROPOSERS)}), not {cfg.proposer!r}")
+        options.setdefault("model", cfg.agent_model)
+    get_proposer(cfg.proposer, **options)
+    return options

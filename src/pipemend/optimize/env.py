@@ -1,0 +1,209 @@
+"""``RunEnv``: what every step of an optimize run shares, built once when the run starts or resumes.
+
+Opening it freezes the target (manifest, data, metric) and snapshots it into git
+the first time (each journaled), restores every journaled branch and ref, starts
+the gateway (and an agent-side one for an LLM proposer), picks the sandbox and
+builds the proposer. ``evaluate`` is the run's one way to evaluate: a finished
+identical evaluation is read back from disk (``evaluate.reuse``), a gateway
+budget refusal during it is a ``BudgetExhausted``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..dataset import Example, FrozenTarget, freeze_target, limit_splits
+from ..errors import BudgetExhausted
+from ..evaluate import EvalContext, EvalKey, evaluate, gateway_socket_path, remember, reuse
+from ..fsutil import read_jsonl
+from ..gateway import Gateway, GatewayConfig
+from ..journal import RunState, record, replay
+from ..manifest import Manifest, load_manifest
+from ..protocols import Progress, Proposer
+from ..proposers import get_proposer
+from ..report import render_report
+from ..rundir import read_run
+from ..sandbox import get_sandbox
+from ..sandbox.worktrees import Snapshot, snapshot_target
+from .config import LLM_PROPOSERS, OptimizeConfig, proposer_options
+
+
+class RunEnv:
+    """The run's fixed parts; every attribute is set here. ``open_env`` builds one from a run directory."""
+
+    def __init__(self, *, run_dir: Path, cfg: OptimizeConfig, frozen: FrozenTarget, splits: dict[str, list[Example]],
+                 snap: Snapshot, gateway: Gateway, agent_gateway: Gateway | None, ectx: EvalContext,
+                 proposer: Proposer, progress: Progress, started_at: float):
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.run_id: str = cfg.run_id or run_dir.name
+        self.frozen = frozen
+        self.manifest: Manifest = frozen.manifest
+        self.splits = splits
+        self.snap = snap
+        self.gateway = gateway
+        self.agent_gateway = agent_gateway
+        self.ectx = ectx
+        self.proposer = proposer
+        self.progress = progress
+        self.started_at = started_at
+        self.failures: dict[str, str] = {}
+        """Evaluations whose sandbox or runner died (rel dir -> why); their examples scored 0."""
+        self.spent_usd = 0.0
+        """The pipeline's spend as last read from the call log (shown in the status line)."""
+        self.best_val: float | None = None
+        """The current base's val score (shown in the status line; ``track`` keeps it)."""
+
+    def close(self) -> None:
+        for gw in (self.gateway, self.agent_gateway):
+            if gw is not None:
+                gw.stop()
+
+    # ------------------------------------------------------------------ names and refs
+
+    def branch(self, n: int | str) -> str:
+        return branch_name(self.run_id, n)
+
+    def rejected_ref(self, n: int) -> str:
+        return rejected_ref_name(self.run_id, n)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, name: str, rel_dir: str, sha: str, split: str, *, worktree: Path | None = None,
+                 diff: str = "", examples: list[Example] | None = None, writable: bool = False) -> list[dict[str, Any]]:
+        """Scored rows of ``split`` for the commit ``sha`` (+ ``diff``, in ``worktree`` when given, else a fresh
+        worktree of ``sha``); a finished identical evaluation is read back. A dead sandbox is recorded in
+        ``failures`` (its examples score 0); a budget refusal by the gateway raises ``BudgetExhausted``."""
+        examples = self.splits[split] if examples is None else examples
+        out = self.run_dir / rel_dir
+        key = EvalKey.of(sha=sha, diff=diff, split=split, examples=examples, model=self.ectx.model)
+        rows = reuse(out, key)
+        if rows is not None:
+            return rows
+        wt = self.snap.add_worktree(f"eval-{out.name}", sha) if worktree is None else worktree
+        refused_before = self.gateway_stats()["budget_refusals"]
+        try:
+            res = evaluate(self.ectx, name=name, worktree=wt, target_subdir=self.snap.target_subdir, split=split,
+                           examples=examples, out_dir=out, writable=writable,
+                           progress=lambda done, total: self.show(f"{name}: {done}/{total}"))
+        finally:
+            if worktree is None:
+                self.snap.remove_worktree(wt)
+        if self.gateway_stats()["budget_refusals"] > refused_before:
+            raise BudgetExhausted(f"the gateway's ${self.cfg.budget_usd:.2f} budget ran out during {name}", reason="run")
+        if res.failed_systemically:
+            o = res.outcome
+            self.failures[rel_dir] = o.error or ("timed out" if o.timed_out else f"runner exited {o.returncode}")
+        else:
+            remember(out, key)
+        return res.rows
+
+    # ------------------------------------------------------------------ spend and progress
+
+    def gateway_stats(self) -> dict[str, Any]:
+        """Spend and call counts from the call log (valid with the gateway stopped, across resumes)."""
+        if self.gateway.service is not None:
+            self.gateway.flush()
+        stats = call_log_stats(self.run_dir)
+        self.spent_usd = stats["spent_usd"]
+        return stats
+
+    def track(self, st: RunState) -> RunState:
+        """Note the journal's latest state for the status line; returns it."""
+        self.best_val = st.best.val_score if st.best else (st.baseline or {}).get("val_score")
+        return st
+
+    def show(self, what: str) -> None:
+        """The status line: what is happening, the best val score so far, the spend."""
+        val = self.best_val
+        self.progress.status(f"{what} · best val {val if val is None else f'{val:.3f}'} · spent ${self.spent_usd:.4f}")
+
+    def render_report(self) -> None:
+        """Refresh report.html / report.md so a running job can be watched; a report fault never stops the run."""
+        try:
+            render_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001
+            self.progress.event("warning", text=f"report not refreshed: {type(e).__name__}: {e}")
+
+
+def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
+    """Freeze and snapshot (once per run, journaled), restore refs, start the gateway(s), build the proposer.
+    Gateways already started are stopped again if a later step fails."""
+    st = replay(run_dir)
+    if not st.frozen:
+        shutil.rmtree(run_dir / "frozen", ignore_errors=True)
+        freeze_target(cfg.target, load_manifest(cfg.target), run_dir)
+        record(run_dir, "frozen")
+    frozen = FrozenTarget.open(run_dir)
+    if st.snapshot is None:
+        snap = snapshot_target(Path(cfg.target), cfg.run_id or run_dir.name, run_dir)
+        record(run_dir, "snapshot", snapshot=snap.to_json(), base_sha=snap.resolve(snap.base_branch))
+        st = replay(run_dir)
+    snap = Snapshot.from_json(st.snapshot or {})
+    snap.prune()
+    restore_refs(snap, cfg.run_id or run_dir.name, st)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "gateway" / "cache"
+    gateways: list[Gateway] = []
+    try:
+        gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
+                                        socket_path=gateway_socket_path(run_dir)))
+        gateway.start()
+        gateways.append(gateway)
+        sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
+        ectx = EvalContext(run_dir, frozen, sandbox, gateway, cfg.model or frozen.manifest.llm.model)
+        options = proposer_options(cfg)
+        agent_gateway = None
+        if cfg.proposer in LLM_PROPOSERS:
+            # its own gateway (RUN_DIR/agent/): the agent's calls are logged, cached (a resumed run pays for
+            # none twice) and counted apart from the pipeline's; the real key stays in the gateway
+            agent_gateway = Gateway(GatewayConfig(run_dir=run_dir / "agent", cache_dir=cache)).start()
+            gateways.append(agent_gateway)
+            options.setdefault("base_url", agent_gateway.url)
+            options.setdefault("api_key", "pipemend-gateway")
+            options.setdefault("transcript_dir", str(run_dir / "candidates" / "{candidate}"))
+        proposer = get_proposer(cfg.proposer, **options)
+    except BaseException:
+        for gw in gateways:
+            gw.stop()
+        raise
+    return RunEnv(run_dir=run_dir, cfg=cfg, frozen=frozen, splits=limit_splits(frozen.splits(), cfg.limit),
+                  snap=snap, gateway=gateway, agent_gateway=agent_gateway, ectx=ectx, proposer=proposer,
+                  progress=progress, started_at=float(read_run(run_dir).get("started_at") or time.time()))
+
+
+def restore_refs(snap: Snapshot, run_id: str, st: RunState) -> None:
+    """Re-set every journaled branch and ref from its sha (a kill may have come before a ref moved)."""
+    for c in st.candidates.values():
+        if c.sha and c.accepted:
+            snap.set_branch(branch_name(run_id, c.n), c.sha)
+        elif c.sha:
+            snap.set_ref(rejected_ref_name(run_id, c.n), c.sha)
+    if st.best is not None and st.best.sha:
+        snap.set_branch(branch_name(run_id, "best"), st.best.sha)
+
+
+def branch_name(run_id: str, n: int | str) -> str:
+    """``pipemend/<run>/cand-<n>``, or ``pipemend/<run>/best``."""
+    return f"pipemend/{run_id}/{'best' if n == 'best' else f'cand-{n}'}"
+
+
+def rejected_ref_name(run_id: str, n: int) -> str:
+    """``refs/pipemend/<run>/rejected/<n>``: a rejected candidate's commit (not a branch)."""
+    return f"refs/pipemend/{run_id}/rejected/{n}"
+
+
+def call_log_stats(run_dir: Path) -> dict[str, Any]:
+    """The pipeline's spend, calls, cache hits and budget refusals, from ``RUN_DIR/gateway/calls.jsonl``."""
+    spent, calls, hits, refused = 0.0, 0, 0, 0
+    for row in read_jsonl(run_dir / "gateway" / "calls.jsonl"):
+        if row.get("error"):
+            err = row["error"]
+            refused += "budget exhausted" in str(err.get("message", "") if isinstance(err, dict) else err)
+            continue
+        calls += 1
+        hits += row.get("cache") == "hit"
+        spent += float(row.get("cost_usd") or 0.0) if row.get("cache") != "hit" else 0.0
+    return {"spent_usd": spent, "calls": calls, "cache_hits": hits, "budget_refusals": refused}

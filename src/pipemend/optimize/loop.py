@@ -1,0 +1,60 @@
+"""The optimize loop, in one screen.
+
+    baseline (train, val) -> diagnosis of the base on train
+    per candidate: limits -> propose -> judge -> keep -> journal -> rebase (an accepted one is the new base)
+    until a stop rule (``stops``) or the proposer's lack of ideas -> test split (baseline, best) once
+
+Every step is journaled after its files and refs exist (``journal.py``), so a
+resumed run redoes only the step a kill interrupted; finished evaluations are
+reused from disk and the gateway's cache answers repeated LLM calls.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import BudgetExhausted
+from ..journal import RunState, record
+from . import candidate
+from .base import base_diagnosis, baseline, final_test
+from .env import RunEnv
+from .stops import StopRun, check_limits
+
+
+def run(env: RunEnv) -> RunState:
+    st = env.track(baseline(env))
+    diagnosis = base_diagnosis(env, st)
+    env.progress.log(f"baseline: train {st.baseline['train_score']:.3f}, val {st.baseline['val_score']:.3f}")
+    env.progress.event("diagnosis", split="train", diagnosis=diagnosis)
+    env.render_report()
+    if st.stop_reason is None:
+        try:
+            while True:
+                step_limits(env, st)
+                n, (_, base_sha, base_val_dir) = st.next_index, st.current_base
+                candidate.start(env, n, base_sha)
+                with candidate.worktree(env, n, base_sha) as wt:
+                    proposed = candidate.propose(env, st, n, wt, base_sha, diagnosis)
+                    judged = candidate.judge(env, n, wt, base_sha, base_val_dir, proposed)
+                    sha, ref = candidate.keep(env, n, wt, judged.verdict, proposed.rationale)
+                    st = env.track(candidate.journal(env, n, judged.verdict, sha, ref, proposed.rationale))
+                if proposed.stop or judged.stop:
+                    raise proposed.stop or judged.stop
+                if st.best is not None and st.best.n == n:  # rebase: the accepted candidate is the new base
+                    diagnosis = base_diagnosis(env, st)
+                env.render_report()
+        except StopRun as stop:
+            reason = stop.message
+        except BudgetExhausted as e:
+            reason = StopRun.from_budget(e).message
+        record(env.run_dir, "loop_stopped", reason=reason)
+        env.progress.log(f"loop stopped: {reason}")
+    return final_test(env, st)
+
+
+def step_limits(env: RunEnv, st: RunState) -> None:
+    """Raise ``StopRun`` when a stop rule holds before the next candidate."""
+    cfg = env.cfg
+    check_limits(done=len(st.candidates), max_candidates=cfg.max_candidates, elapsed_s=time.time() - env.started_at,
+                 hours=cfg.hours, spent_usd=env.gateway_stats()["spent_usd"], budget_usd=cfg.budget_usd,
+                 test_reserve=cfg.test_reserve)
