@@ -15,15 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
 
 from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree  # noqa: E402
 
+from pipemend.configfile import ConfigFileError, set_config_value  # noqa: E402
 from pipemend.errors import UsageError  # noqa: E402
 from pipemend.proposers import get_proposer  # noqa: E402
 from pipemend.proposers.ladder import LadderProposer, rungs_to_try  # noqa: E402
-from pipemend.proposers.transforms import (  # noqa: E402
-    PROMPT_TRANSFORMS,
-    TransformError,
-    insert_instruction,
-    set_config_value,
-)
+from pipemend.proposers.transforms import PROMPT_TRANSFORMS, insert_instruction  # noqa: E402
 
 
 def render(path: Path) -> str:
@@ -161,9 +157,9 @@ def test_yaml_knob_edit_keeps_comments_and_everything_else():
     assert yaml.safe_load(new)["retrieval"]["index"] == "dense: v2" and "# quoted" in new
     new = set_config_value(YAML_TEXT, "yaml", "generation.style", ["a", 1])
     assert yaml.safe_load(new)["generation"]["style"] == ["a", 1]
-    with pytest.raises(TransformError, match="not found"):
+    with pytest.raises(ConfigFileError, match="not found"):
         set_config_value(YAML_TEXT, "yaml", "retrieval.missing", 1)
-    with pytest.raises(TransformError, match="block"):
+    with pytest.raises(ConfigFileError, match="block"):
         set_config_value(YAML_TEXT, "yaml", "retrieval", 1)
 
 
