@@ -62,9 +62,10 @@ SEARCH_TIMEOUT_S = 10.0
 SEARCH_MEMORY_BYTES = 1 << 30
 HIT_LINE_CHARS = 300
 
-__all__ = [  # glob_match and matches_any: compat: remove after merge (gate.py, tests import them from here)
-    "MAX_FILE_BYTES", "MAX_PATTERN_CHARS", "PathRefused", "ProposerTools", "ReadOnlyTree", "ToolError",
-    "ToolTimeout", "format_trace", "glob_match", "matches_any",
+__all__ = [
+    "MAX_FILE_BYTES", "MAX_PATTERN_CHARS", "MAX_WRITE_CHARS", "PathRefused", "ProposerTools", "ReadOnlyTree",
+    "ToolError", "ToolTimeout", "format_trace", "run_search",
+    "matches_any",  # compat: remove after merge (gate.py imports it from here; its home is pipemend.globs)
 ]
 
 
