@@ -38,7 +38,7 @@ def _json(path: Path) -> Any:
         return None
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     """A JSONL file's rows (a torn last line dropped); [] when missing; the good rows before a bad line."""
     rows: list[dict[str, Any]] = []
     try:
@@ -50,7 +50,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     except OSError:
@@ -94,7 +94,7 @@ def resolve_run_dir(run: str | Path) -> Path:
 
 def journal_state(run_dir: Path) -> RunState:
     """The journal folded by ``journal.fold``, reading every good line (a bad one ends the read, not the report)."""
-    return fold(_jsonl(run_dir / JOURNAL))
+    return fold(read_rows(run_dir / JOURNAL))
 
 
 # --------------------------------------------------------------------------- candidates
@@ -130,7 +130,7 @@ def load_candidate(run_dir: Path, n: int, st: RunState) -> dict[str, Any]:
     verdict = _json(cdir / "verdict.json") or {}
     rec: CandidateRecord | None = st.candidates.get(n)
     stats = verdict.get("stats") or {}
-    rationale = _text(cdir / "rationale.md").strip() or (rec.rationale if rec else "").strip()
+    rationale = read_text(cdir / "rationale.md").strip() or (rec.rationale if rec else "").strip()
     if verdict or rec:
         accepted = bool(verdict.get("accepted", rec.accepted if rec else False))
         status = "accepted" if accepted else "rejected"
@@ -173,7 +173,7 @@ def base_val_dir_for(cands: list[dict[str, Any]], n: int, baseline_val: str | No
 def scored_rows(run_dir: Path, rel: str | None) -> dict[str, dict[str, Any]]:
     if not rel:
         return {}
-    return {str(r.get("id")): r for r in _jsonl(run_dir / rel / "scored.jsonl")}
+    return {str(r.get("id")): r for r in read_rows(run_dir / rel / "scored.jsonl")}
 
 
 def summary_score(run_dir: Path, rel: str) -> float | None:
@@ -278,7 +278,7 @@ def agent_costs(run_dir: Path, cands: list[dict[str, Any]]) -> dict[str, Any]:
     """The proposer's own spend: an agent-side call log if there is one, else each candidate's ``proposal.json``."""
     for rel in AGENT_CALL_LOGS:
         if (run_dir / rel).is_file():
-            c = call_costs(_jsonl(run_dir / rel))
+            c = call_costs(read_rows(run_dir / rel))
             return {"source": rel, "turns": c["calls"], "input_tokens": c["input_tokens"],
                     "output_tokens": c["output_tokens"], "usd": c["usd"]}
     out = {"source": "proposal.json", "turns": 0, "input_tokens": 0, "output_tokens": 0, "usd": 0.0}
@@ -301,7 +301,7 @@ def agent_costs(run_dir: Path, cands: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _frozen_manifest(run_dir: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(_text(run_dir / "frozen" / "pipemend.yaml")) or {}
+        data = yaml.safe_load(read_text(run_dir / "frozen" / "pipemend.yaml")) or {}
         return data if isinstance(data, dict) else {}
     except Exception:  # noqa: BLE001 - a report never fails on a bad manifest copy
         return {}
@@ -341,7 +341,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if best is not None and best.get("val_dir"):
         fixed, broken = compare_rows(scored_rows(run_dir, baseline_val_dir), scored_rows(run_dir, best["val_dir"]))
 
-    pipeline = call_costs(_jsonl(run_dir / "gateway" / "calls.jsonl"))
+    pipeline = call_costs(read_rows(run_dir / "gateway" / "calls.jsonl"))
     agent = agent_costs(run_dir, cands)
     started, ended = _num(run.get("started_at")), _num(run.get("ended_at"))
     status = run.get("status") or "unknown"
