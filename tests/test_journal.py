@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
 sys.path.insert(0, str(FIXTURES))
 
 import optimize_harness  # noqa: E402
+from drive import drive  # noqa: E402
 
 from pipemend.fsutil import append_jsonl, read_json, read_jsonl, repair_jsonl_tail  # noqa: E402
 from pipemend.journal import record, repair, replay  # noqa: E402
@@ -103,24 +100,6 @@ def test_the_report_folds_the_journal_with_the_journals_own_fold(tmp_path: Path)
 # --------------------------------------------------------------------------- end to end: kill, tear, resume
 
 
-def _drive(*args: str, kill_when=None, timeout: float = 300) -> subprocess.CompletedProcess | None:
-    p = subprocess.Popen([sys.executable, str(FIXTURES / "optimize_harness.py"), *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    while p.poll() is None and time.time() < deadline:
-        if kill_when is not None and kill_when():
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return None
-        time.sleep(0.02)
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise AssertionError("the optimize run did not finish in time")
-    out, err = p.communicate()
-    assert p.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
 def _started(run_dir: Path, n: int):
     def reached() -> bool:
         try:
@@ -138,13 +117,13 @@ def test_a_run_killed_mid_write_resumes(tmp_path: Path) -> None:
     config = {"target": str(target), "proposer": "optimize_plugins:Script",
               "proposer_options": {"steps": ["comment", "short", "sentence"]}, "sandbox": "process",
               "run_id": "torn", "reports_dir": str(tmp_path / "reports"), "budget_usd": 1.0}
-    assert _drive("start", json.dumps(config), kill_when=_started(run_dir, 2)) is None
+    assert drive("start", json.dumps(config), kill_when=_started(run_dir, 2)) is None
     for rel, torn in (("journal.jsonl", b'{"format": "pipemend-journal-1", "t": 1, "event": "candidate_d'),
                       ("gateway/calls.jsonl", b'{"format": "pipemend-call-1", "call_id": "c-x", "requ')):
         with open(run_dir / rel, "ab") as f:
             f.write(torn)
 
-    done = _drive("resume", str(run_dir))
+    done = drive("resume", str(run_dir))
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "done" and [c["accepted"] for c in summary["candidates"]] == [False, True, False]
     events = [e["event"] for e in read_jsonl(run_dir / "journal.jsonl", tolerate_torn_tail=False)]
