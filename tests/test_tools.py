@@ -261,3 +261,16 @@ def test_agent_paths_globs_sizes_and_ids_are_checked(wt):
         tools.run_train("t1")  # a string, not a list
     with pytest.raises(ToolError, match="example id"):
         tools.run_train(["t1", 3])
+
+
+def test_a_hostile_trace_is_shown_capped_and_never_crashes_the_tool():
+    """Traces are written inside the sandbox: wrong types, deep nesting and huge fields are shown capped."""
+    steps = [{"id": f"s{i}", "parent": f"s{i - 1}" if i else None, "name": "n" * 10_000, "kind": ["x"],
+              "inputs": {"deep": [[[[[]]]]]}, "output": "o" * 100_000, "start": "yesterday", "end": 2,
+              "logs": ["not a dict", {"source": 1, "message": "m" * 1000}], "llm_calls": {"not": "a list"},
+              "error": 7} for i in range(5000)]
+    steps[3] = "not a step"
+    steps[4]["parent"] = ["unhashable"]
+    out = format_trace({"example_id": "t1", "steps": steps, "error": ["odd"]}, max_chars=5000)
+    assert len(out) < 5200 and "truncated" in out and "[1] nnnn" in out
+    assert format_trace(["not", "a", "dict"]) == "(unreadable trace: a list, not an object)"

@@ -483,42 +483,79 @@ class ProposerTools(ReadOnlyTree):
 
 
 def _short(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = text.replace("\n", "\n      ")
-    return text if len(text) <= limit else text[:limit] + f" ... [+{len(text) - limit} chars]"
+    """``value`` as one field of the text, cut at ``limit`` characters (whatever a hostile trace put there)."""
+    if isinstance(value, str):
+        text = value[: limit + 1]
+        more = len(value) - limit
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError, RecursionError):
+            text = f"<{type(value).__name__}>"
+        more = len(text) - limit
+    text = text[:limit].replace("\n", "\n      ")
+    return text if more <= 0 else text + f" ... [+{more} chars]"
+
+
+def _dicts(value: Any, limit: int) -> list[dict]:
+    return [v for v in value[:limit] if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _key(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+MAX_TRACE_STEPS = 300
+MAX_TRACE_DEPTH = 12
 
 
 def format_trace(trace: dict, *, max_chars: int = 20_000, field_chars: int = 1_500) -> str:
-    """A ``pipemend-1`` trace as readable text: one block per step, in start order."""
-    lines = [f"example {trace.get('example_id')}  (trace format {trace.get('trace_format')})"]
+    """A ``pipemend-1`` trace as readable text: one block per step, in start order.
+
+    The trace was written inside the sandbox, so nothing in it is trusted: fields
+    of the wrong type are shown as they are or skipped, and steps, nesting, logs,
+    calls and every field are capped.
+    """
+    if not isinstance(trace, dict):
+        return f"(unreadable trace: a {type(trace).__name__}, not an object)"
+    lines = [f"example {_short(trace.get('example_id'), 200)}  (trace format {_short(trace.get('trace_format'), 50)})"]
     if trace.get("error"):
         err = trace["error"]
-        lines.append(f"ERROR: {err.get('type')}: {err.get('message')}" if isinstance(err, dict) else f"ERROR: {err}")
+        msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err
+        lines.append(f"ERROR: {_short(msg, field_chars)}")
     lines.append(f"final output: {_short(trace.get('output'), field_chars)}")
-    steps = trace.get("steps") or []
+    steps = _dicts(trace.get("steps"), MAX_TRACE_STEPS)
     depth: dict[str, int] = {}
+    size = sum(len(line) for line in lines)
     for n, step in enumerate(steps, start=1):
-        d = depth.get(step.get("parent") or "", -1) + 1 if step.get("parent") else 0
-        depth[step.get("id") or f"#{n}"] = d
+        parent = _key(step.get("parent"))
+        d = min(depth.get(parent, -1) + 1, MAX_TRACE_DEPTH) if parent else 0
+        depth[_key(step.get("id")) or f"#{n}"] = d
         pad = "  " * d
         dur = ""
-        if isinstance(step.get("start"), (int, float)) and isinstance(step.get("end"), (int, float)):
-            dur = f" {step['end'] - step['start']:.2f}s"
-        lines.append(f"{pad}[{n}] {step.get('name')} ({step.get('kind')}){dur}")
-        lines.append(f"{pad}    inputs: {_short(step.get('inputs'), field_chars)}")
+        start, end = step.get("start"), step.get("end")
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)) and not isinstance(start, bool):
+            dur = f" {end - start:.2f}s"
+        block = [f"{pad}[{n}] {_short(step.get('name'), 200)} ({_short(step.get('kind'), 50)}){dur}",
+                 f"{pad}    inputs: {_short(step.get('inputs'), field_chars)}"]
         if step.get("doc_ids") is not None:
-            lines.append(f"{pad}    doc_ids: {_short(step.get('doc_ids'), field_chars)}")
-        lines.append(f"{pad}    output: {_short(step.get('output'), field_chars)}")
+            block.append(f"{pad}    doc_ids: {_short(step.get('doc_ids'), field_chars)}")
+        block.append(f"{pad}    output: {_short(step.get('output'), field_chars)}")
         if step.get("error"):
             err = step["error"]
-            msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else str(err)
-            lines.append(f"{pad}    error: {_short(msg, field_chars)}")
-        for log in (step.get("logs") or [])[:10]:
-            lines.append(f"{pad}    log[{log.get('source')}]: {_short(log.get('message'), 300)}")
-        for call in step.get("llm_calls") or []:
-            lines.append(
-                f"{pad}    llm call: model={call.get('gen_ai.request.model')} "
-                f"in={call.get('gen_ai.usage.input_tokens')} out={call.get('gen_ai.usage.output_tokens')} "
-                f"cache_hit={call.get('pipemend.cache_hit')}"
+            msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err
+            block.append(f"{pad}    error: {_short(msg, field_chars)}")
+        for log in _dicts(step.get("logs"), 10):
+            block.append(f"{pad}    log[{_short(log.get('source'), 20)}]: {_short(log.get('message'), 300)}")
+        for call in _dicts(step.get("llm_calls"), 50):
+            block.append(
+                f"{pad}    llm call: model={_short(call.get('gen_ai.request.model'), 100)} "
+                f"in={_short(call.get('gen_ai.usage.input_tokens'), 20)} "
+                f"out={_short(call.get('gen_ai.usage.output_tokens'), 20)} "
+                f"cache_hit={_short(call.get('pipemend.cache_hit'), 10)}"
             )
+        lines += block
+        size += sum(len(line) + 1 for line in block)
+        if size > max_chars:
+            break
     return _truncate("\n".join(lines), max_chars)
