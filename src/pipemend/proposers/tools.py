@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from ..errors import PipemendError
 from ..fsutil import atomic_write_text
+# matches_any is also a compat re-export: remove after merge (gate.py imports it from here; its home is pipemend.globs)
 from ..globs import MAX_GLOB_CHARS, glob_match, is_relative_glob, matches_any, walk_files
 from ..manifest import MANIFEST_NAME
 
