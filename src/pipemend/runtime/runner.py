@@ -26,7 +26,11 @@ result only means the example is re-run or scored "no result".
 Every httpx request of the process gets ``x-pipemend-example`` and
 ``x-pipemend-step`` headers from the trace context (values are
 percent-encoded UTF-8 when not plain ASCII), and a gateway response's
-``x-pipemend-*`` headers become an LLM call on the current step.
+``x-pipemend-*`` headers become an LLM call on the current step. Every
+request also carries ``x-pipemend-eval`` (``$PIPEMEND_EVAL``, else a random
+token), and one made outside any example is tagged ``<startup>`` (while the
+entrypoint imports) or ``<outside>``; the import's duration goes to
+``OUT/runner.json``: the host charges both to the evaluation.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -114,6 +119,40 @@ def load_inputs(path: Path) -> list[InputRow]:
 
 _hook_lock = threading.Lock()
 
+# --- start-up accounting: work a pipeline does outside its examples counts against it (OUT/runner.json)
+EVAL_HEADER = "x-pipemend-eval"
+EVAL_ENV = "PIPEMEND_EVAL"
+"""The evaluation's token, set by the host in the sandbox's environment (else the runner makes one):
+sent on every request so the gateway can tie a call made outside any example to its evaluation."""
+STARTUP_TAG = "<startup>"
+"""``x-pipemend-example`` of a call made while the entrypoint module imports."""
+OUTSIDE_TAG = "<outside>"
+"""``x-pipemend-example`` of a call made after start-up outside any example (a background thread)."""
+RUNNER_JSON = "runner.json"
+RUNNER_FORMAT = "pipemend-runner-1"
+_eval_token = os.environ.get(EVAL_ENV) or uuid.uuid4().hex
+_outside_tag = STARTUP_TAG
+
+
+def end_startup(out: Path, startup_s: float, progress: TextIO) -> None:
+    """Start-up is over: later calls outside examples are tagged ``<outside>``, and ``OUT/runner.json``
+    ``{"format", "startup_s", "eval"}`` is replaced atomically (never through a link). A write that fails
+    is reported, not fatal: the host then charges the start-up calls' own latency."""
+    global _outside_tag
+    _outside_tag = OUTSIDE_TAG
+    tmp = out / f".{RUNNER_JSON}.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            _write_all(fd, json.dumps({"format": RUNNER_FORMAT, "startup_s": round(startup_s, 6), "eval": _eval_token}).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, out / RUNNER_JSON)
+    except OSError as e:
+        progress.write(f"[runner] could not write {RUNNER_JSON}: {e}\n")
+
 
 def header_value(value: str) -> str:
     if value.isascii() and value.isprintable():
@@ -122,8 +161,10 @@ def header_value(value: str) -> str:
 
 
 def _tag(request: Any) -> None:
+    request.headers[EVAL_HEADER] = header_value(_eval_token)
     ex_id = trace.current_example_id()
-    if ex_id is None:
+    if ex_id is None:  # import-time or background work: charged to the evaluation, not to an example
+        request.headers["x-pipemend-example"] = _outside_tag
         return
     request.headers["x-pipemend-example"] = header_value(ex_id)
     name = trace.current_step_name()
@@ -507,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)  # so a pipeline's info logs reach its steps
         install_httpx_hook()
+        t_import = time.monotonic()
         fn = load_entrypoint(target, args.entrypoint)
+        end_startup(out, time.monotonic() - t_import, progress)
     except RunnerUsageError as e:
         progress.write(f"[runner] error: {e}\n")
         progress.flush()
