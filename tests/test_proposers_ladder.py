@@ -15,15 +15,12 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
 
 from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree  # noqa: E402
 
+from pipemend.configfile import ConfigFileError, set_config_value  # noqa: E402
 from pipemend.errors import UsageError  # noqa: E402
+from pipemend.manifest import load_manifest  # noqa: E402
 from pipemend.proposers import get_proposer  # noqa: E402
 from pipemend.proposers.ladder import LadderProposer, rungs_to_try  # noqa: E402
-from pipemend.proposers.transforms import (  # noqa: E402
-    PROMPT_TRANSFORMS,
-    TransformError,
-    insert_instruction,
-    set_config_value,
-)
+from pipemend.proposers.transforms import PROMPT_TRANSFORMS, insert_instruction  # noqa: E402
 
 
 def render(path: Path) -> str:
@@ -81,6 +78,29 @@ def test_ladder_climbs_one_change_at_a_time_and_ends_with_none(tmp_path):
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     assert cfg["generation"]["style"] == "short" and cfg["retrieval"]["top_k"] == 5
     assert "Output format: answer with the entity" in (root / "prompts/answer.j2").read_text()
+
+
+def test_a_knob_inside_a_list_passes_the_manifest_check_and_the_ladder_sets_it(tmp_path):
+    """Issue 10: a knob key ``a.0.b`` passed the manifest check, then the ladder could not read it."""
+    wt = make_worktree(tmp_path)
+    root = wt / SUBDIR
+    with open(root / "config.yaml", "a") as f:
+        f.write("retrievers:\n  - name: bm25   # lexical\n    top_k: 3\n  - name: dense\n    top_k: 4\n")
+    manifest = yaml.safe_load((root / "pipemend.yaml").read_text())
+    manifest["knobs"] = {"first_k": {"file": "config.yaml", "key": "retrievers.0.top_k", "rung": "retrieval",
+                                     "values": [3, 7]}}
+    (root / "pipemend.yaml").write_text(yaml.safe_dump(manifest))
+    commit(wt, "a knob inside a list")
+    assert load_manifest(root).knobs["first_k"].key == "retrievers.0.top_k"  # the check passes
+
+    diagnosis = {**DIAGNOSIS, "counts": {"prompt": 0, "retrieval": 3, "context": 0, "model": 0},
+                 "recommended": "retrieval"}
+    proposal = get_proposer("ladder").propose(make_ctx(wt, diagnosis=diagnosis))
+    assert proposal is not None and proposal.meta["ladder_key"] == "knob:first_k=7"
+    assert proposal.meta["previous"] == 3 and "from 3 to 7" in proposal.rationale
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    assert [r["top_k"] for r in cfg["retrievers"]] == [7, 4]
+    assert "  - name: bm25   # lexical\n    top_k: 7\n" in (root / "config.yaml").read_text()
 
 
 def test_a_fresh_ladder_does_not_repeat_what_history_holds(tmp_path):
@@ -161,9 +181,9 @@ def test_yaml_knob_edit_keeps_comments_and_everything_else():
     assert yaml.safe_load(new)["retrieval"]["index"] == "dense: v2" and "# quoted" in new
     new = set_config_value(YAML_TEXT, "yaml", "generation.style", ["a", 1])
     assert yaml.safe_load(new)["generation"]["style"] == ["a", 1]
-    with pytest.raises(TransformError, match="not found"):
+    with pytest.raises(ConfigFileError, match="not found"):
         set_config_value(YAML_TEXT, "yaml", "retrieval.missing", 1)
-    with pytest.raises(TransformError, match="block"):
+    with pytest.raises(ConfigFileError, match="block"):
         set_config_value(YAML_TEXT, "yaml", "retrieval", 1)
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from pipemend import trace
 from pipemend.dataset import Example
-from pipemend.forwarder import Forwarder
-from pipemend.runner import install_httpx_hook, uninstall_httpx_hook
+from pipemend.runtime.forwarder import Forwarder
+from pipemend.runtime.runner import header_value, install_httpx_hook, uninstall_httpx_hook, write_trace
 
 PIPELINES = Path(__file__).parent / "fixtures" / "pipelines"
 REAL_KEY = "sk-ant-REAL-SECRET-must-not-leak"
@@ -30,7 +30,7 @@ def run_runner(tmp_path: Path, target: str, rows: list[dict], *extra: str, entry
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     full_env = {**os.environ, "ANTHROPIC_API_KEY": REAL_KEY, "ANTHROPIC_AUTH_TOKEN": REAL_KEY,
                 "ANTHROPIC_FOUNDRY_API_KEY": REAL_KEY, "CLAUDE_CODE_OAUTH_TOKEN": REAL_KEY, **(env or {})}
-    cmd = [sys.executable, "-m", "pipemend.runner", "--target", str(PIPELINES / target), "--entrypoint", entrypoint,
+    cmd = [sys.executable, "-m", "pipemend.runtime.runner", "--target", str(PIPELINES / target), "--entrypoint", entrypoint,
            "--inputs", str(inputs), "--out", str(tmp_path / "out"), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=tmp_path)
 
@@ -144,8 +144,6 @@ def test_a_second_run_replaces_results_and_traces_whole(tmp_path):
 
 
 def test_a_trace_that_cannot_be_moved_into_place_leaves_no_temporary_file(tmp_path):
-    from pipemend.runner import write_trace
-
     write_trace(tmp_path / "a.json", {"v": 1})
     write_trace(tmp_path / "a.json", {"v": 2})
     assert json.loads((tmp_path / "a.json").read_text()) == {"v": 2}
@@ -469,7 +467,5 @@ def test_async_anthropic_client_is_tagged_and_recorded():
 
 
 def test_non_ascii_step_names_are_percent_encoded_in_headers():
-    from pipemend.runner import _header_value
-
-    assert _header_value("retrieve") == "retrieve"
-    assert _header_value("récupérer docs") == "r%C3%A9cup%C3%A9rer docs"
+    assert header_value("retrieve") == "retrieve"
+    assert header_value("récupérer docs") == "r%C3%A9cup%C3%A9rer docs"

@@ -14,38 +14,19 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
 from support import SUBDIR, make_tools, make_worktree, secret_labels  # noqa: E402
 
 from pipemend.proposers.tools import (  # noqa: E402
+    MAX_FILE_BYTES,
+    MAX_WRITE_CHARS,
     PathRefused,
     ReadOnlyTree,
     ToolError,
     ToolTimeout,
     format_trace,
-    glob_match,
 )
 
 
 @pytest.fixture
 def wt(tmp_path: Path) -> Path:
     return make_worktree(tmp_path)
-
-
-@pytest.mark.parametrize(
-    ("path", "pattern", "expected"),
-    [
-        ("prompts/answer.j2", "prompts/**", True),
-        ("prompts/a/b.j2", "prompts/*.j2", False),
-        ("prompts/a/b.j2", "prompts/**/*.j2", True),
-        ("prompts/b.j2", "prompts/**/*.j2", True),
-        ("config.yaml", "config.yaml", True),
-        ("sub/config.yaml", "config.yaml", False),
-        ("sub/config.yaml", "**/config.yaml", True),
-        ("prompts/x.txt", "prompts", True),
-        ("prompts/x.txt", "prompts/", True),
-        ("promptsx/x.txt", "prompts", False),
-        ("data/qa.jsonl", "data/*.json", False),
-    ],
-)
-def test_glob_semantics(path, pattern, expected):
-    assert glob_match(path, pattern) is expected
 
 
 def test_write_and_edit_an_editable_file(wt):
@@ -199,3 +180,97 @@ def test_history_tree_is_read_only_and_guarded(tmp_path):
         with pytest.raises(PathRefused):
             tree.read_file(bad)
     assert not hasattr(tree, "write_file")
+
+
+# --------------------------------------------------------------------------- limits on what the agent passes in (issue 11.6)
+
+CATASTROPHIC = [r"(a+)+$", r"(a|aa)+$", r"(a*)*b", r"^(\w+\s?)*$"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_a_catastrophic_search_pattern_is_stopped_and_the_tools_go_on(wt, pattern):
+    (wt / SUBDIR / "prompts" / "evil.j2").write_text("a" * 5000 + "!\n" + "word " * 3000 + "!\n")
+    tools = make_tools(wt)
+    tools.search_timeout_s = 1.0
+    with pytest.raises(ToolTimeout, match="did not finish within 1 s and was stopped"):
+        tools.search(pattern)
+    # the tools still work afterwards, and no search process is left behind
+    assert tools.search("Question", glob="prompts/decompose.j2") == ["prompts/decompose.j2:3:Question: {{ question }}"]
+    assert not _children_named("-c")
+
+
+def _children_named(word: str) -> list[str]:
+    """Command lines of this process's live children that contain ``word``."""
+    out = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                cmd = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if word in cmd and "pipemend" not in cmd:
+                out.append(cmd)
+    return out
+
+
+def test_search_limits_pattern_size_hits_and_skips_large_or_special_files(wt):
+    root = wt / SUBDIR
+    tools = make_tools(wt)
+    with pytest.raises(ToolError, match="at most 500"):
+        tools.search("a" * 501)
+    with pytest.raises(ToolError, match="non-empty"):
+        tools.search("")
+    (root / "prompts" / "many.j2").write_text("hit\n" * 500)
+    hits = tools.search("^hit$")
+    assert len(hits) == 101 and hits[-1].startswith("... [stopped at 100 hits")
+    (root / "prompts" / "big.j2").write_text("needle\n" + "x" * (MAX_FILE_BYTES + 1))
+    os.mkfifo(root / "prompts" / "fifo.j2")  # reading a FIFO would block forever
+    assert tools.search("needle") == []
+    assert "prompts/fifo.j2" not in tools.list_files()
+    with pytest.raises(ToolError, match="no such file"):
+        tools.read_file("prompts/fifo.j2")
+    with pytest.raises(ToolError, match="bytes; files over"):
+        tools.read_file("prompts/big.j2")
+    with pytest.raises(ToolError, match="bytes; files over"):
+        tools.edit_file("prompts/big.j2", "needle", "pin")
+
+
+def test_agent_paths_globs_sizes_and_ids_are_checked(wt):
+    tools = make_tools(wt)
+    with pytest.raises(ToolError, match="relative"):
+        tools.list_files("/etc/*")
+    with pytest.raises(ToolError, match="relative"):
+        tools.search("x", glob="../*")
+    with pytest.raises(ToolError, match="at most"):
+        tools.list_files("*" * 2000)
+    with pytest.raises(PathRefused, match="at most"):
+        tools.read_file("a/" * 600)
+    with pytest.raises(PathRefused, match="NUL"):
+        tools.read_file("prompts/answer.j2\0x")
+    with pytest.raises(ToolError, match="at most"):
+        tools.write_file("prompts/huge.j2", "x" * (MAX_WRITE_CHARS + 1))
+    assert not (wt / SUBDIR / "prompts" / "huge.j2").exists()
+    with pytest.raises(ToolError, match="example id"):
+        tools.read_trace("x" * 500)
+    with pytest.raises(ToolError, match="list of train example ids"):
+        tools.run_train("t1")  # a string, not a list
+    with pytest.raises(ToolError, match="example id"):
+        tools.run_train(["t1", 3])
+
+
+def test_a_hostile_trace_is_shown_capped_and_never_crashes_the_tool():
+    """Traces are written inside the sandbox: wrong types, deep nesting and huge fields are shown capped."""
+    steps = [{"id": f"s{i}", "parent": f"s{i - 1}" if i else None, "name": "n" * 10_000, "kind": ["x"],
+              "inputs": {"deep": [[[[[]]]]]}, "output": "o" * 100_000, "start": "yesterday", "end": 2,
+              "logs": ["not a dict", {"source": 1, "message": "m" * 1000}], "llm_calls": {"not": "a list"},
+              "error": 7} for i in range(5000)]
+    steps[3] = "not a step"
+    steps[4]["parent"] = ["unhashable"]
+    out = format_trace({"example_id": "t1", "steps": steps, "error": ["odd"]}, max_chars=5000)
+    assert len(out) < 5200 and "truncated" in out and "[1] nnnn" in out
+    assert format_trace(["not", "a", "dict"]) == "(unreadable trace: a list, not an object)"

@@ -70,15 +70,67 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
 
 
 def append_jsonl_many(path: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
-    """Append records as lines with one write call and one fsync (a crash leaves at most a torn last line)."""
+    """Append records as lines with one write call and one fsync (a crash leaves at most a torn last line).
+
+    A torn last line left by an earlier crash is mended first (``repair_jsonl_tail``),
+    so the new records start on a line of their own.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = b"".join((json.dumps(r, default=str, separators=(",", ":")) + "\n").encode("utf-8") for r in records)
     with _append_lock:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            _mend_tail(fd)
             os.write(fd, data)
             os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _mend_tail(fd: int) -> str | None:
+    """End the file behind ``fd`` (opened read-write, append) on a newline; what was done, or None.
+
+    A last line without its newline is either a whole record cut just before
+    the newline (the newline is added) or a torn one (it is cut off).
+    """
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return None
+    start, pos = 0, size
+    while pos > 0:
+        lo = max(0, pos - 65536)
+        nl = os.pread(fd, pos - lo, lo).rfind(b"\n")
+        if nl != -1:
+            start = lo + nl + 1
+            break
+        pos = lo
+    if _is_record(os.pread(fd, size - start, start)):
+        os.write(fd, b"\n")
+        return "completed"
+    os.ftruncate(fd, start)
+    return f"dropped a torn last line ({size - start} bytes)"
+
+
+def repair_jsonl_tail(path: str | os.PathLike[str]) -> str | None:
+    """Make a JSONL file that a crash cut mid-write end on a whole line (fsynced); what was done, or None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with _append_lock:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        try:
+            done = _mend_tail(fd)
+            if done:
+                os.fsync(fd)
+            return done
         finally:
             os.close(fd)
 
@@ -86,20 +138,22 @@ def append_jsonl_many(path: str | os.PathLike[str], records: list[dict[str, Any]
 def read_jsonl(path: str | os.PathLike[str], *, tolerate_torn_tail: bool = True) -> Iterator[dict[str, Any]]:
     """Yield the records of a JSONL file.
 
-    A last line cut short by a crash is skipped when ``tolerate_torn_tail``;
-    any other bad line raises ``ValueError`` naming the file and line.
+    A last line cut short by a crash (not JSON, or not UTF-8) is skipped when
+    ``tolerate_torn_tail``; any other bad line raises ``ValueError`` naming the
+    file and line.
     """
     path = Path(path)
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = path.read_bytes().split(b"\n")
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
+            yield json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             is_last = all(not rest.strip() for rest in lines[i:])
             if tolerate_torn_tail and is_last:
                 return
-            raise ValueError(f"{path}: line {i}: not valid JSON ({e.msg})") from e
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise ValueError(f"{path}: line {i}: not valid JSON ({why})") from e

@@ -16,19 +16,23 @@ Events of an optimize run (besides ``run_started``/``run_done``/``run_failed``):
   the verdict is on disk and, when ``sha`` is set, committed and its branch or ref set.
 - ``candidate_abandoned`` ``{n, reason}``: the proposer had no more ideas; nothing was kept.
 - ``base_ready`` ``{n, train_dir}``: an accepted candidate's train run and diagnosis are done.
-- ``loop_stopped`` ``{reason}``; ``test_done`` ``{baseline, best}``.
+- ``loop_stopped`` ``{reason}``; ``test_done`` ``{baseline, best, error?}``.
+
+A crash mid-append can leave a torn last line: ``replay`` ignores it, and the
+next append (or ``repair``) cuts it off, so the run stays resumable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsutil import read_jsonl
+from .fsutil import read_jsonl, repair_jsonl_tail
 from .rundir import JOURNAL, journal
 
-__all__ = ["CandidateRecord", "RunState", "replay", "record"]
+__all__ = ["CandidateRecord", "RunState", "fold", "record", "repair", "replay"]
 
 
 def record(run_dir: Path, event: str, **data: Any) -> None:
@@ -65,7 +69,14 @@ class RunState:
     """Bases whose train run and diagnosis are done (0 = the baseline)."""
     stop_reason: str | None = None
     test: dict[str, Any] | None = None
+    """``{baseline, best, error}`` of the test split, once it ran."""
     status: str = "running"
+    error: Any = None
+    """What ``run_failed`` said."""
+    events: int = 0
+    """Events folded (a report shows how far a run got)."""
+    last_t: float | None = None
+    """Time of the last event."""
 
     @property
     def accepted(self) -> list[CandidateRecord]:
@@ -89,37 +100,70 @@ class RunState:
         return max(self.candidates, default=0) + 1
 
 
-def replay(run_dir: Path) -> RunState:
-    """Fold ``RUN_DIR/journal.jsonl`` into a ``RunState`` (a torn last line is ignored)."""
+def _int(value: Any) -> int | None:
+    try:
+        return None if isinstance(value, bool) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def fold(events: Iterable[Any]) -> RunState:
+    """Fold journal events, in order, into a ``RunState``.
+
+    The one fold of a journal: ``replay`` (the loop, resume, review) and the
+    report both use it. An event that is not a mapping, or lacks the field it is
+    about (``n`` of a candidate), is skipped, so a damaged journal still shows
+    what it can.
+    """
     st = RunState()
-    for ev in read_jsonl(Path(run_dir) / JOURNAL):
+    for ev in events:
+        if not isinstance(ev, dict):
+            continue
+        st.events += 1
+        st.last_t = ev.get("t", st.last_t)
         kind = ev.get("event")
+        n = _int(ev.get("n"))
         if kind == "frozen":
             st.frozen = True
         elif kind == "snapshot":
-            st.snapshot, st.base_sha = ev["snapshot"], ev["base_sha"]
+            st.snapshot, st.base_sha = ev.get("snapshot"), ev.get("base_sha")
         elif kind == "baseline_done":
             st.baseline = {k: ev.get(k) for k in ("train_dir", "val_dir", "train_score", "val_score")}
-        elif kind == "candidate_started":
-            st.started = int(ev["n"])
-        elif kind == "candidate_done":
-            n = int(ev["n"])
+        elif kind == "candidate_started" and n is not None:
+            st.started = n
+        elif kind == "candidate_done" and n is not None:
             st.candidates[n] = CandidateRecord(
-                n=n, accepted=bool(ev["accepted"]), sha=ev.get("sha"), ref=ev.get("ref"),
-                reasons=list(ev.get("reasons") or []), rationale=ev.get("rationale") or "",
+                n=n, accepted=bool(ev.get("accepted")), sha=ev.get("sha"), ref=ev.get("ref"),
+                reasons=[str(r) for r in ev.get("reasons") or []], rationale=ev.get("rationale") or "",
                 val_dir=ev.get("val_dir"), val_score=ev.get("val_score"), delta=ev.get("delta"))
             if st.started == n:
                 st.started = None
-        elif kind == "candidate_abandoned" and st.started == int(ev["n"]):
+        elif kind == "candidate_abandoned" and n is not None and st.started == n:
             st.started = None
-        elif kind == "base_ready":
-            st.ready.add(int(ev["n"]))
+        elif kind == "base_ready" and n is not None:
+            st.ready.add(n)
         elif kind == "loop_stopped":
             st.stop_reason = ev.get("reason")
         elif kind == "test_done":
-            st.test = {"baseline": ev.get("baseline"), "best": ev.get("best")}
+            st.test = {"baseline": ev.get("baseline"), "best": ev.get("best"), "error": ev.get("error")}
         elif kind in ("run_done", "run_failed"):
             st.status = kind[4:]
+            if kind == "run_failed":
+                st.error = ev.get("error")
         elif kind == "run_resumed":
             st.status = "running"
     return st
+
+
+def replay(run_dir: Path) -> RunState:
+    """Fold ``RUN_DIR/journal.jsonl`` into a ``RunState`` (a torn last line is ignored; ``repair`` mends it)."""
+    return fold(read_jsonl(Path(run_dir) / JOURNAL))
+
+
+def repair(run_dir: Path) -> str | None:
+    """Drop a torn last line of ``RUN_DIR/journal.jsonl`` (a crash mid-write), so the next event starts a fresh line.
+
+    Every append does this too (``fsutil.append_jsonl``); resume may call it
+    first to say so. Returns what was done, or None when the journal was whole.
+    """
+    return repair_jsonl_tail(Path(run_dir) / JOURNAL)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .manifest_checks import check_manifest_files
 from .sealing import Seal, glob_is_relative, plan_seals
 
 MANIFEST_NAME = "pipemend.yaml"
@@ -177,8 +179,6 @@ def load_manifest(target_dir: str | Path, *, check_files: bool = True) -> Manife
     Raises ``ConfigError`` naming the file, the key and what was expected.
     With ``check_files`` the cross-file checks run too (see ``manifest_checks``).
     """
-    import yaml
-
     target_dir = Path(target_dir)
     path = target_dir / MANIFEST_NAME
     if not path.is_file():
@@ -202,7 +202,5 @@ def load_manifest(target_dir: str | Path, *, check_files: bool = True) -> Manife
             raise ConfigError(path, _loc(first), "required key is missing") from None
         raise ConfigError(path, _loc(first), first.get("msg", "invalid value")) from None
     if check_files:
-        from .manifest_checks import check_manifest_files
-
         check_manifest_files(manifest, target_dir, path)
     return manifest

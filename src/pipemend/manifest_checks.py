@@ -1,7 +1,9 @@
 """Cross-file checks of a validated manifest: do the files, modules and keys it names exist?
 
-The schema (``manifest.py``) checks shapes; this module checks the manifest
-against the target folder. Every problem is a ``ConfigError`` naming the
+The schema (``manifest.py``) checks shapes; this module checks a parsed
+manifest against the target folder. It sits below ``manifest.py`` (whose
+``load_manifest`` calls ``check_manifest_files``) and never imports it at run
+time, so the two do not import each other. Every problem is a ``ConfigError`` naming the
 manifest, the key and what was expected. The cheap checks run first; the
 entrypoint import (a subprocess, so the host's ``sys.modules`` stays clean)
 runs last.
@@ -14,16 +16,18 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING
 
+from .configfile import ConfigFileError, lookup, read_config_file
 from .errors import ConfigError
-from .manifest import Manifest
+from .globs import is_relative_glob, walk_files
+from .metrics import BUILTINS, load_metric
 
-FALLBACK_BUILTIN_METRICS = ("exact_match", "f1", "contains", "json_match")
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
 IMPORT_TIMEOUT_S = 60.0
-_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".pytest_cache"}
 
 
 def check_manifest_files(
@@ -62,28 +66,14 @@ def _require_file(target_dir: Path, rel: str, mp: Path, key: str, what: str) -> 
 
 
 def glob_files(target_dir: Path, pattern: str) -> set[str]:
-    """Files under ``target_dir`` matching ``pattern`` (``**`` allowed), as POSIX paths relative to it."""
-    if inside(target_dir, pattern) is None:
-        return set()
-    found: set[str] = set()
-    for p in target_dir.glob(pattern):
-        rel = p.relative_to(target_dir)
-        if any(part in _SKIP_DIRS for part in rel.parts):
-            continue
-        if p.is_file():
-            found.add(rel.as_posix())
-        elif p.is_dir():  # a glob naming a folder covers what is inside it
-            for sub in p.rglob("*"):
-                srel = sub.relative_to(target_dir)
-                if sub.is_file() and not any(part in _SKIP_DIRS for part in srel.parts):
-                    found.add(srel.as_posix())
-    return found
+    """Files under ``target_dir`` matching ``pattern`` (``pipemend.globs``), as POSIX paths relative to it."""
+    return set(walk_files(target_dir, pattern))
 
 
 def _check_globs(manifest: Manifest, target_dir: Path, mp: Path) -> None:
     for key, globs in (("editable", manifest.editable), ("protected", manifest.protected)):
         for i, g in enumerate(globs):
-            if inside(target_dir, g) is None:
+            if not is_relative_glob(g):
                 raise ConfigError(mp, f"{key}[{i}]", f"glob {g!r} is absolute or climbs out with '..'", "a glob relative to the target folder")
     for i, g in enumerate(manifest.protected):
         if not glob_files(target_dir, g):
@@ -114,12 +104,7 @@ def _check_dataset(manifest: Manifest, target_dir: Path, mp: Path) -> None:
 
 
 def builtin_metric_names() -> tuple[str, ...]:
-    try:
-        from . import metrics
-    except ImportError:
-        return FALLBACK_BUILTIN_METRICS
-    names = getattr(metrics, "BUILTIN_METRICS", None) or getattr(metrics, "BUILTINS", None)
-    return tuple(names) if names else FALLBACK_BUILTIN_METRICS
+    return tuple(BUILTINS)
 
 
 def is_custom_metric(spec: str) -> bool:
@@ -140,10 +125,6 @@ def _check_metric(manifest: Manifest, target_dir: Path, mp: Path) -> None:
     defined = _top_level_names(path, mp, "metric")
     if fn not in defined:
         raise ConfigError(mp, "metric", f"{path.name} defines no top-level {fn!r}", f"a function {fn} in {rel}")
-    try:
-        from .metrics import load_metric
-    except ImportError:
-        return
     load_metric(spec, target_dir)  # imports it (scoring does so on the host too) and checks its signature
 
 
@@ -166,44 +147,14 @@ def _top_level_names(path: Path, mp: Path, key: str) -> set[str]:
     return names
 
 
-def read_config_file(path: Path) -> Any:
-    """Parse a knob's YAML, JSON or TOML file by its extension."""
-    import yaml
-
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text)
-    if suffix == ".json":
-        return json.loads(text)
-    if suffix == ".toml":
-        return tomllib.loads(text)
-    raise ValueError(f"unsupported config file type {suffix or '(none)'}")
-
-
-def lookup_key(data: Any, dotted: str) -> tuple[bool, Any]:
-    """Follow ``a.b.0.c`` through dicts and lists; ``(found, value)``."""
-    cur = data
-    for part in dotted.split("."):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            return False, None
-    return True, cur
-
-
 def _check_knobs(manifest: Manifest, target_dir: Path, mp: Path) -> None:
     for name, knob in manifest.knobs.items():
         path = _require_file(target_dir, knob.file, mp, f"knobs.{name}.file", "a YAML, JSON or TOML config file")
         try:
             data = read_config_file(path)
-        except ValueError as e:
-            raise ConfigError(mp, f"knobs.{name}.file", f"cannot read {path}: {e}", "a .yaml, .yml, .json or .toml file") from None
-        except Exception as e:  # yaml / json / toml parse errors
-            raise ConfigError(mp, f"knobs.{name}.file", f"cannot parse {path}: {e}", "a valid YAML, JSON or TOML file") from None
-        found, _ = lookup_key(data, knob.key)
+        except ConfigFileError as e:
+            raise ConfigError(mp, f"knobs.{name}.file", f"cannot read {path}: {e}", "a valid .yaml, .yml, .json or .toml file") from None
+        found, _ = lookup(data, knob.key)
         if not found:
             raise ConfigError(mp, f"knobs.{name}.key", f"key {knob.key!r} not found in {knob.file}", f"a dotted key path that exists in {knob.file}")
 

@@ -26,21 +26,12 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..configfile import ConfigFileError, config_format, get_dotted, parse_config, set_config_value
 from ..errors import UsageError
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
 from .tools import ToolError
-from .transforms import (
-    PROMPT_TRANSFORMS,
-    PromptTransform,
-    TransformError,
-    check_template,
-    config_format,
-    get_dotted,
-    is_prompt_file,
-    parse_config,
-    set_config_value,
-)
+from .transforms import PROMPT_TRANSFORMS, PromptTransform, TransformError, check_template, is_prompt_file
 
 OFFLINE_RUNGS = ("prompt", "retrieval", "context")
 _KEY_TAG = re.compile(r"\[ladder: ([^\]\n]+)\]")
@@ -125,7 +116,7 @@ class LadderProposer:
                 self._tried.add(key)  # tried now, whether it applies or not
                 try:
                     proposal = attempt()
-                except (ToolError, TransformError) as e:
+                except (ToolError, TransformError, ConfigFileError) as e:
                     ctx.log(f"ladder: skipped {key}: {e}")
                     continue
                 if proposal is None:

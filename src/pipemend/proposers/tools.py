@@ -16,10 +16,14 @@ Calls into the rest of pipemend (``run_train``, ``read_trace``, ``diagnose``,
 the tool raises ``ToolTimeout`` and the agent is told so. The thread cannot be
 killed, so the callables should bound their own work too.
 
-Glob semantics (shared with the gate's editable check): a glob matches the whole
-relative path; ``*`` and ``?`` stay within one path segment, ``**`` spans any
-number of segments (``**/`` may match none), and a glob naming a folder
-(``prompts`` or ``prompts/``) covers everything under it.
+Globs are ``pipemend.globs`` (the one matcher, shared with the manifest checks
+and the gate's editable check).
+
+Everything the agent passes in is bounded: paths and globs by shape and length,
+files read or searched by size (regular files only, never through a link),
+writes by size, listings and search hits by count, and the regex ``search``
+runs in a subprocess with a hard deadline (``search_timeout_s``): a
+catastrophic pattern is killed there and the agent told so, the run goes on.
 """
 
 from __future__ import annotations
@@ -27,20 +31,43 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import subprocess
+import sys
 import threading
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from ..errors import PipemendError
 from ..fsutil import atomic_write_text
+# matches_any is also a compat re-export: remove after merge (gate.py imports it from here; its home is pipemend.globs)
+from ..globs import MAX_GLOB_CHARS, glob_match, is_relative_glob, matches_any, walk_files
 from ..manifest import MANIFEST_NAME
 
 MAX_READ_CHARS = 60_000
-MAX_SEARCH_HITS = 100
+"""A numbered read (what the agent sees) is cut here."""
+MAX_FILE_BYTES = 2_000_000
+"""Files larger than this are neither read nor edited nor searched."""
+MAX_WRITE_CHARS = 2_000_000
 MAX_LIST = 500
-MAX_SEARCH_FILE_BYTES = 2_000_000
-_SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".pytest_cache", ".mypy_cache"}
+MAX_WALK_FILES = 20_000
+"""A listing or search takes no more matching files than this."""
+MAX_SEARCH_HITS = 100
+MAX_SEARCH_BYTES = 20_000_000
+"""Text one search reads in all; past it the search stops and says so."""
+MAX_PATTERN_CHARS = 500
+MAX_PATH_CHARS = 1_000
+MAX_ID_CHARS = 200
+SEARCH_TIMEOUT_S = 10.0
+"""Hard deadline of one regex search (the subprocess running it is killed past it)."""
+SEARCH_MEMORY_BYTES = 1 << 30
+HIT_LINE_CHARS = 300
+
+__all__ = [
+    "MAX_FILE_BYTES", "MAX_PATTERN_CHARS", "MAX_WRITE_CHARS", "PathRefused", "ProposerTools", "ReadOnlyTree",
+    "ToolError", "ToolTimeout", "format_trace", "run_search",
+    "matches_any",  # compat: remove after merge (gate.py imports it from here; its home is pipemend.globs)
+]
 
 
 class ToolError(PipemendError):
@@ -55,57 +82,6 @@ class ToolTimeout(ToolError):
     """A tool call ran past its deadline."""
 
 
-# --------------------------------------------------------------------------- globs
-
-
-@lru_cache(maxsize=512)
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    pat = pattern.strip()
-    if pat.startswith("./"):
-        pat = pat[2:]
-    pat = pat.rstrip("/")
-    i, out = 0, []
-    while i < len(pat):
-        c = pat[i]
-        if pat.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pat.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            j = pat.find("]", i + 1)
-            if j == -1:
-                out.append(re.escape(c))
-                i += 1
-            else:
-                body = pat[i + 1 : j].replace("\\", "\\\\")
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = j + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    # a glob naming a folder covers what is under it
-    return re.compile("^" + "".join(out) + "(?:/.*)?$")
-
-
-def glob_match(path: str, pattern: str) -> bool:
-    """Whether the relative POSIX ``path`` matches ``pattern`` (see the module docstring)."""
-    return bool(_glob_regex(pattern).match(path))
-
-
-def matches_any(path: str, patterns: list[str]) -> bool:
-    return any(glob_match(path, p) for p in patterns)
-
-
 # --------------------------------------------------------------------------- guarded folder
 
 
@@ -113,6 +89,8 @@ def _clean_relative(path: str, root_label: str) -> str:
     """Validate the shape of a relative path and return it normalised (POSIX, no ``.`` parts)."""
     if not isinstance(path, str) or not path.strip():
         raise PathRefused("empty path: give a path relative to the " + root_label)
+    if len(path) > MAX_PATH_CHARS or "\0" in path:
+        raise PathRefused(f"{path[:80]!r}...: a path is at most {MAX_PATH_CHARS} characters, without NUL")
     raw = path.strip().replace("\\", "/")
     if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw) or raw.startswith("~"):
         raise PathRefused(f"{path!r}: absolute paths are refused; give a path relative to the {root_label}")
@@ -122,6 +100,17 @@ def _clean_relative(path: str, root_label: str) -> str:
     if not parts:
         return "."
     return "/".join(parts)
+
+
+def _check_glob(glob: str, root_label: str) -> str:
+    """An agent's glob, checked: a string, relative, without ``..``, not too long."""
+    if not isinstance(glob, str):
+        raise ToolError("glob must be a string")
+    if len(glob) > MAX_GLOB_CHARS:
+        raise ToolError(f"glob is {len(glob)} characters; at most {MAX_GLOB_CHARS}")
+    if not is_relative_glob(glob):
+        raise ToolError(f"glob {glob!r} must be relative to the {root_label}, without '..'")
+    return glob
 
 
 def _resolve_inside(root: Path, rel: str, root_label: str) -> Path:
@@ -139,6 +128,37 @@ def _resolve_inside(root: Path, rel: str, root_label: str) -> Path:
     return cur
 
 
+def _read_regular(full: Path, rel: str, label: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A regular file's UTF-8 text, opened without following a link and refused past ``max_bytes``."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ToolError(f"{rel!r}: no such file in the {label}") from None
+    except OSError as e:
+        raise PathRefused(f"{rel!r}: cannot be opened as a regular file ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ToolError(f"{rel!r}: no such file in the {label} (not a regular file)")
+        if st.st_size > max_bytes:
+            raise ToolError(f"{rel!r} is {st.st_size} bytes; files over {max_bytes} bytes are not read")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise ToolError(f"{rel!r} grew past {max_bytes} bytes while it was read")
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ToolError(f"{rel!r} is not a UTF-8 text file") from None
+
+
 def _number(lines: list[str], first: int) -> str:
     return "\n".join(f"{first + i:>5}\t{line}" for i, line in enumerate(lines))
 
@@ -149,13 +169,92 @@ def _truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n... [truncated: {len(text) - limit} more characters]"
 
 
+# The regex search runs here, in `python -I -S -c`, fed the files' text on stdin: a pattern that
+# backtracks forever is killed with its process, and its memory is capped. Standard library only.
+_SEARCH_WORKER = r"""
+import json, re, sys
+try:
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+except Exception:
+    pass
+req = json.load(sys.stdin)
+try:
+    rx = re.compile(req["pattern"])
+except (re.error, RecursionError, OverflowError) as e:
+    print(json.dumps({"error": str(e)}), flush=True)
+    sys.exit(0)
+hits = 0
+for rel, text in req["files"]:
+    for n, line in enumerate(text.split("\n"), start=1):
+        if rx.search(line):
+            print(json.dumps({"hit": [rel, n, line[: req["line_chars"]]]}), flush=True)
+            hits += 1
+            if hits >= req["max_hits"]:
+                print(json.dumps({"stopped": hits}), flush=True)
+                sys.exit(0)
+print(json.dumps({"done": hits}), flush=True)
+"""
+
+
+def run_search(pattern: str, files: list[tuple[str, str]], *, timeout_s: float, max_hits: int = MAX_SEARCH_HITS) -> list[str]:
+    """``path:line:text`` for each line of ``files`` (``(rel, text)``) matching ``pattern``, in a killable subprocess.
+
+    ``ToolError`` for a bad pattern; ``ToolTimeout`` (hits so far in the message)
+    when it runs past ``timeout_s``, the subprocess then killed.
+    """
+    request = json.dumps({"pattern": pattern, "files": files, "max_hits": max_hits, "line_chars": HIT_LINE_CHARS})
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _SEARCH_WORKER, str(SEARCH_MEMORY_BYTES)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+    )
+    timed_out = False
+    try:
+        out, err = proc.communicate(request, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        out, err = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    hits: list[str] = []
+    end: dict[str, Any] = {}
+    for line in out.splitlines():
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "hit" in msg:
+            rel, n, text = msg["hit"]
+            hits.append(f"{rel}:{n}:{text}")
+        else:
+            end = msg
+    if "error" in end:
+        raise ToolError(f"bad regular expression {pattern!r}: {end['error']}")
+    if timed_out:
+        raise ToolTimeout(
+            f"search {pattern!r} did not finish within {timeout_s:g} s and was stopped "
+            f"({len(hits)} hits by then); simplify the pattern (nested or overlapping repeats backtrack) or narrow the glob"
+        )
+    if "stopped" in end:
+        hits.append(f"... [stopped at {max_hits} hits; narrow the pattern or glob]")
+    elif "done" not in end:
+        tail = (err or "").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise ToolError(f"search {pattern!r} failed: {tail[0][:300]}")
+    return hits
+
+
 class ReadOnlyTree:
     """List, read and search one folder, refusing escapes and symlinks. Used for the history folder."""
 
-    def __init__(self, root: Path, *, label: str = "history folder", unreadable: list[str] | None = None):
+    def __init__(self, root: Path, *, label: str = "history folder", unreadable: list[str] | None = None,
+                 search_timeout_s: float = SEARCH_TIMEOUT_S):
         self.root = Path(root).resolve()
         self.label = label
         self.unreadable = list(unreadable or [])
+        self.search_timeout_s = float(search_timeout_s)
 
     # subclasses add the write rules; reads share this
     def _path(self, path: str) -> tuple[str, Path]:
@@ -173,36 +272,18 @@ class ReadOnlyTree:
             )
 
     def _walk(self, glob: str) -> list[str]:
-        out: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            dirnames[:] = sorted(
-                d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".pipemend")
-                and not os.path.islink(os.path.join(dirpath, d))
-            )
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                if os.path.islink(full):
-                    continue
-                rel = Path(full).relative_to(self.root).as_posix()
-                if glob_match(rel, glob):
-                    out.append(rel)
-        return out
+        return walk_files(self.root, _check_glob(glob, self.label), limit=MAX_WALK_FILES)
 
     def list_files(self, glob: str = "**/*") -> list[str]:
-        """Relative paths of the files matching ``glob`` (symlinks and .git skipped), capped."""
+        """Relative paths of the regular files matching ``glob`` (links, .git and caches skipped), capped."""
         return self._walk(glob or "**/*")[:MAX_LIST]
 
     def read_file(self, path: str, start_line: int | None = None, end_line: int | None = None,
                   *, numbered: bool = False) -> str:
-        """The file's text, or lines ``start_line..end_line`` (1-based, inclusive), capped in size."""
+        """The file's text, or lines ``start_line..end_line`` (1-based, inclusive); a numbered read is capped."""
         rel, full = self._path(path)
         self._check_readable(rel)
-        if not full.is_file():
-            raise ToolError(f"{rel!r}: no such file in the {self.label}")
-        try:
-            text = full.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ToolError(f"{rel!r} is not a UTF-8 text file") from None
+        text = _read_regular(full, rel, self.label)
         if start_line is None and end_line is None:
             if not numbered:
                 return text
@@ -219,29 +300,31 @@ class ReadOnlyTree:
         return _truncate(_number(lines, first), MAX_READ_CHARS)
 
     def search(self, pattern: str, glob: str | None = None) -> list[str]:
-        """``path:line:text`` for each line matching the regex ``pattern``; unreadable files skipped."""
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise ToolError(f"bad regular expression {pattern!r}: {e}") from None
-        hits: list[str] = []
+        """``path:line:text`` for each line matching the regex ``pattern``; unreadable, large and binary files skipped.
+
+        The regex runs in a subprocess killed after ``search_timeout_s``
+        (``ToolTimeout``); the pattern, the files and the hits are capped.
+        """
+        if not isinstance(pattern, str) or not pattern:
+            raise ToolError("give a non-empty regular expression")
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise ToolError(f"the pattern is {len(pattern)} characters; at most {MAX_PATTERN_CHARS}")
+        files: list[tuple[str, str]] = []
+        total, note = 0, None
         for rel in self._walk(glob or "**/*"):
             if self.unreadable and matches_any(rel, self.unreadable):
                 continue
-            full = self.root / rel
             try:
-                if full.stat().st_size > MAX_SEARCH_FILE_BYTES:
-                    continue
-                text = full.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            for n, line in enumerate(text.split("\n"), start=1):
-                if rx.search(line):
-                    hits.append(f"{rel}:{n}:{line[:300]}")
-                    if len(hits) >= MAX_SEARCH_HITS:
-                        hits.append(f"... [stopped at {MAX_SEARCH_HITS} hits; narrow the pattern or glob]")
-                        return hits
-        return hits
+                text = _read_regular(self.root / rel, rel, self.label)
+            except ToolError:
+                continue  # large, binary, vanished or replaced by something else
+            if total + len(text) > MAX_SEARCH_BYTES:
+                note = f"... [searched the first {len(files)} files ({total} bytes); narrow the glob to search the rest]"
+                break
+            files.append((rel, text))
+            total += len(text)
+        hits = run_search(pattern, files, timeout_s=self.search_timeout_s) if files else []
+        return hits + [note] if note else hits
 
 
 # --------------------------------------------------------------------------- the candidate's tools
@@ -269,6 +352,12 @@ def _with_deadline(fn: Callable[..., Any], args: tuple, timeout_s: float, what: 
     return box.get("value")
 
 
+def _check_id(example_id: Any) -> str:
+    if not isinstance(example_id, str) or not example_id or len(example_id) > MAX_ID_CHARS:
+        raise ToolError(f"{str(example_id)[:80]!r}: an example id is a string of 1-{MAX_ID_CHARS} characters")
+    return example_id
+
+
 class ProposerTools(ReadOnlyTree):
     """Guarded file tools over ``worktree / target_subdir`` plus train runs, traces, diagnosis and diff."""
 
@@ -291,7 +380,8 @@ class ProposerTools(ReadOnlyTree):
         if root.is_symlink() or (root.resolve() != self.worktree and self.worktree not in root.resolve().parents):
             raise PathRefused(f"target folder {sub!r} is a symlink or lies outside the worktree")
         super().__init__(root, label="target folder",
-                         unreadable=[p for p in protected if not glob_match(MANIFEST_NAME, p)])
+                         unreadable=[p for p in protected if not glob_match(MANIFEST_NAME, p)],
+                         search_timeout_s=min(SEARCH_TIMEOUT_S, float(tool_timeout_s)))
         self.target_subdir = sub
         self.editable = list(editable)
         self.protected = list(protected)
@@ -329,6 +419,8 @@ class ProposerTools(ReadOnlyTree):
         """Create or replace a file (atomically, keeping its mode). Returns a one-line confirmation."""
         if not isinstance(content, str):
             raise ToolError("content must be a string")
+        if len(content) > MAX_WRITE_CHARS:
+            raise ToolError(f"content is {len(content)} characters; a file written by a proposer is at most {MAX_WRITE_CHARS}")
         rel, full = self.check_writable(path)
         mode = full.stat().st_mode & 0o777 if full.exists() else None
         atomic_write_text(full, content)
@@ -343,11 +435,13 @@ class ProposerTools(ReadOnlyTree):
         rel, full = self.check_writable(path)
         if not full.is_file():
             raise ToolError(f"{rel!r}: no such file; use write_file to create it")
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise ToolError("`old` and `new` must be strings")
         if not old:
             raise ToolError("`old` is empty; give the exact text to replace")
         if old == new:
             raise ToolError("`old` and `new` are the same; nothing would change")
-        text = full.read_text(encoding="utf-8")
+        text = _read_regular(full, rel, self.label)
         n = text.count(old)
         if n == 0:
             raise ToolError(f"{rel!r}: `old` was not found; read the file and copy the text exactly")
@@ -365,9 +459,14 @@ class ProposerTools(ReadOnlyTree):
 
     def run_train(self, ids: list[str] | None = None) -> list[dict]:
         """Run the candidate on these train ids (None: all train) and return the scored rows."""
+        if ids is not None:
+            if not isinstance(ids, list):
+                raise ToolError("ids must be a list of train example ids")
+            ids = [_check_id(i) for i in ids]
         return _with_deadline(self._run_train, (ids,), self.tool_timeout_s, "run_train") or []
 
     def read_trace_raw(self, example_id: str) -> dict | None:
+        example_id = _check_id(example_id)
         return _with_deadline(self._read_trace, (example_id,), self.tool_timeout_s, "read_trace")
 
     def read_trace(self, example_id: str, *, max_chars: int = 20_000) -> str:
@@ -385,42 +484,79 @@ class ProposerTools(ReadOnlyTree):
 
 
 def _short(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    text = text.replace("\n", "\n      ")
-    return text if len(text) <= limit else text[:limit] + f" ... [+{len(text) - limit} chars]"
+    """``value`` as one field of the text, cut at ``limit`` characters (whatever a hostile trace put there)."""
+    if isinstance(value, str):
+        text = value[: limit + 1]
+        more = len(value) - limit
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError, RecursionError):
+            text = f"<{type(value).__name__}>"
+        more = len(text) - limit
+    text = text[:limit].replace("\n", "\n      ")
+    return text if more <= 0 else text + f" ... [+{more} chars]"
+
+
+def _dicts(value: Any, limit: int) -> list[dict]:
+    return [v for v in value[:limit] if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _key(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+MAX_TRACE_STEPS = 300
+MAX_TRACE_DEPTH = 12
 
 
 def format_trace(trace: dict, *, max_chars: int = 20_000, field_chars: int = 1_500) -> str:
-    """A ``pipemend-1`` trace as readable text: one block per step, in start order."""
-    lines = [f"example {trace.get('example_id')}  (trace format {trace.get('trace_format')})"]
+    """A ``pipemend-1`` trace as readable text: one block per step, in start order.
+
+    The trace was written inside the sandbox, so nothing in it is trusted: fields
+    of the wrong type are shown as they are or skipped, and steps, nesting, logs,
+    calls and every field are capped.
+    """
+    if not isinstance(trace, dict):
+        return f"(unreadable trace: a {type(trace).__name__}, not an object)"
+    lines = [f"example {_short(trace.get('example_id'), 200)}  (trace format {_short(trace.get('trace_format'), 50)})"]
     if trace.get("error"):
         err = trace["error"]
-        lines.append(f"ERROR: {err.get('type')}: {err.get('message')}" if isinstance(err, dict) else f"ERROR: {err}")
+        msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err
+        lines.append(f"ERROR: {_short(msg, field_chars)}")
     lines.append(f"final output: {_short(trace.get('output'), field_chars)}")
-    steps = trace.get("steps") or []
+    steps = _dicts(trace.get("steps"), MAX_TRACE_STEPS)
     depth: dict[str, int] = {}
+    size = sum(len(line) for line in lines)
     for n, step in enumerate(steps, start=1):
-        d = depth.get(step.get("parent") or "", -1) + 1 if step.get("parent") else 0
-        depth[step.get("id") or f"#{n}"] = d
+        parent = _key(step.get("parent"))
+        d = min(depth.get(parent, -1) + 1, MAX_TRACE_DEPTH) if parent else 0
+        depth[_key(step.get("id")) or f"#{n}"] = d
         pad = "  " * d
         dur = ""
-        if isinstance(step.get("start"), (int, float)) and isinstance(step.get("end"), (int, float)):
-            dur = f" {step['end'] - step['start']:.2f}s"
-        lines.append(f"{pad}[{n}] {step.get('name')} ({step.get('kind')}){dur}")
-        lines.append(f"{pad}    inputs: {_short(step.get('inputs'), field_chars)}")
+        start, end = step.get("start"), step.get("end")
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)) and not isinstance(start, bool):
+            dur = f" {end - start:.2f}s"
+        block = [f"{pad}[{n}] {_short(step.get('name'), 200)} ({_short(step.get('kind'), 50)}){dur}",
+                 f"{pad}    inputs: {_short(step.get('inputs'), field_chars)}"]
         if step.get("doc_ids") is not None:
-            lines.append(f"{pad}    doc_ids: {_short(step.get('doc_ids'), field_chars)}")
-        lines.append(f"{pad}    output: {_short(step.get('output'), field_chars)}")
+            block.append(f"{pad}    doc_ids: {_short(step.get('doc_ids'), field_chars)}")
+        block.append(f"{pad}    output: {_short(step.get('output'), field_chars)}")
         if step.get("error"):
             err = step["error"]
-            msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else str(err)
-            lines.append(f"{pad}    error: {_short(msg, field_chars)}")
-        for log in (step.get("logs") or [])[:10]:
-            lines.append(f"{pad}    log[{log.get('source')}]: {_short(log.get('message'), 300)}")
-        for call in step.get("llm_calls") or []:
-            lines.append(
-                f"{pad}    llm call: model={call.get('gen_ai.request.model')} "
-                f"in={call.get('gen_ai.usage.input_tokens')} out={call.get('gen_ai.usage.output_tokens')} "
-                f"cache_hit={call.get('pipemend.cache_hit')}"
+            msg = f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else err
+            block.append(f"{pad}    error: {_short(msg, field_chars)}")
+        for log in _dicts(step.get("logs"), 10):
+            block.append(f"{pad}    log[{_short(log.get('source'), 20)}]: {_short(log.get('message'), 300)}")
+        for call in _dicts(step.get("llm_calls"), 50):
+            block.append(
+                f"{pad}    llm call: model={_short(call.get('gen_ai.request.model'), 100)} "
+                f"in={_short(call.get('gen_ai.usage.input_tokens'), 20)} "
+                f"out={_short(call.get('gen_ai.usage.output_tokens'), 20)} "
+                f"cache_hit={_short(call.get('pipemend.cache_hit'), 10)}"
             )
+        lines += block
+        size += sum(len(line) + 1 for line in block)
+        if size > max_chars:
+            break
     return _truncate("\n".join(lines), max_chars)

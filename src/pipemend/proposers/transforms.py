@@ -1,10 +1,4 @@
-"""Edits the offline ladder makes: set a knob in a config file, and rewrite prompt templates.
-
-Knobs: ``set_config_value`` sets a dotted key in YAML, JSON or TOML text. YAML and
-TOML are edited on the one line that holds the key, so comments, order and
-formatting survive; JSON is re-dumped with its indent. Every edit is checked by
-parsing the result: the key must hold the new value and everything else must be
-unchanged, else ``TransformError``.
+"""Prompt rewrites the offline ladder makes (knobs are set through ``pipemend.configfile``).
 
 Prompt transforms take a template's text and return the new text, or None when
 the transform does not apply (already there, nothing to act on). Jinja2
@@ -13,204 +7,18 @@ templates are checked to still parse and render (``check_template``).
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
-import yaml
+import jinja2
 
-_MISSING = object()
+from ..configfile import config_format, get_dotted, parse_config, set_config_value  # noqa: F401 - compat: remove after merge (benchmarks/optimize.py)
 
 
 class TransformError(ValueError):
     """An edit that could not be made safely; the ladder skips it."""
-
-
-# --------------------------------------------------------------------------- config knobs
-
-
-def config_format(path: str) -> str:
-    suffix = PurePosixPath(path).suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        return "yaml"
-    if suffix == ".json":
-        return "json"
-    if suffix == ".toml":
-        return "toml"
-    raise TransformError(f"{path}: unsupported config format {suffix!r} (expected .yaml, .yml, .json or .toml)")
-
-
-def parse_config(text: str, fmt: str) -> Any:
-    try:
-        if fmt == "yaml":
-            return yaml.safe_load(text) or {}
-        if fmt == "json":
-            return json.loads(text)
-        return tomllib.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise TransformError(f"not valid {fmt}: {e}") from None
-
-
-def get_dotted(data: Any, key: str, default: Any = _MISSING) -> Any:
-    cur = data
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            if default is _MISSING:
-                raise TransformError(f"key {key!r} not found")
-            return default
-        cur = cur[part]
-    return cur
-
-
-def _with_value(data: Any, key: str, value: Any) -> Any:
-    """A deep copy of ``data`` with ``key`` set (intermediate mappings created)."""
-    data = json.loads(json.dumps(data, default=str)) if data is not None else {}
-    cur = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = cur.get(part)
-        if not isinstance(nxt, dict):
-            nxt = cur[part] = {}
-        cur = nxt
-    cur[parts[-1]] = value
-    return data
-
-
-def _split_comment(rest: str) -> tuple[str, str]:
-    """Split ``value  # comment`` into the value and the trailing spacing+comment, quotes respected."""
-    quote = None
-    for i, ch in enumerate(rest):
-        if quote:
-            if ch == quote and (quote == "'" or rest[i - 1] != "\\"):
-                quote = None
-        elif ch in "\"'" and rest[:i].strip() == "":
-            quote = ch
-        elif ch == "#" and (i == 0 or rest[i - 1] in " \t"):
-            j = i
-            while j > 0 and rest[j - 1] in " \t":
-                j -= 1
-            return rest[:j], rest[j:]
-    return rest.rstrip(), rest[len(rest.rstrip()):]
-
-
-def _unquote(key: str) -> str:
-    key = key.strip()
-    if len(key) >= 2 and key[0] == key[-1] and key[0] in "\"'":
-        return key[1:-1]
-    return key
-
-
-_YAML_KEY = re.compile(r"^(\s*)((?:\"[^\"]*\"|'[^']*'|[^\s#:\-\"'][^:#]*?))\s*:(?=\s|$)(.*)$")
-
-
-def _yaml_scalar(value: Any) -> str:
-    out = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
-    if out.endswith("\n..."):
-        out = out[: -len("\n...")].strip()
-    elif out.endswith("..."):
-        out = out[:-3].strip()
-    return out
-
-
-def _set_yaml(text: str, key: str, value: Any) -> str:
-    parts = key.split(".")
-    lines = text.split("\n")
-    stack: list[tuple[int, str]] = []
-    for n, line in enumerate(lines):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        m = _YAML_KEY.match(line)
-        if not m:
-            continue
-        indent = len(m.group(1))
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        name = _unquote(m.group(2))
-        path = [k for _, k in stack] + [name]
-        stack.append((indent, name))
-        if path != parts:
-            continue
-        rest = m.group(3)
-        lead = rest[: len(rest) - len(rest.lstrip())] or " "
-        old_value, comment = _split_comment(rest.lstrip())
-        if not old_value or old_value[0] in "|>&*!":
-            raise TransformError(f"key {key!r} holds a block, anchor or tagged value; only one-line values are edited")
-        lines[n] = f"{line[: m.start(3)]}{lead}{_yaml_scalar(value)}{comment}"
-        return "\n".join(lines)
-    raise TransformError(f"key {key!r} not found as a one-line mapping entry")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TransformError(f"cannot write {value!r} as TOML")
-
-
-_TOML_TABLE = re.compile(r"^\s*\[([^\[\]]+)\]\s*(?:#.*)?$")
-_TOML_ARRAY_TABLE = re.compile(r"^\s*\[\[")
-_TOML_KEY = re.compile(r"^(\s*)((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-]+)(?:\s*\.\s*(?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-]+))*)\s*=(.*)$")
-
-
-def _toml_parts(dotted: str) -> list[str]:
-    return [_unquote(p) for p in re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", dotted)]
-
-
-def _set_toml(text: str, key: str, value: Any) -> str:
-    parts = key.split(".")
-    lines = text.split("\n")
-    table: list[str] | None = []
-    for n, line in enumerate(lines):
-        if _TOML_ARRAY_TABLE.match(line):
-            table = None
-            continue
-        t = _TOML_TABLE.match(line)
-        if t:
-            table = _toml_parts(t.group(1))
-            continue
-        m = _TOML_KEY.match(line)
-        if not m or table is None:
-            continue
-        if table + _toml_parts(m.group(2)) != parts:
-            continue
-        rest = m.group(3)
-        lead = rest[: len(rest) - len(rest.lstrip())] or " "
-        old_value, comment = _split_comment(rest.lstrip())
-        if old_value.startswith(('"""', "'''")) or (old_value.startswith("[") and not old_value.endswith("]")):
-            raise TransformError(f"key {key!r} holds a multi-line value; only one-line values are edited")
-        lines[n] = f"{line[: m.start(3)]}{lead}{_toml_value(value)}{comment}"
-        return "\n".join(lines)
-    raise TransformError(f"key {key!r} not found as a one-line `key = value`")
-
-
-def set_config_value(text: str, fmt: str, key: str, value: Any) -> str:
-    """``text`` with dotted ``key`` set to ``value``; checked by re-parsing (see module docstring)."""
-    before = parse_config(text, fmt)
-    if fmt == "json":
-        indent_m = re.search(r"\n( +)\S", text)
-        indent = len(indent_m.group(1)) if indent_m else 2
-        new = json.dumps(_with_value(before, key, value), indent=indent, ensure_ascii=False)
-        new += "\n" if text.endswith("\n") else ""
-    elif fmt == "yaml":
-        new = _set_yaml(text, key, value)
-    elif fmt == "toml":
-        new = _set_toml(text, key, value)
-    else:
-        raise TransformError(f"unsupported config format {fmt!r}")
-    after = parse_config(new, fmt)
-    if json.dumps(after, sort_keys=True, default=str) != json.dumps(_with_value(before, key, value), sort_keys=True, default=str):
-        raise TransformError(f"setting {key!r} would change more than that key; not edited")
-    return new
 
 
 # --------------------------------------------------------------------------- prompt templates
@@ -237,8 +45,6 @@ def check_template(text: str, rel: str) -> None:
     """Raise ``TransformError`` if a Jinja2 template no longer parses or renders (unknown names allowed)."""
     if not is_jinja(rel):
         return
-    import jinja2
-
     env = jinja2.Environment(undefined=jinja2.ChainableUndefined)
     try:
         env.from_string(text).render()

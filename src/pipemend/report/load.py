@@ -15,8 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import UsageError
 from ..fsutil import read_json, read_jsonl
+from ..gateway.pricing import cost_usd
+from ..journal import CandidateRecord, RunState, fold
+from ..rundir import JOURNAL
 
 RIGHT = 0.5
 """An example is right when its score is at least this (the gate's rule)."""
@@ -33,7 +38,7 @@ def _json(path: Path) -> Any:
         return None
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     """A JSONL file's rows (a torn last line dropped); [] when missing; the good rows before a bad line."""
     rows: list[dict[str, Any]] = []
     try:
@@ -45,7 +50,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     except OSError:
@@ -87,74 +92,52 @@ def resolve_run_dir(run: str | Path) -> Path:
 # --------------------------------------------------------------------------- the journal
 
 
-def journal_state(run_dir: Path) -> dict[str, Any]:
-    """Fold the journal into what the report needs (a tolerant twin of ``journal.replay``)."""
-    st: dict[str, Any] = {"snapshot": None, "base_sha": None, "baseline": None, "candidates": {}, "started": None,
-                          "stop_reason": None, "test": None, "events": 0, "last_t": None, "error": None}
-    for ev in _jsonl(run_dir / "journal.jsonl"):
-        st["events"] += 1
-        st["last_t"] = ev.get("t", st["last_t"])
-        kind = ev.get("event")
-        if kind == "snapshot":
-            st["snapshot"], st["base_sha"] = ev.get("snapshot"), ev.get("base_sha")
-        elif kind == "baseline_done":
-            st["baseline"] = ev
-        elif kind == "candidate_started":
-            st["started"] = ev.get("n")
-        elif kind == "candidate_done" and ev.get("n") is not None:
-            st["candidates"][int(ev["n"])] = ev
-            if st["started"] == ev.get("n"):
-                st["started"] = None
-        elif kind == "loop_stopped":
-            st["stop_reason"] = ev.get("reason")
-        elif kind == "test_done":
-            st["test"] = ev
-        elif kind == "run_failed":
-            st["error"] = ev.get("error")
-    return st
+def journal_state(run_dir: Path) -> RunState:
+    """The journal folded by ``journal.fold``, reading every good line (a bad one ends the read, not the report)."""
+    return fold(read_rows(run_dir / JOURNAL))
 
 
 # --------------------------------------------------------------------------- candidates
 
 
-def is_live(run_dir: Path, st: dict[str, Any]) -> bool:
+def is_live(run_dir: Path, st: RunState) -> bool:
     """Whether the run may still be working on a started candidate (running, and its loop not stopped)."""
-    return (_json(run_dir / "run.json") or {}).get("status") == "running" and st.get("stop_reason") is None
+    return (_json(run_dir / "run.json") or {}).get("status") == "running" and st.stop_reason is None
 
 
-def candidate_numbers(run_dir: Path, st: dict[str, Any]) -> list[int]:
+def candidate_numbers(run_dir: Path, st: RunState) -> list[int]:
     """Finished candidates, the one in progress, and folders left by a crash.
 
     A started candidate whose folder holds nothing, in a run that is no longer
     working on it, is left out: that is the proposer running out of ideas.
     """
     live = is_live(run_dir, st)
-    nums = set(st["candidates"])
-    if st.get("started") is not None and live:
-        nums.add(int(st["started"]))
+    nums = set(st.candidates)
+    if st.started is not None and live:
+        nums.add(st.started)
     cdir = run_dir / "candidates"
     if cdir.is_dir():
         for p in cdir.iterdir():
             if p.is_dir() and p.name.isdigit() and int(p.name) not in nums:
-                if live and st.get("started") == int(p.name) or any(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != "index.html"):
+                if live and st.started == int(p.name) or any(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != "index.html"):
                     nums.add(int(p.name))
     return sorted(nums)
 
 
-def load_candidate(run_dir: Path, n: int, st: dict[str, Any]) -> dict[str, Any]:
+def load_candidate(run_dir: Path, n: int, st: RunState) -> dict[str, Any]:
     """One candidate's row: its verdict's numbers, journal record, rationale and where its files are."""
     cdir = run_dir / "candidates" / str(n)
     verdict = _json(cdir / "verdict.json") or {}
-    ev = st["candidates"].get(n) or {}
+    rec: CandidateRecord | None = st.candidates.get(n)
     stats = verdict.get("stats") or {}
-    rationale = _text(cdir / "rationale.md").strip() or (ev.get("rationale") or "").strip()
-    if verdict or ev:
-        accepted = bool(verdict.get("accepted", ev.get("accepted")))
+    rationale = read_text(cdir / "rationale.md").strip() or (rec.rationale if rec else "").strip()
+    if verdict or rec:
+        accepted = bool(verdict.get("accepted", rec.accepted if rec else False))
         status = "accepted" if accepted else "rejected"
     else:
-        accepted, status = False, "in progress" if st.get("started") == n and is_live(run_dir, st) else "unfinished"
-    reasons = list(verdict.get("reasons") or ev.get("reasons") or [])
-    ref = ev.get("ref") or verdict.get("ref") or verdict.get("branch")
+        accepted, status = False, "in progress" if st.started == n and is_live(run_dir, st) else "unfinished"
+    reasons = list(verdict.get("reasons") or (rec.reasons if rec else []))
+    ref = (rec.ref if rec else None) or verdict.get("ref") or verdict.get("branch")
     cost, latency = stats.get("cost") or {}, stats.get("latency") or {}
     meta = _json(cdir / "proposal.json") or {}
     return {
@@ -162,17 +145,17 @@ def load_candidate(run_dir: Path, n: int, st: dict[str, Any]) -> dict[str, Any]:
         "title": first_line(rationale) or "(no rationale)",
         "changed_files": list(verdict.get("changed_files") or []),
         "base_mean": _num(stats.get("base_mean")),
-        "val_score": _num(stats.get("cand_mean", ev.get("val_score"))),
-        "delta": _num(stats.get("delta", ev.get("delta"))),
+        "val_score": _num(stats.get("cand_mean", rec.val_score if rec else None)),
+        "delta": _num(stats.get("delta", rec.delta if rec else None)),
         "ci_low": _num(stats.get("ci_low")), "ci_high": _num(stats.get("ci_high")),
         "n_val": stats.get("n"),
         "regressions": [str(i) for i in stats.get("regressions") or []],
         "fixed": [str(i) for i in stats.get("fixed") or []],
         "cost_ratio": _num(cost.get("ratio")), "latency_ratio": _num(latency.get("ratio")),
         "reasons": reasons, "reason": reasons[0] if reasons else ("" if accepted else "—"),
-        "ref": ref, "branch": branch_of(ref), "sha": ev.get("sha"),
+        "ref": ref, "branch": branch_of(ref), "sha": rec.sha if rec else None,
         "rung": meta.get("rung"), "meta": meta,
-        "val_dir": ev.get("val_dir") or (f"candidates/{n}/evals/val" if (cdir / "evals/val").is_dir() else None),
+        "val_dir": (rec.val_dir if rec else None) or (f"candidates/{n}/evals/val" if (cdir / "evals/val").is_dir() else None),
         "has_diff": (cdir / "diff.patch").is_file(),
         "page": f"candidates/{n}/index.html",
     }
@@ -190,7 +173,7 @@ def base_val_dir_for(cands: list[dict[str, Any]], n: int, baseline_val: str | No
 def scored_rows(run_dir: Path, rel: str | None) -> dict[str, dict[str, Any]]:
     if not rel:
         return {}
-    return {str(r.get("id")): r for r in _jsonl(run_dir / rel / "scored.jsonl")}
+    return {str(r.get("id")): r for r in read_rows(run_dir / rel / "scored.jsonl")}
 
 
 def summary_score(run_dir: Path, rel: str) -> float | None:
@@ -261,8 +244,6 @@ def call_costs(rows: list[dict[str, Any]]) -> dict[str, Any]:
     original miss of the same request, else the price table applied to the
     hit's usage.
     """
-    from ..gateway.pricing import cost_usd
-
     out = {"calls": 0, "misses": 0, "hits": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0,
            "usd": 0.0, "saved_usd": 0.0, "saved_input_tokens": 0, "saved_output_tokens": 0}
     miss_cost: dict[str, float] = {}
@@ -297,7 +278,7 @@ def agent_costs(run_dir: Path, cands: list[dict[str, Any]]) -> dict[str, Any]:
     """The proposer's own spend: an agent-side call log if there is one, else each candidate's ``proposal.json``."""
     for rel in AGENT_CALL_LOGS:
         if (run_dir / rel).is_file():
-            c = call_costs(_jsonl(run_dir / rel))
+            c = call_costs(read_rows(run_dir / rel))
             return {"source": rel, "turns": c["calls"], "input_tokens": c["input_tokens"],
                     "output_tokens": c["output_tokens"], "usd": c["usd"]}
     out = {"source": "proposal.json", "turns": 0, "input_tokens": 0, "output_tokens": 0, "usd": 0.0}
@@ -320,9 +301,7 @@ def agent_costs(run_dir: Path, cands: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _frozen_manifest(run_dir: Path) -> dict[str, Any]:
     try:
-        import yaml
-
-        data = yaml.safe_load(_text(run_dir / "frozen" / "pipemend.yaml")) or {}
+        data = yaml.safe_load(read_text(run_dir / "frozen" / "pipemend.yaml")) or {}
         return data if isinstance(data, dict) else {}
     except Exception:  # noqa: BLE001 - a report never fails on a bad manifest copy
         return {}
@@ -341,7 +320,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     accepted = [c for c in cands if c["accepted"]]
     best = accepted[-1] if accepted else None
 
-    baseline_ev = st["baseline"] or {}
+    baseline_ev = st.baseline or {}
     baseline_val_dir = baseline_ev.get("val_dir") or ("evals/baseline-val" if (run_dir / "evals/baseline-val").is_dir() else None)
     base_val = _num(baseline_ev.get("val_score"))
     if base_val is None and baseline_val_dir:
@@ -350,7 +329,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     for c in cands:
         c["base_val_dir"] = base_val_dir_for(cands, c["n"], baseline_val_dir)
 
-    test = st["test"] or {}
+    test = st.test or {}
     test_base = _num(test.get("baseline"))
     if test_base is None:
         test_base = summary_score(run_dir, "evals/baseline-test")
@@ -362,7 +341,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if best is not None and best.get("val_dir"):
         fixed, broken = compare_rows(scored_rows(run_dir, baseline_val_dir), scored_rows(run_dir, best["val_dir"]))
 
-    pipeline = call_costs(_jsonl(run_dir / "gateway" / "calls.jsonl"))
+    pipeline = call_costs(read_rows(run_dir / "gateway" / "calls.jsonl"))
     agent = agent_costs(run_dir, cands)
     started, ended = _num(run.get("started_at")), _num(run.get("ended_at"))
     status = run.get("status") or "unknown"
@@ -377,13 +356,13 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "agent_model": cfg.get("agent_model"),
         "budget_usd": budget, "max_candidates": cfg.get("max_candidates"),
         "started_at": started, "ended_at": ended, "duration_s": duration,
-        "stop_reason": st["stop_reason"] or run.get("stop_reason"),
-        "error": run.get("error") or st["error"],
+        "stop_reason": st.stop_reason or run.get("stop_reason"),
+        "error": run.get("error") or st.error,
         "baseline": {"val": base_val, "val_ci": (_num(base_summary.get("ci_low")), _num(base_summary.get("ci_high"))),
                      "train": _num(baseline_ev.get("train_score")), "n_val": base_summary.get("n"),
                      "test": test_base, "val_dir": baseline_val_dir},
         "test": {"baseline": test_base, "best": test_best, "error": test.get("error")},
-        "candidates": cands, "best": best, "in_progress": st.get("started"),
+        "candidates": cands, "best": best, "in_progress": st.started,
         "ladder_before": ladder(_json(run_dir / "diagnosis.json")), "ladder_after": ladder(diag_after),
         "fixed": fixed, "broken": broken,
         "costs": {"pipeline": pipeline, "agent": agent, "total_usd": pipeline["usd"] + agent["usd"],

@@ -19,9 +19,12 @@ from typing import Any
 
 import jinja2
 from markupsafe import Markup
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import DiffLexer
 
 from ..fsutil import atomic_write_text
-from .load import _jsonl, _text, load_run, read_trace
+from .load import load_run, read_rows, read_text, read_trace, scored_rows
 from .plot import score_plot
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -108,10 +111,6 @@ def _env(html: bool) -> jinja2.Environment:
 
 def highlight_diff(diff: str) -> Markup:
     """The diff as HTML with inline-styled syntax colours (pygments)."""
-    from pygments import highlight
-    from pygments.formatters import HtmlFormatter
-    from pygments.lexers import DiffLexer
-
     if not diff.strip():
         return Markup('<p class="muted">empty diff</p>')
     return Markup(highlight(diff, DiffLexer(), HtmlFormatter(noclasses=True, style="default", wrapcode=True)))
@@ -208,8 +207,6 @@ def _trace_head(trace: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def example_views(run_dir: Path, cand: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
-    from .load import scored_rows
-
     base_rows, cand_rows = scored_rows(run_dir, cand.get("base_val_dir")), scored_rows(run_dir, cand.get("val_dir"))
     out = []
     for i in ids[:MAX_EXAMPLES]:
@@ -226,12 +223,12 @@ def example_views(run_dir: Path, cand: dict[str, Any], ids: list[str]) -> list[d
 def render_candidate_page(run_dir: Path, data: dict[str, Any], cand: dict[str, Any]) -> Path:
     """Write ``candidates/<n>/index.html`` and return its path."""
     cdir = run_dir / "candidates" / str(cand["n"])
-    diff = _text(cdir / "diff.patch")
+    diff = read_text(cdir / "diff.patch")
     cut = len(diff) > MAX_DIFF_CHARS
     page = _env(True).get_template("candidate.html.j2").render(
         run=data, c=cand, diff_html=highlight_diff(diff[:MAX_DIFF_CHARS]), diff_cut=cut,
-        transcript=summarize_transcript(_jsonl(cdir / "transcript.jsonl")),
-        error_text=_text(cdir / "error.txt")[-4000:],
+        transcript=summarize_transcript(read_rows(cdir / "transcript.jsonl")),
+        error_text=read_text(cdir / "error.txt")[-4000:],
         fixed=example_views(run_dir, cand, cand["fixed"]), broken=example_views(run_dir, cand, cand["regressions"]),
         max_examples=MAX_EXAMPLES, generated=time.time())
     path = cdir / "index.html"

@@ -44,17 +44,21 @@ class SandboxLimits(BaseModel):
 
 
 def pipemend_package_dir() -> Path:
-    """The folder of the pipemend package whose source the sandboxes mount read-only."""
+    """The folder of the pipemend package whose source the sandboxes mount read-only.
+
+    Inside, only ``pipemend/__init__.py``, ``trace.py`` and ``runtime/`` are
+    imported (standard library only), so any Python the sandbox has can run it.
+    """
     return Path(pipemend.__file__).resolve().parent
 
 
 def runner_command(
     job: SandboxJob, *, python: str, work: str, out: str, inputs: str, socket: str | None
 ) -> list[str]:
-    """``python -m pipemend.runner ...`` for a job, with paths as the sandbox sees them."""
+    """``python -m pipemend.runtime.runner ...`` for a job, with paths as the sandbox sees them."""
     target = work if not job.target_subdir else f"{work}/{job.target_subdir}"
     cmd = [
-        python, "-m", "pipemend.runner",
+        python, "-m", "pipemend.runtime.runner",
         "--target", target,
         "--entrypoint", job.entrypoint,
         "--inputs", inputs,

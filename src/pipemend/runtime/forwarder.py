@@ -4,8 +4,8 @@ The gateway's unix socket is mounted into the sandbox; the runner starts a
 ``Forwarder`` on ``127.0.0.1:<free port>`` and points ``ANTHROPIC_BASE_URL``
 at it, so an unchanged pipeline (plain httpx / anthropic SDK) talks to the
 gateway. Each TCP connection is piped byte for byte to a fresh connection on
-the socket, both ways, until both sides close. ``python -m pipemend.forwarder
-SOCKET [--port N]`` runs one in the foreground.
+the socket, both ways, until both sides close. ``python -m pipemend.runtime.forwarder
+SOCKET [--port N]`` runs one in the foreground. Standard library only (``pipemend.runtime``).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class Forwarder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipemend.forwarder", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipemend.runtime.forwarder", description=__doc__.splitlines()[0])
     p.add_argument("socket", help="the gateway's unix socket")
     p.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(argv)
