@@ -7,8 +7,11 @@ built through a temporary index so the user's working tree, index and current
 branch are never touched. A target outside any repo is snapshotted into a bare
 repo under ``RUN_DIR/repo``.
 
-Every git call goes through gitpython with hooks disabled, signing off and a
-fixed pipemend identity, so a user's git configuration cannot make a run fail.
+Every git call goes through gitpython (or, where bytes matter, ``candidate.run_git``)
+with hooks disabled, signing off and a fixed pipemend identity, so a user's git
+configuration cannot make a run fail. Candidate commits are built by
+``build_candidate`` and worktrees checked out by ``checkout_exact`` (``candidate.py``):
+the tree that is checked is the tree that is evaluated and the tree that is kept.
 """
 
 from __future__ import annotations
@@ -18,20 +21,18 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import git
 
 from ..errors import UsageError
+from .candidate import IDENTITY, CandidateTree, Refusal, build_candidate, checkout_exact
+
+__all__ = ["CandidateTree", "Refusal", "Snapshot", "snapshot_target"]
 
 SNAPSHOT_FORMAT = "pipemend-snapshot-1"
 
-_IDENTITY = {
-    "GIT_AUTHOR_NAME": "pipemend",
-    "GIT_AUTHOR_EMAIL": "pipemend@localhost",
-    "GIT_COMMITTER_NAME": "pipemend",
-    "GIT_COMMITTER_EMAIL": "pipemend@localhost",
-}
+_IDENTITY = IDENTITY
 _CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.quotepath=false"]
 # What a snapshot repo of a non-git target leaves out (a user's repo has its own .gitignore).
 _DEFAULT_EXCLUDES = "__pycache__/\n*.pyc\n.venv/\n.pipemend-cache/\n.pytest_cache/\n"
@@ -74,15 +75,23 @@ class Snapshot:
 
     # ------------------------------------------------------------------ worktrees
 
-    def add_worktree(self, name: str, ref: str) -> Path:
-        """A new worktree at ``worktrees_dir/name``, detached at ``ref``; a stale one there is replaced."""
+    def add_worktree(self, name: str, ref: str, *, without: Collection[str] = ()) -> Path:
+        """A new worktree at ``worktrees_dir/name``, detached at ``ref``; a stale one there is replaced.
+
+        It holds exactly the commit's blobs, byte for byte (no smudge filter or eol conversion from
+        ``.gitattributes``), except the repo-relative ``without`` paths (files, or folders meaning every
+        file under them), which are not on disk at all: sealed label files for a candidate or evaluation
+        worktree. Git still reports the worktree clean (those paths carry skip-worktree in this
+        worktree's own index); ``RunFailed`` if it does not."""
         if not name or "/" in name or name in (".", ".."):
             raise UsageError(f"worktree name {name!r} must be a single path component")
         path = self.worktrees_dir / name
         if path.exists() or self._registered(path):
             self.remove_worktree(path)
         self.worktrees_dir.mkdir(parents=True, exist_ok=True)
-        _git(self.repo, "worktree", "add", "--detach", "--quiet", str(path), ref)
+        sha = self.resolve(ref)
+        _git(self.repo, "worktree", "add", "--detach", "--no-checkout", "--quiet", str(path), sha)
+        checkout_exact(git_dir=self.git_dir(), worktree=path, sha=sha, without=without)
         return path
 
     def remove_worktree(self, path: Path) -> None:
@@ -116,8 +125,7 @@ class Snapshot:
         A git killed inside ``update-ref`` leaves ``<ref>.lock`` behind and every later update of that
         ref fails. Only this run's driver writes these refs, and it holds the run lock, so a lock file
         found there when the run starts or resumes is stale."""
-        common = Path(_git(self.repo, "rev-parse", "--git-common-dir"))
-        common = common if common.is_absolute() else self.repo / common
+        common = self.git_dir()
         removed = []
         for namespace in (f"refs/heads/pipemend/{self.run_id}", f"refs/pipemend/{self.run_id}"):
             folder = common / namespace
@@ -128,6 +136,28 @@ class Snapshot:
         return removed
 
     # ------------------------------------------------------------------ commits and refs
+
+    def build_candidate(self, worktree: Path, base_sha: str, *, message: str, is_editable: Callable[[str], bool],
+                        sealed: Collection[str]) -> CandidateTree:
+        """The candidate commit for ``worktree``: ``base_sha``'s tree plus the worktree's acceptable changes.
+
+        Built in a fresh temporary index from the files on disk alone (the worktree's index, flags,
+        ``.gitignore`` and ``.gitattributes`` are never read; git never runs inside it). Paths are
+        repo-relative: ``is_editable(path)`` says whether a change there may be kept (the caller's
+        editable-and-not-protected globs); ``sealed`` paths (files, or folders) keep the base's blob and
+        may be absent. Every other change is a ``Refusal`` (symlink, special_file, outside_target,
+        not_editable, sealed, binary, hidden, bad_name, too_large, ...) and the commit keeps the base's
+        version there. ``sha`` is ``None`` when the commit would equal the base; the author and committer
+        are "pipemend <pipemend@localhost>"; ``diff`` is ``git diff`` base..candidate with attributes,
+        textconv and external drivers off and text forced (``pipemend.diffs.parse_diff`` reads it)."""
+        return build_candidate(git_dir=self.git_dir(), worktree=Path(worktree), base_sha=base_sha,
+                               target_subdir=self.target_subdir, message=message, is_editable=is_editable,
+                               sealed=sealed)
+
+    def git_dir(self) -> Path:
+        """The repo's common git directory (objects and refs), absolute."""
+        common = Path(_git(self.repo, "rev-parse", "--git-common-dir"))
+        return (common if common.is_absolute() else self.repo / common).resolve()
 
     def commit(self, worktree: Path, message: str) -> str:
         """Stage everything in ``worktree`` (deletions and untracked files too) and commit; returns the sha."""
