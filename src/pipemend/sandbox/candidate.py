@@ -438,39 +438,55 @@ class _Builder:
 def checkout_exact(*, git_dir: Path, worktree: Path, sha: str, without: Collection[str] = ()) -> list[str]:
     """Write commit ``sha``'s files into the freshly added (``--no-checkout``) ``worktree``, byte for byte,
     leaving ``without`` paths (files, or folders meaning every file under them) off the disk; returns the
-    repo-relative paths left out. Raises ``RunFailed`` unless git then reports the worktree clean."""
+    repo-relative paths left out.
+
+    Then two checks, ``RunFailed`` if either fails: the worktree, walked as ``build_candidate`` walks it,
+    holds exactly the commit (less ``without``); and ``git status`` lists nothing but content that the
+    user's own clean filter or eol attributes would store differently from the blob (git cannot be told to
+    ignore in-tree attributes before 2.40; the bytes were just checked against the blobs)."""
     worktree = Path(worktree)
     with _store(git_dir) as store:
         entries = store.ls_tree(sha)
         hidden = sorted(p for p in entries if _under(p, without))
-        reader = store.blobs()
-        try:
-            for path, entry in sorted(entries.items()):
-                if path in hidden:
-                    continue
-                dest = worktree / path
-                _make_parents(worktree, PurePosixPath(path).parent)
-                if entry.mode == _GITLINK:
-                    dest.mkdir(exist_ok=True)
-                elif entry.mode == _SYMLINK:
-                    os.symlink(reader.read(entry.oid), os.fsencode(dest))
-                else:
-                    perm = 0o777 if entry.mode == _EXECUTABLE else 0o666
-                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(reader.read(entry.oid))
-        finally:
-            reader.close()
+        _write_tree_files(store, worktree, entries, set(hidden))
+        check = _Builder(store, entries, "sha256" if len(sha) == 64 else "sha1", "", lambda p: False, set(hidden))
+        check.walk(worktree)
+        check.deletions()
+        if check.refusals or check.staged:
+            found = "; ".join(str(r) for r in check.refusals[:5]) or ", ".join(sorted(check.staged)[:5])
+            raise RunFailed(f"worktree {worktree} does not hold exactly commit {sha}: {found}")
     run_git(worktree, ["read-tree", sha])
     if hidden:
         run_git(worktree, ["update-index", "--skip-worktree", "-z", "--stdin"],
                 input=b"".join(os.fsencode(p) + b"\0" for p in hidden))
     run_git(worktree, ["update-index", "-q", "--refresh"])
     status = run_git(worktree, ["status", "--porcelain=v1", "-z", "--untracked-files=all", "--ignore-submodules=none"])
-    if status.strip(b"\0"):
-        shown = status.replace(b"\0", b"; ").decode("utf-8", "replace")[:500]
+    unexpected = [rec for rec in status.split(b"\0") if rec and not rec.startswith(b" M ")]
+    if unexpected:
+        shown = b"; ".join(unexpected[:10]).decode("utf-8", "replace")
         raise RunFailed(f"worktree {worktree} is not a clean checkout of {sha}: git status shows {shown}")
     return hidden
+
+
+def _write_tree_files(store: _Store, worktree: Path, entries: dict[str, _Entry], hidden: set[str]) -> None:
+    reader = store.blobs()
+    try:
+        for path, entry in sorted(entries.items()):
+            if path in hidden:
+                continue
+            dest = worktree / path
+            _make_parents(worktree, PurePosixPath(path).parent)
+            if entry.mode == _GITLINK:
+                dest.mkdir(exist_ok=True)
+            elif entry.mode == _SYMLINK:
+                os.symlink(reader.read(entry.oid), os.fsencode(dest))
+            else:
+                perm = 0o777 if entry.mode == _EXECUTABLE else 0o666
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(reader.read(entry.oid))
+    finally:
+        reader.close()
 
 
 def _make_parents(root: Path, rel: PurePosixPath) -> None:
