@@ -193,6 +193,20 @@ def test_an_existing_dot_file_may_not_be_changed(repo: Path, tmp_path: Path):
     assert codes(build(snap, wt, base)) == {"pipe/prompts/.keep": "hidden"}
 
 
+def test_the_users_diff_settings_cannot_change_the_diff(repo: Path, tmp_path: Path):
+    for key, value in {"diff.noprefix": "true", "diff.mnemonicPrefix": "true", "color.ui": "always",
+                       "color.diff": "always", "diff.external": "false", "diff.suppressBlankEmpty": "true",
+                       "diff.renames": "copies", "diff.context": "0", "core.quotePath": "true"}.items():
+        git(repo, "config", key, value)
+    snap, base, wt = start(repo, tmp_path)
+    (wt / "pipe" / "prompts" / "answer.txt").write_text("Answer briefly.\n\n" + ANSWER)
+    (wt / "pipe" / "prompts" / "ümlaut.txt").write_text(ANSWER)
+    cand = build(snap, wt, base)
+    assert "\x1b[" not in cand.diff and "diff --git a/pipe/prompts/answer.txt b/pipe/prompts/answer.txt" in cand.diff
+    assert added_lines(cand.diff) == {"pipe/prompts/answer.txt": ["", ANSWER.strip()],
+                                      "pipe/prompts/ümlaut.txt": [ANSWER.strip()]}
+
+
 # --------------------------------------------------------------------------- binary content
 
 

@@ -35,6 +35,7 @@ pointer), as it would to ``git show``.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import subprocess
@@ -44,6 +45,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from ..errors import RunFailed
 
@@ -57,6 +59,7 @@ _CONFIG = [
     "-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.quotepath=false",
     "-c", "core.attributesFile=/dev/null", "-c", "core.fsmonitor=false", "-c", "core.autocrlf=false",
     "-c", "core.safecrlf=false", "-c", "core.sparseCheckout=false", "-c", "core.symlinks=true",
+    "-c", "i18n.commitEncoding=UTF-8",
 ]
 DIFF_ARGS = ("diff", "--no-color", "--no-ext-diff", "--no-textconv", "--text", "--no-renames", "--full-index",
              "--src-prefix=a/", "--dst-prefix=b/", "--ignore-submodules=none", "--submodule=short")
@@ -176,18 +179,32 @@ class _BlobReader:
         self.proc = subprocess.Popen(["git", *_CONFIG, *store.pre, "cat-file", "--batch"], cwd=store.scratch / "wt",
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_clean_env(store.env))
 
-    def read(self, oid: str) -> bytes:
+    def _header(self, oid: str) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(oid.encode() + b"\n")
         self.proc.stdin.flush()
         header = self.proc.stdout.readline().split()
         if len(header) != 3 or header[1] != b"blob":
             raise RunFailed(f"git cat-file: {oid} is not a blob ({b' '.join(header).decode('utf-8', 'replace')})")
-        size = int(header[2])
-        data = self.proc.stdout.read(size + 1)
-        if len(data) != size + 1:
-            raise RunFailed(f"git cat-file: short read of {oid}")
-        return data[:size]
+        return int(header[2])
+
+    def read(self, oid: str) -> bytes:
+        buf = io.BytesIO()
+        self.copy(oid, buf)
+        return buf.getvalue()
+
+    def copy(self, oid: str, out: BinaryIO) -> None:
+        """Write blob ``oid`` to ``out``, streamed (a base may hold large files)."""
+        left = self._header(oid)
+        assert self.proc.stdout is not None
+        while left:
+            chunk = self.proc.stdout.read(min(left, 1 << 20))
+            if not chunk:
+                raise RunFailed(f"git cat-file: short read of {oid}")
+            out.write(chunk)
+            left -= len(chunk)
+        if self.proc.stdout.read(1) != b"\n":
+            raise RunFailed(f"git cat-file: bad framing after {oid}")
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -484,7 +501,7 @@ def _write_tree_files(store: _Store, worktree: Path, entries: dict[str, _Entry],
                 perm = 0o777 if entry.mode == _EXECUTABLE else 0o666
                 fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm)
                 with os.fdopen(fd, "wb") as f:
-                    f.write(reader.read(entry.oid))
+                    reader.copy(entry.oid, f)
     finally:
         reader.close()
 
