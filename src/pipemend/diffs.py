@@ -27,6 +27,7 @@ SYMLINK_MODE = "120000"
 _HUNK = re.compile(r"@@ -(\d{1,10})(?:,(\d{1,10}))? \+(\d{1,10})(?:,(\d{1,10}))? @@")
 _MODE = re.compile(r"[0-7]{6}")
 _INDEX = re.compile(r"index ([0-9a-f]{4,64})\.\.([0-9a-f]{4,64})(?: ([0-7]{6}))?")
+_OCTAL = re.compile(r"[0-7]{3}")
 _SIMILARITY = re.compile(r"(?:dis)?similarity index \d{1,3}%")
 _MODE_HEADERS = ("old mode ", "new mode ", "new file mode ", "deleted file mode ")
 _ESCAPES = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 34, "\\": 92}
@@ -128,8 +129,8 @@ class _Parser:
         while self.i < len(self.lines):
             line = self.lines[self.i]
             if not line.startswith("diff --git "):
-                problem = "combined diffs are not supported" if line.startswith("diff --cc ") else "expected 'diff --git'"
-                raise self.error(problem)
+                combined = line.startswith(("diff --cc ", "diff --combined "))
+                raise self.error("combined diffs are not supported" if combined else "expected 'diff --git'")
             out.append(self.file())
         return out
 
@@ -303,8 +304,8 @@ def _unquote(text: str, err: DiffError) -> str:
             if e in _ESCAPES:
                 out.append(_ESCAPES[e])
                 i += 2
-            elif text[i + 1:i + 4].isdigit() and len(text[i + 1:i + 4]) == 3 and all(d in "01234567" for d in text[i + 1:i + 4]):
-                out.append(int(text[i + 1:i + 4], 8) & 0xFF)
+            elif _OCTAL.fullmatch(octal := text[i + 1:i + 4]):
+                out.append(int(octal, 8) & 0xFF)
                 i += 4
             else:
                 raise err
