@@ -268,3 +268,27 @@ def test_worktree_by_branch_name_still_works(labelled: Path, tmp_path: Path):
     wt = snap.add_worktree("c", snap.base_branch)
     assert (wt / "t" / "data" / "val.jsonl").is_file()
     assert git(wt, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_a_forged_git_link_in_a_worktree_runs_nothing(tmp_path: Path):
+    """A pipeline that rewrites the worktree's ``.git`` to a repo of its own (fsmonitor, a clean filter)
+    gets no command run on the host by diff, changed_files or commit: they use the repo's own record."""
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "p.txt").write_text("p\n")
+    snap = snapshot_target(target, "h1", tmp_path / "run")
+    wt = snap.add_worktree("c", snap.base_branch)
+    evil = wt / "evil"
+    git(tmp_path, "init", "-q", str(evil))
+    git(evil, "-c", "user.name=a", "-c", "user.email=b", "commit", "-q", "--allow-empty", "-m", "x")
+    marker = tmp_path / "pwned"
+    git(evil, "config", "core.fsmonitor", f"touch {marker}; false")
+    git(evil, "config", "filter.x.clean", f"touch {marker}; cat")
+    (wt / ".gitattributes").write_text("* filter=x\n")
+    (wt / ".git").write_text(f"gitdir: {evil / '.git'}\n")
+    (wt / "p.txt").write_text("q\n")
+    assert "+q" in snap.diff(wt, snap.base_branch)
+    assert "p.txt" in snap.changed_files(wt, snap.base_branch)
+    sha = snap.commit(wt, "m")
+    assert git(snap.repo, "cat-file", "-p", f"{sha}:p.txt") == "q"
+    assert not marker.exists()
