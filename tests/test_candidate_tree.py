@@ -113,6 +113,17 @@ def test_honest_edit_is_committed_exactly(repo: Path, tmp_path: Path):
     assert_evaluated_is_committed(snap, cand, wt)
 
 
+def test_reword_keeps_the_tree_and_parent(repo: Path, tmp_path: Path):
+    snap, base, wt = start(repo, tmp_path)
+    (wt / "pipe" / "prompts" / "answer.txt").write_text("v2\n")
+    cand = build(snap, wt, base)
+    final = snap.reword(cand.sha, "pipemend r1 cand-1: accepted\n\nval 0.1 -> 0.3\n")
+    assert final != cand.sha
+    assert git(repo, "rev-parse", f"{final}^{{tree}}") == git(repo, "rev-parse", f"{cand.sha}^{{tree}}")
+    assert git(repo, "rev-parse", f"{final}^") == base
+    assert git(repo, "log", "-1", "--format=%an|%B", final) == "pipemend|pipemend r1 cand-1: accepted\n\nval 0.1 -> 0.3"
+
+
 def test_untouched_worktree_is_no_candidate(repo: Path, tmp_path: Path):
     snap, base, wt = start(repo, tmp_path)
     cand = build(snap, wt, base)

@@ -275,6 +275,15 @@ def build_candidate(*, git_dir: Path, worktree: Path, base_sha: str, target_subd
         return CandidateTree(sha, changed, diff, builder.refusals)
 
 
+def reword_commit(*, git_dir: Path, sha: str, message: str) -> str:
+    """A new commit with ``sha``'s tree and parents and ``message`` (pipemend identity)."""
+    with _store(git_dir) as store:
+        lines = store.run(["cat-file", "commit", sha]).split(b"\n\n", 1)[0].split(b"\n")
+        parents = [ln.split()[1].decode() for ln in lines if ln.startswith(b"parent ")]
+        args = ["commit-tree", f"{sha}^{{tree}}", *(a for p in parents for a in ("-p", p)), "-F", "-"]
+        return store.run(args, input=message.encode("utf-8")).decode().strip()
+
+
 class _Builder:
     def __init__(self, store: _Store, base: dict[str, _Entry], algo: str, target_subdir: str,
                  is_editable: Callable[[str], bool], sealed: set[str]):

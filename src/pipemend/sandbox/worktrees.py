@@ -26,7 +26,7 @@ from typing import Any, Callable, Collection, Iterator
 import git
 
 from ..errors import UsageError
-from .candidate import IDENTITY, CandidateTree, Refusal, build_candidate, checkout_exact
+from .candidate import IDENTITY, CandidateTree, Refusal, build_candidate, checkout_exact, reword_commit
 
 __all__ = ["CandidateTree", "Refusal", "Snapshot", "snapshot_target"]
 
@@ -154,6 +154,11 @@ class Snapshot:
         return build_candidate(git_dir=self.git_dir(), worktree=Path(worktree), base_sha=base_sha,
                                target_subdir=self.target_subdir, message=message, is_editable=is_editable,
                                sealed=sealed)
+
+    def reword(self, sha: str, message: str) -> str:
+        """A commit with exactly ``sha``'s tree and parents and a new message (e.g. the verdict, known only
+        after the candidate commit was evaluated); returns its sha."""
+        return reword_commit(git_dir=self.git_dir(), sha=self.resolve(sha), message=message)
 
     def git_dir(self) -> Path:
         """The repo's common git directory (objects and refs), absolute."""
