@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -214,3 +215,80 @@ def test_bad_names_are_usage_errors(tmp_path: Path):
         snap.set_ref("heads/x", snap.resolve(snap.base_branch))
     with pytest.raises(UsageError):
         Snapshot.from_json({"format": "other"})
+
+
+# --------------------------------------------------------------------------- worktrees without the label files
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    """A user's repo whose target holds label files, a generator, a CRLF-attributed prompt and a symlink."""
+    repo = tmp_path / "lab"
+    (repo / "t" / "data" / "gen").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / ".gitattributes").write_text("*.txt eol=crlf\n*.md ident\n")
+    (repo / "t" / "prompt.txt").write_text("line one\nline two\n")
+    (repo / "t" / "notes.md").write_text("$Id$\n")
+    (repo / "t" / "run.sh").write_text("#!/bin/sh\n")
+    (repo / "t" / "run.sh").chmod(0o755)
+    (repo / "t" / "data" / "val.jsonl").write_text('{"expected": "1887"}\n')
+    (repo / "t" / "data" / "corpus.jsonl").write_text("{}\n")
+    (repo / "t" / "data" / "gen" / "make.py").write_text("SEED = 1\n")
+    (repo / "t" / "link").symlink_to("prompt.txt")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "init")
+    return repo
+
+
+def test_worktree_without_sealed_paths_is_clean_and_exact(labelled: Path, tmp_path: Path):
+    snap = snapshot_target(labelled / "t", "s1", tmp_path / "run")
+    sha = snap.resolve(snap.base_branch)
+    user_index = (labelled / ".git" / "index").read_bytes()
+    wt = snap.add_worktree("cand-1", sha, without=["t/data/val.jsonl", "t/data/gen", "t/not-in-commit.txt"])
+    assert not (wt / "t" / "data" / "val.jsonl").exists()
+    assert not (wt / "t" / "data" / "gen").exists()  # a folder: every file under it, and the folder itself
+    assert (wt / "t" / "data" / "corpus.jsonl").read_text() == "{}\n"
+    assert git(wt, "status", "--porcelain", "--untracked-files=all") == ""
+    assert git(wt, "rev-parse", "HEAD") == sha
+    flagged = [line for line in git(wt, "ls-files", "-v").splitlines() if line.startswith("S ")]
+    assert flagged == ["S t/data/gen/make.py", "S t/data/val.jsonl"]
+    # byte for byte the commit's blobs: no CRLF from eol=crlf, no $Id expansion, modes and links kept
+    for path in ("t/prompt.txt", "t/notes.md", "t/run.sh", ".gitattributes"):
+        assert (wt / path).read_bytes() == subprocess.run(
+            ["git", "cat-file", "blob", f"{sha}:{path}"], cwd=labelled, check=True, capture_output=True).stdout
+    assert (wt / "t" / "run.sh").stat().st_mode & 0o100
+    assert os.readlink(wt / "t" / "link") == "prompt.txt"
+    # the user's own index is untouched; the worktree's flags are its own
+    assert (labelled / ".git" / "index").read_bytes() == user_index
+    assert git(labelled, "ls-files", "-v", "t/data/val.jsonl") == "H t/data/val.jsonl"
+
+
+def test_worktree_by_branch_name_still_works(labelled: Path, tmp_path: Path):
+    snap = snapshot_target(labelled / "t", "s2", tmp_path / "run")
+    wt = snap.add_worktree("c", snap.base_branch)
+    assert (wt / "t" / "data" / "val.jsonl").is_file()
+    assert git(wt, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_a_forged_git_link_in_a_worktree_runs_nothing(tmp_path: Path):
+    """A pipeline that rewrites the worktree's ``.git`` to a repo of its own (fsmonitor, a clean filter)
+    gets no command run on the host by diff, changed_files or commit: they use the repo's own record."""
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "p.txt").write_text("p\n")
+    snap = snapshot_target(target, "h1", tmp_path / "run")
+    wt = snap.add_worktree("c", snap.base_branch)
+    evil = wt / "evil"
+    git(tmp_path, "init", "-q", str(evil))
+    git(evil, "-c", "user.name=a", "-c", "user.email=b", "commit", "-q", "--allow-empty", "-m", "x")
+    marker = tmp_path / "pwned"
+    git(evil, "config", "core.fsmonitor", f"touch {marker}; false")
+    git(evil, "config", "filter.x.clean", f"touch {marker}; cat")
+    (wt / ".gitattributes").write_text("* filter=x\n")
+    (wt / ".git").write_text(f"gitdir: {evil / '.git'}\n")
+    (wt / "p.txt").write_text("q\n")
+    assert "+q" in snap.diff(wt, snap.base_branch)
+    assert "p.txt" in snap.changed_files(wt, snap.base_branch)
+    sha = snap.commit(wt, "m")
+    assert git(snap.repo, "cat-file", "-p", f"{sha}:p.txt") == "q"
+    assert not marker.exists()

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .fsutil import append_jsonl, atomic_write_json, read_json
+from .fsutil import append_jsonl, atomic_write_json, atomic_write_text, read_json
 
 RUN_FORMAT = "pipemend-run-1"
 JOURNAL_FORMAT = "pipemend-journal-1"
 RUN_JSON = "run.json"
 JOURNAL = "journal.jsonl"
+REPORTS_GITIGNORE = "# Created by pipemend: run directories are not part of your project.\n*\n"
 
 
 def new_run_id(kind: str = "eval", *, now: datetime | None = None) -> str:
@@ -35,17 +36,38 @@ def check_run_id(run_id: str) -> str:
 
 
 def create_run_dir(reports_dir: str | Path, run_id: str, *, kind: str, target: str | Path, config: dict[str, Any]) -> Path:
-    """Make ``reports_dir/run_id/`` (refusing an existing one), write ``run.json`` and journal ``run_started``."""
+    """Make ``reports_dir/run_id/`` (refusing an existing one), write ``run.json`` and journal ``run_started``.
+
+    A reports folder this makes ignores itself (a ``.gitignore`` holding ``*``, as pytest does for its
+    cache), so ``pipemend eval .`` leaves no untracked folder in the user's repo."""
     run_dir = Path(reports_dir) / check_run_id(run_id)
     if run_dir.exists():
         raise UsageError(f"{run_dir}: a run with id {run_id!r} already exists (choose another --run-id)")
-    run_dir.mkdir(parents=True)
+    ensure_reports_dir(reports_dir)
+    run_dir.mkdir()
     atomic_write_json(run_dir / RUN_JSON, {
         "format": RUN_FORMAT, "run_id": run_id, "kind": kind, "target": str(Path(target).resolve()),
         "status": "running", "config": config, "started_at": time.time(), "ended_at": None,
     })
     journal(run_dir, "run_started", kind=kind, run_id=run_id)
     return run_dir
+
+
+def ensure_reports_dir(reports_dir: str | Path) -> Path:
+    """Create ``reports_dir`` if missing, with a ``.gitignore`` of ``*`` in it; an existing folder is left as is
+    (it may be the user's own, tracked folder)."""
+    path = Path(reports_dir)
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:  # made meanwhile by a concurrent run, which writes the .gitignore itself
+        if path.is_dir():
+            return path
+        raise UsageError(f"{path}: exists and is not a folder (give another --reports-dir)") from None
+    atomic_write_text(path / ".gitignore", REPORTS_GITIGNORE)
+    return path
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:

@@ -7,8 +7,11 @@ built through a temporary index so the user's working tree, index and current
 branch are never touched. A target outside any repo is snapshotted into a bare
 repo under ``RUN_DIR/repo``.
 
-Every git call goes through gitpython with hooks disabled, signing off and a
-fixed pipemend identity, so a user's git configuration cannot make a run fail.
+Every git call goes through gitpython (or, where bytes matter, ``candidate.run_git``)
+with hooks disabled, signing off and a fixed pipemend identity, so a user's git
+configuration cannot make a run fail. Candidate commits are built by
+``build_candidate`` and worktrees checked out by ``checkout_exact`` (``candidate.py``):
+the tree that is checked is the tree that is evaluated and the tree that is kept.
 """
 
 from __future__ import annotations
@@ -18,21 +21,20 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import git
 
 from ..errors import UsageError
+from .candidate import IDENTITY, CandidateTree, Refusal, build_candidate, checkout_exact, reword_commit
+
+__all__ = ["CandidateTree", "Refusal", "Snapshot", "snapshot_target"]
 
 SNAPSHOT_FORMAT = "pipemend-snapshot-1"
 
-_IDENTITY = {
-    "GIT_AUTHOR_NAME": "pipemend",
-    "GIT_AUTHOR_EMAIL": "pipemend@localhost",
-    "GIT_COMMITTER_NAME": "pipemend",
-    "GIT_COMMITTER_EMAIL": "pipemend@localhost",
-}
-_CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.quotepath=false"]
+_IDENTITY = IDENTITY
+_CONFIG = ["-c", "core.hooksPath=/dev/null", "-c", "commit.gpgsign=false", "-c", "core.quotepath=false",
+           "-c", "core.fsmonitor=false"]
 # What a snapshot repo of a non-git target leaves out (a user's repo has its own .gitignore).
 _DEFAULT_EXCLUDES = "__pycache__/\n*.pyc\n.venv/\n.pipemend-cache/\n.pytest_cache/\n"
 
@@ -74,15 +76,23 @@ class Snapshot:
 
     # ------------------------------------------------------------------ worktrees
 
-    def add_worktree(self, name: str, ref: str) -> Path:
-        """A new worktree at ``worktrees_dir/name``, detached at ``ref``; a stale one there is replaced."""
+    def add_worktree(self, name: str, ref: str, *, without: Collection[str] = ()) -> Path:
+        """A new worktree at ``worktrees_dir/name``, detached at ``ref``; a stale one there is replaced.
+
+        It holds exactly the commit's blobs, byte for byte (no smudge filter or eol conversion from
+        ``.gitattributes``), except the repo-relative ``without`` paths (files, or folders meaning every
+        file under them), which are not on disk at all: sealed label files for a candidate or evaluation
+        worktree. Git still reports the worktree clean (those paths carry skip-worktree in this
+        worktree's own index); ``RunFailed`` if it does not."""
         if not name or "/" in name or name in (".", ".."):
             raise UsageError(f"worktree name {name!r} must be a single path component")
         path = self.worktrees_dir / name
         if path.exists() or self._registered(path):
             self.remove_worktree(path)
         self.worktrees_dir.mkdir(parents=True, exist_ok=True)
-        _git(self.repo, "worktree", "add", "--detach", "--quiet", str(path), ref)
+        sha = self.resolve(ref)
+        _git(self.repo, "worktree", "add", "--detach", "--no-checkout", "--quiet", str(path), sha)
+        checkout_exact(git_dir=self.git_dir(), worktree=path, sha=sha, without=without)
         return path
 
     def remove_worktree(self, path: Path) -> None:
@@ -116,8 +126,7 @@ class Snapshot:
         A git killed inside ``update-ref`` leaves ``<ref>.lock`` behind and every later update of that
         ref fails. Only this run's driver writes these refs, and it holds the run lock, so a lock file
         found there when the run starts or resumes is stale."""
-        common = Path(_git(self.repo, "rev-parse", "--git-common-dir"))
-        common = common if common.is_absolute() else self.repo / common
+        common = self.git_dir()
         removed = []
         for namespace in (f"refs/heads/pipemend/{self.run_id}", f"refs/pipemend/{self.run_id}"):
             folder = common / namespace
@@ -129,11 +138,41 @@ class Snapshot:
 
     # ------------------------------------------------------------------ commits and refs
 
+    def build_candidate(self, worktree: Path, base_sha: str, *, message: str, is_editable: Callable[[str], bool],
+                        sealed: Collection[str]) -> CandidateTree:
+        """The candidate commit for ``worktree``: ``base_sha``'s tree plus the worktree's acceptable changes.
+
+        Built in a fresh temporary index from the files on disk alone (the worktree's index, flags,
+        ``.gitignore`` and ``.gitattributes`` are never read; git never runs inside it). Paths are
+        repo-relative: ``is_editable(path)`` says whether a change there may be kept (the caller's
+        editable-and-not-protected globs); ``sealed`` paths (files, or folders) keep the base's blob and
+        may be absent. Every other change is a ``Refusal`` (symlink, special_file, outside_target,
+        not_editable, sealed, binary, hidden, bad_name, too_large, ...) and the commit keeps the base's
+        version there. ``sha`` is ``None`` when the commit would equal the base; the author and committer
+        are "pipemend <pipemend@localhost>"; ``diff`` is ``git diff`` base..candidate with attributes,
+        textconv and external drivers off and text forced (``pipemend.diffs.parse_diff`` reads it)."""
+        return build_candidate(git_dir=self.git_dir(), worktree=Path(worktree), base_sha=base_sha,
+                               target_subdir=self.target_subdir, message=message, is_editable=is_editable,
+                               sealed=sealed)
+
+    def reword(self, sha: str, message: str) -> str:
+        """A commit with exactly ``sha``'s tree and parents and a new message (e.g. the verdict, known only
+        after the candidate commit was evaluated); returns its sha."""
+        return reword_commit(git_dir=self.git_dir(), sha=self.resolve(sha), message=message)
+
+    def git_dir(self) -> Path:
+        """The repo's common git directory (objects and refs), absolute."""
+        common = Path(_git(self.repo, "rev-parse", "--git-common-dir"))
+        return (common if common.is_absolute() else self.repo / common).resolve()
+
     def commit(self, worktree: Path, message: str) -> str:
-        """Stage everything in ``worktree`` (deletions and untracked files too) and commit; returns the sha."""
-        _git(worktree, "add", "--all", ".")
-        _git(worktree, "commit", "--quiet", "--allow-empty", "--no-verify", "-m", message)
-        return _git(worktree, "rev-parse", "HEAD")
+        """Stage everything in ``worktree`` (deletions and untracked files too) and commit; returns the sha.
+
+        Superseded by ``build_candidate`` (this one honours the worktree's index flags and ignore rules)."""
+        admin = self._admin_dir(worktree)
+        _git(worktree, "add", "--all", ".", git_dir=admin)
+        _git(worktree, "commit", "--quiet", "--allow-empty", "--no-verify", "-m", message, git_dir=admin)
+        return _git(worktree, "rev-parse", "HEAD", git_dir=admin)
 
     def set_branch(self, name: str, sha: str) -> None:
         """Create or move ``refs/heads/<name>`` to ``sha``."""
@@ -157,26 +196,42 @@ class Snapshot:
 
     def changed_files(self, worktree: Path, base_ref: str) -> list[str]:
         """Repo-relative paths that differ between ``base_ref`` and the worktree's files (untracked included)."""
-        with self._staged_view(worktree) as env:
-            out = _git(worktree, "diff", "--cached", "--name-only", "--no-renames", "-z", base_ref, env=env)
+        with self._staged_view(worktree) as (env, admin):
+            out = _git(worktree, "diff", "--cached", "--name-only", "--no-renames", "-z", base_ref, env=env,
+                       git_dir=admin)
         return sorted(p for p in out.split("\0") if p)
 
     def diff(self, worktree: Path, base_ref: str) -> str:
         """Unified diff from ``base_ref`` to the worktree's files, untracked files included."""
-        with self._staged_view(worktree) as env:
+        with self._staged_view(worktree) as (env, admin):
             return _git(
-                worktree, "diff", "--cached", "--no-color", "--no-ext-diff", "--no-renames", base_ref, env=env
+                worktree, "diff", "--cached", "--no-color", "--no-ext-diff", "--no-renames", base_ref, env=env,
+                git_dir=admin,
             ) + "\n"
 
     @contextmanager
-    def _staged_view(self, worktree: Path) -> Iterator[dict[str, str]]:
+    def _staged_view(self, worktree: Path) -> Iterator[tuple[dict[str, str], Path]]:
         """A temporary index holding everything in the worktree, leaving its real index alone."""
-        real_index = Path(_git(worktree, "rev-parse", "--path-format=absolute", "--git-path", "index"))
+        admin = self._admin_dir(worktree)
+        real_index = admin / "index"
         with _temp_index(seed=real_index) as env:
             if not real_index.is_file():
-                _git(worktree, "read-tree", "HEAD", env=env)
-            _git(worktree, "add", "--all", ".", env=env)
-            yield env
+                _git(worktree, "read-tree", "HEAD", env=env, git_dir=admin)
+            _git(worktree, "add", "--all", ".", env=env, git_dir=admin)
+            yield env, admin
+
+    def _admin_dir(self, worktree: Path) -> Path:
+        """The worktree's git folder (``<common>/worktrees/<id>``), found from the repo's side.
+
+        Never from the worktree's own ``.git`` file: a candidate can rewrite it to point at a repo of its
+        own whose config runs commands (``core.fsmonitor``, a clean filter) when git runs there."""
+        want = Path(worktree).resolve()
+        admin_root = self.git_dir() / "worktrees"
+        for admin in sorted(admin_root.iterdir()) if admin_root.is_dir() else []:
+            link = admin / "gitdir"
+            if link.is_file() and Path(link.read_text(encoding="utf-8").strip()).parent.resolve() == want:
+                return admin
+        raise UsageError(f"{worktree} is not a worktree of {self.repo}")
 
     # ------------------------------------------------------------------ persistence
 
