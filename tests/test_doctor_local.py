@@ -88,3 +88,37 @@ def test_the_local_model_loads_without_extra_buffer_types():
     assert llama.model_params.use_extra_bufts is False
     # the library's own default is left as it was
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True
+
+
+# --------------------------------------------------------------------------- the gateway's own guard
+
+
+def test_the_gateway_probes_once_per_machine_and_reports_a_crash_instead_of_dying(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pipemend.gateway import local_guard
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(local_guard.CHILD_ENV, raising=False)
+    build = tmp_path / "site" / "llama_cpp"
+    (build / "lib").mkdir(parents=True)
+    (build / "lib" / "libggml-cpu.so").write_bytes(b"build one")
+    fake_pkg = SimpleNamespace(__file__=str(build / "__init__.py"), __version__="0.0-test")
+    model = tmp_path / "model.gguf"
+
+    crash = child(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    monkeypatch.setattr(local_guard, "PROBE_COMMAND", tuple(crash))
+    outcome = local_guard.ensure_runs_here(fake_pkg, model)
+    assert not outcome.ok and "SIGILL" in outcome.detail and "GGML_NATIVE=OFF" in outcome.fix
+    assert not (tmp_path / "cache" / "pipemend" / "models" / "local-probe-ok.json").exists()
+
+    (tmp_path / "ok.py").write_text("import json, sys\nassert sys.argv[1:] == ['--model-path', %r]\n"
+                                    "print(json.dumps({'ok': True, 'text': 'Paris'}))\n" % str(model))
+    monkeypatch.setattr(local_guard, "PROBE_COMMAND", (sys.executable, str(tmp_path / "ok.py")))
+    assert local_guard.ensure_runs_here(fake_pkg, model).ok
+    monkeypatch.setattr(local_guard, "PROBE_COMMAND", tuple(crash))
+    assert local_guard.ensure_runs_here(fake_pkg, model).ok  # remembered: not probed again
+    (build / "lib" / "libggml-cpu.so").write_bytes(b"another build, maybe for another CPU")
+    assert not local_guard.ensure_runs_here(fake_pkg, model).ok  # a new build is probed again
+    monkeypatch.setenv(local_guard.CHILD_ENV, "1")
+    assert local_guard.ensure_runs_here(fake_pkg, model).ok  # the probe's own child does not probe itself

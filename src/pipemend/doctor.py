@@ -10,19 +10,13 @@ gateway would forward with, and the claude-code proposer.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import signal
-import subprocess
-import sys
 from typing import Sequence
 
+from .gateway.local_guard import PROBE_COMMAND, PROBE_TIMEOUT_S, probe
 from .sandbox.doctor import Check
 from .sandbox.doctor import check_all as sandbox_checks
 
-# One completion through the gateway's own local backend, in a fresh interpreter.
-LOCAL_PROBE = (sys.executable, "-m", "pipemend.gateway.local_probe")
-LOCAL_PROBE_TIMEOUT_S = 900.0  # the first use assembles the 1 GB model file
 _probe_results: dict[tuple[str, ...], Check] = {}
 
 
@@ -50,67 +44,18 @@ def check_local_model() -> Check:
     return Check("local model", True, "the model's parts are installed; assembled and checked on first use")
 
 
-def _signal_fix(signum: int) -> str:
-    from .gateway.backends.local import REBUILD_HINT
-
-    if signum == signal.SIGILL:
-        return ("llama.cpp ran a CPU instruction this machine does not have (a build for another CPU, "
-                f"e.g. -march=native or AMX): {REBUILD_HINT}")
-    if signum == signal.SIGKILL:
-        return "killed, most likely for memory: the local model needs about 2 GB free"
-    return (f"{REBUILD_HINT}; if it still crashes, delete the model file under ~/.cache/pipemend/models "
-            "so it is reassembled and checked again")
-
-
-def check_local_completion(command: Sequence[str] | None = None, timeout_s: float = LOCAL_PROBE_TIMEOUT_S) -> Check:
-    """Run one real completion of the local model in a subprocess (``command``, default ``LOCAL_PROBE``).
-
-    A child that dies by a signal (SIGILL, SIGSEGV, ...) is reported with the signal and its fix; the
-    default probe's result is kept for the life of this process (the doctor asks once).
-    """
-    name = "local model runs"
-    argv = tuple(command or LOCAL_PROBE)
+def check_local_completion(command: Sequence[str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> Check:
+    """Run one real completion of the local model in a subprocess (``command``, default
+    ``local_guard.PROBE_COMMAND``). A child that dies by a signal (SIGILL, SIGSEGV, ...) is reported
+    with the signal and its fix; the default probe runs once per process (the doctor asks once)."""
+    argv = tuple(command or PROBE_COMMAND)
     if command is None and argv in _probe_results:
         return _probe_results[argv]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout_s,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return Check(name, False, f"one short completion did not finish within {timeout_s:.0f} s",
-                     "check the machine's load and memory; PIPEMEND_LOCAL_N_CTX=2048 lowers memory use")
-    except OSError as e:
-        return Check(name, False, f"cannot start the probe {argv[0]}: {e.strerror}", None)
-    if proc.returncode < 0:
-        signum = -proc.returncode
-        try:
-            signame = signal.Signals(signum).name
-        except ValueError:
-            signame = f"signal {signum}"
-        tail = " ".join(proc.stderr.strip().splitlines()[-2:])[-300:]
-        result = Check(name, False, f"a completion crashed the process with {signame}" + (f": {tail}" if tail else ""),
-                       _signal_fix(signum))
-    else:
-        report = _last_json_line(proc.stdout)
-        if proc.returncode == 0 and report.get("ok"):
-            result = Check(name, True, f"one completion answered {str(report.get('text', '')).strip()[:40]!r} "
-                                       f"in {report.get('seconds', '?')} s (model load included)")
-        else:
-            why = report.get("error") or " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])[-300:]
-            result = Check(name, False, f"a completion failed (exit {proc.returncode}): {why}",
-                           "see `python -m pipemend.gateway.local_probe` for the whole error")
+    outcome = probe(argv, timeout_s)
+    result = Check("local model runs", outcome.ok, outcome.detail, outcome.fix)
     if command is None:
         _probe_results[argv] = result
     return result
-
-
-def _last_json_line(text: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        return value if isinstance(value, dict) else {}
-    return {}
 
 
 def check_anthropic_key() -> Check:

@@ -8,9 +8,11 @@ kills only this process, and ``pipemend doctor`` reports its signal and the fix.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .backends.base import BackendError
 from .backends.local import MODEL_NAME, LocalBackend
@@ -23,10 +25,13 @@ PROBE_REQUEST = {
 }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipemend.gateway.local_probe")
+    parser.add_argument("--model-path", type=Path, default=None, help="The GGUF file (default: the bundled model).")
+    args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        answer = LocalBackend().complete(PROBE_REQUEST)
+        answer = LocalBackend(model_path=args.model_path).complete(PROBE_REQUEST)
     except BackendError as e:
         print(json.dumps({"ok": False, "error": e.message}), flush=True)
         return 1

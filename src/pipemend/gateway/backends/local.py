@@ -17,10 +17,11 @@ with SIGILL in ``ggml_backend_amx_mul_mat``; without it the same model answers
 correctly. llama-cpp-python has no ``Llama(...)`` keyword for that field of
 ``llama_model_params``, so ``_load`` turns it off in the default params for the
 duration of the load and checks that it took. ``scripts/install`` also builds
-llama-cpp-python without ``-march=native`` (``PORTABLE_CMAKE_ARGS``), so a
-wheel built or cached on one CPU runs on another; ``pipemend doctor`` runs one
-real completion in a subprocess (``gateway/local_probe.py``) and reports a
-crash with its signal and its fix.
+llama-cpp-python without ``-march=native`` (``local_guard.PORTABLE_CMAKE_ARGS``),
+so a wheel built or cached on one CPU runs on another. Before the first load
+in a process, one real completion runs in a child (``local_guard``, once per
+machine, build and model): a crash there (SIGILL, SIGSEGV) becomes an error
+with its fix instead of killing the gateway; ``pipemend doctor`` runs it too.
 """
 
 from __future__ import annotations
@@ -33,18 +34,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import BackendError, message_response, text_of
 
 MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
 SEED = 0
-# How scripts/install builds llama-cpp-python: no -march=native, no AVX-512 or AMX, so the build runs on
-# any x86-64-v3 CPU (AVX2, FMA, F16C), whichever machine built or cached the wheel.
-PORTABLE_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-                       "-DGGML_AMX_BF16=OFF")
-REBUILD_HINT = (f"rebuild llama-cpp-python portable: CMAKE_ARGS='{PORTABLE_CMAKE_ARGS}' "
-                ".venv/bin/pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python "
-                "(scripts/install builds it so)")
 
 _lock = threading.Lock()
 _llama: Any = None  # the one llama_cpp.Llama of this process
@@ -65,6 +60,9 @@ def _load(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
         path = ensure_model_file(model_path)
     except ModelFileError as e:
         raise BackendError(500, str(e)) from e
+    outcome = ensure_runs_here(llama_cpp, path)  # a crash in llama.cpp kills a child, not this process
+    if not outcome.ok:
+        raise BackendError(500, f"the local model does not run on this machine: {outcome.detail}; fix: {outcome.fix}")
     with _without_extra_buffer_types(llama_cpp):
         llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=SEED, verbose=False)
     if getattr(llama.model_params, "use_extra_bufts", False):
