@@ -33,7 +33,7 @@ MAX_CHUNK_LINE = 1024        # bytes of a chunk-size line or a trailer line of a
 MAX_TRAILERS = 64            # trailer lines after a chunked body
 BODY_DEADLINE_S = 120.0      # to receive a whole body, however it is dribbled
 IDLE_TIMEOUT_S = 300         # any single read or write on a connection
-MAX_CONNECTIONS = 256        # open connections at once; more are closed unanswered
+MAX_CONNECTIONS = 1024       # open connections at once (one thread each); more are closed unanswered
 # Request line and headers: http.server caps each line at 64 KiB and the headers at 100.
 
 
