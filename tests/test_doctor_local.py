@@ -122,3 +122,15 @@ def test_the_gateway_probes_once_per_machine_and_reports_a_crash_instead_of_dyin
     assert not local_guard.ensure_runs_here(fake_pkg, model).ok  # a new build is probed again
     monkeypatch.setenv(local_guard.CHILD_ENV, "1")
     assert local_guard.ensure_runs_here(fake_pkg, model).ok  # the probe's own child does not probe itself
+
+
+def test_scripts_install_builds_llama_cpp_with_the_portable_flags_the_fix_names():
+    import re
+
+    from pipemend.gateway import local_guard
+
+    install = (Path(__file__).parents[1] / "scripts" / "install").read_text()
+    [flags] = re.findall(r'^\s*llama_flags="([^"]*)"', install, flags=re.M)
+    assert flags == local_guard.PORTABLE_CMAKE_ARGS
+    assert "-DGGML_NATIVE=OFF" in flags and "--no-cache-dir" in install
+    assert local_guard.PORTABLE_CMAKE_ARGS in local_guard.REBUILD_HINT
