@@ -1,17 +1,23 @@
 """``pipemend doctor``: what this machine can run, and how to fix what it cannot.
 
 The sandbox checks live beside the sandboxes (``sandbox/doctor.py``); this adds
-the model side: the local model (llama-cpp-python and its GGUF file), the
-Anthropic key the gateway would forward with, and the claude-code proposer.
+the model side: the local model (llama-cpp-python and its GGUF file, then one
+real completion in a subprocess, so a crash inside llama.cpp is reported with
+its signal and its fix instead of killing a run), the Anthropic key the
+gateway would forward with, and the claude-code proposer.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Sequence
 
+from .gateway.local_guard import PROBE_COMMAND, PROBE_TIMEOUT_S, probe
 from .sandbox.doctor import Check
 from .sandbox.doctor import check_all as sandbox_checks
+
+_probe_results: dict[tuple[str, ...], Check] = {}
 
 
 def check_local_model() -> Check:
@@ -36,6 +42,20 @@ def check_local_model() -> Check:
             return Check("local model", True, f"{path} present, checked by sha256 on first use")
         return Check("local model", False, str(e), INSTALL_HINT)
     return Check("local model", True, "the model's parts are installed; assembled and checked on first use")
+
+
+def check_local_completion(command: Sequence[str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> Check:
+    """Run one real completion of the local model in a subprocess (``command``, default
+    ``local_guard.PROBE_COMMAND``). A child that dies by a signal (SIGILL, SIGSEGV, ...) is reported
+    with the signal and its fix; the default probe runs once per process (the doctor asks once)."""
+    argv = tuple(command or PROBE_COMMAND)
+    if command is None and argv in _probe_results:
+        return _probe_results[argv]
+    outcome = probe(argv, timeout_s)
+    result = Check("local model runs", outcome.ok, outcome.detail, outcome.fix)
+    if command is None:
+        _probe_results[argv] = result
+    return result
 
 
 def check_anthropic_key() -> Check:
@@ -63,4 +83,6 @@ def check_claude_code() -> Check:
 
 
 def check_all() -> list[Check]:
-    return [*sandbox_checks(), check_local_model(), check_anthropic_key(), check_claude_code()]
+    local = check_local_model()
+    runs = [check_local_completion()] if local.ok else []
+    return [*sandbox_checks(), local, *runs, check_anthropic_key(), check_claude_code()]

@@ -28,6 +28,13 @@ class GatewayConfig(BaseModel):
     api_key_file: Path | None = Field(
         None, description="File holding the Anthropic API key; default: ANTHROPIC_API_KEY at gateway start."
     )
+    models: list[str] | None = Field(
+        None,
+        description="The model names this gateway serves, set on the host (a request never chooses code here): "
+        "exactly these names, each built when the gateway starts (`claude-*` stands for every Claude model; "
+        "`scripted:PATH`, `simulated/*` and `package.module:Class` plugins are served only when listed). "
+        "None: the real families only, `claude-*` and the local model.",
+    )
 
 
 def load_api_key(config: GatewayConfig) -> str | None:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .backends import BackendError, BackendRegistry
+from .backends import BackendError, BackendRegistry, ModelAllowList
 from .budget import Budget
 from .cache import ResponseCache, default_cache_dir
 from .calllog import CallLog
@@ -24,8 +26,25 @@ from .config import GatewayConfig, load_api_key
 from .service import GatewayService, Reply, error_reply, json_reply
 
 log = logging.getLogger("pipemend.gateway")
-MAX_BODY = 64 << 20
-IDLE_TIMEOUT_S = 300
+# What a request may send: the pipeline is untrusted, so every input is bounded, and a slow or
+# hostile client costs its own connection, never the gateway.
+MAX_BODY = 32 << 20          # bytes of a request body (the Messages API's own limit is 32 MB)
+MAX_CHUNK_LINE = 1024        # bytes of a chunk-size line or a trailer line of a chunked body
+MAX_TRAILERS = 64            # trailer lines after a chunked body
+BODY_DEADLINE_S = 120.0      # to receive a whole body, however it is dribbled
+IDLE_TIMEOUT_S = 300         # any single read or write on a connection
+MAX_CONNECTIONS = 1024       # open connections at once (one thread each); more are closed unanswered
+# Request line and headers: http.server caps each line at 64 KiB and the headers at 100.
+
+
+_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+class _BadBody(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -47,21 +66,78 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s", format % args)
 
-    def _body(self) -> bytes | None:
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("content-length") or 0)
+    def _read(self, n: int, deadline: float) -> bytes:
+        """Exactly ``n`` bytes of the body, in pieces, within the body's deadline."""
+        parts, left = [], n
+        while left:
+            self._wait_until(deadline)
+            try:
+                piece = self.rfile.read1(min(left, 1 << 16))
+            except TimeoutError:
+                raise _BadBody(408, f"request body not received within {BODY_DEADLINE_S:.0f} s") from None
+            if not piece:
+                raise _BadBody(400, "request body ended early (connection closed)")
+            parts.append(piece)
+            left -= len(piece)
+        return b"".join(parts)
+
+    def _wait_until(self, deadline: float) -> None:
+        """The next read may block until ``deadline`` at most."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _BadBody(408, f"request body not received within {BODY_DEADLINE_S:.0f} s")
+        self.connection.settimeout(min(left, IDLE_TIMEOUT_S))
+
+    def _line(self, deadline: float) -> bytes:
+        self._wait_until(deadline)
+        try:
+            line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+        except TimeoutError:
+            raise _BadBody(408, f"request body not received within {BODY_DEADLINE_S:.0f} s") from None
+        if len(line) > MAX_CHUNK_LINE:
+            raise _BadBody(400, f"malformed chunked request body: a line over {MAX_CHUNK_LINE} bytes")
+        if not line:
+            raise _BadBody(400, "malformed chunked request body: it ended early")
+        return line
+
+    def _chunked(self, deadline: float) -> bytes:
+        chunks, total = [], 0
+        while True:
+            text = self._line(deadline).split(b";")[0].strip()
+            if not _HEX.fullmatch(text):
+                raise _BadBody(400, "malformed chunked request body: bad chunk size")
+            size = int(text, 16)
+            if size == 0:
+                for _ in range(MAX_TRAILERS + 1):
+                    if self._line(deadline) in (b"\r\n", b"\n"):
+                        return b"".join(chunks)
+                raise _BadBody(400, f"malformed chunked request body: over {MAX_TRAILERS} trailer lines")
+            total += size
+            if total > MAX_BODY:
+                raise _BadBody(413, f"request body over {MAX_BODY} bytes")
+            chunks.append(self._read(size, deadline))
+            if self._line(deadline) not in (b"\r\n", b"\n"):
+                raise _BadBody(400, "malformed chunked request body: a chunk is longer than its size")
+
+    def _body(self) -> bytes:
+        try:
+            return self._body_within(time.monotonic() + BODY_DEADLINE_S)
+        finally:
+            self.connection.settimeout(IDLE_TIMEOUT_S)
+
+    def _body_within(self, deadline: float) -> bytes:
+        if self.headers.get("transfer-encoding", "").strip().lower() == "chunked":
+            return self._chunked(deadline)
+        if self.headers.get("transfer-encoding"):
+            raise _BadBody(400, "unsupported transfer-encoding (expected chunked or none)")
+        lengths = self.headers.get_all("content-length") or ["0"]
+        text = lengths[0].strip()
+        if len(set(lengths)) > 1 or not _DIGITS.fullmatch(text):
+            raise _BadBody(400, "content-length: expected one non-negative integer")
+        length = int(text)
         if length > MAX_BODY:
-            return None
-        return self.rfile.read(length)
+            raise _BadBody(413, f"request body over {MAX_BODY} bytes")
+        return self._read(length, deadline)
 
     def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
@@ -76,12 +152,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
             raw = self._body()
-        except ValueError:
+        except _BadBody as e:  # the rest of the stream cannot be trusted: answer, then close
             self.close_connection = True
-            return self._send(error_reply(BackendError(400, "malformed chunked request body")))
-        if raw is None:
-            self.close_connection = True
-            return self._send(error_reply(BackendError(413, f"request body over {MAX_BODY} bytes")))
+            return self._send(error_reply(BackendError(e.status, str(e))))
         if path == "/v1/messages":
             reply = self.service.handle_messages(raw, self.headers)
         elif path == "/v1/messages/count_tokens":
@@ -107,12 +180,40 @@ class _UnixHandler(_Handler):
         return "unix"
 
 
-class _TCPServer(ThreadingHTTPServer):
+class _Bounded:
+    """A threading server that holds at most ``MAX_CONNECTIONS`` connections (one thread each)."""
+
     daemon_threads = True
+    _slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("gateway: over %d connections; closing a new one", MAX_CONNECTIONS)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._slots.release()
 
 
-class _UnixServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
+class _TCPServer(_Bounded, ThreadingHTTPServer):
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+
+class _UnixServer(_Bounded, socketserver.ThreadingUnixStreamServer):
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
 
 
 class Gateway:
@@ -132,10 +233,13 @@ class Gateway:
         if self.service is not None:
             raise UsageError("this gateway is already started")
         cfg = self.config
+        models = ModelAllowList(cfg.models)
+        models.build_all(self.registry)
+        calls = CallLog(self.calls_path)  # repairs a torn last line before anything reads or appends
         budget = Budget(cfg.budget_usd, cfg.budget_tokens)
         budget.load_spent(self.calls_path)
-        calls = CallLog(self.calls_path)
-        self.service = GatewayService(self.registry, ResponseCache(cfg.cache_dir or default_cache_dir()), calls, budget)
+        self.service = GatewayService(self.registry, ResponseCache(cfg.cache_dir or default_cache_dir()), calls, budget,
+                                      models)
         attrs = {"service": self.service, "connections": self._connections}
         try:
             tcp = _TCPServer((cfg.host, cfg.port), type("Handler", (_Handler,), attrs))
@@ -214,16 +318,22 @@ def serve_forever_cli(
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
     cache_dir: Path | None = None,
+    models: list[str] | None = None,
 ) -> None:
-    """``pipemend gateway``: serve in the foreground until Ctrl-C or SIGTERM."""
+    """``pipemend gateway``: serve in the foreground until Ctrl-C or SIGTERM.
+
+    ``models``: the model names to serve (``GatewayConfig.models``); None serves the real families only.
+    """
     import signal
 
     config = GatewayConfig(run_dir=Path(run_dir), port=port, budget_usd=budget_usd, budget_tokens=budget_tokens,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, models=models)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Gateway(config) as gateway:
-        print(f"pipemend gateway on {gateway.url} (call log {gateway.calls_path}); Ctrl-C stops it", flush=True)
+        served = ", ".join(ModelAllowList(models).names)
+        print(f"pipemend gateway on {gateway.url} serving {served} (call log {gateway.calls_path}); Ctrl-C stops it",
+              flush=True)
         try:
             while not stop.wait(0.5):
                 pass

@@ -13,18 +13,23 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .backends import BackendError, BackendRegistry, backend_kind, forward_headers
+from .backends import BackendError, BackendRegistry, ModelAllowList, backend_kind, forward_headers
 from .backends.base import estimate_tokens, request_text
 from .budget import Budget
 from .cache import ResponseCache, cache_key
 from .calllog import CallLog
 from .pricing import cost_usd, tokens_of
 from .sse import sse_body
-from .validate import parse_request
+from .validate import parse_json, parse_request
 
 log = logging.getLogger("pipemend.gateway")
 FORWARDED = ("anthropic-version", "anthropic-beta")
 RAW_LOG_LIMIT = 65536
+HEADER_LOG_LIMIT = 1024  # characters of an example or step header kept in the call log
+
+
+def _clip(value: str | None) -> str | None:
+    return value if value is None or len(value) <= HEADER_LOG_LIMIT else value[:HEADER_LOG_LIMIT]
 
 
 @dataclass
@@ -45,8 +50,10 @@ def error_reply(error: BackendError, headers: dict[str, str] | None = None) -> R
 
 
 class GatewayService:
-    def __init__(self, registry: BackendRegistry, cache: ResponseCache, calls: CallLog, budget: Budget):
+    def __init__(self, registry: BackendRegistry, cache: ResponseCache, calls: CallLog, budget: Budget,
+                 models: ModelAllowList | None = None):
         self.registry = registry
+        self.models = models or ModelAllowList()
         self.cache = cache
         self.calls = calls
         self.budget = budget
@@ -85,6 +92,7 @@ class GatewayService:
         try:
             request = parse_request(raw)
             model, stream = request["model"], bool(request.get("stream", False))
+            self.models.check(model)  # before anything looks at the name: no import, no file read
             backend_name = backend_kind(model)
             backend = self.registry.get(model)
             body = {k: v for k, v in request.items() if k != "stream"}
@@ -130,7 +138,7 @@ class GatewayService:
             request = raw[:RAW_LOG_LIMIT].decode("utf-8", errors="replace")
         self.calls.append({
             "call_id": call_id, "t": started,
-            "example_id": headers.get("x-pipemend-example"), "step": headers.get("x-pipemend-step"),
+            "example_id": _clip(headers.get("x-pipemend-example")), "step": _clip(headers.get("x-pipemend-step")),
             "model": model, "backend": backend_name, "request": request, "response": response,
             "input_tokens": tin, "output_tokens": tout, "latency_s": round(latency, 6), "cost_usd": cost,
             "cache": "hit" if hit else "miss", "origin_latency_s": origin_latency,
@@ -151,9 +159,9 @@ class GatewayService:
     def count_tokens(self, raw: bytes) -> Reply:
         """``/v1/messages/count_tokens``: an estimate (4 characters a token); no backend call."""
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-                raise ValueError("expected an object with messages")
-        except ValueError as e:
-            return error_reply(BackendError(400, f"invalid count_tokens request: {e}"))
+            body = parse_json(raw)
+        except BackendError as e:
+            return error_reply(BackendError(400, f"invalid count_tokens request: {e.message}"))
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return error_reply(BackendError(400, "invalid count_tokens request: expected an object with messages"))
         return json_reply(200, {"input_tokens": estimate_tokens(request_text(body))})

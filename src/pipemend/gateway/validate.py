@@ -14,18 +14,51 @@ from typing import Any
 from .backends.base import BackendError
 
 ROLES = ("user", "assistant", "system")
+MAX_DEPTH = 64  # nesting of arrays and objects in a request (tool schemas nest a dozen deep at most)
 
 
 def _bad(message: str) -> BackendError:
     return BackendError(400, message, "invalid_request_error")
 
 
-def parse_request(raw: bytes) -> dict[str, Any]:
-    """The request body as a dict, or a 400 ``BackendError`` saying what is wrong."""
+def parse_json(raw: bytes) -> Any:
+    """A request body parsed as JSON, nested at most ``MAX_DEPTH`` deep, or a 400 ``BackendError``.
+
+    The body's size is already bounded by the server; the depth bound keeps every later step
+    (cache key, call log, backends) clear of the recursion limit.
+    """
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise _bad(f"request body is nested more than {MAX_DEPTH} deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"request body is not valid JSON: {e}") from e
+    if _depth(body) > MAX_DEPTH:
+        raise _bad(f"request body is nested more than {MAX_DEPTH} deep")
+    return body
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value`` (iterative; stops counting past ``MAX_DEPTH``)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_request(raw: bytes) -> dict[str, Any]:
+    """The request body as a dict, or a 400 ``BackendError`` saying what is wrong."""
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise _bad(f"request body must be a JSON object, got {type(body).__name__}")
     check_request(body)

@@ -9,17 +9,32 @@ bundled target (measured by replaying logged calls), which made results depend
 on which example ran before which. The reset costs about a fifth more time;
 ``PIPEMEND_LOCAL_PREFIX_REUSE=1`` trades the determinism back for the speed.
 Needs the ``local`` extra.
+
+Portable across x86-64 CPUs: the model loads with llama.cpp's extra buffer
+types off (``use_extra_bufts``, the runtime weight repacking): on a CPU that
+advertises AMX, the AMX repacking ran ``tilezero`` in an OpenMP worker and died
+with SIGILL in ``ggml_backend_amx_mul_mat``; without it the same model answers
+correctly. llama-cpp-python has no ``Llama(...)`` keyword for that field of
+``llama_model_params``, so ``_load`` turns it off in the default params for the
+duration of the load and checks that it took. ``scripts/install`` also builds
+llama-cpp-python without ``-march=native`` (``local_guard.PORTABLE_CMAKE_ARGS``),
+so a wheel built or cached on one CPU runs on another. Before the first load
+in a process, one real completion runs in a child (``local_guard``, once per
+machine, build and model): a crash there (SIGILL, SIGSEGV) becomes an error
+with its fix instead of killing the gateway; ``pipemend doctor`` runs it too.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import BackendError, message_response, text_of
 
@@ -45,12 +60,43 @@ def _load(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
         path = ensure_model_file(model_path)
     except ModelFileError as e:
         raise BackendError(500, str(e)) from e
-    _llama = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=SEED, verbose=False
-    )
-    _llama_path = path
+    outcome = ensure_runs_here(llama_cpp, path)  # a crash in llama.cpp kills a child, not this process
+    if not outcome.ok:
+        raise BackendError(500, f"the local model does not run on this machine: {outcome.detail}; fix: {outcome.fix}")
+    with _without_extra_buffer_types(llama_cpp):
+        llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=SEED, verbose=False)
+    if getattr(llama.model_params, "use_extra_bufts", False):
+        llama.close()
+        raise BackendError(500, "the local model loaded with llama.cpp's extra buffer types on (AMX weight "
+                                "repacking crashes some CPUs); this llama-cpp-python lays out its parameters "
+                                f"differently than pipemend expects: {REBUILD_HINT}")
+    _llama, _llama_path = llama, path
     atexit.register(_close)
     return _llama
+
+
+@contextlib.contextmanager
+def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """While a model loads, llama.cpp's default model params have ``use_extra_bufts`` off.
+
+    ``Llama.__init__`` builds its params from ``llama_cpp.llama_cpp.llama_model_default_params()``
+    and loads at once, with no keyword for this field; so the default is wrapped for the load only.
+    Older builds without the field are left as they are.
+    """
+    lib = llama_cpp.llama_cpp
+    original = lib.llama_model_default_params
+
+    def portable_defaults() -> Any:
+        params = original()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    lib.llama_model_default_params = portable_defaults
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
 
 
 def _close() -> None:
