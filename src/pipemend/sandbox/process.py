@@ -1,4 +1,12 @@
-"""The last resort: the runner as a plain subprocess with resource limits. Nothing isolates it.
+"""The unsafe opt-in: the runner as a plain subprocess with resource limits. Nothing isolates it.
+
+Never chosen by ``auto``: only ``--sandbox process`` runs it, with a loud warning.
+When pipemend runs as root, the pipeline runs as uid/gid 65534 from a copy of
+its target folder and inputs in a scratch folder outside the run directory
+(``scratch/out`` owned by 65534, the rest read-only to it), so a run directory
+made 0700 is out of its reach. As any other user it runs as that user and can
+read (and rewrite) everything that user can, the run directory included: every
+use then says so.
 
 Limits: address space (or a memory cgroup when root), processes (RLIMIT_NPROC,
 or a pids cgroup when root), CPU seconds, file size, wall clock. The pipeline
@@ -26,14 +34,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import SandboxUnavailable
 from ..protocols import SandboxJob, SandboxOutcome
-from .common import SandboxLimits, check_job, masked_paths, pipeline_env, pipemend_package_dir, runner_command, target_dir
+from .common import (
+    NOBODY,
+    SandboxLimits,
+    check_job,
+    chown_tree,
+    masked_paths,
+    pipeline_env,
+    pipemend_package_dir,
+    readable_by_all,
+    runner_command,
+    target_dir,
+)
+from .ingest import Scratch, noted, sandbox_output
 from .limited import describe, run_limited
+from .reap import record_process
 from .venvs import target_python
 
 WARNING = (
-    "WARNING: the 'process' sandbox does NOT isolate the pipeline: it runs as your user, with your files "
-    "and your network, under resource limits only. Use docker or bwrap (see `pipemend doctor`)."
+    "WARNING: the 'process' sandbox does NOT isolate the pipeline: no namespaces, your network, "
+    "resource limits only. Use docker or bwrap (see `pipemend doctor`)."
+)
+WARNING_NOT_ROOT = (
+    "WARNING: pipemend is not root, so the 'process' sandbox runs the pipeline as your own user: it CANNOT hide "
+    "the run directory, which holds the frozen labels and the scores. A hostile pipeline can read its labels "
+    "and rewrite the base's results. Use docker or bwrap for anything you did not write yourself."
 )
 COPY_NOTE = (
     "sandbox process: it cannot mask files, so the target runs from a temporary copy of its folder without "
@@ -68,14 +95,8 @@ def sweep_stale_copies(root: Path | None = None) -> int:
     return n
 
 
-@contextmanager
-def target_copy(job: SandboxJob) -> Iterator[Path | None]:
-    """A temporary copy of the target folder without its hidden paths, removed afterwards; None if nothing to hide."""
+def _ignore_for(job: SandboxJob):
     hidden = _hidden_paths(job)
-    if not hidden:
-        yield None
-        return
-    src = target_dir(job).resolve()
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         left_out = []
@@ -89,12 +110,27 @@ def target_copy(job: SandboxJob) -> Iterator[Path | None]:
                     left_out.append(name)
         return left_out
 
+    return ignore
+
+
+def copy_target(job: SandboxJob, dest: Path) -> Path:
+    """Copy the target folder into ``dest`` without its hidden paths; returns the copy's path."""
+    src = target_dir(job).resolve()
+    dst = dest / src.name
+    shutil.copytree(src, dst, symlinks=True, ignore=_ignore_for(job))
+    return dst
+
+
+@contextmanager
+def target_copy(job: SandboxJob) -> Iterator[Path | None]:
+    """A temporary copy of the target folder without its hidden paths, removed afterwards; None if nothing to hide."""
+    if not _hidden_paths(job):
+        yield None
+        return
     sweep_stale_copies()
     tmp = Path(tempfile.mkdtemp(prefix=f"{COPY_PREFIX}{os.getpid()}-"))
     try:
-        dst = tmp / src.name
-        shutil.copytree(src, dst, symlinks=True, ignore=ignore)
-        yield dst
+        yield copy_target(job, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -112,26 +148,66 @@ class ProcessSandbox:
         check_job(job)
         if not self._warned:
             self.announce(WARNING)
+            if os.geteuid() != 0:
+                self.announce(WARNING_NOT_ROOT)
             self._warned = True
         python = target_python(job.requirements, self.announce)
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        with target_copy(job) as copy:
-            if copy is None:
-                cmd = runner_command(job, python=str(python), work=str(job.worktree.resolve()),
-                                     out=str(job.out_dir.resolve()), inputs=str(job.inputs_file.resolve()), socket=None)
+        with sandbox_output(job) as scratch:
+            if os.geteuid() == 0:
+                outcome = self._run_as_nobody(job, python, scratch)
             else:
-                if not self._noted_copy:
-                    self.announce(COPY_NOTE)
-                    self._noted_copy = True
-                cmd = runner_command(dataclasses.replace(job, target_subdir=""), python=str(python), work=str(copy),
-                                     out=str(job.out_dir.resolve()), inputs=str(job.inputs_file.resolve()), socket=None)
-            env = pipeline_env(
-                job,
-                PATH=os.environ.get("PATH", "/usr/bin:/bin"),
-                HOME=os.environ.get("HOME", "/tmp"),
-                PYTHONPATH=str(pipemend_package_dir().parent),
-            )
-            f = run_limited(cmd, env=env, cwd=job.out_dir, limits=self.limits, wall_timeout_s=job.wall_timeout_s)
+                outcome = self._run_as_us(job, python, scratch)
+        return noted(outcome, scratch.report)
+
+    def _run_as_us(self, job: SandboxJob, python: Path, scratch: Scratch) -> SandboxOutcome:
+        with target_copy(job) as copy:
+            if copy is not None and not self._noted_copy:
+                self.announce(COPY_NOTE)
+                self._noted_copy = True
+            work, sub = (str(job.worktree.resolve()), job.target_subdir) if copy is None else (str(copy), "")
+            return self._launch(job, python, scratch, work, sub, job.inputs_file.resolve(), user=None)
+
+    def _run_as_nobody(self, job: SandboxJob, python: Path, scratch: Scratch) -> SandboxOutcome:
+        """As root: the pipeline runs as 65534 from copies in the scratch folder; the run directory stays 0700."""
+        _check_reachable_by_nobody(python)
+        (scratch.root / "work").mkdir(mode=0o755)
+        copy = copy_target(job, scratch.root / "work")
+        inputs = scratch.root / "inputs.jsonl"
+        shutil.copyfile(job.inputs_file, inputs)
+        os.chmod(inputs, 0o644)
+        os.chown(scratch.out, NOBODY, NOBODY)
+        readable_by_all(copy)
+        if job.writable:
+            chown_tree(copy, NOBODY, NOBODY)
+        return self._launch(job, python, scratch, str(copy), "", inputs, user=NOBODY)
+
+    def _launch(self, job: SandboxJob, python: Path, scratch: Scratch, work: str, subdir: str, inputs: Path,
+                user: int | None) -> SandboxOutcome:
+        cmd = runner_command(dataclasses.replace(job, target_subdir=subdir), python=str(python), work=work,
+                             out=str(scratch.out), inputs=str(inputs), socket=None)
+        env = pipeline_env(
+            job,
+            PATH=os.environ.get("PATH", "/usr/bin:/bin"),
+            HOME=str(scratch.out) if user is not None else os.environ.get("HOME", "/tmp"),
+            PYTHONPATH=str(pipemend_package_dir().parent),
+        )
+        f = run_limited(cmd, env=env, cwd=scratch.out, limits=self.limits, wall_timeout_s=job.wall_timeout_s,
+                        user=user, on_start=lambda pid: record_process(scratch, pid))
         return SandboxOutcome(sandbox=self.name, returncode=f.returncode, timed_out=f.timed_out,
                               error=describe(f, self.limits, job.wall_timeout_s), stdout_tail=f.stdout,
                               stderr_tail=f.stderr, startup_s=f.startup_s, wall_s=f.wall_s)
+
+
+def _check_reachable_by_nobody(python: Path) -> None:
+    """The interpreter and pipemend's runner source must be readable by uid 65534, or say what to change."""
+    for path in (python.parent.parent, python.resolve(), pipemend_package_dir()):
+        for p in [path, *path.parents]:
+            try:
+                mode = p.stat().st_mode
+            except OSError:
+                continue
+            if p.is_dir() and not mode & 0o001:
+                raise SandboxUnavailable(
+                    f"the process sandbox runs the pipeline as uid {NOBODY}, which cannot enter {p} (mode "
+                    f"{mode & 0o777:o}) on the way to {path}; put pipemend and its venvs somewhere others can read "
+                    "(PIPEMEND_VENVS for the target venvs), or use --sandbox docker / bwrap")
