@@ -58,10 +58,12 @@ def check_bwrap() -> Check:
 
 
 def check_process() -> Check:
-    return Check("process", True, "always available, but it does NOT isolate the pipeline (limits only)",
-                 "prefer docker or bwrap")
+    hides = ("as root it runs the pipeline as uid 65534, so a 0700 run directory is out of its reach"
+             if os.geteuid() == 0 else "not root here: the pipeline runs as you and CAN read the run's labels")
+    return Check("process", True, f"unsafe opt-in (--sandbox process, never chosen by auto): no isolation, limits "
+                 f"only; {hides}", "prefer docker or bwrap")
 
 
 def check_all() -> list[Check]:
-    """Every sandbox check, in the order ``auto`` tries them."""
+    """Every sandbox check: the two ``auto`` tries (docker, bwrap), then the unsafe ``process``."""
     return [*check_docker(), check_bwrap(), check_process()]

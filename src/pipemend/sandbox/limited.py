@@ -210,6 +210,7 @@ def _preexec(limits: SandboxLimits, cpu_seconds: int, procs_files: list[str], as
             os.setgroups([])
             os.setgid(user)
             os.setuid(user)
+            die_with_parent()  # a change of credentials clears the parent-death signal
 
     return setup
 

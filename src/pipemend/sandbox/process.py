@@ -66,6 +66,10 @@ COPY_NOTE = (
     "sandbox process: it cannot mask files, so the target runs from a temporary copy of its folder without "
     "its dataset files (labels); what the pipeline writes into its folder there is discarded"
 )
+NOBODY_NOTE = (
+    f"sandbox process: running the pipeline as uid {NOBODY} from a temporary copy of its target folder (without "
+    "its dataset files) outside the run directory; what it writes into its folder there is discarded"
+)
 COPY_PREFIX = "pipemend-target-"
 SKIP_NAMES = frozenset({".git", ".venv", "__pycache__"})
 """Never copied: big, and nothing a pipeline needs to run."""
@@ -152,6 +156,8 @@ class ProcessSandbox:
                 self.announce(WARNING_NOT_ROOT)
             self._warned = True
         python = target_python(job.requirements, self.announce)
+        if os.geteuid() == 0:
+            _check_reachable_by_nobody(python)
         with sandbox_output(job) as scratch:
             if os.geteuid() == 0:
                 outcome = self._run_as_nobody(job, python, scratch)
@@ -169,7 +175,9 @@ class ProcessSandbox:
 
     def _run_as_nobody(self, job: SandboxJob, python: Path, scratch: Scratch) -> SandboxOutcome:
         """As root: the pipeline runs as 65534 from copies in the scratch folder; the run directory stays 0700."""
-        _check_reachable_by_nobody(python)
+        if not self._noted_copy:
+            self.announce(NOBODY_NOTE)
+            self._noted_copy = True
         (scratch.root / "work").mkdir(mode=0o755)
         copy = copy_target(job, scratch.root / "work")
         inputs = scratch.root / "inputs.jsonl"

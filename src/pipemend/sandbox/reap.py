@@ -92,7 +92,12 @@ def reap(run_id: str | None = None) -> ReapReport:
 
 
 def _kill_recorded(scratch_root: Path) -> int | None:
-    """Kill the process group recorded in a scratch folder, if that very process still runs; its id, or None."""
+    """Kill what is left of the process group recorded in a scratch folder; its id, or None if nothing was.
+
+    The group's leader (the sandbox's first process) may be gone while members
+    live on; a pid used as a group id is never handed out again while the group
+    has members, so a group without a leader is still ours.
+    """
     try:
         fd = open_dir(scratch_root)
         try:
@@ -102,8 +107,9 @@ def _kill_recorded(scratch_root: Path) -> int | None:
         pgid, start = int(record["pgid"]), record.get("start")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if start is None or process_start_time(pgid) != start:
-        return None
+    leader = process_start_time(pgid)
+    if start is None or (leader is not None and leader != start):
+        return None  # the id now names another process: ours is gone (the kernel never reuses a live group's id)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
