@@ -4,7 +4,9 @@ Never chosen by ``auto``: only ``--sandbox process`` runs it, with a loud warnin
 When pipemend runs as root, the pipeline runs as uid/gid 65534 from a copy of
 its target folder and inputs in a scratch folder outside the run directory
 (``scratch/out`` owned by 65534, the rest read-only to it), so a run directory
-made 0700 is out of its reach. As any other user it runs as that user and can
+made 0700 is out of its reach, provided uid 65534 can run the interpreter (a
+Python under /root cannot be: then it runs as root and says loudly that it
+cannot hide the run directory). As any other user it runs as that user and can
 read (and rewrite) everything that user can, the run directory included: every
 use then says so.
 
@@ -34,7 +36,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import SandboxUnavailable
 from ..protocols import SandboxJob, SandboxOutcome
 from .common import (
     NOBODY,
@@ -56,6 +57,11 @@ from .venvs import target_python
 WARNING = (
     "WARNING: the 'process' sandbox does NOT isolate the pipeline: no namespaces, your network, "
     "resource limits only. Use docker or bwrap (see `pipemend doctor`)."
+)
+WARNING_BLOCKED = (
+    "WARNING: the 'process' sandbox would run the pipeline as uid 65534 to keep it out of the run directory, "
+    "but {why}: it runs as root instead and CANNOT hide the run directory (frozen labels, scores). Install "
+    "Python, pipemend and its venvs (PIPEMEND_VENVS) where others can read them, or use docker or bwrap."
 )
 WARNING_NOT_ROOT = (
     "WARNING: pipemend is not root, so the 'process' sandbox runs the pipeline as your own user: it CANNOT hide "
@@ -147,6 +153,7 @@ class ProcessSandbox:
         self.announce = announce
         self._warned = False
         self._noted_copy = False
+        self._warned_blocked = False
 
     def run(self, job: SandboxJob) -> SandboxOutcome:
         check_job(job)
@@ -156,10 +163,12 @@ class ProcessSandbox:
                 self.announce(WARNING_NOT_ROOT)
             self._warned = True
         python = target_python(job.requirements, self.announce)
-        if os.geteuid() == 0:
-            _check_reachable_by_nobody(python)
+        blocked = unreachable_by_nobody(python) if os.geteuid() == 0 else None
+        if blocked and not self._warned_blocked:
+            self.announce(WARNING_BLOCKED.format(why=blocked))
+            self._warned_blocked = True
         with sandbox_output(job) as scratch:
-            if os.geteuid() == 0:
+            if os.geteuid() == 0 and not blocked:
                 outcome = self._run_as_nobody(job, python, scratch)
             else:
                 outcome = self._run_as_us(job, python, scratch)
@@ -206,16 +215,14 @@ class ProcessSandbox:
                               stderr_tail=f.stderr, startup_s=f.startup_s, wall_s=f.wall_s)
 
 
-def _check_reachable_by_nobody(python: Path) -> None:
-    """The interpreter and pipemend's runner source must be readable by uid 65534, or say what to change."""
-    for path in (python.parent.parent, python.resolve(), pipemend_package_dir()):
+def unreachable_by_nobody(python: Path) -> str | None:
+    """Why uid 65534 could not run ``python`` with pipemend's runner source (a folder it cannot enter), or None."""
+    for path in (python.parent.parent, python.resolve().parent.parent, pipemend_package_dir()):
         for p in [path, *path.parents]:
             try:
                 mode = p.stat().st_mode
             except OSError:
                 continue
             if p.is_dir() and not mode & 0o001:
-                raise SandboxUnavailable(
-                    f"the process sandbox runs the pipeline as uid {NOBODY}, which cannot enter {p} (mode "
-                    f"{mode & 0o777:o}) on the way to {path}; put pipemend and its venvs somewhere others can read "
-                    "(PIPEMEND_VENVS for the target venvs), or use --sandbox docker / bwrap")
+                return f"uid {NOBODY} cannot enter {p} (mode {mode & 0o777:o}) on the way to {path}"
+    return None
