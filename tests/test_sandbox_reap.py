@@ -96,13 +96,17 @@ def _wait(cond, what: str, timeout: float = 180.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, host pids."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 @pytest.mark.parametrize("name", SANDBOXES)
@@ -124,9 +128,11 @@ def test_a_run_killed_mid_evaluation_is_reaped(name: str, tmp_path: Path, scratc
               "the pipeline to start")
         assert driver.poll() is None, driver.stderr.read().decode()
         [folder] = scratch()
-        child = int((folder / "out" / "child.pid").read_text())
+        pgid = None if name == "docker" else json.loads((folder / "process.json").read_text())["pgid"]
         if name == "docker":
             assert [c.status for c in _containers(run_id)] == ["running"]
+        if name == "process":
+            assert len(_group(pgid)) >= 2  # the runner and the pipeline's grandchild
         # a live run is never reaped
         assert reap(run_id).total() == 0 and folder.is_dir()
     finally:
@@ -144,7 +150,9 @@ def test_a_run_killed_mid_evaluation_is_reaped(name: str, tmp_path: Path, scratc
     if name == "docker":
         assert len(report.containers) == 1 and _containers(run_id) == []
     else:
-        _wait(lambda: not _alive(child), "the sandbox's processes to go", timeout=10)
+        _wait(lambda: not _group(pgid), "the sandbox's processes to go", timeout=10)
+    if name == "process":
+        assert report.processes == [pgid]  # the grandchild outlived the runner: reap killed its group
     assert reap(run_id).total() == 0  # nothing left to do
 
 
