@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from pipemend.errors import SandboxUnavailable
 from pipemend.fsutil import read_jsonl
 from pipemend.protocols import SandboxJob
-from pipemend.sandbox import get_sandbox
+from sandbox_support import SANDBOXES, sandbox_or_skip, scratch_base  # noqa: F401 - a fixture
 from pipemend.sandbox.ingest import RESULTS_CAP, TRACE_CAP, Scratch, ingest, run_id_of
 
 SECRET = "SECRET-LABEL-7f3a"
@@ -83,32 +80,6 @@ def run(inputs):
 
 ATTACKS = ["results_abs", "results_rel", "trace_passwd", "trace_label", "traces_dir_link", "fifo", "huge", "dotdot"]
 RESULT_ATTACKS = {"results_abs", "results_rel", "fifo"}
-SANDBOXES = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap),
-             "process"]
-
-
-def _sandbox(name: str):
-    if name == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
-    try:
-        sb = get_sandbox(name, announce=lambda m: None)
-    except SandboxUnavailable as e:
-        pytest.skip(f"{name} unavailable: {e}")
-    if name == "docker":
-        from pipemend.sandbox.docker import ensure_image
-
-        ensure_image()
-    return sb
-
-
-@pytest.fixture
-def scratch_base(monkeypatch):
-    """Scratch folders go here (a folder the sandbox user may pass through), so the test sees they are removed."""
-    base = Path(tempfile.mkdtemp(prefix="pipemend-test-scratchbase-"))
-    os.chmod(base, 0o755)
-    monkeypatch.setenv("PIPEMEND_SCRATCH", str(base))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -152,7 +123,7 @@ def _assert_clean(out_dir: Path) -> None:
 @pytest.mark.parametrize("name", SANDBOXES)
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_planted_links_fifos_and_huge_files_never_reach_the_host(name, attack, tmp_path, world, scratch_base):
-    sb = _sandbox(name)
+    sb = sandbox_or_skip(name)
     rows = [{"id": "victim", "inputs": {"attack": "victim"}},
             {"id": "plant", "inputs": {"attack": attack, "secret": str(world["secret"])}}]
     job = _job(tmp_path, world, rows, f"{attack}")
@@ -178,7 +149,7 @@ def test_planted_links_fifos_and_huge_files_never_reach_the_host(name, attack, t
 
 @pytest.mark.parametrize("name", SANDBOXES)
 def test_the_run_directory_is_out_of_the_pipelines_reach(name, tmp_path, world, scratch_base):
-    sb = _sandbox(name)
+    sb = sandbox_or_skip(name)
     if name == "process":
         import sys
 

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from pipemend.errors import SandboxUnavailable
-from pipemend.sandbox import get_sandbox
+from sandbox_support import SANDBOXES, sandbox_or_skip, scratch_base  # noqa: F401 - a fixture
 from pipemend.sandbox.ingest import SCRATCH_PREFIX, owner_token
 from pipemend.sandbox.reap import reap
 
@@ -54,31 +51,6 @@ job = SandboxJob(worktree=wt, target_subdir="", entrypoint="pipeline:run", input
 get_sandbox(name, announce=lambda m: None).run(job)
 '''
 
-SANDBOXES = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap),
-             "process"]
-
-
-def _sandbox(name: str):
-    if name == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
-    try:
-        sb = get_sandbox(name, announce=lambda m: None)
-    except SandboxUnavailable as e:
-        pytest.skip(f"{name} unavailable: {e}")
-    if name == "docker":
-        from pipemend.sandbox.docker import ensure_image
-
-        ensure_image()
-    return sb
-
-
-@pytest.fixture
-def scratch_base(monkeypatch):
-    base = Path(tempfile.mkdtemp(prefix="pipemend-test-scratchbase-"))
-    os.chmod(base, 0o755)
-    monkeypatch.setenv("PIPEMEND_SCRATCH", str(base))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def _containers(run_id: str) -> list:
@@ -111,7 +83,7 @@ def _group(pgid: int) -> list[int]:
 
 @pytest.mark.parametrize("name", SANDBOXES)
 def test_a_run_killed_mid_evaluation_is_reaped(name: str, tmp_path: Path, scratch_base: Path) -> None:
-    _sandbox(name)
+    sandbox_or_skip(name)
     run_id = f"reap{uuid.uuid4().hex[:8]}"
     run_dir = tmp_path / run_id
     (run_dir / "evals").mkdir(parents=True)
