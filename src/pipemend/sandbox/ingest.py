@@ -63,10 +63,16 @@ def run_id_of(out_dir: Path) -> str:
     Jobs made by ``evaluate`` write into ``RUN_DIR/evals/<name>`` or
     ``RUN_DIR/candidates/<n>/evals/<name>``; a job built by hand elsewhere has no run.
     """
-    for parent in Path(out_dir).absolute().parents:
+    run_dir = run_dir_of(out_dir)
+    return safe_run_id(run_dir.name) if run_dir is not None else "adhoc"
+
+
+def run_dir_of(out_dir: Path) -> Path | None:
+    """The nearest folder above ``out_dir`` holding a ``run.json``, or None."""
+    for parent in Path(out_dir).resolve().parents:
         if (parent / "run.json").is_file():
-            return safe_run_id(parent.name)
-    return "adhoc"
+            return parent
+    return None
 
 
 def process_start_time(pid: int) -> str | None:

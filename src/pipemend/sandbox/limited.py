@@ -188,7 +188,7 @@ def _pdeathsig_setter():
 
 
 def _preexec(limits: SandboxLimits, cpu_seconds: int, procs_files: list[str], as_limit: bool, nproc: int | None,
-             user: int | None = None):
+             user: int | None = None, confine: Callable[[], None] | None = None):
     die_with_parent = _pdeathsig_setter()
 
     def setup() -> None:
@@ -211,16 +211,20 @@ def _preexec(limits: SandboxLimits, cpu_seconds: int, procs_files: list[str], as
             os.setgid(user)
             os.setuid(user)
             die_with_parent()  # a change of credentials clears the parent-death signal
+        if confine is not None:
+            confine()
+            die_with_parent()
 
     return setup
 
 
 def run_limited(cmd: list[str], *, env: dict[str, str], cwd: Path, limits: SandboxLimits,
-                wall_timeout_s: float, user: int | None = None,
+                wall_timeout_s: float, user: int | None = None, confine: Callable[[], None] | None = None,
                 on_start: Callable[[int], None] | None = None) -> Finished:
     """Run ``cmd`` in its own session under the limits; kill everything of it on timeout or at the end.
 
-    ``user``: a uid (and gid) to drop to (pipemend must be root). ``on_start(pid)``
+    ``user``: a uid (and gid) to drop to (pipemend must be root); ``confine``: a
+    last step in the child (``confine.confiner``). ``on_start(pid)``
     is called once the process runs: its pid is also its process group id (what
     ``reap`` kills if pipemend dies first).
     """
@@ -234,7 +238,7 @@ def run_limited(cmd: list[str], *, env: dict[str, str], cwd: Path, limits: Sandb
     else:
         nproc = None if os.geteuid() == 0 else limits.pids + _user_tasks(os.geteuid())
     preexec = _preexec(limits, cpu_seconds, cg.procs_files() if cg else [], as_limit=cg is None, nproc=nproc,
-                       user=user)
+                       user=user, confine=confine)
     timed_out = False
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:

@@ -49,7 +49,8 @@ from .common import (
     runner_command,
     target_dir,
 )
-from .ingest import Scratch, noted, sandbox_output
+from .confine import confiner
+from .ingest import Scratch, noted, run_dir_of, sandbox_output
 from .limited import describe, run_limited
 from .reap import record_process
 from .venvs import target_python
@@ -58,10 +59,10 @@ WARNING = (
     "WARNING: the 'process' sandbox does NOT isolate the pipeline: no namespaces, your network, "
     "resource limits only. Use docker or bwrap (see `pipemend doctor`)."
 )
-WARNING_BLOCKED = (
-    "WARNING: the 'process' sandbox would run the pipeline as uid 65534 to keep it out of the run directory, "
-    "but {why}: it runs as root instead and CANNOT hide the run directory (frozen labels, scores). Install "
-    "Python, pipemend and its venvs (PIPEMEND_VENVS) where others can read them, or use docker or bwrap."
+CONFINED_NOTE = (
+    "sandbox process: {why}, so the pipeline runs as root without any capability, in a mount namespace where the "
+    "run directories are covered (empty, mode 0000); it can still write what root owns elsewhere: prefer docker "
+    "or bwrap"
 )
 WARNING_NOT_ROOT = (
     "WARNING: pipemend is not root, so the 'process' sandbox runs the pipeline as your own user: it CANNOT hide "
@@ -165,11 +166,11 @@ class ProcessSandbox:
         python = target_python(job.requirements, self.announce)
         blocked = unreachable_by_nobody(python) if os.geteuid() == 0 else None
         if blocked and not self._warned_blocked:
-            self.announce(WARNING_BLOCKED.format(why=blocked))
+            self.announce(CONFINED_NOTE.format(why=blocked))
             self._warned_blocked = True
         with sandbox_output(job) as scratch:
-            if os.geteuid() == 0 and not blocked:
-                outcome = self._run_as_nobody(job, python, scratch)
+            if os.geteuid() == 0:
+                outcome = self._run_as_root(job, python, scratch, confined=bool(blocked))
             else:
                 outcome = self._run_as_us(job, python, scratch)
         return noted(outcome, scratch.report)
@@ -182,8 +183,13 @@ class ProcessSandbox:
             work, sub = (str(job.worktree.resolve()), job.target_subdir) if copy is None else (str(copy), "")
             return self._launch(job, python, scratch, work, sub, job.inputs_file.resolve(), user=None)
 
-    def _run_as_nobody(self, job: SandboxJob, python: Path, scratch: Scratch) -> SandboxOutcome:
-        """As root: the pipeline runs as 65534 from copies in the scratch folder; the run directory stays 0700."""
+    def _run_as_root(self, job: SandboxJob, python: Path, scratch: Scratch, confined: bool) -> SandboxOutcome:
+        """As root: the pipeline runs from copies in the scratch folder, as 65534 (the run directory is 0700).
+
+        ``confined``: 65534 cannot run the interpreter, so the pipeline stays uid 0
+        without any capability, in a mount namespace where the run directories
+        are covered (``confine``).
+        """
         if not self._noted_copy:
             self.announce(NOBODY_NOTE)
             self._noted_copy = True
@@ -192,6 +198,9 @@ class ProcessSandbox:
         inputs = scratch.root / "inputs.jsonl"
         shutil.copyfile(job.inputs_file, inputs)
         os.chmod(inputs, 0o644)
+        if confined:
+            cover = confiner(run_folders(job.out_dir, keep=[python, pipemend_package_dir(), scratch.root]))
+            return self._launch(job, python, scratch, str(copy), "", inputs, user=None, confine=cover)
         os.chown(scratch.out, NOBODY, NOBODY)
         readable_by_all(copy)
         if job.writable:
@@ -199,20 +208,36 @@ class ProcessSandbox:
         return self._launch(job, python, scratch, str(copy), "", inputs, user=NOBODY)
 
     def _launch(self, job: SandboxJob, python: Path, scratch: Scratch, work: str, subdir: str, inputs: Path,
-                user: int | None) -> SandboxOutcome:
+                user: int | None, confine: Callable[[], None] | None = None) -> SandboxOutcome:
         cmd = runner_command(dataclasses.replace(job, target_subdir=subdir), python=str(python), work=work,
                              out=str(scratch.out), inputs=str(inputs), socket=None)
         env = pipeline_env(
             job,
             PATH=os.environ.get("PATH", "/usr/bin:/bin"),
-            HOME=str(scratch.out) if user is not None else os.environ.get("HOME", "/tmp"),
+            HOME=str(scratch.out) if os.geteuid() == 0 else os.environ.get("HOME", "/tmp"),
             PYTHONPATH=str(pipemend_package_dir().parent),
         )
         f = run_limited(cmd, env=env, cwd=scratch.out, limits=self.limits, wall_timeout_s=job.wall_timeout_s,
-                        user=user, on_start=lambda pid: record_process(scratch, pid))
+                        user=user, confine=confine, on_start=lambda pid: record_process(scratch, pid))
         return SandboxOutcome(sandbox=self.name, returncode=f.returncode, timed_out=f.timed_out,
                               error=describe(f, self.limits, job.wall_timeout_s), stdout_tail=f.stdout,
                               stderr_tail=f.stderr, startup_s=f.startup_s, wall_s=f.wall_s)
+
+
+def run_folders(out_dir: Path, keep: list[Path]) -> list[str]:
+    """What to cover for a confined pipeline: the run's reports folder (every run in it), or the run alone.
+
+    The reports folder is covered only when nothing the pipeline needs (``keep``)
+    lies inside it; a job with no run directory covers nothing.
+    """
+    run_dir = run_dir_of(out_dir)
+    if run_dir is None:
+        return []
+    reports = run_dir.parent
+    needed = [Path(k).resolve() for k in keep]
+    if any(reports == k or reports in k.parents for k in needed):
+        return [str(run_dir)]
+    return [str(reports)]
 
 
 def unreachable_by_nobody(python: Path) -> str | None:
