@@ -58,10 +58,11 @@ def check_bwrap() -> Check:
 
 
 def check_process() -> Check:
-    hides = ("as root it runs the pipeline as uid 65534, so a 0700 run directory is out of its reach"
-             if os.geteuid() == 0 else "not root here: the pipeline runs as you and CAN read the run's labels")
-    return Check("process", True, f"unsafe opt-in (--sandbox process, never chosen by auto): no isolation, limits "
-                 f"only; {hides}", "prefer docker or bwrap")
+    hides = ("as root it runs the pipeline as uid 65534 (or without capabilities, run directories covered) so "
+             "the run directory is out of its reach" if os.geteuid() == 0
+             else "not root here: the pipeline runs as you and CAN read the run's labels")
+    return Check("process", True, f"does NOT isolate the pipeline (limits only); an unsafe opt-in "
+                 f"(--sandbox process), never chosen by auto; {hides}", "prefer docker or bwrap")
 
 
 def check_all() -> list[Check]:
