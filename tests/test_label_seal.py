@@ -21,32 +21,17 @@ import pytest
 from typer.testing import CliRunner
 
 from pipemend.cli import app
-from pipemend.errors import SandboxUnavailable, UsageError
+from pipemend.errors import UsageError
 from pipemend.fsutil import read_jsonl
 from pipemend.protocols import SandboxJob
 from pipemend.sandbox import get_sandbox
+from sandbox_support import SANDBOXES, sandbox_or_skip
 
 FIXTURE = Path(__file__).parent / "fixtures" / "label_seal"
 SECRETS = ("SEAL-ANSWER", "SEAL-EVID", "METRIC-SECRET")
 HIDDEN_PROBES = ("data/labels.jsonl", "alias.jsonl", "metric.py")
 
 
-def _sandbox(name: str):
-    if name == "bwrap" and not shutil.which("bwrap"):
-        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
-    try:
-        sb = get_sandbox(name, announce=lambda m: None)
-    except SandboxUnavailable as e:
-        pytest.skip(f"{name} unavailable: {e}")
-    if name == "docker":
-        from pipemend.sandbox.docker import ensure_image
-
-        ensure_image()
-    return sb
-
-
-SANDBOXES = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap),
-             "process"]
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +70,7 @@ def _assert_sealed(outputs: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", SANDBOXES)
 def test_pipeline_cannot_read_its_labels_in_any_sandbox(name: str, thief: Path, tmp_path: Path) -> None:
-    _sandbox(name)
+    sandbox_or_skip(name)
     run_dir = thief / "reports" / "seal"  # the run folders inside the target: masked too
     res = CliRunner().invoke(app, ["eval", str(thief), "--split", "all", "--json", "--sandbox", name,
                                    "--reports-dir", str(thief / "reports"), "--run-id", "seal"])
@@ -144,7 +129,7 @@ def nested(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", SANDBOXES)
 def test_hidden_files_and_folders_are_masked_in_a_subdir_target(name: str, nested: Path, tmp_path: Path) -> None:
-    sb = _sandbox(name)
+    sb = sandbox_or_skip(name)
     job = _job(tmp_path, nested, "app", ["alias.jsonl", "metric.py", "reports"], name, writable=True)
     outcome = sb.run(job)
     assert outcome.error is None and outcome.returncode == 0, outcome

@@ -99,7 +99,10 @@ def _assert_nothing_left(sandbox, snap, wt: Path) -> None:
     assert not wt.exists()
     assert list(snap.worktrees_dir.iterdir()) == []
     if sandbox.name == "docker":
-        assert sandbox.client.containers.list(all=True, filters={"label": "pipemend.sandbox"}) == []
+        from pipemend.sandbox.ingest import owner_token
+
+        # ours only (labelled with this process as owner): other pipemend runs may share the engine
+        assert sandbox.client.containers.list(all=True, filters={"label": f"pipemend.owner={owner_token()}"}) == []
 
 
 def _run(sandbox, snap, job_for):

@@ -1,8 +1,9 @@
 """Snapshot + worktrees (git), and the sandboxes a candidate's pipeline runs in.
 
 ``get_sandbox(name)`` returns a ``pipemend.protocols.Sandbox``: ``docker``
-(preferred), ``bwrap``, ``process`` (no isolation), ``auto`` (the first that works
-here, announced), or a dotted path ``package.module:Class``.
+(preferred), ``bwrap``, ``process`` (no isolation: only when asked for by name,
+with a loud warning), ``auto`` (docker, else bwrap, announced; never ``process``),
+or a dotted path ``package.module:Class``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ SANDBOXES = {
     "process": "pipemend.sandbox.process:ProcessSandbox",
 }
 NAMES = ("auto", *SANDBOXES)
+NO_ISOLATION = (
+    "no isolating sandbox works here ({reasons}). Install one: bubblewrap (`apt-get install bubblewrap`, "
+    "which scripts/install does when it can) or Docker (`apt-get install docker.io` and start it, or "
+    "`sandboxes/ci-setup.sh start`); `pipemend doctor` checks both. `--sandbox process` runs the pipeline "
+    "without isolation (it could read the run's labels): an unsafe opt-in, never chosen for you."
+)
 
 
 def _load(path: str) -> type:
@@ -40,10 +47,12 @@ def _make(name: str, announce: Callable[[str], None], limits: SandboxLimits | No
 
 def get_sandbox(name: str = "auto", announce: Callable[[str], None] = print,
                 limits: SandboxLimits | None = None) -> Sandbox:
-    """The named sandbox, or with ``auto`` the first that works here (docker, bwrap, process), announced.
+    """The named sandbox, or with ``auto`` the first that works here (docker, then bwrap), announced.
 
-    Raises ``SandboxUnavailable`` (why + how to fix) when a named one cannot run,
-    ``UsageError`` for an unknown name.
+    ``auto`` never falls back to ``process``: a pipeline there can read the run's
+    frozen labels, so it runs only when asked for by name. Raises
+    ``SandboxUnavailable`` (why + how to fix) when a named one cannot run, or
+    when ``auto`` finds neither docker nor bwrap; ``UsageError`` for an unknown name.
     """
     if name not in NAMES and ":" not in name:
         raise UsageError(f"unknown sandbox {name!r}; valid: {', '.join(NAMES)} or package.module:Class")
@@ -69,8 +78,7 @@ def get_sandbox(name: str = "auto", announce: Callable[[str], None] = print,
             return sb
         except SandboxUnavailable as e:
             reasons.append(f"{candidate} unavailable: {e}")
-    announce(f"sandbox: process ({'; '.join(reasons)})")
-    return _make("process", announce, limits)
+    raise SandboxUnavailable(NO_ISOLATION.format(reasons="; ".join(reasons)))
 
 
 __all__ = ["SANDBOXES", "NAMES", "SandboxLimits", "get_sandbox", "SandboxUnavailable"]

@@ -4,8 +4,10 @@
 runner's forwarder serves it on the sandbox's loopback), ``--cap-drop ALL``,
 uid/gid 65534, ``--die-with-parent``, ``--new-session``, a read-only root with a
 fresh /tmp, /run and /dev, read-only binds of /usr and of the Python that runs the target (pipemend's
-interpreter and venv, or the target's cached venv). Only the out_dir (and the
-worktree, when the job is writable) can be written; the job's hidden paths (the
+interpreter and venv, or the target's cached venv). Only a fresh scratch folder
+outside the run directory (``ingest`` takes the expected files from it afterwards)
+and the worktree, when the job is writable, can be written; the run directory is
+not mounted; the job's hidden paths (the
 files with labels) are masked inside the worktree: a file by /dev/null, a
 folder by an empty read-only tmpfs. Nothing else of the host is
 visible: no home folder, no /etc beyond a few harmless files, no Docker socket.
@@ -36,7 +38,9 @@ from .common import (
     runner_command,
     socket_reachable_by_all,
 )
+from .ingest import Scratch, noted, sandbox_output
 from .limited import describe, run_limited
+from .reap import record_process
 from .venvs import target_python
 
 _ETC = ["/etc/ld.so.cache", "/etc/localtime", "/etc/ssl/certs", "/etc/nsswitch.conf", "/etc/alternatives"]
@@ -79,8 +83,16 @@ def _system_binds() -> list[str]:
 
 
 def _python_binds(python: Path) -> list[str]:
-    """Read-only binds for an interpreter: its venv (if any), the base install, pipemend's env."""
-    roots = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.exec_prefix).resolve()}
+    """Read-only binds for an interpreter: its venv (if any) and its base install.
+
+    A target's cached venv stands on its own (``venvs``), so pipemend's own
+    environment is bound only when it is the interpreter (a target without
+    requirements runs on pipemend's env: that layer is then bound, whichever
+    install runs).
+    """
+    roots = {Path(sys.base_prefix).resolve(), python.resolve().parent.parent}
+    if python == Path(sys.executable):
+        roots |= {Path(sys.prefix).resolve(), Path(sys.exec_prefix).resolve()}
     venv = python.parent.parent
     if (venv / "pyvenv.cfg").exists():
         roots.add(venv.resolve())
@@ -113,8 +125,12 @@ class BwrapSandbox:
     def run(self, job: SandboxJob) -> SandboxOutcome:
         check_job(job)
         python = target_python(job.requirements, self.announce)
-        job.out_dir.mkdir(parents=True, exist_ok=True)
         socket_reachable_by_all(job.gateway_socket)
+        with sandbox_output(job) as scratch:
+            outcome = self._run(job, python, scratch)
+        return noted(outcome, scratch.report)
+
+    def _run(self, job: SandboxJob, python: Path, scratch: Scratch) -> SandboxOutcome:
         work_mode = "--bind" if job.writable else "--ro-bind"
         args = [
             self.bwrap,
@@ -127,7 +143,7 @@ class BwrapSandbox:
             "--ro-bind", str(pipemend_package_dir()), f"{_PIPEMEND}/pipemend",
             work_mode, str(job.worktree.resolve()), IN_WORK,
             *_masks(job),
-            "--bind", str(job.out_dir.resolve()), IN_OUT,
+            "--bind", str(scratch.out), IN_OUT,
             "--ro-bind", str(job.inputs_file.resolve()), IN_INPUTS,
         ]
         if job.gateway_socket is not None:
@@ -139,7 +155,7 @@ class BwrapSandbox:
         args += runner_command(job, python=str(python), work=IN_WORK, out=IN_OUT, inputs=IN_INPUTS,
                                socket=IN_SOCKET if job.gateway_socket else None)
         f = run_limited(args, env={"PATH": "/usr/bin:/bin"}, cwd=Path("/"), limits=self.limits,
-                        wall_timeout_s=job.wall_timeout_s)
+                        wall_timeout_s=job.wall_timeout_s, on_start=lambda pid: record_process(scratch, pid))
         return SandboxOutcome(sandbox=self.name, returncode=f.returncode, timed_out=f.timed_out,
                               error=describe(f, self.limits, job.wall_timeout_s), stdout_tail=f.stdout,
                               stderr_tail=f.stderr, startup_s=f.startup_s, wall_s=f.wall_s)

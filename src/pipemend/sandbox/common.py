@@ -153,16 +153,17 @@ def owned_by(uid: int, paths: list[Path]) -> Iterator[None]:
         return
     owners = {p: (p.stat().st_uid, p.stat().st_gid) for p in paths}
     for p in paths:
-        _chown_tree(p, uid, uid)
+        chown_tree(p, uid, uid)
     try:
         yield
     finally:
         for p, (u, g) in owners.items():
             if p.exists():
-                _chown_tree(p, u, g)
+                chown_tree(p, u, g)
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """``chown -R`` without following links."""
     os.chown(root, uid, gid, follow_symlinks=False)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -170,6 +171,17 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
                 os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
             except FileNotFoundError:
                 pass
+
+
+def readable_by_all(root: Path) -> None:
+    """``chmod -R a+rX`` without following links: the sandbox user (65534) must read (and run) the tree."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                mode = os.stat(p).st_mode
+                os.chmod(p, mode | 0o444 | (0o111 if mode & 0o100 else 0))
 
 
 def socket_reachable_by_all(sock: Path | None) -> None:

@@ -9,6 +9,13 @@ tmpfs /tmp, no capabilities, no-new-privileges, uid 65534, memory / pid / CPU
 limits and a wall-clock limit; no Docker socket, no host environment. Each
 hidden path of the job (the files with labels) is masked: a file by a read-only
 bind of /dev/null over it, a folder by an empty read-only tmpfs.
+
+The container sees only the worktree, a fresh scratch folder for its output
+(outside the run directory; ``ingest`` takes the expected files from it
+afterwards), the inputs file, pipemend's runner source and the gateway socket.
+Each container is labelled with its run (``pipemend.run``) and the pipemend
+process that drives it (``pipemend.owner``), so ``reap`` can remove what a
+killed pipemend left behind.
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ from .common import (
     socket_reachable_by_all,
     tail,
 )
+from .ingest import noted, owner_token, sandbox_output
 
 LABEL = "pipemend.sandbox"
+RUN_LABEL = "pipemend.run"
+OWNER_LABEL = "pipemend.owner"
 _IMAGE_CACHE: dict[str, str] = {}
 _IMAGE_LOCK = threading.Lock()
 
@@ -125,17 +135,19 @@ class DockerSandbox:
         check_job(job)
         t0 = time.monotonic()
         image = self.image or ensure_image(job.requirements, self.announce)
-        job.out_dir.mkdir(parents=True, exist_ok=True)
         socket_reachable_by_all(job.gateway_socket)
-        writable = [job.out_dir] + ([job.worktree] if job.writable else [])
-        with owned_by(NOBODY, writable):
-            return self._run(job, image, t0)
+        with sandbox_output(job) as scratch:
+            if os.geteuid() == 0:
+                os.chown(scratch.out, NOBODY, NOBODY)
+            with owned_by(NOBODY, [job.worktree] if job.writable else []):
+                outcome = self._run(job, image, t0, scratch.out, scratch.run_id)
+        return noted(outcome, scratch.report)
 
-    def _run(self, job: SandboxJob, image: str, t0: float) -> SandboxOutcome:
+    def _run(self, job: SandboxJob, image: str, t0: float, out: Path, run_id: str) -> SandboxOutcome:
         lim = self.limits
         volumes = {
             str(job.worktree.resolve()): {"bind": IN_WORK, "mode": "rw" if job.writable else "ro"},
-            str(job.out_dir.resolve()): {"bind": IN_OUT, "mode": "rw"},
+            str(out): {"bind": IN_OUT, "mode": "rw"},
             str(job.inputs_file.resolve()): {"bind": IN_INPUTS, "mode": "ro"},
             str(pipemend_package_dir()): {"bind": "/opt/pipemend/pipemend", "mode": "ro"},
         }
@@ -152,8 +164,8 @@ class DockerSandbox:
             container = self.client.containers.create(
                 image,
                 cmd,
-                name=f"pipemend-{uuid.uuid4().hex[:12]}",
-                labels={LABEL: "1"},
+                name=f"pipemend-{run_id}-{uuid.uuid4().hex[:12]}",
+                labels={LABEL: "1", RUN_LABEL: run_id, OWNER_LABEL: owner_token()},
                 user=f"{NOBODY}:{NOBODY}",
                 environment=env,
                 working_dir="/tmp",
@@ -291,12 +303,3 @@ def _remove(client: Any, container_id: str, wait_s: float = 30.0) -> None:
             return
         time.sleep(0.2)
 
-
-def remove_leftover_containers() -> int:
-    """Remove every container pipemend made and left behind (e.g. after a kill -9); returns how many."""
-    client = docker_client()
-    n = 0
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
-        _quietly(lambda: c.remove(force=True))
-        n += 1
-    return n

@@ -58,10 +58,13 @@ def check_bwrap() -> Check:
 
 
 def check_process() -> Check:
-    return Check("process", True, "always available, but it does NOT isolate the pipeline (limits only)",
-                 "prefer docker or bwrap")
+    hides = ("as root it runs the pipeline as uid 65534 (or without capabilities, run directories covered) so "
+             "the run directory is out of its reach" if os.geteuid() == 0
+             else "not root here: the pipeline runs as you and CAN read the run's labels")
+    return Check("process", True, f"does NOT isolate the pipeline (limits only); an unsafe opt-in "
+                 f"(--sandbox process), never chosen by auto; {hides}", "prefer docker or bwrap")
 
 
 def check_all() -> list[Check]:
-    """Every sandbox check, in the order ``auto`` tries them."""
+    """Every sandbox check: the two ``auto`` tries (docker, bwrap), then the unsafe ``process``."""
     return [*check_docker(), check_bwrap(), check_process()]

@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .common import SandboxLimits, tail
 
@@ -186,7 +187,8 @@ def _pdeathsig_setter():
         return lambda: None
 
 
-def _preexec(limits: SandboxLimits, cpu_seconds: int, procs_files: list[str], as_limit: bool, nproc: int | None):
+def _preexec(limits: SandboxLimits, cpu_seconds: int, procs_files: list[str], as_limit: bool, nproc: int | None,
+             user: int | None = None, confine: Callable[[], None] | None = None):
     die_with_parent = _pdeathsig_setter()
 
     def setup() -> None:
@@ -204,26 +206,47 @@ def _preexec(limits: SandboxLimits, cpu_seconds: int, procs_files: list[str], as
         fsize = limits.file_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if user is not None:  # last: joining the cgroup and the limits need root
+            os.setgroups([])
+            os.setgid(user)
+            os.setuid(user)
+            die_with_parent()  # a change of credentials clears the parent-death signal
+        if confine is not None:
+            confine()
+            die_with_parent()
 
     return setup
 
 
 def run_limited(cmd: list[str], *, env: dict[str, str], cwd: Path, limits: SandboxLimits,
-                wall_timeout_s: float) -> Finished:
-    """Run ``cmd`` in its own session under the limits; kill everything of it on timeout or at the end."""
+                wall_timeout_s: float, user: int | None = None, confine: Callable[[], None] | None = None,
+                on_start: Callable[[int], None] | None = None) -> Finished:
+    """Run ``cmd`` in its own session under the limits; kill everything of it on timeout or at the end.
+
+    ``user``: a uid (and gid) to drop to (pipemend must be root); ``confine``: a
+    last step in the child (``confine.confiner``). ``on_start(pid)``
+    is called once the process runs: its pid is also its process group id (what
+    ``reap`` kills if pipemend dies first).
+    """
     t0 = time.monotonic()
     cg = Cgroup.try_make(limits)
     # With a memory cgroup, RLIMIT_AS is left off: it counts reserved (not used) memory and trips threads early.
     cpu_seconds = max(10, int(wall_timeout_s * max(1.0, limits.cpus)) + 10)
     # RLIMIT_NPROC counts every task of the user (and is ignored for root, where the cgroup's pids.max acts).
-    nproc = None if os.geteuid() == 0 else limits.pids + _user_tasks(os.geteuid())
-    preexec = _preexec(limits, cpu_seconds, cg.procs_files() if cg else [], as_limit=cg is None, nproc=nproc)
+    if user is not None:
+        nproc: int | None = limits.pids + _user_tasks(user)
+    else:
+        nproc = None if os.geteuid() == 0 else limits.pids + _user_tasks(os.geteuid())
+    preexec = _preexec(limits, cpu_seconds, cg.procs_files() if cg else [], as_limit=cg is None, nproc=nproc,
+                       user=user, confine=confine)
     timed_out = False
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, preexec_fn=preexec)
             startup = time.monotonic() - t0
+            if on_start is not None:
+                on_start(proc.pid)
             try:
                 code: int | None = proc.wait(timeout=wall_timeout_s)
             except subprocess.TimeoutExpired:
