@@ -81,9 +81,14 @@ class FileDiff:
 
 
 def added_lines(diff: str) -> dict[str, list[str]]:
-    """Lines the diff adds, per path on the new side (same shape as ``gate.added_lines``)."""
+    """Lines the diff adds, per path on the new side."""
+    return added_by_path(parse_diff(diff))
+
+
+def added_by_path(files: list[FileDiff]) -> dict[str, list[str]]:
+    """Lines the parsed files add, per path on the new side."""
     out: dict[str, list[str]] = {}
-    for f in parse_diff(diff):
+    for f in files:
         if f.new_path is not None:
             out.setdefault(f.new_path, []).extend(f.added)
     return out

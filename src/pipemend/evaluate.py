@@ -20,7 +20,9 @@ import json
 import math
 import shutil
 import threading
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,6 +53,8 @@ class EvalContext:
     """``pipemend.gateway.Gateway`` (or anything with ``.url`` and ``.socket_path``)."""
     model: str
     """``PIPEMEND_MODEL`` for the pipeline."""
+    sealed: list[str] = field(default_factory=list)
+    """Target-relative files the pipeline must never read (``Manifest.sealed_paths``, fixed when the run began)."""
 
 
 @dataclass
@@ -87,15 +91,16 @@ def _wall_timeout(n: int, concurrency: int, example_timeout_s: float) -> float:
     return math.ceil(max(n, 1) / max(concurrency, 1)) * example_timeout_s + WALL_SLACK_S
 
 
-def _hidden(manifest: Any, target_dir: Path, run_dir: Path) -> list[str]:
+def _hidden(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequence[str]) -> list[str]:
     """Target-relative paths no pipeline may read (the label seal, ``SandboxJob.hidden``).
 
-    The data files (labels and evidence for every split) and a custom metric
-    file; the target's own git history when the target folder is a repository's
-    root (its objects hold the data too); and the folder of pipemend's run
-    directories (frozen data, scores) when it lies inside the target folder.
+    The sealed files (the data files with labels and evidence for every split,
+    a custom metric, generators: ``Manifest.sealed_paths``); the target's own git
+    history when the target folder is a repository's root (its objects hold the
+    data too); and the folder of pipemend's run directories (frozen data,
+    scores) when it lies inside the target folder.
     """
-    hidden = [f for f in frozen_files(manifest) if f != MANIFEST_NAME]
+    hidden = sorted({f for f in [*frozen_files(manifest), *sealed] if f != MANIFEST_NAME})
     if (target_dir / ".git").is_dir():
         hidden.append(".git")
     target, run_dir = target_dir.resolve(), run_dir.resolve()
@@ -163,6 +168,7 @@ def evaluate(
     atomic_write_text(inputs_file, "".join(json.dumps(ex.sealed(), ensure_ascii=False) + "\n" for ex in labelled))
 
     manifest = ctx.frozen.manifest
+    token = uuid.uuid4().hex
     worktree = Path(worktree).resolve()
     target_dir = worktree / target_subdir if target_subdir else worktree
     job = SandboxJob(
@@ -179,14 +185,22 @@ def evaluate(
         wall_timeout_s=_wall_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
         writable=writable,
         requirements=(target_dir / manifest.requirements) if manifest.requirements else None,
-        hidden=_hidden(manifest, target_dir, Path(ctx.run_dir)),
+        hidden=_hidden(manifest, target_dir, Path(ctx.run_dir), ctx.sealed),
+        env={"PIPEMEND_EVAL": token},
     )
+    t0 = time.time()
     outcome = _run_sandbox(ctx.sandbox, job, len(labelled), progress) if labelled else SandboxOutcome(
         sandbox=getattr(ctx.sandbox, "name", "?"), returncode=0)
+    window = (t0, time.time())
+    if hasattr(ctx.gateway, "flush") and getattr(ctx.gateway, "service", None) is not None:
+        ctx.gateway.flush()  # every call of this evaluation is in the log before it is charged
 
+    # calls tagged with this evaluation's token (or, untagged, made inside its window) that no example
+    # accounts for -- model calls at import time, say -- are charged to it, as is the pipeline's start-up
     rows, summary = score_results(
         out_dir / "results.jsonl", labelled, ctx.frozen.metric(), split=split,
         call_log=Path(ctx.run_dir) / "gateway" / "calls.jsonl", traces_dir=out_dir / "traces",
+        eval_token=token, window=window,
     )
     write_eval(out_dir, rows, summary)
     atomic_write_json(out_dir / "outcome.json", {
@@ -317,14 +331,15 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     wanted = ["train", "val", "test"] if split == "all" else [split]
     box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
     progress.log(f"model: {model} (sandbox {box.name})")
-    gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir)))
+    gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir), models=[model]))
     gateway.start()
     journal(run_dir, "gateway_started", url=gateway.url)
     summaries: dict[str, dict[str, Any]] = {}
     evals: dict[str, Path] = {}
     dead: list[str] = []
     try:
-        ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model)
+        ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model,
+                          sealed=manifest.sealed_paths(target))
         for s in wanted:
             examples = splits[s]
             journal(run_dir, "eval_started", split=s, n=len(examples))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -57,6 +58,47 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+MAX_REGULAR_BYTES = 16 * 1024 * 1024
+
+
+def read_regular(path: str | os.PathLike[str], *, max_bytes: int = MAX_REGULAR_BYTES) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file no larger than ``max_bytes``; else None.
+
+    For files a sandbox may have written: the last component is opened without following a link
+    (``O_NOFOLLOW``) and without blocking (a FIFO answers at once), and checked to be regular on the
+    open descriptor, so a swap between the check and the read changes nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return None
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return data if len(data) <= max_bytes else None
+    finally:
+        os.close(fd)
+
+
+def copy_regular(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                 max_bytes: int = MAX_REGULAR_BYTES) -> bool:
+    """Copy ``src`` to ``dst`` (atomically) only if it is a regular file within ``max_bytes``; False if not."""
+    data = read_regular(src, max_bytes=max_bytes)
+    if data is None:
+        return False
+    atomic_write_bytes(dst, data)
+    return True
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

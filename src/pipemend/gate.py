@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
+from .diffs import DiffError, FileDiff, added_by_path, parse_diff
 from .fsutil import atomic_write_json
+from .globs import matches_any
 from .manifest import Gates
 from .metrics import normalize_answer
-from .proposers.tools import matches_any  # the same globs the proposer's tools obey
 from .scoring import paired_bootstrap, sign_test
 
 VERDICT_FORMAT = "pipemend-verdict-1"
@@ -81,35 +82,6 @@ def texts(reasons: Sequence[Reason]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the diff
-
-
-def added_lines(diff: str) -> dict[str, list[str]]:
-    """Lines a unified ``git diff`` adds, per repo-relative path (new side)."""
-    out: dict[str, list[str]] = {}
-    current: str | None = None
-    for line in diff.splitlines():
-        if line.startswith("+++ "):
-            name = line[4:].strip()
-            current = None if name == "/dev/null" else (name[2:] if name.startswith("b/") else name)
-            if current is not None:
-                out.setdefault(current, [])
-        elif line.startswith("diff --git "):
-            current = None
-        elif current is not None and line.startswith("+"):
-            out[current].append(line[1:])
-    return out
-
-
-def _symlinks_in_diff(diff: str) -> set[str]:
-    paths: set[str] = set()
-    current: str | None = None
-    for line in diff.splitlines():
-        if line.startswith("diff --git "):
-            m = re.match(r"diff --git a/(.*) b/(.*)$", line)
-            current = m.group(2) if m else None
-        elif current and re.match(r"(new file mode|new mode|old mode|deleted file mode|index \w+\.\.\w+) 120000", line):
-            paths.add(current)
-    return paths
 
 
 def _normalize(text: str) -> str:
@@ -182,7 +154,12 @@ def check_diff(
     """
     reasons: list[Reason] = []
     prefix = PurePosixPath(target_subdir) if target_subdir not in ("", ".") else None
-    symlinked = _symlinks_in_diff(diff)
+    try:
+        files: list[FileDiff] = parse_diff(diff)  # by its structure: hunk ranges, not line prefixes
+    except DiffError as e:
+        return [Reason("bad_diff", f"the candidate's diff could not be parsed: {e}")]
+    symlinked = {p for f in files if f.is_symlink for p in (f.old_path, f.new_path) if p is not None}
+    reasons += [Reason("binary", f"{f.path}: binary content is refused (text files only)") for f in files if f.is_binary]
     for path in changed:
         p = PurePosixPath(path)
         if p.is_absolute() or ".." in p.parts:
@@ -200,7 +177,7 @@ def check_diff(
             reasons.append(Reason("not_editable", f"{path}: not an editable path ({', '.join(editable)})"))
 
     fingerprint = [ln.strip() for ln in metric_lines if ln.strip()]
-    for path, lines in added_lines(diff).items():
+    for path, lines in added_by_path(files).items():
         base = base_text(path)
         added_norm = _normalize("\n".join(lines))
         base_norm = _normalize(base)

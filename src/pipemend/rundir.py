@@ -6,6 +6,7 @@ ever grows. Layout and shapes are in AGENTS.md ("Run directory").
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from datetime import datetime
@@ -44,7 +45,8 @@ def create_run_dir(reports_dir: str | Path, run_id: str, *, kind: str, target: s
     if run_dir.exists():
         raise UsageError(f"{run_dir}: a run with id {run_id!r} already exists (choose another --run-id)")
     ensure_reports_dir(reports_dir)
-    run_dir.mkdir()
+    run_dir.mkdir(mode=0o700)  # frozen labels and scores: out of reach of a sandbox's unprivileged user
+    os.chmod(run_dir, 0o700)  # whatever the umask
     atomic_write_json(run_dir / RUN_JSON, {
         "format": RUN_FORMAT, "run_id": run_id, "kind": kind, "target": str(Path(target).resolve()),
         "status": "running", "config": config, "started_at": time.time(), "ended_at": None,

@@ -13,6 +13,7 @@ from rich.markup import escape
 from ..doctor import check_all
 from ..gateway import serve_forever_cli
 from ..init_template import write_skeleton
+from ..sandbox.reap import reap
 from .common import err, out
 from .render import checks_table
 
@@ -36,8 +37,13 @@ def _field(check: Any, name: str) -> Any:
     return check.get(name) if isinstance(check, dict) else getattr(check, name, None)
 
 
-def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
+def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+               clean: bool = typer.Option(False, "--clean", help="First remove the containers, processes and scratch "
+                                          "folders that killed pipemend runs left behind.")) -> None:
     """Check what this machine can run: Docker, bubblewrap, the sandbox image, the local model, API keys."""
+    if clean:
+        report = reap(None)
+        (sys.stderr.write(report.summary() + "\n") if as_json else out.print(report.summary()))
     rows = [{k: _field(c, k) for k in ("name", "ok", "detail", "fix")} for c in check_all()]
     if as_json:
         sys.stdout.write(json.dumps({"checks": rows}) + "\n")

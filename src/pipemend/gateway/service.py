@@ -139,6 +139,7 @@ class GatewayService:
         self.calls.append({
             "call_id": call_id, "t": started,
             "example_id": _clip(headers.get("x-pipemend-example")), "step": _clip(headers.get("x-pipemend-step")),
+            "eval": _clip(headers.get("x-pipemend-eval")),
             "model": model, "backend": backend_name, "request": request, "response": response,
             "input_tokens": tin, "output_tokens": tout, "latency_s": round(latency, 6), "cost_usd": cost,
             "cache": "hit" if hit else "miss", "origin_latency_s": origin_latency,

@@ -9,6 +9,7 @@ latest train trace (this candidate's runs first, then the base's train run);
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ..dataset import Example
 from ..diagnose import diagnose_eval_dir
 from ..errors import UsageError
-from ..fsutil import read_json
+from ..fsutil import read_regular
 from .env import RunEnv
 
 
@@ -59,9 +60,13 @@ class TrainBench:
         if example_id not in self.by_id:
             return None
         for d in [r for r, _ in reversed(self.runs)] + [self.base_train_dir]:
-            path = d / "traces" / f"{example_id}.json"
-            if path.is_file():
-                return read_json(path)
+            data = read_regular(d / "traces" / f"{example_id}.json")  # written by a sandbox: hostile
+            if data is not None:
+                try:
+                    trace = json.loads(data)
+                except ValueError:
+                    return None
+                return trace if isinstance(trace, dict) else None
         return None
 
     def diagnose(self) -> dict[str, Any]:

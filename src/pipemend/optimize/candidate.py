@@ -3,10 +3,15 @@
 ``propose`` gives the proposer a worktree of the base, the guarded tools over a
 ``TrainBench``, its budget and the history; a crash or a spent per-candidate
 budget is a reason, a spent run budget also ends the loop (``stops.ON_BUDGET``),
-no proposal at all ends it (``StopRun("ideas")``). ``judge`` runs the static
-checks, then candidate vs base on val (``gates.repeats`` times), then the
-verdict. ``keep`` commits the worktree: an accepted candidate gets its branch
-and moves ``best``, a rejected one a ref. ``journal`` writes what later
+no proposal at all ends it (``StopRun("ideas")``). ``judge`` first builds the
+candidate commit from the worktree's files alone (``Snapshot.build_candidate``:
+a fresh index, no attributes, filters or index flags of the candidate's; every
+change it will not keep is a refusal), runs the static checks on that commit's
+diff, then evaluates a clean checkout of exactly that commit against the base on
+val (``gates.repeats`` times), then the verdict: the tree that is checked is the
+tree that is evaluated and the tree that is kept. ``keep`` gives that commit the
+verdict as its message (same tree) and its ref: an accepted candidate gets its
+branch and moves ``best``, a rejected one a ref. ``journal`` writes what later
 proposers may read (``history/<n>``, val as aggregates only) and
 ``candidate_done``.
 """
@@ -23,13 +28,12 @@ from typing import Any, Iterator
 
 from .. import gate
 from ..errors import BudgetExhausted
-from ..fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from ..fsutil import atomic_write_json, atomic_write_text, copy_regular, read_json, read_jsonl
 from ..journal import RunState, record, replay
 from ..metrics import metric_fingerprint
 from ..protocols import Proposal, ProposalContext
 from ..proposers import ProposerBudget
 from ..proposers.tools import ProposerTools
-from ..sandbox.worktrees import _git
 from .base import base_train_dir
 from .bench import TrainBench
 from .env import RunEnv
@@ -53,6 +57,8 @@ class Proposed:
 @dataclass
 class Judged:
     verdict: gate.Verdict
+    sha: str | None
+    """The candidate commit that was checked and evaluated (None: nothing to keep)."""
     stop: StopRun | None = None
 
 
@@ -72,7 +78,8 @@ def start(env: RunEnv, n: int, base_sha: str) -> Path:
 
 @contextlib.contextmanager
 def worktree(env: RunEnv, n: int, base_sha: str) -> Iterator[Path]:
-    wt = env.snap.add_worktree(f"cand-{n}", base_sha)
+    """The proposer's worktree: a clean checkout of the base without the sealed files."""
+    wt = env.worktree_of(f"cand-{n}", base_sha)
     try:
         yield wt
     finally:
@@ -99,31 +106,34 @@ def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
 
 
 def judge(env: RunEnv, n: int, wt: Path, base_sha: str, base_val_dir: str, proposed: Proposed) -> Judged:
-    """Static checks, then val (only for a clean change), then the verdict (``candidates/<n>/verdict.json``)."""
+    """Build the candidate commit, check its diff, evaluate a clean checkout of it on val (only when clean),
+    then the verdict (``candidates/<n>/verdict.json``)."""
     cdir = env.run_dir / "candidates" / str(n)
-    diff = env.snap.diff(wt, base_sha)
-    changed = env.snap.changed_files(wt, base_sha)
-    atomic_write_text(cdir / "diff.patch", diff)
+    tree = env.snap.build_candidate(wt, base_sha, message=f"pipemend {env.run_id} cand-{n} (being judged)\n",
+                                    is_editable=env.is_editable, sealed=env.sealed_in_repo)
+    atomic_write_text(cdir / "diff.patch", tree.diff)
     atomic_write_text(cdir / "rationale.md", proposed.rationale + "\n")
     problems = list(proposed.problems)
-    static = [] if problems else static_checks(env, wt, diff, changed, base_sha)
+    static = [] if problems else [gate.Reason(f"refused_{r.code}", str(r)) for r in tree.refusals]
+    if not problems and tree.sha:
+        static += static_checks(env, wt, tree.diff, tree.changed, base_sha)
     stats, stop = None, None
-    if not problems and not static and changed:
+    if not problems and not static and tree.sha:
         try:
-            stats = gate_val(env, n, wt, diff, base_sha, base_val_dir)
+            stats = gate_val(env, n, tree.sha, base_sha, base_val_dir)
         except BudgetExhausted as e:
             problems.append(gate.Reason("budget", str(e)))
             stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
-    verdict = gate.decide(n, changed=changed, static_reasons=static, stats=stats, gates=env.manifest.gates,
+    verdict = gate.decide(n, changed=tree.changed, static_reasons=static, stats=stats, gates=env.manifest.gates,
                           extra_reasons=problems)
     verdict.write(cdir / "verdict.json")
-    return Judged(verdict, stop)
+    return Judged(verdict, tree.sha, stop)
 
 
 def static_checks(env: RunEnv, wt: Path, diff: str, changed: list[str], base_sha: str) -> list[gate.Reason]:
     def base_text(path: str) -> str:
         try:
-            return _git(env.snap.repo, "show", f"{base_sha}:{path}")
+            return env.snap.show(base_sha, path)
         except Exception:  # noqa: BLE001 - a new or binary file has no base text
             return ""
 
@@ -133,14 +143,14 @@ def static_checks(env: RunEnv, wt: Path, diff: str, changed: list[str], base_sha
                            metric_lines=metric_fingerprint(env.manifest.metric, env.frozen.dir))
 
 
-def gate_val(env: RunEnv, n: int, wt: Path, diff: str, base_sha: str, base_val_dir: str) -> gate.Comparison:
-    """Candidate vs base on the same val examples, ``gates.repeats`` times each."""
+def gate_val(env: RunEnv, n: int, sha: str, base_sha: str, base_val_dir: str) -> gate.Comparison:
+    """The candidate commit ``sha`` (a clean checkout of it) vs base on the same val examples,
+    ``gates.repeats`` times each."""
     cand_runs, base_runs = [], [list(read_jsonl(env.run_dir / base_val_dir / "scored.jsonl"))]
     for r in range(env.manifest.gates.repeats):
         suffix = "" if r == 0 else f"-r{r + 1}"
         env.show(f"candidate {n}: val{suffix}")
-        cand_runs.append(env.evaluate(f"cand-{n}-val{suffix}", f"candidates/{n}/evals/val{suffix}", base_sha,
-                                      "val", worktree=wt, diff=diff))
+        cand_runs.append(env.evaluate(f"cand-{n}-val{suffix}", f"candidates/{n}/evals/val{suffix}", sha, "val"))
         if r > 0:
             base_runs.append(env.evaluate(f"cand-{n}-base-val{suffix}", f"candidates/{n}/evals/base-val{suffix}",
                                           base_sha, "val"))
@@ -152,10 +162,11 @@ def gate_val(env: RunEnv, n: int, wt: Path, diff: str, base_sha: str, base_val_d
     return stats
 
 
-def keep(env: RunEnv, n: int, wt: Path, verdict: gate.Verdict, rationale: str) -> tuple[str | None, str | None]:
-    """Commit the candidate; an accepted one gets its branch and moves best, a rejected one a ref.
-    A candidate that changed nothing is not committed."""
-    if not verdict.changed_files:
+def keep(env: RunEnv, n: int, judged: Judged, rationale: str) -> tuple[str | None, str | None]:
+    """The judged commit, with the verdict as its message (the same tree); an accepted one gets its branch and
+    moves best, a rejected one a ref. A candidate that changed nothing has no commit."""
+    verdict = judged.verdict
+    if judged.sha is None:
         return None, None
     s = verdict.stats
     head = rationale.strip().splitlines()[0][:72] if rationale.strip() else "candidate"
@@ -163,7 +174,7 @@ def keep(env: RunEnv, n: int, wt: Path, verdict: gate.Verdict, rationale: str) -
             if s else rationale.strip())
     if not verdict.accepted:
         body += "\n\nrejected:\n" + "\n".join(f"- {r}" for r in verdict.reasons)
-    sha = env.snap.commit(wt, f"pipemend {env.run_id} cand-{n}: {head}\n\n{body}\n")
+    sha = env.snap.reword(judged.sha, f"pipemend {env.run_id} cand-{n}: {head}\n\n{body}\n")
     if verdict.accepted:
         env.snap.set_branch(env.branch(n), sha)
         env.snap.set_branch(env.branch("best"), sha)
@@ -215,12 +226,18 @@ def _history(h: Path, cdir: Path, verdict: gate.Verdict) -> None:
     """``RUN_DIR/history/<n>``: what later proposers may read (val as aggregates only)."""
     h.mkdir(parents=True, exist_ok=True)
     for name in ("diff.patch", "rationale.md"):
-        if (cdir / name).is_file():
-            shutil.copyfile(cdir / name, h / name)
+        copy_regular(cdir / name, h / name)
     atomic_write_json(h / "verdict.json", verdict.aggregates())
-    train_runs = sorted((cdir / "train").glob("*/traces"), key=lambda p: int(p.parent.name))
-    if train_runs:
-        shutil.copytree(train_runs[-1], h / "train_traces", dirs_exist_ok=True)
+    runs = [d for d in (cdir / "train").iterdir() if d.name.isdigit() and not d.is_symlink()] \
+        if (cdir / "train").is_dir() else []
+    if runs:
+        # what a sandbox wrote is hostile: only regular trace files, by name, never through a link
+        traces = max(runs, key=lambda d: int(d.name)) / "traces"
+        (h / "train_traces").mkdir(exist_ok=True)
+        if traces.is_dir() and not traces.is_symlink():
+            for f in sorted(traces.iterdir()):
+                if f.name.endswith(".json"):
+                    copy_regular(f, h / "train_traces" / f.name)
 
 
 def _save_meta(cdir: Path, meta: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ budget refusal during it is a ``BudgetExhausted``.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 from ..dataset import Example, FrozenTarget, freeze_target, limit_splits
 from ..errors import BudgetExhausted
 from ..evaluate import EvalContext, EvalKey, evaluate, gateway_socket_path, remember, reuse
-from ..fsutil import read_jsonl
+from ..fsutil import atomic_write_json, read_json, read_jsonl
+from ..globs import matches_any
 from ..gateway import Gateway, GatewayConfig
 from ..journal import RunState, record, replay
 from ..manifest import Manifest, load_manifest
@@ -27,6 +29,7 @@ from ..proposers import get_proposer
 from ..report import render_report
 from ..rundir import read_run
 from ..sandbox import get_sandbox
+from ..sandbox.reap import reap
 from ..sandbox.worktrees import Snapshot, snapshot_target
 from .config import LLM_PROPOSERS, OptimizeConfig, proposer_options
 
@@ -36,7 +39,7 @@ class RunEnv:
 
     def __init__(self, *, run_dir: Path, cfg: OptimizeConfig, frozen: FrozenTarget, splits: dict[str, list[Example]],
                  snap: Snapshot, gateway: Gateway, agent_gateway: Gateway | None, ectx: EvalContext,
-                 proposer: Proposer, progress: Progress, started_at: float):
+                 proposer: Proposer, progress: Progress, started_at: float, sealed: list[str]):
         self.run_dir = run_dir
         self.cfg = cfg
         self.run_id: str = cfg.run_id or run_dir.name
@@ -56,6 +59,25 @@ class RunEnv:
         """The pipeline's spend as last read from the call log (shown in the status line)."""
         self.best_val: float | None = None
         """The current base's val score (shown in the status line; ``track`` keeps it)."""
+        sub = snap.target_subdir.strip("/")
+        self.sealed = list(sealed)
+        """Target-relative files nobody may read (labels and what they derive from), fixed at the run's start."""
+        self.sealed_in_repo: list[str] = [f"{sub}/{p}" if sub else p for p in sealed]
+        """The same, repo-relative: what candidate and evaluation worktrees are checked out without."""
+
+    def is_editable(self, repo_path: str) -> bool:
+        """May a candidate change this repo-relative path (inside the target, editable, not protected)?"""
+        sub = self.snap.target_subdir.strip("/")
+        if sub:
+            if not repo_path.startswith(sub + "/"):
+                return False
+            repo_path = repo_path[len(sub) + 1:]
+        return matches_any(repo_path, self.manifest.editable) and not matches_any(repo_path,
+                                                                                self.manifest.all_protected())
+
+    def worktree_of(self, name: str, sha: str) -> Path:
+        """A clean checkout of exactly ``sha``, without the sealed files."""
+        return self.snap.add_worktree(name, sha, without=self.sealed_in_repo)
 
     def close(self) -> None:
         for gw in (self.gateway, self.agent_gateway):
@@ -74,16 +96,18 @@ class RunEnv:
 
     def evaluate(self, name: str, rel_dir: str, sha: str, split: str, *, worktree: Path | None = None,
                  diff: str = "", examples: list[Example] | None = None, writable: bool = False) -> list[dict[str, Any]]:
-        """Scored rows of ``split`` for the commit ``sha`` (+ ``diff``, in ``worktree`` when given, else a fresh
-        worktree of ``sha``); a finished identical evaluation is read back. A dead sandbox is recorded in
+        """Scored rows of ``split`` for the commit ``sha`` (+ ``diff``, in ``worktree`` when given, else a clean
+        checkout of ``sha`` without the sealed files); a finished identical evaluation is read back (keyed by
+        the commit's tree, so a redone candidate with the same files reuses it). A dead sandbox is recorded in
         ``failures`` (its examples score 0); a budget refusal by the gateway raises ``BudgetExhausted``."""
         examples = self.splits[split] if examples is None else examples
         out = self.run_dir / rel_dir
-        key = EvalKey.of(sha=sha, diff=diff, split=split, examples=examples, model=self.ectx.model)
+        key = EvalKey.of(sha=self.snap.tree_of(sha), diff=diff, split=split, examples=examples,
+                         model=self.ectx.model)
         rows = reuse(out, key)
         if rows is not None:
             return rows
-        wt = self.snap.add_worktree(f"eval-{out.name}", sha) if worktree is None else worktree
+        wt = self.worktree_of(f"eval-{out.name}", sha) if worktree is None else worktree
         refused_before = self.gateway_stats()["budget_refusals"]
         try:
             res = evaluate(self.ectx, name=name, worktree=wt, target_subdir=self.snap.target_subdir, split=split,
@@ -135,54 +159,93 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
     st = replay(run_dir)
     if not st.frozen:
         shutil.rmtree(run_dir / "frozen", ignore_errors=True)
-        freeze_target(cfg.target, load_manifest(cfg.target), run_dir)
+        manifest = load_manifest(cfg.target)
+        freeze_target(cfg.target, manifest, run_dir)
+        atomic_write_json(run_dir / SEALED_FILE, {"format": SEALED_FORMAT,
+                                                  "paths": manifest.sealed_paths(Path(cfg.target))})
         record(run_dir, "frozen")
     frozen = FrozenTarget.open(run_dir)
+    sealed = read_sealed(run_dir, frozen.manifest, Path(cfg.target))
     if st.snapshot is None:
         snap = snapshot_target(Path(cfg.target), cfg.run_id or run_dir.name, run_dir)
         record(run_dir, "snapshot", snapshot=snap.to_json(), base_sha=snap.resolve(snap.base_branch))
         st = replay(run_dir)
+    reaped = reap(cfg.run_id or run_dir.name)  # containers, processes, scratch folders a killed driver left
+    if reaped.total():
+        progress.event("warning", text=f"{reaped.summary()} left by an earlier pipemend process of this run")
     snap = Snapshot.from_json(st.snapshot or {})
     snap.prune()
     restore_refs(snap, cfg.run_id or run_dir.name, st)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "gateway" / "cache"
     gateways: list[Gateway] = []
     try:
+        model = cfg.model or frozen.manifest.llm.model
         gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
-                                        socket_path=gateway_socket_path(run_dir)))
+                                        socket_path=gateway_socket_path(run_dir), models=[model]))
         gateway.start()
         gateways.append(gateway)
         sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
-        ectx = EvalContext(run_dir, frozen, sandbox, gateway, cfg.model or frozen.manifest.llm.model)
+        ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed)
         options = proposer_options(cfg)
         agent_gateway = None
         if cfg.proposer in LLM_PROPOSERS:
             # its own gateway (RUN_DIR/agent/): the agent's calls are logged, cached (a resumed run pays for
             # none twice) and counted apart from the pipeline's; the real key stays in the gateway
-            agent_gateway = Gateway(GatewayConfig(run_dir=run_dir / "agent", cache_dir=cache)).start()
+            agent_model = get_proposer(cfg.proposer, **options).config.model  # its own default when not given
+            agent_gateway = Gateway(GatewayConfig(run_dir=run_dir / "agent", cache_dir=cache,
+                                                  models=[agent_model])).start()
             gateways.append(agent_gateway)
             options.setdefault("base_url", agent_gateway.url)
             options.setdefault("api_key", "pipemend-gateway")
             options.setdefault("transcript_dir", str(run_dir / "candidates" / "{candidate}"))
-        proposer = get_proposer(cfg.proposer, **options)
+        proposer = get_proposer(cfg.proposer, guard=[run_dir, Path(cfg.target)], **options)
     except BaseException:
         for gw in gateways:
             gw.stop()
         raise
     return RunEnv(run_dir=run_dir, cfg=cfg, frozen=frozen, splits=limit_splits(frozen.splits(), cfg.limit),
                   snap=snap, gateway=gateway, agent_gateway=agent_gateway, ectx=ectx, proposer=proposer,
-                  progress=progress, started_at=float(read_run(run_dir).get("started_at") or time.time()))
+                  progress=progress, started_at=float(read_run(run_dir).get("started_at") or time.time()),
+                  sealed=sealed)
+
+
+SEALED_FILE = "frozen/sealed.json"
+SEALED_FORMAT = "pipemend-sealed-1"
+
+
+def read_sealed(run_dir: Path, manifest: Manifest, target: Path) -> list[str]:
+    """The run's sealed files (target-relative), as listed when the target was frozen; a run frozen before
+    the list existed computes it from the target now."""
+    path = run_dir / SEALED_FILE
+    if path.is_file():
+        data = read_json(path)
+        if isinstance(data, dict) and data.get("format") == SEALED_FORMAT and isinstance(data.get("paths"), list):
+            return [str(p) for p in data["paths"]]
+    return manifest.sealed_paths(target)
 
 
 def restore_refs(snap: Snapshot, run_id: str, st: RunState) -> None:
-    """Re-set every journaled branch and ref from its sha (a kill may have come before a ref moved)."""
+    """Make the run's candidate refs say exactly what the journal says.
+
+    Every journaled branch and ref is set again from its sha (a kill may have come before a ref moved).
+    A ``cand-N`` branch, ``rejected/N`` ref or ``best`` the journal does not back -- set for a candidate whose
+    kill came after its commit but before its ``candidate_done``, which the resumed run redoes, perhaps to a
+    different verdict -- is removed, so no branch ever names a candidate that was finally rejected.
+    """
+    wanted: dict[str, str] = {}
     for c in st.candidates.values():
-        if c.sha and c.accepted:
-            snap.set_branch(branch_name(run_id, c.n), c.sha)
-        elif c.sha:
-            snap.set_ref(rejected_ref_name(run_id, c.n), c.sha)
+        if c.sha:
+            wanted[f"refs/heads/{branch_name(run_id, c.n)}" if c.accepted else rejected_ref_name(run_id, c.n)] = c.sha
     if st.best is not None and st.best.sha:
-        snap.set_branch(branch_name(run_id, "best"), st.best.sha)
+        wanted[f"refs/heads/{branch_name(run_id, 'best')}"] = st.best.sha
+    ours = re.compile(rf"^refs/heads/pipemend/{re.escape(run_id)}/(cand-\d+|best)$|"
+                      rf"^refs/pipemend/{re.escape(run_id)}/rejected/\d+$")
+    for prefix in (f"refs/heads/pipemend/{run_id}/", f"refs/pipemend/{run_id}/rejected/"):
+        for ref, sha in snap.refs(prefix).items():
+            if ours.match(ref) and wanted.get(ref) != sha:
+                snap.delete_ref(ref)
+    for ref, sha in wanted.items():
+        snap.set_ref(ref, sha)
 
 
 def branch_name(run_id: str, n: int | str) -> str:

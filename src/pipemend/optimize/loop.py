@@ -36,7 +36,7 @@ def run(env: RunEnv) -> RunState:
                 with candidate.worktree(env, n, base_sha) as wt:
                     proposed = candidate.propose(env, st, n, wt, base_sha, diagnosis)
                     judged = candidate.judge(env, n, wt, base_sha, base_val_dir, proposed)
-                    sha, ref = candidate.keep(env, n, wt, judged.verdict, proposed.rationale)
+                    sha, ref = candidate.keep(env, n, judged, proposed.rationale)
                     st = env.track(candidate.journal(env, n, judged.verdict, sha, ref, proposed.rationale))
                 if proposed.stop or judged.stop:
                     raise proposed.stop or judged.stop

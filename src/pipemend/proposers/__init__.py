@@ -1,20 +1,24 @@
 """Proposers: what edits a candidate worktree (the ``Proposer`` protocol is in ``pipemend.protocols``).
 
-``get_proposer(name, **options)`` builds one by short name (``PROPOSERS``) or by
-a dotted path ``package.module:Class`` (``pipemend.plugins``); the class is
-constructed with ``**options`` and must have a ``propose(ctx)`` method.
+``get_proposer(name, **options)`` builds one by short name (``PROPOSERS``), or runs
+a plugin named by a dotted path ``package.module:Class`` in its own sandbox
+(``isolation.py``); the class is constructed with ``**options`` and must have a
+``propose(ctx)`` method.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UsageError
-from ..plugins import resolve
+from ..plugins import is_dotted_path, resolve
 from ..protocols import Proposer
 from .budget import ProposerBudget, ProposerBudgetExhausted
+from .isolation import IsolatedProposer
 
 PROPOSERS: dict[str, str] = {
     "claude": "pipemend.proposers.claude:ClaudeProposer",
@@ -37,8 +41,17 @@ def parse_options(config_cls: type[Config], options: dict[str, Any], proposer: s
         raise UsageError(f"{proposer} proposer option {where!r}: {first.get('msg')}") from None
 
 
-def get_proposer(name: str, **options: Any) -> Proposer:
-    """A proposer by short name (claude, ladder, claude-code) or ``package.module:Class``."""
+def get_proposer(name: str, /, *, guard: Sequence[Path] = (), **options: Any) -> Proposer:
+    """A proposer by short name (claude, ladder, claude-code) or ``package.module:Class``.
+
+    A plugin (a dotted path) is code pipemend did not write: it is never imported here but runs in its
+    own sandbox (``isolation.IsolatedProposer``), which refuses plugin code overlapping a ``guard`` folder
+    (the run directory, the user's target). ``guard`` is therefore not a plugin option name.
+    """
+    if name not in PROPOSERS and ":" in name:
+        if not is_dotted_path(name):
+            resolve(name, PROPOSERS, kind="proposer")  # raises the usage error that lists the valid names
+        return IsolatedProposer(name, options, guard=[Path(g) for g in guard])
     cls = resolve(name, PROPOSERS, kind="proposer")
     if not callable(cls) or not callable(getattr(cls, "propose", None)):
         raise UsageError(f"proposer {name!r}: {PROPOSERS.get(name, name)} has no propose(ctx) method")

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import SandboxUnavailable, UsageError
 from ..protocols import Proposal, ProposalContext
-from ..sandbox.bwrap import _python_binds as python_binds, _system_binds as system_binds, bwrap_binary, probe  # TODO public after merge
+from ..sandbox.bwrap import bwrap_binary, probe, python_binds, system_binds
 from ..sandbox.common import NOBODY, pipemend_package_dir
 from .budget import ProposerBudgetExhausted
 

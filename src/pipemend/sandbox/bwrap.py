@@ -57,7 +57,7 @@ def bwrap_binary() -> str:
 def probe() -> None:
     """Start a trivial sandbox with the same namespaces; raise ``SandboxUnavailable`` with the reason if not."""
     cmd = [bwrap_binary(), "--unshare-all", "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL",
-           "--die-with-parent", *_system_binds(), "--proc", "/proc", "--dev", "/dev", "true"]
+           "--die-with-parent", *system_binds(), "--proc", "/proc", "--dev", "/dev", "true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         msg = proc.stderr.strip()
@@ -69,7 +69,7 @@ def probe() -> None:
         raise SandboxUnavailable(f"bwrap cannot create a sandbox here: {msg}{hint}")
 
 
-def _system_binds() -> list[str]:
+def system_binds() -> list[str]:
     args: list[str] = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
         p = Path(top)
@@ -82,7 +82,7 @@ def _system_binds() -> list[str]:
     return args
 
 
-def _python_binds(python: Path) -> list[str]:
+def python_binds(python: Path) -> list[str]:
     """Read-only binds for an interpreter: its venv (if any) and its base install.
 
     A target's cached venv stands on its own (``venvs``), so pipemend's own
@@ -136,10 +136,10 @@ class BwrapSandbox:
             self.bwrap,
             "--unshare-all", "--uid", str(NOBODY), "--gid", str(NOBODY),
             "--cap-drop", "ALL", "--die-with-parent", "--new-session",
-            *_system_binds(),
+            *system_binds(),
             "--proc", "/proc", "--dev", "/dev",
             "--tmpfs", "/tmp", "--tmpfs", "/run", "--dir", "/run/pipemend", "--dir", "/sandbox/in",
-            *_python_binds(python),
+            *python_binds(python),
             "--ro-bind", str(pipemend_package_dir()), f"{_PIPEMEND}/pipemend",
             work_mode, str(job.worktree.resolve()), IN_WORK,
             *_masks(job),

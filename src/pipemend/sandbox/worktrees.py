@@ -192,6 +192,25 @@ class Snapshot:
         """The commit sha a ref or branch names."""
         return _git(self.repo, "rev-parse", "--verify", f"{ref}^{{commit}}")
 
+    def tree_of(self, ref: str) -> str:
+        """The tree id of a commit: what two commits with the same files share, whatever their messages."""
+        return _git(self.repo, "rev-parse", "--verify", f"{ref}^{{tree}}")
+
+    def show(self, ref: str, path: str) -> str:
+        """The text of repo-relative ``path`` in commit ``ref`` (raises when absent)."""
+        return _git(self.repo, "show", f"{ref}:{path}")
+
+    def delete_ref(self, ref: str) -> None:
+        """Remove a ref (``refs/...``) if it exists."""
+        if not ref.startswith("refs/"):
+            raise UsageError(f"ref {ref!r} must start with 'refs/'")
+        _git(self.repo, "update-ref", "-d", ref)
+
+    def refs(self, prefix: str) -> dict[str, str]:
+        """Every ref under ``prefix`` (e.g. ``refs/heads/pipemend/<run>/``) with the commit it points at."""
+        out = _git(self.repo, "for-each-ref", "--format=%(refname) %(objectname)", prefix)
+        return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
+
     # ------------------------------------------------------------------ what changed
 
     def changed_files(self, worktree: Path, base_ref: str) -> list[str]:
