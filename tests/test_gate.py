@@ -16,7 +16,7 @@ from pipemend.manifest import Gates, load_manifest
 from pipemend.metrics import metric_fingerprint
 from pipemend.sandbox.worktrees import _git, snapshot_target
 
-FIXTURE = Path(__file__).parent / "fixtures" / "optimize" / "tinyqa"
+FIXTURE = Path(__file__).parent / "fixtures" / "targets" / "tinyqa"
 
 
 def _rows(scores, cost=0.0, latency=1.0, prefix="v"):

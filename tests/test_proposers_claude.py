@@ -8,17 +8,11 @@ fails the test (``check_complete``).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
-from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript  # noqa: E402
-from support import sessions, wt  # noqa: E402, F401 - pytest fixtures
-
-from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted  # noqa: E402
+from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
 
 
 def test_multi_turn_session_reads_edits_runs_and_submits(tmp_path, wt, sessions):

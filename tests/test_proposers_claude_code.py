@@ -10,17 +10,12 @@ should have returned, and an extra or missing request fails the test.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
-from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript  # noqa: E402
-from support import sessions, wt  # noqa: E402, F401 - pytest fixtures
-
-from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted  # noqa: E402
+from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
 
 pytestmark = [pytest.mark.claude_code, pytest.mark.timeout(180)]
 

@@ -20,16 +20,13 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
-sys.path.insert(0, str(FIXTURES))
+import optimize_harness
 
-import optimize_harness  # noqa: E402
-
-from pipemend.fsutil import read_json, read_jsonl  # noqa: E402
+from pipemend.fsutil import read_json, read_jsonl
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = ["comment", "short", "sentence"]
-HARNESS = FIXTURES / "optimize_harness.py"
+HARNESS = Path(optimize_harness.__file__)
 
 
 def _config(tmp_path: Path, target: Path, run_id: str) -> dict:
