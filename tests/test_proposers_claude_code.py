@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript
+from support import SUBDIR, StubTrain, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
 from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
 
@@ -43,14 +43,15 @@ def test_claude_code_reads_edits_runs_and_submits_through_pipemend_tools_only(tm
             "rationale": "The answer step wrote sentences; ask for the entity only.", "rung": "prompt"}, "tu5"))),
         ("the session is over", reply({"type": "text", "text": "Submitted."}, stop="end_turn")),
     ])
-    ctx = make_ctx(wt)
+    train = StubTrain(wt)
+    ctx = make_ctx(wt, train=train)
     proposal = s.proposer("claude-code").propose(ctx)
     s.check_complete()
 
     assert proposal is not None and proposal.rung == "prompt"
     assert proposal.rationale == "The answer step wrote sentences; ask for the entity only."
     assert git(wt, "diff", "--name-only").split() == [f"{SUBDIR}/prompts/answer.j2"]
-    assert ctx.tools._run_train.calls == [["t1", "t2"]]
+    assert train.calls == [["t1", "t2"]]
     assert proposal.meta["proposer"] == "claude-code" and proposal.meta["files_written"] == ["prompts/answer.j2"]
     assert proposal.meta["agent_turns"] == 5  # the response after submit is not reached by the proposer
     records = transcript(s)
