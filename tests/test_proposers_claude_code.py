@@ -129,9 +129,9 @@ def test_a_cli_that_still_offers_its_own_tools_is_refused(wt):
     from claude_agent_sdk import SystemMessage
 
     from pipemend.errors import PipemendError
-    from pipemend.proposers.claude_code import ClaudeCodeProposerConfig, _CodeSession
+    from pipemend.proposers.claude_code import ClaudeCodeProposerConfig, CodeSession
 
-    session = _CodeSession(ClaudeCodeProposerConfig(), make_ctx(wt))
+    session = CodeSession(ClaudeCodeProposerConfig(), make_ctx(wt))
     assert session.on_message(SystemMessage(subtype="init", data={"tools": [P + "read_file"]})) is None
     with pytest.raises(PipemendError, match="other than pipemend's \\(Bash\\)"):
         session.on_message(SystemMessage(subtype="init", data={"tools": [P + "read_file", "Bash"]}))
