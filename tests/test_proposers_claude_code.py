@@ -116,8 +116,7 @@ def test_a_failing_agent_request_is_an_error_not_a_hang(tmp_path, wt, sessions):
 
 
 def test_a_session_past_its_wall_clock_limit_is_discarded(tmp_path, wt, sessions):
-    s = start(tmp_path, sessions, [(None, reply(use("list_files", {}, "tu1")))])
-    s.script.write_text(s.script.read_text().replace("once: true", "once: true\n  delay_s: 20"))
+    s = start(tmp_path, sessions, [(None, reply(use("list_files", {}, "tu1")))], delay_s=20)
     with pytest.raises(ProposerBudgetExhausted) as info:
         s.proposer("claude-code", session_timeout_s=2).propose(make_ctx(wt))
     assert info.value.reason == "time" and "ran past 2 s" in str(info.value)
