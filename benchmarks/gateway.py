@@ -39,11 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(tmp: Path, model: str) -> tuple[subprocess.Popen, str]:
+    """A gateway process serving ``model`` only (the host lists every model it serves)."""
     port = free_port()
     code = ("import sys; from pathlib import Path; from pipemend.gateway import serve_forever_cli; "
-            f"serve_forever_cli({port}, Path(sys.argv[1]), None, None, Path(sys.argv[2]))")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp / "run"), str(tmp / "cache")],
+            f"serve_forever_cli({port}, Path(sys.argv[1]), None, None, Path(sys.argv[2]), models=[sys.argv[3]])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp / "run"), str(tmp / "cache"), model],
                             stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -66,7 +67,7 @@ def main() -> None:
         script.write_text(json.dumps(SCRIPT))
         model = f"scripted:{script}"
         ask = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "question 0"}]}
-        proc, url = start_gateway(tmp)
+        proc, url = start_gateway(tmp, model)
         try:
             client = anthropic.Anthropic(base_url=url, api_key="x")
             client.messages.create(**ask)  # fill the cache

@@ -25,6 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipemend.cli.progress import RichProgress
+from pipemend.configfile import config_format, get_dotted, parse_config, set_config_value
+from pipemend.optimize import OptimizeConfig, run_optimize
 from pipemend.protocols import Proposal, ProposalContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +44,6 @@ class RandomKnobs:
         self.attempts = attempts
 
     def propose(self, ctx: ProposalContext) -> Proposal | None:
-        from pipemend.proposers.transforms import config_format, get_dotted, parse_config, set_config_value
-
         knobs = dict(ctx.manifest.knobs)
         for _ in range(self.attempts):
             if not knobs:
@@ -63,9 +64,6 @@ class RandomKnobs:
 
 
 def run_one(label: str, proposer: str, args: argparse.Namespace, work: Path, cache: Path | None) -> dict[str, Any]:
-    from pipemend.cli.progress import RichProgress
-    from pipemend.optimize import OptimizeConfig, run_optimize
-
     target = work / f"target-{label}"
     shutil.copytree(TARGET, target, ignore=shutil.ignore_patterns("__pycache__", ".pipemend-cache"))
     cfg = OptimizeConfig(target=str(target), proposer=proposer, model=args.model, budget_usd=args.budget_usd,

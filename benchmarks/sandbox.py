@@ -46,7 +46,8 @@ def main() -> None:
         (tmp / "wt").mkdir()
         (tmp / "out").mkdir()
         (tmp / "wt" / "pipe.py").write_text(PIPE)
-        gw = Gateway(GatewayConfig(run_dir=tmp / "run", socket_path=tmp / "gw.sock", cache_dir=tmp / "cache")).start()
+        gw = Gateway(GatewayConfig(run_dir=tmp / "run", socket_path=tmp / "gw.sock", cache_dir=tmp / "cache",
+                                   models=["simulated/echo"])).start()
         rows = []
         try:
             for name in args.sandboxes.split(","):

@@ -84,7 +84,7 @@ def test_the_local_model_loads_without_extra_buffer_types():
 
     from pipemend.gateway.backends import local
 
-    llama = local._load(None, 512, 2)
+    llama = local.load_llama(None, 512, 2)
     assert llama.model_params.use_extra_bufts is False
     # the library's own default is left as it was
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True

@@ -14,9 +14,15 @@ from pipemend import gate
 from pipemend.dataset import Example, load_splits
 from pipemend.manifest import Gates, load_manifest
 from pipemend.metrics import metric_fingerprint
-from pipemend.sandbox.worktrees import _git, snapshot_target
+from pipemend.sandbox.worktrees import snapshot_target
 
-FIXTURE = Path(__file__).parent / "fixtures" / "optimize" / "tinyqa"
+FIXTURE = Path(__file__).parent / "fixtures" / "targets" / "tinyqa"
+
+
+def git(cwd: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args]
+    out = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    return out.removesuffix("\n")
 
 
 def _rows(scores, cost=0.0, latency=1.0, prefix="v"):
@@ -111,8 +117,8 @@ def repo_target(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(FIXTURE, repo / "targets" / "tinyqa")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "init")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "init")
     snap = snapshot_target(repo / "targets" / "tinyqa", "gate-test", tmp_path / "run")
     wt = snap.add_worktree("cand-1", snap.base_branch)
     return snap, wt, wt / "targets" / "tinyqa"
@@ -125,7 +131,7 @@ def _check(snap, wt):
 
     def base_text(path):
         try:
-            return _git(snap.repo, "show", f"{snap.base_branch}:{path}")
+            return git(snap.repo, "show", f"{snap.base_branch}:{path}")
         except Exception:
             return ""
 

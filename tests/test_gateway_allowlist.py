@@ -18,7 +18,9 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from pipemend.cli import app
 from pipemend.errors import ConfigError
 from pipemend.fsutil import read_jsonl
 from pipemend.gateway import Gateway, GatewayConfig
@@ -207,3 +209,42 @@ def test_standalone_gateway_process_survives_abort_and_exit_requests(tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "serving simulated/echo" in out
+
+
+# --------------------------------------------------------------------------- `pipemend gateway --model`
+
+
+def test_the_gateway_command_serves_the_models_listed_with_model(tmp_path, script):
+    """``pipemend gateway --model A --model B`` (a real process on a free port) serves A and B and nothing else."""
+    scripted = f"scripted:{script}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipemend.cli", "gateway", "--port", "0",
+                             "--run-dir", str(tmp_path / "run"), "--model", "simulated/echo", "--model", scripted],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = proc.stdout.readline() if proc.stdout else ""
+        assert f"serving simulated/echo, {scripted} " in banner, banner + (proc.stdout.read() if proc.poll() else "")
+        url = banner.split(" on ", 1)[1].split(" ", 1)[0]
+
+        def post(model: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/messages", json={"model": model, "max_tokens": 5, "messages": HELLO},
+                              timeout=30)
+
+        assert post("simulated/echo").json()["content"][0]["text"] == "hello gateway"
+        assert post(scripted).json()["content"][0]["text"] == SCRIPT_SECRET
+        for unlisted in ("simulated/tool-echo", "claude-sonnet-4-5", LOCAL_MODEL):
+            assert post(unlisted).status_code == 404
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    calls = list(read_jsonl(tmp_path / "run" / "gateway" / "calls.jsonl"))
+    assert sorted(c["model"] for c in calls if c.get("model") in ("simulated/echo", scripted)) == sorted(
+        ["simulated/echo", scripted])
+
+
+def test_the_gateway_command_refuses_a_bad_model_at_start(tmp_path):
+    res = CliRunner().invoke(app, ["gateway", "--port", "0", "--run-dir", str(tmp_path / "run"), "--model", "gpt-9"])
+    assert res.exit_code == 2
+    assert "models" in res.output and "unknown model 'gpt-9'" in res.output
+    assert "--model" in CliRunner().invoke(app, ["gateway", "--help"]).output

@@ -309,7 +309,7 @@ def test_local_backend_resets_the_kv_cache_before_every_call_unless_told(monkeyp
     from pipemend.gateway.backends import local
 
     fake = FakeLlamaAtTheModelBoundary()
-    monkeypatch.setattr(local, "_load", lambda *args: fake)
+    monkeypatch.setattr(local, "load_llama", lambda *args: fake)
     if env is None:
         monkeypatch.delenv("PIPEMEND_LOCAL_PREFIX_REUSE", raising=False)
     else:

@@ -174,10 +174,10 @@ def test_open_connections_are_capped(tmp_path, monkeypatch):
         try:
             # wait until the gateway holds all three (each in its own thread, waiting for a request line)
             for _ in range(400):
-                if len(gw._connections) == 3:
+                if gw.open_connections == 3:
                     break
                 threading.Event().wait(0.05)
-            assert len(gw._connections) == 3
+            assert gw.open_connections == 3
             with socket.create_connection(("127.0.0.1", gw.port), timeout=CLIENT_TIMEOUT_S) as extra:
                 extra.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
                 try:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
-sys.path.insert(0, str(FIXTURES))
+import optimize_harness
+from drive import drive
 
-import optimize_harness  # noqa: E402
-from drive import drive  # noqa: E402
-
-from pipemend.fsutil import append_jsonl, read_json, read_jsonl, repair_jsonl_tail  # noqa: E402
-from pipemend.journal import record, repair, replay  # noqa: E402
-from pipemend.report.load import journal_state, load_run  # noqa: E402
-from pipemend.rundir import create_run_dir  # noqa: E402
+from pipemend.fsutil import append_jsonl, read_json, read_jsonl, repair_jsonl_tail
+from pipemend.journal import record, repair, replay
+from pipemend.report.load import journal_state, load_run
+from pipemend.rundir import create_run_dir
 
 TORN_TAILS = {
     "half a record": b'{"format": "pipemend-journal-1", "event": "candidate_do',

@@ -49,12 +49,12 @@ def questions() -> list[dict]:
 def target_modules():
     """Import the target's ``pipeline`` and ``retrieval`` as the runner would (target dir on sys.path)."""
     saved = {m: sys.modules.pop(m) for m in TARGET_MODULES if m in sys.modules}
-    sys.path.insert(0, str(TARGET))
     try:
-        pipeline = importlib.import_module("pipeline")
-        yield pipeline, sys.modules["retrieval"]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.syspath_prepend(str(TARGET))
+            pipeline = importlib.import_module("pipeline")
+            yield pipeline, sys.modules["retrieval"]
     finally:
-        sys.path.remove(str(TARGET))
         for m in TARGET_MODULES:
             sys.modules.pop(m, None)
         sys.modules.update(saved)

@@ -8,23 +8,19 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
-sys.path.insert(0, str(FIXTURES))
+import optimize_harness
 
-import optimize_harness  # noqa: E402
-
-from pipemend.cli.optimize import print_summary  # noqa: E402
-from pipemend.errors import BUDGET_REASONS, BudgetExhausted, UsageError  # noqa: E402
-from pipemend.fsutil import read_json, read_jsonl  # noqa: E402
-from pipemend.optimize import OptimizeConfig, ladder_change, resume, run_optimize  # noqa: E402
-from pipemend.optimize.stops import ON_BUDGET, StopRun, check_limits, on_budget  # noqa: E402
-from pipemend.proposers.budget import ProposerBudgetExhausted  # noqa: E402
+from pipemend.cli.optimize import print_summary
+from pipemend.errors import BUDGET_REASONS, BudgetExhausted, UsageError
+from pipemend.fsutil import read_json, read_jsonl
+from pipemend.optimize import OptimizeConfig, ladder_change, resume, run_optimize
+from pipemend.optimize.stops import ON_BUDGET, StopRun, check_limits, on_budget
+from pipemend.proposers.budget import ProposerBudgetExhausted
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
-sys.path.insert(0, str(FIXTURES))
+import optimize_harness
 
-import optimize_harness  # noqa: E402
-
-from pipemend.cli import app  # noqa: E402
+from pipemend.cli import app
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipemend.errors import UsageError
+from pipemend.errors import ConfigError, UsageError
+from pipemend.gateway import Gateway, GatewayConfig
+from pipemend.gateway.backends import BackendError, BackendRegistry, backend_kind
 from pipemend.plugins import is_dotted_path, load_object, resolve
+from pipemend.sandbox import get_sandbox
 
 
 class Local:
@@ -70,3 +73,28 @@ def test_dotted_path_shape() -> None:
     assert not is_dotted_path("a.b") and not is_dotted_path(":C") and not is_dotted_path("a-b:C")
     with pytest.raises(UsageError, match="not `package.module:Attr`"):
         load_object("a.b", kind="proposer")
+
+
+# --------------------------------------------------------------------------- the same loader behind sandboxes and backends
+
+
+def test_sandboxes_load_through_the_one_loader(plugin_dir: Path) -> None:
+    with pytest.raises(UsageError, match=r"^unknown sandbox 'vm'; valid: auto, docker, bwrap, process or "):
+        get_sandbox("vm", announce=lambda m: None)
+    with pytest.raises(UsageError, match=r"^sandbox 'good_plugin:Missing': module 'good_plugin' \(.*\) has no "):
+        get_sandbox("good_plugin:Missing", announce=lambda m: None)
+    with pytest.raises(UsageError, match=r"^sandbox 'raising_plugin:X': importing module 'raising_plugin' failed"):
+        get_sandbox("raising_plugin:X", announce=lambda m: None)
+
+
+def test_backend_plugins_load_through_the_one_loader(plugin_dir: Path, tmp_path: Path) -> None:
+    """A plugin backend's failure says what and where, as a 400 from the (host-side) registry, and as a
+    config error naming the listed model when a gateway starts."""
+    assert backend_kind("good_plugin:Outer.Inner") == "plugin"  # the loader's own dotted-path shape
+    with pytest.raises(BackendError) as e:
+        BackendRegistry().get("exiting_plugin:X")
+    assert e.value.status == 400
+    assert e.value.message.startswith("cannot load backend plugin 'exiting_plugin:X': importing module ")
+    gw = Gateway(GatewayConfig(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", models=["good_plugin:Nope"]))
+    with pytest.raises(ConfigError, match=r"models: good_plugin:Nope.*module 'good_plugin' \(.*\) has no attribute"):
+        gw.start()

@@ -8,17 +8,11 @@ fails the test (``check_complete``).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+from support import SUBDIR, StubTrain, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
-from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript  # noqa: E402
-from support import sessions, wt  # noqa: E402, F401 - pytest fixtures
-
-from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted  # noqa: E402
+from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
 
 
 def test_multi_turn_session_reads_edits_runs_and_submits(tmp_path, wt, sessions):
@@ -39,7 +33,8 @@ def test_multi_turn_session_reads_edits_runs_and_submits(tmp_path, wt, sessions)
         ("mean exact_match = 1.000 over 2", reply(tool_use("submit", {
             "rationale": "The answer step wrote full sentences; ask for the entity only.", "rung": "prompt"}, "tu9"))),
     ])
-    ctx = make_ctx(wt, history_dir=history_dir, history=[
+    train = StubTrain(wt)
+    ctx = make_ctx(wt, train=train, history_dir=history_dir, history=[
         {"n": 1, "accepted": False, "rationale": "raised top_k to 8", "val_score": 0.41, "delta": -0.02,
          "reasons": ["cost ratio"], "per_example": [{"id": "v1", "output": "VAL-ZEBRA-1"}]}])
     proposal = s.proposer().propose(ctx)
@@ -51,7 +46,7 @@ def test_multi_turn_session_reads_edits_runs_and_submits(tmp_path, wt, sessions)
     assert "Reply with the entity only.\nAnswer:" in (wt / SUBDIR / "prompts/answer.j2").read_text()
     assert git(wt, "diff", "--name-only").split() == [f"{SUBDIR}/prompts/answer.j2"]
     assert proposal.meta["agent_turns"] == 5 and proposal.meta["files_written"] == ["prompts/answer.j2"]
-    assert ctx.tools._run_train.calls == [["t1", "t2"]]
+    assert train.calls == [["t1", "t2"]]
 
     records = transcript(s)
     assert proposal.meta["transcript_path"].endswith("candidates/1/transcript.jsonl")

@@ -10,17 +10,12 @@ should have returned, and an extra or missing request fails the test.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+from support import SUBDIR, StubTrain, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
-from support import SUBDIR, git, make_ctx, reply, secret_labels, start, tool_use, transcript  # noqa: E402
-from support import sessions, wt  # noqa: E402, F401 - pytest fixtures
-
-from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted  # noqa: E402
+from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
 
 pytestmark = [pytest.mark.claude_code, pytest.mark.timeout(180)]
 
@@ -48,14 +43,15 @@ def test_claude_code_reads_edits_runs_and_submits_through_pipemend_tools_only(tm
             "rationale": "The answer step wrote sentences; ask for the entity only.", "rung": "prompt"}, "tu5"))),
         ("the session is over", reply({"type": "text", "text": "Submitted."}, stop="end_turn")),
     ])
-    ctx = make_ctx(wt)
+    train = StubTrain(wt)
+    ctx = make_ctx(wt, train=train)
     proposal = s.proposer("claude-code").propose(ctx)
     s.check_complete()
 
     assert proposal is not None and proposal.rung == "prompt"
     assert proposal.rationale == "The answer step wrote sentences; ask for the entity only."
     assert git(wt, "diff", "--name-only").split() == [f"{SUBDIR}/prompts/answer.j2"]
-    assert ctx.tools._run_train.calls == [["t1", "t2"]]
+    assert train.calls == [["t1", "t2"]]
     assert proposal.meta["proposer"] == "claude-code" and proposal.meta["files_written"] == ["prompts/answer.j2"]
     assert proposal.meta["agent_turns"] == 5  # the response after submit is not reached by the proposer
     records = transcript(s)
@@ -120,8 +116,7 @@ def test_a_failing_agent_request_is_an_error_not_a_hang(tmp_path, wt, sessions):
 
 
 def test_a_session_past_its_wall_clock_limit_is_discarded(tmp_path, wt, sessions):
-    s = start(tmp_path, sessions, [(None, reply(use("list_files", {}, "tu1")))])
-    s.script.write_text(s.script.read_text().replace("once: true", "once: true\n  delay_s: 20"))
+    s = start(tmp_path, sessions, [(None, reply(use("list_files", {}, "tu1")))], delay_s=20)
     with pytest.raises(ProposerBudgetExhausted) as info:
         s.proposer("claude-code", session_timeout_s=2).propose(make_ctx(wt))
     assert info.value.reason == "time" and "ran past 2 s" in str(info.value)
@@ -133,9 +128,9 @@ def test_a_cli_that_still_offers_its_own_tools_is_refused(wt):
     from claude_agent_sdk import SystemMessage
 
     from pipemend.errors import PipemendError
-    from pipemend.proposers.claude_code import ClaudeCodeProposerConfig, _CodeSession
+    from pipemend.proposers.claude_code import ClaudeCodeProposerConfig, CodeSession
 
-    session = _CodeSession(ClaudeCodeProposerConfig(), make_ctx(wt))
+    session = CodeSession(ClaudeCodeProposerConfig(), make_ctx(wt))
     assert session.on_message(SystemMessage(subtype="init", data={"tools": [P + "read_file"]})) is None
     with pytest.raises(PipemendError, match="other than pipemend's \\(Bash\\)"):
         session.on_message(SystemMessage(subtype="init", data={"tools": [P + "read_file", "Bash"]}))

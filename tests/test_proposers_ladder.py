@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import tomllib
 from pathlib import Path
 
@@ -11,16 +10,14 @@ import jinja2
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree
 
-from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree  # noqa: E402
-
-from pipemend.configfile import ConfigFileError, set_config_value  # noqa: E402
-from pipemend.errors import UsageError  # noqa: E402
-from pipemend.manifest import load_manifest  # noqa: E402
-from pipemend.proposers import get_proposer  # noqa: E402
-from pipemend.proposers.ladder import LadderProposer, rungs_to_try  # noqa: E402
-from pipemend.proposers.transforms import PROMPT_TRANSFORMS, insert_instruction  # noqa: E402
+from pipemend.configfile import ConfigFileError, set_config_value
+from pipemend.errors import UsageError
+from pipemend.manifest import load_manifest
+from pipemend.proposers import get_proposer
+from pipemend.proposers.ladder import LadderProposer, rungs_to_try
+from pipemend.proposers.transforms import PROMPT_TRANSFORMS, insert_instruction
 
 
 def render(path: Path) -> str:
@@ -202,7 +199,7 @@ def test_toml_and_json_knob_edits():
 
 
 def test_every_transform_keeps_a_jinja_template_rendering(tmp_path):
-    src = (Path(__file__).parent / "fixtures/proposers/target/prompts/answer.j2").read_text()
+    src = (Path(__file__).parent / "fixtures/targets/proposer_qa/prompts/answer.j2").read_text()
     options = {"few_shot_k": 2, "max_docs": 2,
                "train_examples": [{"id": "t1", "inputs": {"question": "Q1?"}, "expected": "A1"}]}
     tpl = tmp_path / "answer.j2"

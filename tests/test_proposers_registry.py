@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent / "fixtures" / "proposers"
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE / "plugins"))
+from support import SUBDIR, make_ctx, make_worktree
 
-from support import SUBDIR, make_ctx, make_worktree  # noqa: E402
+from pipemend.errors import UsageError
+from pipemend.proposers import PROPOSERS, ProposerBudget, get_proposer
+from pipemend.proposers.claude import ClaudeProposer
+from pipemend.proposers.ladder import LadderProposer
 
-from pipemend.errors import UsageError  # noqa: E402
-from pipemend.proposers import PROPOSERS, ProposerBudget, get_proposer  # noqa: E402
-from pipemend.proposers.claude import ClaudeProposer  # noqa: E402
-from pipemend.proposers.ladder import LadderProposer  # noqa: E402
+PLUGINS = Path(__file__).parent / "fixtures" / "proposers" / "plugins"
+
+
+@pytest.fixture(autouse=True)
+def _plugins_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fixture_plugins`` (plugin proposers named by dotted path) importable, as an installed plugin would be."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
 
 
 def test_short_names():

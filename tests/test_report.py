@@ -5,20 +5,18 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "runs"))
-from runbuilder import build_run, default_candidates  # noqa: E402
+from runbuilder import build_run, default_candidates
 
-from pipemend.errors import UsageError  # noqa: E402
-from pipemend.fsutil import atomic_write_json  # noqa: E402
-from pipemend.report import render_report  # noqa: E402
-from pipemend.report.load import call_costs, load_run  # noqa: E402
-from pipemend.report.render import align_steps, summarize_transcript  # noqa: E402
-from pipemend.rundir import create_run_dir  # noqa: E402
+from pipemend.errors import UsageError
+from pipemend.fsutil import atomic_write_json
+from pipemend.report import render_report
+from pipemend.report.load import call_costs, load_run
+from pipemend.report.render import align_steps, summarize_transcript
+from pipemend.rundir import create_run_dir
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -10,49 +10,24 @@ must show no request sent to the backend (a cache miss) twice.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "optimize"
-sys.path.insert(0, str(FIXTURES))
+import optimize_harness
+from drive import drive
 
-import optimize_harness  # noqa: E402
-
-from pipemend.fsutil import read_json, read_jsonl  # noqa: E402
+from pipemend.fsutil import read_json, read_jsonl
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = ["comment", "short", "sentence"]
-HARNESS = FIXTURES / "optimize_harness.py"
 
 
 def _config(tmp_path: Path, target: Path, run_id: str) -> dict:
     return {"target": str(target), "proposer": "optimize_plugins:Script", "proposer_options": {"steps": STEPS},
             "sandbox": "process", "run_id": run_id, "reports_dir": str(tmp_path / "reports"), "budget_usd": 1.0}
-
-
-def _drive(*args: str, kill_when=None, timeout: float = 240) -> subprocess.CompletedProcess | None:
-    p = subprocess.Popen([sys.executable, str(HARNESS), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    while p.poll() is None and time.time() < deadline:
-        if kill_when is not None and kill_when():
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return None
-        time.sleep(0.02)
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise AssertionError("the optimize run did not finish in time")
-    out, err = p.communicate()
-    assert p.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def _refs(repo: Path, run_id: str) -> dict[str, str]:
@@ -96,7 +71,7 @@ def reference(tmp_path_factory):
     """An uninterrupted run of the same script: its refs (by tree) and summary."""
     tmp = tmp_path_factory.mktemp("reference")
     target = optimize_harness.make_repo(tmp / "repo")
-    done = _drive("start", json.dumps(_config(tmp, target, "ref")))
+    done = drive("start", json.dumps(_config(tmp, target, "ref")))
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert [c["accepted"] for c in summary["candidates"]] == [False, True, False]
     return _refs(tmp / "repo", "ref"), summary
@@ -125,12 +100,12 @@ def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
     ref_refs, ref_summary = reference
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "kill"
-    killed = _drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=KILL_POINTS[point](run_dir))
+    killed = drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=KILL_POINTS[point](run_dir))
     assert killed is None, f"the run finished before the kill point {point}"
     status = read_json(run_dir / "run.json")["status"]  # "done" only when killed in its last milliseconds
     assert status in ("running", "done")
 
-    done = _drive("resume", str(run_dir))
+    done = drive("resume", str(run_dir))
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "done"
     assert [(c["n"], c["accepted"]) for c in summary["candidates"]] == \
@@ -151,14 +126,14 @@ def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
 def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path):
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "lost"
-    _drive("start", json.dumps(_config(tmp_path, target, "lost")), kill_when=_at_event(run_dir, "base_ready", n=2))
+    drive("start", json.dumps(_config(tmp_path, target, "lost")), kill_when=_at_event(run_dir, "base_ready", n=2))
     repo = tmp_path / "repo"
     sha = [e for e in _events(run_dir) if e.get("event") == "candidate_done" and e["n"] == 2][0]["sha"]
     for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
         subprocess.run(["git", "-C", str(repo), "update-ref", "-d", f"refs/heads/{branch}"], check=True)
         # a git killed inside update-ref leaves the ref's lock file behind; resume clears this run's
         (repo / ".git" / "refs" / "heads" / f"{branch}.lock").write_text("")
-    _drive("resume", str(run_dir))
+    drive("resume", str(run_dir))
     assert not list((repo / ".git" / "refs" / "heads" / "pipemend" / "lost").rglob("*.lock"))
     for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
         got = subprocess.run(["git", "-C", str(repo), "rev-parse", branch], capture_output=True, text=True).stdout.strip()
@@ -170,9 +145,9 @@ def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, r
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "kill"
     key = run_dir / "candidates" / "2" / "evals" / "val.key.json"
-    _drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=key.is_file)
+    drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=key.is_file)
     summary = run_dir / "candidates" / "2" / "evals" / "val" / "summary.json"
     before = summary.stat().st_mtime_ns
-    _drive("resume", str(run_dir))
+    drive("resume", str(run_dir))
     assert summary.stat().st_mtime_ns == before, "the finished val evaluation was read back, not re-run"
     assert _refs(tmp_path / "repo", "kill") == ref_refs

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "runs"))
-from runbuilder import PROMPT, build_run, git  # noqa: E402
+from runbuilder import PROMPT, build_run, git
 
-from pipemend.cli import app  # noqa: E402
-from pipemend.errors import UsageError  # noqa: E402
-from pipemend.review import apply_candidate, list_candidates, parse_candidate  # noqa: E402
+from pipemend.cli import app
+from pipemend.errors import UsageError
+from pipemend.review import apply_candidate, list_candidates, parse_candidate
 
 LINE1_NEW = "line one: answer with the entity only"
 LINE3_NEW = "line three: copy dates exactly"

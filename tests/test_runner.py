@@ -1,4 +1,4 @@
-"""``python -m pipemend.runner`` as a real subprocess over the fixture pipelines in fixtures/pipelines/."""
+"""``python -m pipemend.runner`` as a real subprocess over the toy targets in fixtures/targets/."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pipemend.dataset import Example
 from pipemend.runtime.forwarder import Forwarder
 from pipemend.runtime.runner import header_value, install_httpx_hook, uninstall_httpx_hook, write_trace
 
-PIPELINES = Path(__file__).parent / "fixtures" / "pipelines"
+PIPELINES = Path(__file__).parent / "fixtures" / "targets"
 REAL_KEY = "sk-ant-REAL-SECRET-must-not-leak"
 
 

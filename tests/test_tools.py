@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "proposers"))
+from support import SUBDIR, make_tools, make_worktree, secret_labels
 
-from support import SUBDIR, make_tools, make_worktree, secret_labels  # noqa: E402
-
-from pipemend.proposers.tools import (  # noqa: E402
+from pipemend.proposers.tools import (
     MAX_FILE_BYTES,
     MAX_WRITE_CHARS,
     PathRefused,

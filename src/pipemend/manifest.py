@@ -13,8 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .globs import is_relative_glob
 from .manifest_checks import check_manifest_files
-from .sealing import Seal, glob_is_relative, plan_seals
+from .sealing import Seal, plan_seals
 
 MANIFEST_NAME = "pipemend.yaml"
 RUNGS = ("prompt", "retrieval", "context", "model")
@@ -125,7 +126,7 @@ class Manifest(_Strict):
     @classmethod
     def _relative_globs(cls, v: list[str], info: Any) -> list[str]:
         for i, g in enumerate(v):
-            if not glob_is_relative(g):
+            if not is_relative_glob(g):
                 raise ValueError(f"{info.field_name}[{i}]: glob {g!r} is empty, absolute or climbs out with '..'; "
                                  "expected a glob relative to the target folder")
         return v

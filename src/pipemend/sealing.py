@@ -34,13 +34,13 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .globs import glob_match
 
 SKIP_DIRS = frozenset({".git", ".venv", "node_modules"})
 _CHUNK = 1 << 20
@@ -97,59 +97,9 @@ def _walk(root: Path) -> _Tree:
     return _Tree(root, files, links)
 
 
-def _class_end(part: str, start: int) -> int | None:
-    """Index of the ``]`` closing the ``[`` at ``start`` (a leading ``!`` or ``]`` belongs to the class), or None."""
-    k = start + 1
-    if part[k:k + 1] == "!":
-        k += 1
-    if part[k:k + 1] == "]":
-        k += 1
-    end = part.find("]", k)
-    return end if end != -1 else None
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """A target-relative glob as a regex over POSIX paths: ``**`` spans folders, ``*``/``?``/``[...]`` do not."""
-    out: list[str] = []
-    parts = [p for p in pattern.strip("/").split("/") if p not in ("", ".")]
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]+/)*")
-            continue
-        j, seg = 0, []
-        while j < len(part):
-            c = part[j]
-            if c == "*":
-                seg.append("[^/]*")
-            elif c == "?":
-                seg.append("[^/]")
-            elif c == "[" and (end := _class_end(part, j)) is not None:
-                body = part[j + 1:end]
-                seg.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
-                j = end
-            else:
-                seg.append(re.escape(c))
-            j += 1
-        out.append("".join(seg) + ("" if last else "/"))
-    return re.compile("".join(out))
-
-
 def _matches(entries: Iterable[str], pattern: str) -> set[str]:
     """Entries the glob names, or that lie inside a folder it names (as ``protected`` globs work)."""
-    rx = _glob_regex(pattern)
-    found = set()
-    for e in entries:
-        parts = e.split("/")
-        if any(rx.fullmatch("/".join(parts[:k])) for k in range(1, len(parts) + 1)):
-            found.add(e)
-    return found
-
-
-def glob_is_relative(pattern: str) -> bool:
-    """A glob relative to the target that does not climb out (no absolute path, no ``..``)."""
-    p = PurePosixPath(pattern)
-    return bool(pattern.strip()) and not p.is_absolute() and ".." not in p.parts
+    return {e for e in entries if glob_match(e, pattern)}
 
 
 def _norm(rel: str) -> str | None:

@@ -28,9 +28,13 @@ def gateway_cmd(
     port: int = typer.Option(8787, "--port", help="Port on 127.0.0.1."),
     run_dir: Path = typer.Option(Path("reports/gateway"), "--run-dir", help="Where the call log and cache go."),
     budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Stop answering past this spend."),
+    models: Optional[list[str]] = typer.Option(
+        None, "--model",
+        help="A model to serve (repeat). Default: claude-* and the local model; scripted:PATH, simulated/* and "
+             "package.module:Class only when listed."),
 ) -> None:
     """Serve the Anthropic-compatible gateway in the foreground (Ctrl-C stops it)."""
-    serve_forever_cli(port=port, run_dir=run_dir, budget_usd=budget_usd)
+    serve_forever_cli(port=port, run_dir=run_dir, budget_usd=budget_usd, models=models or None)
 
 
 def _field(check: Any, name: str) -> Any:

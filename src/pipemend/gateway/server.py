@@ -278,6 +278,11 @@ class Gateway:
     def socket_path(self) -> Path | None:
         return self.config.socket_path
 
+    @property
+    def open_connections(self) -> int:
+        """How many client connections the gateway holds open now (capped at ``MAX_CONNECTIONS``)."""
+        return len(self._connections)
+
     def stats(self) -> dict[str, Any]:
         if self.service is None:
             raise UsageError("the gateway is not started")

@@ -86,10 +86,10 @@ class ClaudeCodeProposer:
                              "(or use --proposer claude)") from None
 
     def propose(self, ctx: ProposalContext) -> Proposal | None:
-        return asyncio.run(_CodeSession(self.config, ctx).run())
+        return asyncio.run(CodeSession(self.config, ctx).run())
 
 
-class _CodeSession(AgentSession):
+class CodeSession(AgentSession):
     proposer_name = "claude-code"
 
     def __init__(self, cfg: ClaudeCodeProposerConfig, ctx: ProposalContext):

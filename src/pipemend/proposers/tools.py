@@ -40,7 +40,6 @@ from typing import Any, Callable
 
 from ..errors import PipemendError
 from ..fsutil import atomic_write_text
-# matches_any is also a compat re-export: remove after merge (gate.py imports it from here; its home is pipemend.globs)
 from ..globs import MAX_GLOB_CHARS, glob_match, is_relative_glob, matches_any, walk_files
 from ..manifest import MANIFEST_NAME
 
@@ -66,7 +65,6 @@ HIT_LINE_CHARS = 300
 __all__ = [
     "MAX_FILE_BYTES", "MAX_PATTERN_CHARS", "MAX_WRITE_CHARS", "PathRefused", "ProposerTools", "ReadOnlyTree",
     "ToolError", "ToolTimeout", "format_trace", "run_search",
-    "matches_any",  # compat: remove after merge (gate.py imports it from here; its home is pipemend.globs)
 ]
 
 

@@ -14,8 +14,6 @@ from typing import Any, Callable
 
 import jinja2
 
-from ..configfile import config_format, get_dotted, parse_config, set_config_value  # noqa: F401 - compat: remove after merge (benchmarks/optimize.py)
-
 
 class TransformError(ValueError):
     """An edit that could not be made safely; the ladder skips it."""

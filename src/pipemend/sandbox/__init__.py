@@ -8,10 +8,10 @@ or a dotted path ``package.module:Class``.
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
-from ..errors import SandboxUnavailable, UsageError
+from ..errors import SandboxUnavailable
+from ..plugins import resolve
 from ..protocols import Sandbox
 from .common import SandboxLimits
 
@@ -29,16 +29,8 @@ NO_ISOLATION = (
 )
 
 
-def _load(path: str) -> type:
-    module, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"sandbox {path!r} cannot be loaded ({e})") from e
-
-
 def _make(name: str, announce: Callable[[str], None], limits: SandboxLimits | None) -> Sandbox:
-    cls = _load(SANDBOXES.get(name, name))
+    cls = resolve(name, SANDBOXES, kind="sandbox", extra_names=("auto",))
     try:
         return cls(limits=limits, announce=announce)
     except TypeError:
@@ -54,8 +46,6 @@ def get_sandbox(name: str = "auto", announce: Callable[[str], None] = print,
     ``SandboxUnavailable`` (why + how to fix) when a named one cannot run, or
     when ``auto`` finds neither docker nor bwrap; ``UsageError`` for an unknown name.
     """
-    if name not in NAMES and ":" not in name:
-        raise UsageError(f"unknown sandbox {name!r}; valid: {', '.join(NAMES)} or package.module:Class")
     if name != "auto":
         sb = _make(name, announce, limits)
         if name == "bwrap":

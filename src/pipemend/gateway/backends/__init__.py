@@ -21,14 +21,13 @@ as long as the registry.
 
 from __future__ import annotations
 
-import importlib
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...errors import ConfigError
+from ...errors import ConfigError, UsageError
+from ...plugins import is_dotted_path, resolve
 from ...protocols import LLMBackend
 from .base import BackendError, forward_headers
 from .local import MODEL_NAME as LOCAL_MODEL
@@ -37,7 +36,6 @@ from .simulated import SIMULATED
 __all__ = ["BackendError", "BackendRegistry", "LLMBackend", "ModelAllowList", "backend_kind", "forward_headers",
            "get_backend"]
 
-_PLUGIN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 CLAUDE_FAMILY = "claude-*"
 # What a gateway serves when its host lists nothing: the real model families, never a test backend or a plugin.
 REAL_FAMILIES = (CLAUDE_FAMILY, LOCAL_MODEL)
@@ -59,7 +57,7 @@ def backend_kind(model: str) -> str:
         return "scripted"
     if model in SIMULATED:
         return "simulated"
-    if _PLUGIN.match(model):
+    if is_dotted_path(model):
         return "plugin"
     raise BackendError(400, f"unknown model {model!r}; known backends: {', '.join(known_backends())}")
 
@@ -156,12 +154,15 @@ class BackendRegistry:
 
 
 def _load_plugin(model: str) -> Any:
-    """A plugin backend ``package.module:Class``, built with no arguments (host configuration only)."""
-    module_name, _, cls_name = model.partition(":")
+    """A plugin backend ``package.module:Class``, built with no arguments.
+
+    Reached only from a registry, which is host-side: a request's model is checked against the
+    host's ``ModelAllowList`` first, so only host configuration ever names a plugin here.
+    """
     try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise BackendError(400, f"cannot load backend plugin {model!r}: {e}") from e
+        cls = resolve(model, {}, kind="backend plugin", allow_dotted=True)
+    except UsageError as e:
+        raise BackendError(400, f"cannot load {e}") from None
     return cls()
 
 

@@ -15,7 +15,7 @@ types off (``use_extra_bufts``, the runtime weight repacking): on a CPU that
 advertises AMX, the AMX repacking ran ``tilezero`` in an OpenMP worker and died
 with SIGILL in ``ggml_backend_amx_mul_mat``; without it the same model answers
 correctly. llama-cpp-python has no ``Llama(...)`` keyword for that field of
-``llama_model_params``, so ``_load`` turns it off in the default params for the
+``llama_model_params``, so ``load_llama`` turns it off in the default params for the
 duration of the load and checks that it took. ``scripts/install`` also builds
 llama-cpp-python without ``-march=native`` (``local_guard.PORTABLE_CMAKE_ARGS``),
 so a wheel built or cached on one CPU runs on another. Before the first load
@@ -46,7 +46,8 @@ _llama: Any = None  # the one llama_cpp.Llama of this process
 _llama_path: Path | None = None
 
 
-def _load(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
+def load_llama(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
+    """The process's one ``llama_cpp.Llama`` over ``model_path`` (default: the assembled model), loaded once."""
     global _llama, _llama_path
     if _llama is not None:
         return _llama
@@ -163,7 +164,7 @@ class LocalBackend:
         if "top_p" in request:
             kwargs["top_p"] = float(request["top_p"])
         with _lock:
-            llama = _load(self.model_path, self.n_ctx, self.n_threads)
+            llama = load_llama(self.model_path, self.n_ctx, self.n_threads)
             self.calls += 1
             if not self.prefix_reuse:
                 llama.reset()  # evaluate the whole prompt afresh: the answer depends on this request only
