@@ -115,9 +115,9 @@ def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
 
 
 @pytest.mark.parametrize("attack, reason", [
-    ("metric", "metric.py: protected file"),
-    ("data", "data/val.jsonl: protected file"),
-    ("dotdot", "targets/escape.py: outside the target folder"),
+    ("metric", "metric.py: sealed file changed"),
+    ("data", "data/val.jsonl: sealed file changed"),
+    ("dotdot", "targets/escape.py: added outside the target folder"),
     ("symlink", "symlinks are refused"),
     ("paste", "label leak"),
     ("hardcode", "label leak"),
@@ -130,7 +130,10 @@ def test_adversarial_proposers_are_rejected_without_evaluation(tmp_path, target,
     run_dir = Path(s.run_dir)
     assert not (run_dir / "candidates" / "1" / "evals").exists(), "static checks run before any evaluation"
     assert read_json(run_dir / "candidates" / "1" / "verdict.json")["static_reasons"]
-    assert s.best is None and _refs(tmp_path / "repo", s.run_id)[-1] == f"refs/pipemend/{s.run_id}/rejected/1"
+    assert s.best is None
+    # what was refused is not in the candidate commit; a change that was kept but fails a check is a rejected ref
+    rejected = f"refs/pipemend/{s.run_id}/rejected/1"
+    assert (rejected in _refs(tmp_path / "repo", s.run_id)) == (attack in ("paste", "hardcode", "copy_metric"))
 
 
 def test_a_behaviourally_identical_change_is_not_accepted(tmp_path, target):
@@ -158,9 +161,11 @@ def test_stops_on_candidate_count_time_and_budget(tmp_path, target):
     assert len(s.candidates) == 2 and s.stop_reason.startswith("candidate limit reached")
     s = _run(_cfg(tmp_path, target, ["comment"], run_id="t2", hours=1e-9))
     assert s.candidates == [] and s.stop_reason.startswith("time limit reached") and s.baseline["test"] == 0.0
-    s = _run(_cfg(tmp_path, target, ["short", "budget", "short"], run_id="t3"))
-    assert [c.accepted for c in s.candidates] == [True, False]
-    assert s.stop_reason.startswith("budget") and s.best["test"] == 1.0
+    # a plugin cannot stop the run by claiming the run's budget is spent: it costs its own candidate only
+    s = _run(_cfg(tmp_path, target, ["short", "budget"], run_id="t3"))
+    assert [c.accepted for c in s.candidates] == [True, False] and s.stop_reason == "the proposer is out of ideas"
+    assert s.candidates[1].reasons == ["budget exhausted while proposing: the gateway refused: budget exhausted"]
+    assert s.best["test"] == 1.0
 
 
 def test_a_proposer_out_of_its_own_budget_costs_only_its_candidate(tmp_path, target):

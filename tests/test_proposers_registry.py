@@ -46,7 +46,7 @@ def test_plugin_by_dotted_path_edits_through_the_tools(tmp_path):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("no_such_module_xyz:Thing", "cannot import module 'no_such_module_xyz'"),
+        ("no_such_module_xyz:Thing", "cannot find module 'no_such_module_xyz'"),
         ("fixture_plugins:Missing", "has no attribute 'Missing'"),
         ("fixture_plugins:NoPropose", "has no propose"),
         ("fixture_plugins:NOT_A_CLASS", "has no propose"),

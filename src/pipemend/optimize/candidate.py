@@ -33,6 +33,7 @@ from ..journal import RunState, record, replay
 from ..metrics import metric_fingerprint
 from ..protocols import Proposal, ProposalContext
 from ..proposers import ProposerBudget
+from ..proposers.isolation import PluginFailed
 from ..proposers.tools import ProposerTools
 from .base import base_train_dir
 from .bench import TrainBench
@@ -94,6 +95,9 @@ def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
         _save_meta(cdir, e.meta)
         stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
         return Proposed(None, [gate.Reason("budget", f"budget exhausted while proposing: {e}")], stop)
+    except PluginFailed as e:  # the plugin's own crash, reported from its sandbox
+        atomic_write_text(cdir / "error.txt", f"{e}\n\n{e.details}\n")
+        return Proposed(None, [gate.Reason("proposer_crashed", f"proposer crashed: {e}")])
     except Exception as e:  # noqa: BLE001 - a crashing proposer costs this candidate, not the run
         atomic_write_text(cdir / "error.txt", traceback.format_exc())
         return Proposed(None, [gate.Reason("proposer_crashed", f"proposer crashed: {type(e).__name__}: {e}")])

@@ -41,6 +41,8 @@ from ..sandbox.common import NOBODY, pipemend_package_dir
 from .budget import ProposerBudgetExhausted
 
 PROTOCOL = "pipemend-plugin-1"
+SKIP_REASONS = frozenset({"turns", "tokens", "usd", "time"})
+"""Budget reasons a plugin may report: each costs its own candidate only (``optimize.stops.ON_BUDGET``)."""
 TOOL_NAMES = frozenset({"list_files", "read_file", "search", "write_file", "edit_file", "describe", "is_writable",
                         "run_train", "read_trace", "read_trace_raw", "diagnose", "show_diff"})
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -53,7 +55,14 @@ IN_PIPEMEND = "/opt/pipemend"
 
 
 class PluginFailed(Exception):
-    """The plugin crashed, broke the protocol or ran out of time: this candidate is rejected."""
+    """The plugin crashed, broke the protocol or ran out of time: this candidate is rejected.
+
+    The message is one line (``RuntimeError: what it said``); ``details`` holds the plugin's traceback or
+    its stderr, for the candidate's ``error.txt``."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 def plugin_code_path(spec: str) -> Path:
@@ -192,7 +201,7 @@ class IsolatedProposer:
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise PluginFailed(f"the plugin exited without an answer (exit {proc.wait()}): {_tail(err_path)}")
+                raise PluginFailed(f"the plugin exited without an answer (exit {proc.wait()})", _tail(err_path))
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -226,13 +235,14 @@ class IsolatedProposer:
             return _Done(_proposal(msg["done"]))
         if "budget" in msg:
             b = msg["budget"] if isinstance(msg["budget"], dict) else {}
-            # the child's word decides nothing beyond its own candidate: always a skip, never a stop
-            raise ProposerBudgetExhausted("turns", f"the plugin ran out of budget: {str(b.get('message'))[:500]}",
+            # the child's word decides nothing beyond its own candidate: a skip, never a stop of the run
+            reason = b.get("reason") if b.get("reason") in SKIP_REASONS else "turns"
+            raise ProposerBudgetExhausted(reason, str(b.get("message"))[:500],
                                           b.get("meta") if isinstance(b.get("meta"), dict) else {})
         if "failed" in msg:
             f = msg["failed"] if isinstance(msg["failed"], dict) else {}
-            raise PluginFailed(f"{str(f.get('type'))[:100]}: {str(f.get('message'))[:2000]}\n"
-                               f"{str(f.get('traceback'))[-4000:]}")
+            raise PluginFailed(f"{str(f.get('type'))[:100]}: {str(f.get('message'))[:2000]}",
+                               str(f.get("traceback"))[-8000:])
         raise PluginFailed(f"the plugin broke the protocol (unknown message {sorted(msg)[:5]})")
 
     def _call(self, msg: dict[str, Any], ctx: ProposalContext) -> dict[str, Any]:
