@@ -7,7 +7,10 @@ scoring, diagnosis, files. The pipeline calls the model with the anthropic SDK.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -293,6 +296,28 @@ def test_help_lists_the_core_commands() -> None:
     eval_help = run_cli("eval", "--help").stdout
     for opt in ("--split", "--limit", "--model", "--sandbox", "--run-id", "--reports-dir", "--json"):
         assert opt in eval_help
+
+
+def test_doctor_clean_removes_what_a_dead_run_left_behind(monkeypatch, tmp_path) -> None:
+    from pipemend.sandbox.ingest import SCRATCH_PREFIX
+
+    monkeypatch.setenv("PIPEMEND_SCRATCH", str(tmp_path))
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_owner = f"{child.stdout.strip()}.1"  # a pid that has exited (and a start time no live process has)
+    orphan = tmp_path / f"{SCRATCH_PREFIX}deadrun-{dead_owner}-x1y2"
+    (orphan / "out").mkdir(parents=True)
+    alive = tmp_path / f"{SCRATCH_PREFIX}liverun-{os.getpid()}.{_start_time()}-z9"
+    alive.mkdir()
+    res = run_cli("doctor", "--clean", "--json")
+    assert res.exit_code == 0, res.output
+    assert not orphan.exists() and alive.exists()  # only what a dead owner left
+    assert "scratch folder" in res.output
+
+
+def _start_time() -> int:
+    from pipemend.sandbox.ingest import process_start_time
+
+    return process_start_time(os.getpid()) or 0
 
 
 def test_doctor_prints_one_row_per_check(monkeypatch) -> None:

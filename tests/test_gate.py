@@ -201,10 +201,25 @@ def test_an_answer_already_in_the_base_file_is_not_a_leak(repo_target):
     assert _check(snap2, wt) == []
 
 
-def test_added_lines_parses_new_files_and_edits():
-    diff = ("diff --git a/x.txt b/x.txt\n--- a/x.txt\n+++ b/x.txt\n@@ -1 +1 @@\n-old\n+new\n"
-            "diff --git a/y.txt b/y.txt\nnew file mode 100644\n--- /dev/null\n+++ b/y.txt\n@@ -0,0 +1 @@\n+hello\n")
-    assert gate.added_lines(diff) == {"x.txt": ["new"], "y.txt": ["hello"]}
+def test_a_content_line_that_looks_like_a_file_header_hides_nothing(repo_target):
+    """An added line ``++ /dev/null`` shows in the diff as ``+++ /dev/null``; the gate reads hunks by their
+    ranges, so the answers after it are still seen (issue 11, seal 4)."""
+    snap, wt, t = repo_target
+    (t / "prompts" / "sentence.txt").write_text("++ /dev/null\n-- a/x\nCapitals you know: Athens, Warsaw. Fact: {fact}\n")
+    reasons = gate.texts(_check(snap, wt))
+    assert any("label leak" in r for r in reasons), reasons
+
+
+def test_binary_content_and_an_unparsable_diff_are_refused():
+    def check(diff):
+        return gate.texts(gate.check_diff(diff=diff, changed=["p/x.txt"], worktree=Path("/nonexistent"),
+                                          target_subdir="p", editable=["*.txt"], protected=[],
+                                          sealed=gate.Sealed(), base_text=lambda path: ""))
+
+    binary = "diff --git a/p/x.txt b/p/x.txt\nindex 1111111..2222222 100644\nBinary files a/p/x.txt and b/p/x.txt differ\n"
+    assert any("binary content is refused" in r for r in check(binary))
+    torn = "diff --git a/p/x.txt b/p/x.txt\n--- a/p/x.txt\n+++ b/p/x.txt\n@@ -1,5 +1,5 @@\n-old\n"
+    assert any("could not be parsed" in r for r in check(torn))
 
 
 def test_verdict_json_has_its_numbers_and_an_aggregate_view(tmp_path):

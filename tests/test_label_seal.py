@@ -185,12 +185,16 @@ def test_an_absolute_hidden_path_is_refused(nested: Path, tmp_path: Path) -> Non
         get_sandbox("process", announce=lambda m: None).run(job)
 
 
-def test_evaluate_hides_the_data_the_metric_git_and_the_runs(thief: Path) -> None:
-    from pipemend.evaluate import _hidden
+def test_evaluate_hides_the_sealed_files_git_and_the_runs(thief: Path) -> None:
+    from pipemend.evaluate import hidden_paths
     from pipemend.manifest import load_manifest
 
     m = load_manifest(thief)
-    assert _hidden(m, thief, thief / "reports" / "r1") == ["data/labels.jsonl", "metric.py", ".git", "reports"]
-    assert _hidden(m, thief, thief.parent / "elsewhere" / "r1") == ["data/labels.jsonl", "metric.py", ".git"]
+    sealed = m.sealed_paths(thief)
+    assert {"data/labels.jsonl", "metric.py"} <= set(sealed)
+    assert hidden_paths(m, thief, thief / "reports" / "r1", sealed) == [*sealed, ".git", "reports"]
+    assert hidden_paths(m, thief, thief.parent / "elsewhere" / "r1", sealed) == [*sealed, ".git"]
+    assert hidden_paths(m, thief, thief / "r1", ["extra/generator.py"]) == [
+        "data/labels.jsonl", "extra/generator.py", "metric.py", ".git", "r1"]
     shutil.rmtree(thief / ".git")
-    assert _hidden(m, thief, thief / "r1") == ["data/labels.jsonl", "metric.py", "r1"]
+    assert hidden_paths(m, thief, thief / "r1", sealed) == [*sealed, "r1"]

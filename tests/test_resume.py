@@ -140,6 +140,21 @@ def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path):
         assert got == sha
 
 
+def test_refs_the_journal_does_not_back_are_removed_on_resume(tmp_path, reference):
+    """A kill after a candidate's commit and refs but before its ``candidate_done``, then a redo that ends
+    differently: no branch may go on naming the lost attempt (issue 11, seal 8)."""
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "stray"
+    drive("start", json.dumps(_config(tmp_path, target, "stray")), kill_when=_at_event(run_dir, "candidate_started", n=3))
+    repo = tmp_path / "repo"
+    rejected = [e for e in _events(run_dir) if e.get("event") == "candidate_done" and e["n"] == 1][0]["sha"]
+    # what the killed attempt at candidate 3 left, had it been accepted: its branch, best moved onto it
+    for ref in ("refs/heads/pipemend/stray/cand-3", "refs/heads/pipemend/stray/best", "refs/pipemend/stray/rejected/7"):
+        subprocess.run(["git", "-C", str(repo), "update-ref", ref, rejected], check=True)
+    drive("resume", str(run_dir))
+    assert _refs(repo, "stray") == reference[0]
+
+
 def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, reference):
     ref_refs, _ = reference
     target = optimize_harness.make_repo(tmp_path / "repo")

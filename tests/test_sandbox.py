@@ -24,7 +24,7 @@ def gateway(tmp_path: Path):
     from pipemend.gateway import Gateway, GatewayConfig
 
     gw = Gateway(GatewayConfig(run_dir=tmp_path / "run", socket_path=tmp_path / "gw.sock",
-                               cache_dir=tmp_path / "llm-cache"))
+                               cache_dir=tmp_path / "llm-cache", models=["simulated/echo"]))
     gw.start()
     yield gw
     gw.stop()

@@ -63,7 +63,7 @@ def gateway(tmp_path: Path, monkeypatch):
     key_file = secrets / "api-key"
     key_file.write_text(REAL_KEY)
     gw = Gateway(GatewayConfig(run_dir=tmp_path / "run", socket_path=secrets / "gw.sock",
-                               cache_dir=tmp_path / "llm-cache", api_key_file=key_file))
+                               cache_dir=tmp_path / "llm-cache", api_key_file=key_file, models=["simulated/echo"]))
     gw.start()
     gw.key_file = key_file
     yield gw

@@ -151,7 +151,8 @@ def test_planted_links_fifos_and_huge_files_never_reach_the_host(name, attack, t
     if attack == "dotdot":  # (an id like "../x" never gets this far: the runner refuses it; ingest skips it too)
         assert results["plant"]["error"] is None
         assert sorted(p.name for p in (out / "traces").iterdir()) == ["plant.json", "victim.json"]
-        assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "traces"]
+        assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "runner.json", "traces"]
+        assert json.loads((out / "runner.json").read_text())["startup_s"] >= 0  # start-up is charged too
 
 
 @pytest.mark.parametrize("name", SANDBOXES)
@@ -194,12 +195,18 @@ def test_ingest_takes_regular_expected_files_only(planted, tmp_path: Path):
     os.mkfifo(so / "traces" / "d.json")
     (so / "traces" / "not-asked.json").write_text("{}")
     (so / "extra.txt").write_text("x")
+    (so / "runner.json").symlink_to("/etc/passwd")
     report = ingest(so, out, ["a", "b", "c", "d", "gone", "../x", "."])
     assert report.results and report.traces == ["a"]
     assert sorted(p.name for p in (out / "traces").iterdir()) == ["a.json"]
     assert (out / "results.jsonl").read_text() == '{"id": "a"}\n'
-    assert not (out / "extra.txt").exists()
-    assert {r.split(":")[0] for r in report.refused} == {"traces/b.json", "traces/c.json", "traces/d.json"}
+    assert not (out / "extra.txt").exists() and not (out / "runner.json").exists()
+    assert {r.split(":")[0] for r in report.refused} == {"runner.json", "traces/b.json", "traces/c.json",
+                                                         "traces/d.json"}
+    (so / "runner.json").unlink()
+    (so / "runner.json").write_text('{"format": "pipemend-runner-1", "startup_s": 0.5}')
+    ingest(so, out, ["a"])
+    assert json.loads((out / "runner.json").read_text())["startup_s"] == 0.5
 
 
 def test_ingest_refuses_a_linked_traces_folder_and_results_and_caps_sizes(planted, tmp_path: Path):

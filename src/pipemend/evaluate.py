@@ -91,7 +91,7 @@ def _wall_timeout(n: int, concurrency: int, example_timeout_s: float) -> float:
     return math.ceil(max(n, 1) / max(concurrency, 1)) * example_timeout_s + WALL_SLACK_S
 
 
-def _hidden(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequence[str]) -> list[str]:
+def hidden_paths(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequence[str]) -> list[str]:
     """Target-relative paths no pipeline may read (the label seal, ``SandboxJob.hidden``).
 
     The sealed files (the data files with labels and evidence for every split,
@@ -185,7 +185,7 @@ def evaluate(
         wall_timeout_s=_wall_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
         writable=writable,
         requirements=(target_dir / manifest.requirements) if manifest.requirements else None,
-        hidden=_hidden(manifest, target_dir, Path(ctx.run_dir), ctx.sealed),
+        hidden=hidden_paths(manifest, target_dir, Path(ctx.run_dir), ctx.sealed),
         env={"PIPEMEND_EVAL": token},
     )
     t0 = time.time()

@@ -7,6 +7,7 @@ temporary file in the same folder, fsynced, then moved into place with
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -63,22 +64,22 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 MAX_REGULAR_BYTES = 16 * 1024 * 1024
 
 
-def read_regular(path: str | os.PathLike[str], *, max_bytes: int = MAX_REGULAR_BYTES) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file no larger than ``max_bytes``; else None.
+def read_regular_at(name: str | os.PathLike[str], cap: int, *, dir_fd: int | None = None) -> bytes:
+    """The bytes of ``name`` (inside the open folder ``dir_fd`` when given): a regular file, at most ``cap``.
 
-    For files a sandbox may have written: the last component is opened without following a link
-    (``O_NOFOLLOW``) and without blocking (a FIFO answers at once), and checked to be regular on the
-    open descriptor, so a swap between the check and the read changes nothing.
+    For files a sandbox may have written. The last component is opened without following a link
+    (``O_NOFOLLOW``) and without blocking (a FIFO answers at once), and checked to be regular on the open
+    descriptor, so a swap between the check and the read changes nothing. Raises ``OSError`` (the reason
+    in its text) for a link, a FIFO, a device, a folder, a missing file or one over the cap.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-            return None
-        chunks, left = [], max_bytes + 1
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > cap:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, over the cap of {cap}")
+        chunks, left = [], cap + 1
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
@@ -86,9 +87,31 @@ def read_regular(path: str | os.PathLike[str], *, max_bytes: int = MAX_REGULAR_B
             chunks.append(chunk)
             left -= len(chunk)
         data = b"".join(chunks)
-        return data if len(data) <= max_bytes else None
+        if len(data) > cap:
+            raise OSError(errno.EFBIG, f"grew over the cap of {cap} bytes")
+        return data
     finally:
         os.close(fd)
+
+
+def read_regular(path: str | os.PathLike[str], *, max_bytes: int = MAX_REGULAR_BYTES) -> bytes | None:
+    """``read_regular_at(path)``, or None where it refuses (missing, a link, not regular, too big)."""
+    try:
+        return read_regular_at(path, max_bytes)
+    except OSError:
+        return None
+
+
+def read_json_object(path: str | os.PathLike[str], *, max_bytes: int = MAX_REGULAR_BYTES) -> dict[str, Any] | None:
+    """A JSON object a sandbox wrote, read as ``read_regular`` does; None for anything else."""
+    data = read_regular(path, max_bytes=max_bytes)
+    if data is None:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def copy_regular(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,

@@ -33,14 +33,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .dataset import Example
-from .fsutil import atomic_write_json, atomic_write_text, read_jsonl
+from .fsutil import atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from .metrics import Metric
 
 EVAL_FORMAT = "pipemend-eval-1"
@@ -79,45 +78,19 @@ def _trace_call_ids(trace: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _read_sandbox_json(path: Path, max_bytes: int) -> dict[str, Any] | None:
-    """A JSON object a sandbox wrote: a regular file opened without following a link, at most
-    ``max_bytes``; None for anything else (missing, a link, a fifo, too big, not a JSON object)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-            return None
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        return None
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _read_trace(traces_dir: Path | None, example_id: str) -> dict[str, Any] | None:
     if traces_dir is None:
         return None
     path = Path(traces_dir) / f"{example_id}.json"
     if path.parent != Path(traces_dir) or os.path.islink(traces_dir):
         return None
-    return _read_sandbox_json(path, MAX_TRACE_BYTES)
+    return read_json_object(path, max_bytes=MAX_TRACE_BYTES)
 
 
 def read_runner_json(path: Path) -> dict[str, Any]:
     """``{"startup_s": float, "eval": str | None}`` from the runner's ``runner.json`` (hostile: checked,
     size-capped, never through a link); ``startup_s`` 0.0 and ``eval`` None when absent or malformed."""
-    obj = _read_sandbox_json(path, MAX_RUNNER_JSON_BYTES) or {}
+    obj = read_json_object(path, max_bytes=MAX_RUNNER_JSON_BYTES) or {}
     if obj.get("format") != RUNNER_FORMAT:
         obj = {}
     token = obj.get("eval")

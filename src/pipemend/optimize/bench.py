@@ -9,7 +9,6 @@ latest train trace (this candidate's runs first, then the base's train run);
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from ..dataset import Example
 from ..diagnose import diagnose_eval_dir
 from ..errors import UsageError
-from ..fsutil import read_regular
+from ..fsutil import read_json_object
 from .env import RunEnv
 
 
@@ -60,13 +59,9 @@ class TrainBench:
         if example_id not in self.by_id:
             return None
         for d in [r for r, _ in reversed(self.runs)] + [self.base_train_dir]:
-            data = read_regular(d / "traces" / f"{example_id}.json")  # written by a sandbox: hostile
-            if data is not None:
-                try:
-                    trace = json.loads(data)
-                except ValueError:
-                    return None
-                return trace if isinstance(trace, dict) else None
+            path = d / "traces" / f"{example_id}.json"
+            if path.exists() or path.is_symlink():
+                return read_json_object(path)  # written by a sandbox: a regular file, never through a link
         return None
 
     def diagnose(self) -> dict[str, Any]:

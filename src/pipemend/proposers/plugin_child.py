@@ -12,7 +12,6 @@ Nothing here is trusted by the host: every message is validated there.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -20,8 +19,11 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import BudgetExhausted
+from ..errors import BudgetExhausted, UsageError
+from ..manifest import Manifest
+from ..plugins import load_object
 from ..protocols import Proposal, ProposalContext
+from .budget import ProposerBudget
 
 PROTOCOL = "pipemend-plugin-1"
 
@@ -78,15 +80,10 @@ class _Unusable(Exception):
 
 def _build(spec: str, options: dict[str, Any]) -> Any:
     """The plugin object, or ``_Unusable`` saying what is wrong (the same words as ``get_proposer``)."""
-    module_name, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise _Unusable(f"proposer {spec!r}: cannot import module {module_name!r} ({e})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise _Unusable(f"proposer {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+        obj = load_object(spec, kind="proposer")
+    except UsageError as e:
+        raise _Unusable(str(e)) from None
     if not callable(obj) or not callable(getattr(obj, "propose", None)):
         raise _Unusable(f"proposer {spec!r}: {spec} has no propose(ctx) method")
     try:
@@ -112,9 +109,6 @@ def main() -> int:
     if hello.get("check_only"):
         channel.send({"usable": True})
         return 0
-    from ..manifest import Manifest  # pydantic model: the frozen manifest as the host sent it
-    from .budget import ProposerBudget
-
     c = hello["context"]
     worktree = Path(hello["worktree"])
     root = worktree / c["target_subdir"] if c["target_subdir"] else worktree

@@ -8,6 +8,7 @@ Afterwards ``ingest`` copies into ``job.out_dir`` only what the runner is
 expected to write, by name:
 
 - ``results.jsonl``;
+- ``runner.json`` (the runner's start-up time, charged to the evaluation);
 - ``traces/<id>.json`` for the job's own example ids (read from the host's
   inputs file, never from the sandbox).
 
@@ -30,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -38,11 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, read_regular_at
 from ..protocols import SandboxJob, SandboxOutcome
 
 SCRATCH_PREFIX = "pipemend-scratch-"
 RESULTS = "results.jsonl"
+RUNNER = "runner.json"
+RUNNER_CAP = 64 * 1024
+"""Largest ``runner.json`` taken in (bytes)."""
 TRACES = "traces"
 RESULTS_CAP = 64 * 1024 * 1024
 """Largest ``results.jsonl`` taken in (bytes); a larger one is refused whole."""
@@ -134,33 +137,14 @@ class IngestReport:
 
 
 def read_regular(dir_fd: int, name: str, cap: int) -> bytes:
-    """The bytes of ``name`` inside the open folder ``dir_fd``: a regular file, no link followed, at most ``cap``.
+    """The bytes of ``name`` inside the open folder ``dir_fd`` (``fsutil.read_regular_at``), a plain name only.
 
-    Raises ``OSError`` (the reason in its text) for a link, a FIFO, a device, a
-    folder, a missing file or one over the cap.
+    Raises ``OSError`` (the reason in its text) for a bad name, a link, a FIFO, a device, a folder, a
+    missing file or one over the cap.
     """
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise OSError(errno.EINVAL, f"not a plain file name: {name!r}")
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if st.st_size > cap:
-            raise OSError(errno.EFBIG, f"{st.st_size} bytes, over the cap of {cap}")
-        chunks, left = [], cap + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > cap:
-            raise OSError(errno.EFBIG, f"grew over the cap of {cap} bytes")
-        return data
-    finally:
-        os.close(fd)
+    return read_regular_at(name, cap, dir_fd=dir_fd)
 
 
 def open_dir(path: Path | str, *, dir_fd: int | None = None) -> int:
@@ -212,6 +196,12 @@ def ingest(scratch_out: Path, out_dir: Path, ids: list[str], *, results_cap: int
         except OSError as e:
             if e.errno != errno.ENOENT:
                 report.refused.append(f"{RESULTS}: {e.strerror or e}")
+        (out_dir / RUNNER).unlink(missing_ok=True)
+        try:
+            atomic_write_bytes(out_dir / RUNNER, read_regular(top, RUNNER, RUNNER_CAP))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                report.refused.append(f"{RUNNER}: {e.strerror or e}")
         traces_fd = None
         try:
             traces_fd = open_dir(TRACES, dir_fd=top)
