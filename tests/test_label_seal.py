@@ -3,7 +3,7 @@
 ``evaluate`` hands every sandbox the target's data files, custom metric file, git
 folder and (when it lies inside the target) the run folders as
 ``SandboxJob.hidden``; docker and bwrap mask them, process runs a copy without
-them. The fixture pipeline (fixtures/label_seal/) opens those files itself and
+them. The fixture pipeline (fixtures/targets/label_seal/) opens those files itself and
 returns everything it could read; no label, evidence id or metric source may
 come back. Real parts throughout: the ``pipemend eval`` CLI, the gateway, git,
 the sandboxes.
@@ -27,7 +27,7 @@ from pipemend.protocols import SandboxJob
 from pipemend.sandbox import get_sandbox
 from sandbox_support import SANDBOXES, sandbox_or_skip
 
-FIXTURE = Path(__file__).parent / "fixtures" / "label_seal"
+FIXTURE = Path(__file__).parent / "fixtures" / "targets" / "label_seal"
 SECRETS = ("SEAL-ANSWER", "SEAL-EVID", "METRIC-SECRET")
 HIDDEN_PROBES = ("data/labels.jsonl", "alias.jsonl", "metric.py")
 

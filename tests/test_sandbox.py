@@ -16,7 +16,7 @@ from pipemend.protocols import Sandbox, SandboxJob
 from pipemend.sandbox import SandboxLimits, get_sandbox
 from pipemend.sandbox.doctor import Check, check_all
 
-FIXTURE = Path(__file__).parent / "fixtures" / "hostile"
+FIXTURE = Path(__file__).parent / "fixtures" / "targets" / "hostile"
 
 
 @pytest.fixture

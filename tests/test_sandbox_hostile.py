@@ -22,7 +22,7 @@ from pipemend.protocols import SandboxJob
 from pipemend.sandbox import SandboxLimits, get_sandbox
 from pipemend.sandbox.worktrees import snapshot_target
 
-FIXTURE = Path(__file__).parent / "fixtures" / "hostile"
+FIXTURE = Path(__file__).parent / "fixtures" / "targets" / "hostile"
 REAL_KEY = "sk-ant-api03-REAL-KEY-THAT-MUST-NEVER-LEAK"
 LIMITS = SandboxLimits(memory_mb=384, pids=64, cpus=1.0, tmp_mb=64)
 

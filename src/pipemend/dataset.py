@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, UsageError
 from .fsutil import atomic_write_json, read_json
+from .manifest import MANIFEST_NAME, load_manifest
+from .metrics import load_metric
 
 SPLITS = ("train", "val", "test")
 ROW_KEYS = ("id", "inputs", "expected", "evidence")
@@ -160,7 +162,6 @@ def _sha256(path: Path) -> str:
 
 def frozen_files(manifest: Any) -> list[str]:
     """Target-relative files a run freezes: the manifest, the data files and a custom metric file."""
-    from .manifest import MANIFEST_NAME
 
     files = [MANIFEST_NAME]
     ds = manifest.dataset
@@ -185,7 +186,6 @@ class FrozenTarget:
 
     @classmethod
     def open(cls, run_dir: str | Path) -> "FrozenTarget":
-        from .manifest import load_manifest
 
         fdir = Path(run_dir) / FROZEN_DIR
         meta_path = fdir / "frozen.json"
@@ -207,7 +207,6 @@ class FrozenTarget:
 
     def metric(self) -> Callable[..., Any]:
         if self._metric is None:
-            from .metrics import load_metric
 
             self._metric = load_metric(self.manifest.metric, self.dir)
         return self._metric

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from importlib.metadata import version
+from pathlib import Path
 from typing import Sequence
 
 from .gateway.local_guard import PROBE_COMMAND, PROBE_TIMEOUT_S, probe
@@ -71,8 +73,6 @@ def check_claude_code() -> Check:
     fix = "scripts/install --claude-code (or pip install 'pipemend[claude-code]')"
     if importlib.util.find_spec("claude_agent_sdk") is None:
         return Check("claude-code proposer", False, "claude-agent-sdk is not installed", fix)
-    from importlib.metadata import version
-    from pathlib import Path
 
     import claude_agent_sdk
 

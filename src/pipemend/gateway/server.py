@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import socketserver
 import threading
@@ -329,7 +330,6 @@ def serve_forever_cli(
 
     ``models``: the model names to serve (``GatewayConfig.models``); None serves the real families only.
     """
-    import signal
 
     config = GatewayConfig(run_dir=Path(run_dir), port=port, budget_usd=budget_usd, budget_tokens=budget_tokens,
                            cache_dir=cache_dir, models=models)

@@ -13,6 +13,7 @@ from typing import Callable
 from ..errors import SandboxUnavailable
 from ..plugins import resolve
 from ..protocols import Sandbox
+from .bwrap import probe
 from .common import SandboxLimits
 
 SANDBOXES = {
@@ -49,8 +50,6 @@ def get_sandbox(name: str = "auto", announce: Callable[[str], None] = print,
     if name != "auto":
         sb = _make(name, announce, limits)
         if name == "bwrap":
-            from .bwrap import probe
-
             probe()
         return sb
     reasons = []
@@ -58,8 +57,6 @@ def get_sandbox(name: str = "auto", announce: Callable[[str], None] = print,
         try:
             sb = _make(candidate, announce, limits)
             if candidate == "bwrap":
-                from .bwrap import probe
-
                 probe()
             if reasons:
                 announce(f"sandbox: {candidate} ({'; '.join(reasons)})")

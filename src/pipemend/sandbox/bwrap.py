@@ -40,7 +40,7 @@ from .common import (
 )
 from .ingest import Scratch, noted, sandbox_output
 from .limited import describe, run_limited
-from .reap import record_process
+from .ingest import record_process
 from .venvs import target_python
 
 _ETC = ["/etc/ld.so.cache", "/etc/localtime", "/etc/ssl/certs", "/etc/nsswitch.conf", "/etc/alternatives"]

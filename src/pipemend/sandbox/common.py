@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import pipemend
 
+from ..errors import UsageError
 from ..protocols import SandboxJob
 
 NOBODY = 65534
@@ -94,7 +95,6 @@ def target_dir(job: SandboxJob) -> Path:
 
 def check_job(job: SandboxJob) -> None:
     """Fail early, with the path, when a job points at something missing."""
-    from ..errors import UsageError
 
     target = target_dir(job)
     if not target.is_dir():

@@ -20,6 +20,7 @@ killed pipemend left behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import threading
@@ -27,6 +28,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+import docker
+import docker.errors
+from docker.types import Mount
 
 from ..errors import SandboxUnavailable
 from ..protocols import SandboxJob, SandboxOutcome
@@ -64,10 +69,6 @@ def sandboxes_dir() -> Path:
 def docker_client() -> Any:
     """A connected docker SDK client, or ``SandboxUnavailable`` saying why and how to fix it."""
     try:
-        import docker
-    except ImportError as e:  # pragma: no cover - docker is a core dependency
-        raise SandboxUnavailable("the docker Python SDK is not installed (pip install docker)") from e
-    try:
         client = docker.from_env(timeout=30)
         client.ping()
         return client
@@ -101,8 +102,6 @@ def ensure_image(requirements: Path | None = None, announce: Callable[[str], Non
 
 
 def _file_digest(path: Path | None) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
 
 
@@ -225,8 +224,6 @@ class DockerSandbox:
 
 def _masks(job: SandboxJob) -> list[Any]:
     """Mounts that hide ``job.hidden`` inside the worktree mount (the engine mounts them after it: deeper path)."""
-    from docker.types import Mount
-
     out = []
     for m in masked_paths(job):
         where = f"{IN_WORK}/{m.rel}"
@@ -287,8 +284,6 @@ def _quietly(fn: Callable[[], Any]) -> None:
 
 def _remove(client: Any, container_id: str, wait_s: float = 30.0) -> None:
     """Force-remove a container and wait until the engine no longer lists it."""
-    import docker.errors
-
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:

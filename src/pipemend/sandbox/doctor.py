@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import SandboxUnavailable
+from . import bwrap
+from . import docker as d
 
 
 @dataclass
@@ -19,8 +21,6 @@ class Check:
 
 
 def check_docker() -> list[Check]:
-    from . import docker as d
-
     if not shutil.which("docker") and not os.path.exists("/var/run/docker.sock"):
         return [Check("docker engine", False, "docker is not installed",
                       "apt-get install docker.io (or run sandboxes/ci-setup.sh start)")]
@@ -44,8 +44,6 @@ def check_docker() -> list[Check]:
 
 
 def check_bwrap() -> Check:
-    from . import bwrap
-
     if not shutil.which("bwrap"):
         return Check("bwrap", False, "bubblewrap is not installed", "apt-get install bubblewrap")
     try:

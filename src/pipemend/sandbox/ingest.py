@@ -87,6 +87,15 @@ def process_start_time(pid: int) -> str | None:
     return text.rsplit(")", 1)[1].split()[19]
 
 
+PROCESS_RECORD = "process.json"
+"""In a scratch folder: the sandbox's process group (the sandbox cannot write there), for ``reap``."""
+
+
+def record_process(scratch: Scratch, pgid: int) -> None:
+    """Note the sandbox's process group in its scratch folder (the sandbox cannot write there)."""
+    (scratch.root / PROCESS_RECORD).write_text(json.dumps({"pgid": pgid, "start": process_start_time(pgid)}))
+
+
 def owner_token(pid: int | None = None) -> str:
     """``<pid>.<start time>`` of this process (or ``pid``): who owns a scratch folder or a container."""
     pid = os.getpid() if pid is None else pid

@@ -52,7 +52,7 @@ from .common import (
 from .confine import confiner
 from .ingest import Scratch, noted, run_dir_of, sandbox_output
 from .limited import describe, run_limited
-from .reap import record_process
+from .ingest import record_process
 from .venvs import target_python
 
 WARNING = (

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SandboxUnavailable
-from .ingest import SCRATCH_PREFIX, Scratch, owner_alive, process_start_time, read_regular, open_dir, safe_run_id
+from .ingest import (PROCESS_RECORD, SCRATCH_PREFIX, open_dir, owner_alive, process_start_time, read_regular,
+                     safe_run_id)
+from .limited import Cgroup
+from .process import sweep_stale_copies
 
-PROCESS_RECORD = "process.json"
 
 
 @dataclass
@@ -45,9 +47,6 @@ class ReapReport:
                 f"{len(self.folders)} scratch folder(s)" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
 
 
-def record_process(scratch: Scratch, pgid: int) -> None:
-    """Note the sandbox's process group in its scratch folder (the sandbox cannot write there)."""
-    (scratch.root / PROCESS_RECORD).write_text(json.dumps({"pgid": pgid, "start": process_start_time(pgid)}))
 
 
 def scratch_roots() -> list[Path]:
@@ -83,8 +82,6 @@ def reap(run_id: str | None = None) -> ReapReport:
                 report.processes.append(pgid)
             shutil.rmtree(d, ignore_errors=True)
             report.folders.append(str(d))
-    from .limited import Cgroup
-    from .process import sweep_stale_copies
 
     sweep_stale_copies()
     Cgroup.sweep()
