@@ -239,6 +239,21 @@ def test_calls_without_an_eval_token_are_charged_when_inside_the_evaluations_win
     assert summary["unattributed_calls"] == 0
 
 
+def test_a_forged_eval_token_inside_the_window_excuses_nothing(tmp_path):
+    """A pipeline that sends another evaluation's token (or a made-up one) on its import-time calls is still
+    charged for them: the run's gateway serves one evaluation at a time, so the window decides."""
+    results = tmp_path / "results.jsonl"
+    _write_results(results, _results()[:2])
+    log = tmp_path / "calls.jsonl"
+    forged = {**_eval_call("f1", "<startup>", 0.4, token="someone-else"), "t": 104.0}
+    elsewhere = {**_eval_call("e1", "<startup>", 7.0, token="someone-else"), "t": 40.0}  # truly another evaluation
+    for row in [_eval_call("c1", "q1", 0.01, t=101.0), forged, elsewhere]:
+        append_jsonl(log, row)
+    _, summary = score_results(results, _examples()[:2], load_metric("exact_match", tmp_path), split="val",
+                               call_log=log, eval_token="tok", window=(100.0, 110.0))
+    assert summary["unattributed_calls"] == 1 and summary["unattributed_cost_usd"] == pytest.approx(0.4)
+
+
 def test_the_hosts_token_wins_over_what_the_sandbox_wrote(tmp_path):
     """A pipeline that rewrites runner.json to name another token is still charged for its start-up calls."""
     results = tmp_path / "results.jsonl"

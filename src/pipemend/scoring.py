@@ -23,8 +23,9 @@ the latency of the other unaccounted calls). The summary shows them apart
 (``startup_s``, ``unattributed_calls``, ``unattributed_cost_usd``,
 ``unattributed_latency_s``). A call belongs to this evaluation when its
 call-log row's ``eval`` is the evaluation's token (``x-pipemend-eval``, which
-the runner sends on every request), or when it has no ``eval`` and its ``t``
-falls in the evaluation's time window (a pipeline that strips the header is
+the runner sends on every request), or when its ``t`` falls in the
+evaluation's time window whatever its ``eval`` says (a run's gateway serves one
+evaluation at a time, so a pipeline that strips or forges the header is
 charged, not excused).
 """
 
@@ -202,13 +203,13 @@ def score_results(
 
 
 def _eval_calls(log_rows: list[dict[str, Any]], token: str | None, window: tuple[float, float] | None) -> list[dict[str, Any]]:
-    """This evaluation's call-log rows: its token's, and token-less ones inside its time window."""
+    """This evaluation's call-log rows: its token's, and every row inside its time window (the run's gateway
+    serves one evaluation at a time, so a forged or stripped token excuses nothing)."""
     ours = []
     for r in log_rows:
-        tag = r.get("eval")
-        if token is not None and tag == token:
+        if token is not None and r.get("eval") == token:
             ours.append(r)
-        elif not tag and window is not None and window[0] <= _num(r.get("t")) <= window[1]:
+        elif window is not None and window[0] <= _num(r.get("t")) <= window[1]:
             ours.append(r)
     return ours
 
