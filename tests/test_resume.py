@@ -18,8 +18,11 @@ import pytest
 
 import optimize_harness
 from drive import drive
+from sandbox_support import sandbox_or_skip
 
 from pipemend.fsutil import read_json, read_jsonl
+from pipemend.sandbox.docker import docker_client
+from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = ["comment", "short", "sentence"]
@@ -166,3 +169,27 @@ def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, r
     drive("resume", str(run_dir))
     assert summary.stat().st_mtime_ns == before, "the finished val evaluation was read back, not re-run"
     assert _refs(tmp_path / "repo", "kill") == ref_refs
+
+
+@pytest.mark.docker
+def test_a_docker_run_killed_mid_evaluation_leaves_nothing_after_resume(tmp_path, monkeypatch):
+    """kill -9 of pipemend while a container evaluates, then ``resume``: no container, process or scratch
+    folder of the run is left (issue 18)."""
+    sandbox_or_skip("docker")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("PIPEMEND_SCRATCH", str(scratch))  # the driver and the resumed run inherit it
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "dock"
+    config = {**_config(tmp_path, target, "dock"), "sandbox": "docker"}
+    drive("start", json.dumps(config), kill_when=_mid_eval(run_dir, "evals/baseline-val"))
+
+    def leftovers():
+        containers = docker_client().containers.list(all=True, filters={"label": "pipemend.run=dock"})
+        return [c.id for c in containers] + sorted(p.name for p in scratch.glob(f"{SCRATCH_PREFIX}dock-*"))
+
+    assert leftovers(), "the kill should have left the evaluating container or its scratch folder behind"
+    done = drive("resume", str(run_dir))
+    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
+    assert leftovers() == []
+
