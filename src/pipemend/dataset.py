@@ -161,7 +161,8 @@ def _sha256(path: Path) -> str:
 
 
 def frozen_files(manifest: Any) -> list[str]:
-    """Target-relative files a run freezes: the manifest, the data files and a custom metric file."""
+    """Target-relative files a run freezes: the manifest, the data files, a custom metric file and a file of
+    must-pass ids (``gates.must_pass``)."""
 
     files = [MANIFEST_NAME]
     ds = manifest.dataset
@@ -171,6 +172,9 @@ def frozen_files(manifest: Any) -> list[str]:
         files += [ds.files.train, ds.files.val, ds.files.test]
     if ":" in manifest.metric and manifest.metric.split(":", 1)[0].endswith(".py"):
         files.append(manifest.metric.split(":", 1)[0])
+    must_pass = manifest.gates.must_pass
+    if isinstance(must_pass, str) and must_pass != "learned":
+        files.append(must_pass)
     return list(dict.fromkeys(files))
 
 

@@ -10,11 +10,9 @@ Two halves, run in this order so that a bad diff costs no evaluation:
 - adds a val or test example id (an answers-by-id table);
 - adds a line of the metric's source (``metrics.metric_fingerprint``).
 
-``compare`` (statistics, on the SAME val examples for base and candidate)
-requires a mean paired delta of at least ``min_delta`` with ``confidence``
-(paired bootstrap: the share of resampled mean deltas above 0; sign test:
-``1 - p``), at most ``max_regressions`` examples that were right in the base
-and are wrong in the candidate, and cost and latency within their ratios.
+The statistics (confirmation re-runs, the test at the candidate's share of the
+run's error budget, racing, savings) are ``pipemend.evidence``; ``decide`` turns
+both halves into the ``Verdict``.
 
 Label-leak rule. An expected val/test answer leaks when its SQuAD-normalized
 form appears, as whole words, in the added lines of a file and not in the
@@ -27,10 +25,7 @@ legitimately written into instructions). "1887" pasted into a prompt is a leak.
 The frozen metric and data score every candidate, so editing the candidate's
 copies cannot raise its score; the static check still rejects such a diff.
 
-Every reason to refuse is a ``Reason(code, text, example_ids)``: ``text`` never
-names a val/test example, the ids ride apart, so what a proposer sees
-(``Verdict.aggregates``) drops them by construction; ``str(reason)`` is the
-full text (with ids) that verdict.json, the journal and the report show.
+Every reason to refuse is a ``Reason(code, text, example_ids)`` (``pipemend.reasons``).
 """
 
 from __future__ import annotations
@@ -41,44 +36,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
 from .diffs import DiffError, FileDiff, added_by_path, parse_diff
+from .evidence import Comparison, guarantee
 from .fsutil import atomic_write_json
 from .globs import matches_any
 from .manifest import Gates
 from .metrics import normalize_answer
-from .scoring import paired_bootstrap, sign_test
+from .reasons import Reason, texts
 
-VERDICT_FORMAT = "pipemend-verdict-1"
-RIGHT = 0.5
-"""An example is "right" when its score is at least this (binary metrics: 1)."""
-LATENCY_FLOOR_S = 0.05
-"""Latency ratios are judged only when the candidate is slower by more than this (timer noise)."""
-SHOWN_IDS = 10
-"""Example ids written into a reason's full text at most."""
+__all__ = ["Comparison", "Reason", "Sealed", "Verdict", "check_diff", "decide", "guarantee", "texts"]
 
-
-@dataclass(frozen=True)
-class Reason:
-    """One reason to refuse a candidate.
-
-    ``code`` names the rule (``protected``, ``label_leak``, ``regressions``...), ``text`` says what is wrong
-    without naming any val/test example, ``example_ids`` are the examples concerned (kept out of what a
-    proposer sees). ``str()`` is the full text: ``text`` then ``: id, id, ...``.
-    """
-
-    code: str
-    text: str
-    example_ids: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        if not self.example_ids:
-            return self.text
-        more = len(self.example_ids) - SHOWN_IDS
-        return f"{self.text}: {', '.join(self.example_ids[:SHOWN_IDS])}" + (f" (+{more} more)" if more > 0 else "")
-
-
-def texts(reasons: Sequence[Reason]) -> list[str]:
-    """The full texts (verdict.json, the journal, the report)."""
-    return [str(r) for r in reasons]
+VERDICT_FORMAT = "pipemend-verdict-2"
 
 
 # --------------------------------------------------------------------------- the diff
@@ -208,134 +175,6 @@ def _has_symlink(worktree: Path, rel: PurePosixPath) -> bool:
         if cur.is_symlink():
             return True
     return False
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def _paired(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]]) -> tuple[list[str], list[float], list[float]]:
-    cand = {str(r["id"]): float(r.get("score") or 0.0) for r in cand_rows}
-    ids = [str(r["id"]) for r in base_rows]
-    return ids, [float(r.get("score") or 0.0) for r in base_rows], [cand.get(i, 0.0) for i in ids]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-@dataclass
-class Comparison:
-    """The gate's numbers for candidate vs base on the same val examples, and its reasons to refuse
-    (``reasons`` empty: the statistics accept). ``to_json`` is verdict.json's ``stats``."""
-
-    n: int
-    base_mean: float
-    cand_mean: float
-    delta: float
-    test: str
-    regressions: list[str]
-    """Ids right in the base and wrong in the candidate."""
-    fixed: list[str]
-    """Ids wrong in the base and right in the candidate."""
-    cost: dict[str, Any]
-    latency: dict[str, Any]
-    reasons: list[Reason] = field(default_factory=list)
-    sign_test: dict[str, Any] | None = None
-    bootstrap: dict[str, Any] | None = None
-
-    @property
-    def ci_low(self) -> float | None:
-        return None if self.bootstrap is None else self.bootstrap["ci_low"]
-
-    @property
-    def ci_high(self) -> float | None:
-        return None if self.bootstrap is None else self.bootstrap["ci_high"]
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"n": self.n, "base_mean": self.base_mean, "cand_mean": self.cand_mean,
-                               "delta": self.delta, "test": self.test}
-        if self.sign_test is not None:
-            out["sign_test"] = self.sign_test
-        if self.bootstrap is not None:
-            out["bootstrap"] = self.bootstrap
-            out["ci_low"], out["ci_high"] = self.ci_low, self.ci_high
-        return {**out, "regressions": list(self.regressions), "fixed": list(self.fixed), "cost": self.cost,
-                "latency": self.latency, "reasons": texts(self.reasons)}
-
-    def aggregates(self) -> dict[str, Any]:
-        """``to_json`` without example ids: regressions and fixed as counts, reasons as their id-free text."""
-        return {**self.to_json(), "regressions": len(self.regressions), "fixed": len(self.fixed),
-                "reasons": [r.text for r in self.reasons]}
-
-
-def compare(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], gates: Gates, *,
-            seed: int = 0) -> Comparison:
-    """The gate's numbers and its reasons to refuse."""
-    ids, base, cand = _paired(base_rows, cand_rows)
-    n = len(ids)
-    delta = _mean(cand) - _mean(base)
-    reasons: list[Reason] = []
-    sign = boot = None
-    if gates.test == "sign":
-        sign = sign_test(base, cand)
-        confident = sign["p_value"] <= 1.0 - gates.confidence
-        conf_text = f"sign test p={sign['p_value']:.3f} > {1 - gates.confidence:.3f}"
-    else:
-        boot = paired_bootstrap(base, cand, confidence=gates.confidence, seed=seed)
-        confident = boot["prob_positive"] >= gates.confidence
-        conf_text = f"P(delta > 0) = {boot['prob_positive']:.3f} < {gates.confidence}"
-    if n == 0:
-        reasons.append(Reason("no_examples", "no val examples to compare"))
-    if delta < gates.min_delta:
-        reasons.append(Reason("min_delta", f"val delta {delta:+.4f} below min_delta {gates.min_delta}"))
-    elif not confident:
-        reasons.append(Reason("not_confident", f"improvement not confident: {conf_text}"))
-
-    regressions = [i for i, b, c in zip(ids, base, cand) if b >= RIGHT and c < RIGHT]
-    fixed = [i for i, b, c in zip(ids, base, cand) if b < RIGHT and c >= RIGHT]
-    if len(regressions) > gates.max_regressions:
-        reasons.append(Reason("regressions", f"{len(regressions)} regression(s) > max_regressions "
-                                             f"{gates.max_regressions}", tuple(regressions)))
-
-    base_cost = sum(float(r.get("cost_usd") or 0.0) for r in base_rows)
-    cand_cost = sum(float(r.get("cost_usd") or 0.0) for r in cand_rows)
-    cost_ratio = cand_cost / base_cost if base_cost > 0 else None
-    cost = {"base_usd": base_cost, "cand_usd": cand_cost, "ratio": cost_ratio, "max_ratio": gates.max_cost_ratio}
-    if cost_ratio is not None and cost_ratio > gates.max_cost_ratio:
-        reasons.append(Reason("cost", f"cost ratio {cost_ratio:.2f} > max_cost_ratio {gates.max_cost_ratio}"))
-
-    base_lat = _mean([float(r["latency_s"]) for r in base_rows if r.get("latency_s") is not None])
-    cand_lat = _mean([float(r["latency_s"]) for r in cand_rows if r.get("latency_s") is not None])
-    lat_ratio = cand_lat / base_lat if base_lat > 0 else None
-    latency = {"base_mean_s": base_lat, "cand_mean_s": cand_lat, "ratio": lat_ratio,
-               "max_ratio": gates.max_latency_ratio}
-    if lat_ratio is not None and lat_ratio > gates.max_latency_ratio and cand_lat - base_lat > LATENCY_FLOOR_S:
-        reasons.append(Reason("latency", f"latency ratio {lat_ratio:.2f} > max_latency_ratio "
-                                         f"{gates.max_latency_ratio}"))
-    return Comparison(n=n, base_mean=_mean(base), cand_mean=_mean(cand), delta=delta, test=gates.test,
-                      regressions=regressions, fixed=fixed, cost=cost, latency=latency, reasons=reasons,
-                      sign_test=sign, bootstrap=boot)
-
-
-def average_repeats(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per-example mean score, cost and latency over repeated evaluations (``gates.repeats``).
-
-    Rows are matched by example id, in the first run's order; an example missing
-    from a later run counts as a score of 0 there (it produced no result).
-    """
-    if len(runs) == 1:
-        return runs[0]
-    by_id = [{r["id"]: r for r in run} for run in runs]
-    out = []
-    for row in runs[0]:
-        same = [run.get(row["id"]) for run in by_id]
-        merged = dict(row)
-        merged["score"] = _mean([float((r or {}).get("score") or 0.0) for r in same])
-        merged["cost_usd"] = _mean([float(r.get("cost_usd") or 0.0) for r in same if r is not None])
-        lats = [float(r["latency_s"]) for r in same if r is not None and r.get("latency_s") is not None]
-        merged["latency_s"] = _mean(lats) if lats else None
-        out.append(merged)
-    return out
 
 
 # --------------------------------------------------------------------------- the verdict

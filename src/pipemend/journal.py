@@ -12,7 +12,7 @@ Events of an optimize run (besides ``run_started``/``run_done``/``run_failed``):
 - ``snapshot`` ``{snapshot, base_sha}``: the base branch exists.
 - ``baseline_done`` ``{train_dir, val_dir, train_score, val_score}``.
 - ``candidate_started`` ``{n, base_sha}``.
-- ``candidate_done`` ``{n, accepted, sha, ref, reasons, rationale, val_dir, val_score, delta}``:
+- ``candidate_done`` ``{n, accepted, sha, ref, reasons, rationale, val_dir, val_score, delta, tested, alpha}``:
   the verdict is on disk and, when ``sha`` is set, committed and its branch or ref set.
 - ``candidate_abandoned`` ``{n, reason}``: the proposer had no more ideas; nothing was kept.
 - ``base_ready`` ``{n, train_dir}``: an accepted candidate's train run and diagnosis are done.
@@ -51,6 +51,8 @@ class CandidateRecord:
     val_dir: str | None = None
     val_score: float | None = None
     delta: float | None = None
+    tested: bool = False
+    """It reached a val test (and so spent its share of the run's error budget)."""
 
 
 @dataclass
@@ -96,6 +98,11 @@ class RunState:
         return best.n, best.sha, best.val_dir
 
     @property
+    def kept_before(self) -> list[bool]:
+        """Whether each candidate that reached a val test was kept, in order (the error budget's history)."""
+        return [c.accepted for _, c in sorted(self.candidates.items()) if c.tested]
+
+    @property
     def next_index(self) -> int:
         return max(self.candidates, default=0) + 1
 
@@ -135,7 +142,8 @@ def fold(events: Iterable[Any]) -> RunState:
             st.candidates[n] = CandidateRecord(
                 n=n, accepted=bool(ev.get("accepted")), sha=ev.get("sha"), ref=ev.get("ref"),
                 reasons=[str(r) for r in ev.get("reasons") or []], rationale=ev.get("rationale") or "",
-                val_dir=ev.get("val_dir"), val_score=ev.get("val_score"), delta=ev.get("delta"))
+                val_dir=ev.get("val_dir"), val_score=ev.get("val_score"), delta=ev.get("delta"),
+                tested=bool(ev.get("tested", ev.get("val_dir") is not None)))
             if st.started == n:
                 st.started = None
         elif kind == "candidate_abandoned" and n is not None and st.started == n:

@@ -77,15 +77,78 @@ class LLMConfig(_Strict):
 
 
 class Gates(_Strict):
-    """Acceptance thresholds for a candidate against its base on val."""
+    """Acceptance rules for a candidate against its base on val (``pipemend.evidence`` applies them)."""
 
     min_delta: float = Field(0.01, ge=0, description="Smallest mean val improvement worth a branch.")
-    max_regressions: int = Field(0, ge=0, description="Examples right in the base and wrong in the candidate.")
+    max_regressions: int | str = Field("5%", description=(
+        "Confirmed regressions allowed (right in the base and wrong in the candidate, each confirmed by re-runs): "
+        "a count (`3`) or a share of val (`\"2%\"`)."))
+    must_pass: list[str] | str = Field(default_factory=list, description=(
+        "Val examples a candidate may never break: a list of ids, a target-relative file of ids (one per line, "
+        "`#` comments), or `learned`: every example all accepted bases so far got right."))
+    confirm_runs: int = Field(2, ge=0, le=8, description=(
+        "Re-runs, on both sides, of every example that flipped between base and candidate (fresh samples for "
+        "sampled calls); a flip counts only when it holds in the majority of each side's runs."))
+    confidence: float = Field(0.9, gt=0, lt=1, description=(
+        "Run-level: the chance that ANY kept candidate of the run is not a true improvement stays at or below "
+        "1 - confidence (the error budget is split across candidates)."))
+    test: Literal["sign", "bootstrap"] = Field("sign", description="Paired one-sided test on per-example deltas.")
+    racing: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], min_length=1, description=(
+        "Growing shares of val a candidate is looked at; it stops paying as soon as it cannot pass. `[1.0]`: "
+        "no racing."))
+    objective: Literal["score", "cost", "latency"] = Field("score", description=(
+        "What the run optimizes. With cost or latency a candidate may also be kept as a saving."))
+    non_inferiority_margin: float = Field(0.01, ge=0, le=1, description=(
+        "A saving's score may be lower than the base's by less than this (one-sided test)."))
+    min_saving: float = Field(0.2, gt=0, lt=1, description="A saving cuts cost (or latency) by at least this share.")
     max_cost_ratio: float = Field(1.5, gt=0, description="Candidate cost / base cost on val.")
     max_latency_ratio: float = Field(1.5, gt=0, description="Candidate latency / base latency on val.")
-    confidence: float = Field(0.9, gt=0, lt=1, description="Confidence that the improvement is > 0.")
-    test: Literal["bootstrap", "sign"] = Field("bootstrap", description="Paired test used for confidence.")
-    repeats: int = Field(1, ge=1, description="Evaluate each side this many times where the pipeline is noisy.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "repeats" in data:
+            raise ValueError("`gates.repeats` was replaced by `gates.confirm_runs` (only examples that flipped "
+                             "are re-run, on both sides)")
+        return data
+
+    @field_validator("max_regressions", mode="before")
+    @classmethod
+    def _count_or_share(cls, v: Any) -> int | str:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ValueError("expected a count (3) or a share of val (\"2%\")")
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError(f"max_regressions {v}: expected a count >= 0")
+            return v
+        text = v.strip()
+        try:
+            share = float(text[:-1]) if text.endswith("%") else None
+        except ValueError:
+            share = None
+        if share is None or not 0 <= share <= 100:
+            raise ValueError(f"max_regressions {v!r}: expected a count (3) or a share of val between 0% and 100% "
+                             "(\"2%\")")
+        return text
+
+    @field_validator("racing")
+    @classmethod
+    def _growing_shares(cls, v: list[float]) -> list[float]:
+        if any(not 0 < s <= 1 for s in v) or any(b <= a for a, b in zip(v, v[1:])) or v[-1] != 1.0:
+            raise ValueError(f"racing {v}: expected growing shares of val in (0, 1], ending with 1.0")
+        return v
+
+    @field_validator("must_pass")
+    @classmethod
+    def _ids_or_file(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str) and v != "learned" and not is_relative_glob(v):
+            raise ValueError(f"must_pass {v!r}: expected a list of ids, `learned`, or a file relative to the target")
+        return v
+
+    def allowed_regressions(self, n: int) -> int:
+        """``max_regressions`` as a count for ``n`` val examples."""
+        v = self.max_regressions
+        return v if isinstance(v, int) else int(float(v[:-1]) / 100.0 * n + 1e-9)
 
 
 class RunnerConfig(_Strict):
@@ -164,6 +227,8 @@ class Manifest(_Strict):
             globs.append(self.metric.split(":", 1)[0])
         if self.requirements:
             globs.append(self.requirements)
+        if isinstance(self.gates.must_pass, str) and self.gates.must_pass != "learned":
+            globs.append(self.gates.must_pass)
         return globs
 
     def all_protected(self) -> list[str]:

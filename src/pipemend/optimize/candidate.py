@@ -7,8 +7,8 @@ no proposal at all ends it (``StopRun("ideas")``). ``judge`` first builds the
 candidate commit from the worktree's files alone (``Snapshot.build_candidate``:
 a fresh index, no attributes, filters or index flags of the candidate's; every
 change it will not keep is a refusal), runs the static checks on that commit's
-diff, then evaluates a clean checkout of exactly that commit against the base on
-val (``gates.repeats`` times), then the verdict: the tree that is checked is the
+diff, then evaluates clean checkouts of exactly that commit against the base on
+val (``race``: racing looks, flips confirmed on both sides), then the verdict: the tree that is checked is the
 tree that is evaluated and the tree that is kept. ``keep`` gives that commit the
 verdict as its message (same tree) and its ref: an accepted candidate gets its
 branch and moves ``best``, a rejected one a ref. ``journal`` writes what later
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 from .. import gate
 from ..errors import BudgetExhausted
-from ..fsutil import atomic_write_json, atomic_write_text, copy_regular, read_json, read_jsonl
+from ..fsutil import atomic_write_json, atomic_write_text, copy_regular, read_json
 from ..journal import RunState, record, replay
 from ..metrics import metric_fingerprint
 from ..protocols import Proposal, ProposalContext
@@ -37,6 +37,7 @@ from ..proposers.isolation import PluginFailed
 from ..proposers.tools import ProposerTools
 from .base import base_train_dir
 from .bench import TrainBench
+from . import race
 from .env import RunEnv
 from .stops import StopRun, on_budget
 
@@ -109,7 +110,8 @@ def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
     return Proposed(proposal, [])
 
 
-def judge(env: RunEnv, n: int, wt: Path, base_sha: str, base_val_dir: str, proposed: Proposed) -> Judged:
+def judge(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, base_val_dir: str,
+          proposed: Proposed) -> Judged:
     """Build the candidate commit, check its diff, evaluate a clean checkout of it on val (only when clean),
     then the verdict (``candidates/<n>/verdict.json``)."""
     cdir = env.run_dir / "candidates" / str(n)
@@ -124,7 +126,7 @@ def judge(env: RunEnv, n: int, wt: Path, base_sha: str, base_val_dir: str, propo
     stats, stop = None, None
     if not problems and not static and tree.sha:
         try:
-            stats = gate_val(env, n, tree.sha, base_sha, base_val_dir)
+            stats = race.gate_val(env, st, n, tree.sha, base_sha, base_val_dir)
         except BudgetExhausted as e:
             problems.append(gate.Reason("budget", str(e)))
             stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
@@ -145,25 +147,6 @@ def static_checks(env: RunEnv, wt: Path, diff: str, changed: list[str], base_sha
                            editable=env.manifest.editable, protected=env.manifest.all_protected(),
                            sealed=gate.Sealed.from_splits(env.frozen.splits()), base_text=base_text,
                            metric_lines=metric_fingerprint(env.manifest.metric, env.frozen.dir))
-
-
-def gate_val(env: RunEnv, n: int, sha: str, base_sha: str, base_val_dir: str) -> gate.Comparison:
-    """The candidate commit ``sha`` (a clean checkout of it) vs base on the same val examples,
-    ``gates.repeats`` times each."""
-    cand_runs, base_runs = [], [list(read_jsonl(env.run_dir / base_val_dir / "scored.jsonl"))]
-    for r in range(env.manifest.gates.repeats):
-        suffix = "" if r == 0 else f"-r{r + 1}"
-        env.show(f"candidate {n}: val{suffix}")
-        cand_runs.append(env.evaluate(f"cand-{n}-val{suffix}", f"candidates/{n}/evals/val{suffix}", sha, "val"))
-        if r > 0:
-            base_runs.append(env.evaluate(f"cand-{n}-base-val{suffix}", f"candidates/{n}/evals/base-val{suffix}",
-                                          base_sha, "val"))
-    stats = gate.compare(gate.average_repeats(base_runs), gate.average_repeats(cand_runs), env.manifest.gates,
-                         seed=env.cfg.seed + n)
-    died = [gate.Reason("eval_failed", f"the candidate's evaluation failed: {why}")
-            for rel, why in env.failures.items() if rel.startswith(f"candidates/{n}/evals/")]
-    stats.reasons = died + stats.reasons
-    return stats
 
 
 def keep(env: RunEnv, n: int, judged: Judged, rationale: str) -> tuple[str | None, str | None]:
@@ -194,8 +177,10 @@ def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: st
     stats = verdict.stats
     record(env.run_dir, "candidate_done", n=n, accepted=verdict.accepted, sha=sha, ref=ref,
            reasons=gate.texts(verdict.reasons), rationale=rationale[:4000],
-           val_dir=f"candidates/{n}/evals/val" if stats else None,
-           val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None)
+           val_dir=f"candidates/{n}/evals/val" if stats and stats.evaluated == stats.n else None,
+           val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None,
+           tested=stats is not None, alpha=stats.alpha if stats else None,
+           evaluated=stats.evaluated if stats else None, saved=stats.racing["saved"] if stats else None)
     env.progress.event("candidate_done", n=n, accepted=verdict.accepted,
                        val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None,
                        reasons=gate.texts(verdict.reasons))

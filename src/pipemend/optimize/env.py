@@ -95,15 +95,17 @@ class RunEnv:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, name: str, rel_dir: str, sha: str, split: str, *, worktree: Path | None = None,
-                 diff: str = "", examples: list[Example] | None = None, writable: bool = False) -> list[dict[str, Any]]:
+                 diff: str = "", examples: list[Example] | None = None, writable: bool = False,
+                 sample: int = 0) -> list[dict[str, Any]]:
         """Scored rows of ``split`` for the commit ``sha`` (+ ``diff``, in ``worktree`` when given, else a clean
         checkout of ``sha`` without the sealed files); a finished identical evaluation is read back (keyed by
-        the commit's tree, so a redone candidate with the same files reuses it). A dead sandbox is recorded in
-        ``failures`` (its examples score 0); a budget refusal by the gateway raises ``BudgetExhausted``."""
+        the commit's tree, so a redone candidate with the same files reuses it). ``sample``: the sample index of
+        the pipeline's sampled model calls (0: the first look; a confirmation re-run asks for fresh ones). A dead
+        sandbox is recorded in ``failures`` (its examples score 0); a budget refusal by the gateway raises ``BudgetExhausted``."""
         examples = self.splits[split] if examples is None else examples
         out = self.run_dir / rel_dir
         key = EvalKey.of(sha=self.snap.tree_of(sha), diff=diff, split=split, examples=examples,
-                         model=self.ectx.model)
+                         model=self.ectx.model, sample=sample)
         rows = reuse(out, key)
         if rows is not None:
             return rows
@@ -111,7 +113,7 @@ class RunEnv:
         refused_before = self.gateway_stats()["budget_refusals"]
         try:
             res = evaluate(self.ectx, name=name, worktree=wt, target_subdir=self.snap.target_subdir, split=split,
-                           examples=examples, out_dir=out, writable=writable,
+                           examples=examples, out_dir=out, writable=writable, sample=sample,
                            progress=lambda done, total: self.show(f"{name}: {done}/{total}"))
         finally:
             if worktree is None:

@@ -35,7 +35,7 @@ def run(env: RunEnv) -> RunState:
                 candidate.start(env, n, base_sha)
                 with candidate.worktree(env, n, base_sha) as wt:
                     proposed = candidate.propose(env, st, n, wt, base_sha, diagnosis)
-                    judged = candidate.judge(env, n, wt, base_sha, base_val_dir, proposed)
+                    judged = candidate.judge(env, st, n, wt, base_sha, base_val_dir, proposed)
                     sha, ref = candidate.keep(env, n, judged, proposed.rationale)
                     st = env.track(candidate.journal(env, n, judged.verdict, sha, ref, proposed.rationale))
                 if proposed.stop or judged.stop:
