@@ -383,6 +383,39 @@ def test_gateway_socket_is_reached_through_the_forwarder(tmp_path):
         server.server_close()
 
 
+@pytest.mark.parametrize("value, sent, via", [("3", "3", "url"), ("banana", "0", "socket"), (None, "0", "url"),
+                                               ("12345", "0", "url")])
+def test_every_model_request_carries_the_sample_index(tmp_path, value, sent, via):
+    """``$PIPEMEND_SAMPLE`` reaches the gateway as ``x-pipemend-sample`` on every request, beside the eval token,
+    through a URL and through the forwarder; anything but a small non-negative integer is sent as 0."""
+    env = {"PIPEMEND_EVAL": "eval-77", **({"PIPEMEND_SAMPLE": value} if value is not None else {})}
+    if via == "socket":
+        sock = tmp_path / "gw.sock"
+        server = _serve(FakeGatewayUnixServer(str(sock)))
+        where = ["--gateway-socket", str(sock)]
+    else:
+        server = _serve(FakeGatewayServer())
+        where = ["--gateway-url", f"http://127.0.0.1:{server.server_address[1]}"]
+    try:
+        proc = run_runner(tmp_path, "llm", LLM_ROWS, *where, "--model", "local/test-model", env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert len(server.requests) == 4  # plain and streamed calls of both examples
+    assert {(r["headers"]["x-pipemend-sample"], r["headers"]["x-pipemend-eval"]) for r in server.requests} == {
+        (sent, "eval-77")}
+
+
+@pytest.mark.parametrize("value, seen", [("7", "7"), ("-1", "0")])
+def test_the_pipeline_sees_the_sample_index_the_gateway_gets(tmp_path, value, seen):
+    dump = tmp_path / "dump.json"
+    proc = run_runner(tmp_path, "toy", [{"id": "d", "inputs": {"mode": "dump", "dump": str(dump)}}],
+                      "--gateway-url", "http://127.0.0.1:9", env={"PIPEMEND_SAMPLE": value})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(dump.read_text())["environ"]["PIPEMEND_SAMPLE"] == seen
+
+
 def test_forwarder_answers_502_when_the_socket_is_gone(tmp_path):
     with Forwarder(tmp_path / "missing.sock") as fwd:
         r = httpx.get(fwd.url + "/x", timeout=10)

@@ -34,6 +34,7 @@ from .gateway import Gateway, GatewayConfig
 from .manifest import MANIFEST_NAME, load_manifest
 from .protocols import NullProgress, Progress, Sandbox, SandboxJob, SandboxOutcome
 from .rundir import create_run_dir, finish_run, journal, new_run_id
+from .runtime.sampling import MAX_SAMPLE_INDEX, SAMPLE_ENV
 from .sandbox import get_sandbox
 from .scoring import score_results, write_eval
 
@@ -148,13 +149,20 @@ def evaluate(
     out_dir: Path,
     writable: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    sample: int = 0,
 ) -> EvalResult:
     """Run ``examples`` of the pipeline in ``worktree/target_subdir`` and score them with the frozen labels.
+
+    ``sample`` is the evaluation's sample index (``$PIPEMEND_SAMPLE``, ``runtime/sampling.py``): the
+    pipeline's sampled model calls get the same draws at the same index (a re-run pays nothing twice,
+    base and candidate share them) and fresh ones at another (confirmation re-runs).
 
     Writes ``out_dir/inputs.jsonl`` (sealed rows), lets the runner write
     ``results.jsonl`` and ``traces/``, then ``scored.jsonl``, ``summary.json``
     and ``outcome.json`` (how the sandbox ended).
     """
+    if isinstance(sample, bool) or not isinstance(sample, int) or not 0 <= sample <= MAX_SAMPLE_INDEX:
+        raise UsageError(f"evaluate {name}: sample {sample!r}: expected an integer from 0 to {MAX_SAMPLE_INDEX}")
     frozen_by_id = ctx.frozen.examples_by_id()
     unknown = [ex.id for ex in examples if ex.id not in frozen_by_id]
     if unknown:
@@ -186,7 +194,7 @@ def evaluate(
         writable=writable,
         requirements=(target_dir / manifest.requirements) if manifest.requirements else None,
         hidden=hidden_paths(manifest, target_dir, Path(ctx.run_dir), ctx.sealed),
-        env={"PIPEMEND_EVAL": token},
+        env={"PIPEMEND_EVAL": token, SAMPLE_ENV: str(sample)},
     )
     t0 = time.time()
     outcome = _run_sandbox(ctx.sandbox, job, len(labelled), progress) if labelled else SandboxOutcome(
@@ -217,8 +225,9 @@ def evaluate(
 
 @dataclass(frozen=True)
 class EvalKey:
-    """What makes two evaluations the same: the commit, the diff on top of it, the split, the example ids
-    and the pipeline's model. Stored beside a finished evaluation as ``<out_dir>.key.json``."""
+    """What makes two evaluations the same: the commit, the diff on top of it, the split, the example ids,
+    the pipeline's model and the sample index. Stored beside a finished evaluation as ``<out_dir>.key.json``
+    (a key file written before sample indices existed has no ``sample``: it reads as index 0)."""
 
     sha: str | None
     diff: str
@@ -226,14 +235,18 @@ class EvalKey:
     split: str
     ids: tuple[str, ...]
     model: str
+    sample: int = 0
+    """The evaluation's sample index (``evaluate(..., sample=)``)."""
 
     @classmethod
-    def of(cls, *, sha: str | None, diff: str, split: str, examples: Sequence[Example], model: str) -> EvalKey:
+    def of(cls, *, sha: str | None, diff: str, split: str, examples: Sequence[Example], model: str,
+           sample: int = 0) -> EvalKey:
         return cls(sha=sha, diff=hashlib.sha256(diff.encode()).hexdigest(), split=split,
-                   ids=tuple(ex.id for ex in examples), model=model)
+                   ids=tuple(ex.id for ex in examples), model=model, sample=sample)
 
     def to_json(self) -> dict[str, Any]:
-        return {"sha": self.sha, "diff": self.diff, "split": self.split, "ids": list(self.ids), "model": self.model}
+        return {"sha": self.sha, "diff": self.diff, "split": self.split, "ids": list(self.ids), "model": self.model,
+                "sample": self.sample}
 
 
 def _key_file(out_dir: Path) -> Path:
@@ -244,11 +257,18 @@ def reuse(out_dir: Path, key: EvalKey) -> list[dict[str, Any]] | None:
     """The scored rows of a finished evaluation in ``out_dir`` with this key; otherwise None, and whatever
     is there (a torn or different evaluation) is cleared for a fresh one."""
     key_file = _key_file(out_dir)
-    if (out_dir / "outcome.json").is_file() and key_file.is_file() and read_json(key_file) == key.to_json():
+    if (out_dir / "outcome.json").is_file() and key_file.is_file() and _stored_key(key_file) == key.to_json():
         return list(read_jsonl(out_dir / "scored.jsonl"))
     shutil.rmtree(out_dir, ignore_errors=True)
     key_file.unlink(missing_ok=True)
     return None
+
+
+def _stored_key(key_file: Path) -> Any:
+    stored = read_json(key_file)
+    if isinstance(stored, dict) and "sample" not in stored:  # written before sample indices: index 0
+        stored = {**stored, "sample": 0}
+    return stored
 
 
 def remember(out_dir: Path, key: EvalKey) -> None:

@@ -1,8 +1,10 @@
 """Content-addressed response cache on disk, shared by every candidate of a run and across runs.
 
 The key hashes the backend's namespace, the request (minus ``stream`` and
-``metadata``, which do not change the answer) and a sample index for sampled
-requests. Entries are written atomically; a small in-memory LRU spares the
+``metadata``, which do not change the answer) and, for a sampled request, which
+sample it is: the evaluation's sample index and the request's place among the
+identical ones before it (``GatewayService``). Index 0 leaves the key as it was
+before indices existed, so caches written then still answer. Entries are written atomically; a small in-memory LRU spares the
 disk on hot keys. ``get_or_compute`` lets one caller per key reach the
 backend while the others wait for its answer. Errors are never stored.
 
@@ -33,13 +35,17 @@ def default_cache_dir() -> Path:
     return Path(base) / "pipemend" / "llm-cache"
 
 
-def cache_key(namespace: str, request: dict[str, Any], sample: int | None = None) -> str:
-    material = {
+def cache_key(namespace: str, request: dict[str, Any], sample: int | None = None, index: int = 0) -> str:
+    """The entry of ``request``: ``sample`` None for a greedy or deterministic request, else the n-th
+    draw, in the evaluation sample index ``index``'s series of draws."""
+    material: dict[str, Any] = {
         "format": FORMAT,
         "namespace": namespace,
         "request": {k: v for k, v in request.items() if k not in IGNORED_KEYS},
         "sample": sample,
     }
+    if index:
+        material["index"] = index
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

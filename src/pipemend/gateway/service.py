@@ -1,18 +1,29 @@
 """One Messages call, start to end, independent of HTTP: parse, pick the backend, look in the
-cache, check the budget, call the backend, log the call, and build the reply."""
+cache, check the budget, call the backend, log the call, and build the reply.
+
+Sampled requests (an explicit temperature > 0 to a backend that is not deterministic) are cached
+per draw. Inside an evaluation (the request carries ``x-pipemend-eval``) the n-th identical request
+of that evaluation is draw n of the series named by its sample index (``x-pipemend-sample``,
+``runtime/sampling.py``): an evaluation re-run with the same index replays its draws from the cache,
+whatever else the gateway served meanwhile or whether it restarted; another index draws fresh ones;
+and base and candidate at the same index share the draws of their unchanged steps. A request without
+an evaluation token (a proposer's, an agent's) is the n-th identical one this gateway has seen.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from ..runtime.sampling import SAMPLE_HEADER, sample_index
 from .backends import BackendError, BackendRegistry, ModelAllowList, backend_kind, forward_headers
 from .backends.base import estimate_tokens, request_text
 from .budget import Budget
@@ -26,6 +37,9 @@ log = logging.getLogger("pipemend.gateway")
 FORWARDED = ("anthropic-version", "anthropic-beta")
 RAW_LOG_LIMIT = 65536
 HEADER_LOG_LIMIT = 1024  # characters of an example or step header kept in the call log
+EVAL_HEADER = "x-pipemend-eval"
+SAMPLE_SERIES = 1 << 16
+"""Series of identical sampled requests whose count the gateway remembers (``SampleCounters``)."""
 
 
 def _clip(value: str | None) -> str | None:
@@ -49,6 +63,44 @@ def error_reply(error: BackendError, headers: dict[str, str] | None = None) -> R
     return json_reply(error.status, error.body(), {"x-should-retry": "false", **(headers or {})})
 
 
+class SampleCounters:
+    """How many identical sampled requests came before this one, per series (one request in one
+    evaluation at one sample index, or one request outside any evaluation), for at most ``limit``
+    series: the least recently used is forgotten past that, so memory stays bounded whatever a
+    pipeline sends. A forgotten series starts again at draw 0 (replaying cached draws), which takes
+    more distinct sampled requests than an evaluation makes."""
+
+    def __init__(self, limit: int = SAMPLE_SERIES):
+        if limit < 1:
+            raise ValueError(f"SampleCounters limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._next: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._next)
+
+    def take(self, series: str) -> int:
+        """The number of earlier requests of ``series`` (0 for the first), counting this one."""
+        with self._lock:
+            n = self._next.pop(series, 0)
+            self._next[series] = n + 1
+            if len(self._next) > self.limit:
+                self._next.popitem(last=False)
+            return n
+
+
+def _series(base: str, eval_token: str | None, index: int) -> str:
+    """The series a sampled request counts in: its cache key outside an evaluation (as before evaluations
+    had tokens), else a fixed-size digest of key, evaluation token and sample index (a long hostile token
+    costs no memory)."""
+    if not eval_token:
+        return base
+    material = json.dumps([base, index, eval_token], ensure_ascii=True)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
 class GatewayService:
     def __init__(self, registry: BackendRegistry, cache: ResponseCache, calls: CallLog, budget: Budget,
                  models: ModelAllowList | None = None):
@@ -57,7 +109,7 @@ class GatewayService:
         self.cache = cache
         self.calls = calls
         self.budget = budget
-        self._samples: defaultdict[str, int] = defaultdict(int)
+        self.samples = SampleCounters()
         self._lock = threading.Lock()
         self._stats = {"calls": 0, "cache_hits": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "errors": 0}
 
@@ -65,23 +117,23 @@ class GatewayService:
         with self._lock:
             return dict(self._stats)
 
-    def _key(self, backend: Any, body: dict[str, Any]) -> str:
+    def _key(self, backend: Any, body: dict[str, Any], eval_token: str | None, index: int) -> str:
         namespace = getattr(backend, "cache_namespace", type(backend).__name__)
         # Only an explicit temperature > 0 asks for distinct samples. A request that names no
         # temperature is served from the cache like a greedy one, so an unchanged pipeline step
         # costs nothing when a later candidate re-runs it (the API's own default is 1.0).
         temperature = body.get("temperature", 0)
-        if getattr(backend, "deterministic", False) or not temperature:
-            return cache_key(namespace, body)
         base = cache_key(namespace, body)
-        with self._lock:  # the n-th identical sampled request of this gateway gets sample n
-            sample = self._samples[base]
-            self._samples[base] += 1
-        return cache_key(namespace, body, sample)
+        if getattr(backend, "deterministic", False) or not temperature:
+            return base
+        return cache_key(namespace, body, self.samples.take(_series(base, eval_token, index)), index)
 
     def handle_messages(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
         started, t0 = time.time(), time.perf_counter()
         call_id = f"c-{uuid.uuid4().hex}"
+        eval_token = headers.get(EVAL_HEADER) or None
+        # the sample index counts inside an evaluation only; hostile input: anything odd reads as 0
+        index = sample_index(headers.get(SAMPLE_HEADER)) if eval_token else 0
         request: Any = None
         model = backend_name = None
         response: dict[str, Any] | None = None
@@ -112,7 +164,8 @@ class GatewayService:
                 self.budget.charge(cost_usd(model, answer.get("usage")), tin + tout)
                 return answer
 
-            response, hit, origin_latency = self.cache.get_or_compute(self._key(backend, body), compute, model)
+            key = self._key(backend, body, eval_token, index)
+            response, hit, origin_latency = self.cache.get_or_compute(key, compute, model)
         except BackendError as e:
             error = e
         except ConfigError as e:  # e.g. a bad script file
@@ -139,7 +192,7 @@ class GatewayService:
         self.calls.append({
             "call_id": call_id, "t": started,
             "example_id": _clip(headers.get("x-pipemend-example")), "step": _clip(headers.get("x-pipemend-step")),
-            "eval": _clip(headers.get("x-pipemend-eval")),
+            "eval": _clip(headers.get(EVAL_HEADER)), "sample": index,
             "model": model, "backend": backend_name, "request": request, "response": response,
             "input_tokens": tin, "output_tokens": tout, "latency_s": round(latency, 6), "cost_usd": cost,
             "cache": "hit" if hit else "miss", "origin_latency_s": origin_latency,

@@ -28,7 +28,8 @@ Every httpx request of the process gets ``x-pipemend-example`` and
 percent-encoded UTF-8 when not plain ASCII), and a gateway response's
 ``x-pipemend-*`` headers become an LLM call on the current step. Every
 request also carries ``x-pipemend-eval`` (``$PIPEMEND_EVAL``, else a random
-token), and one made outside any example is tagged ``<startup>`` (while the
+token) and ``x-pipemend-sample`` (``$PIPEMEND_SAMPLE``, the evaluation's sample
+index: ``runtime/sampling.py``), and one made outside any example is tagged ``<startup>`` (while the
 entrypoint imports) or ``<outside>``; the import's duration goes to
 ``OUT/runner.json``: the host charges both to the evaluation.
 """
@@ -58,6 +59,7 @@ from urllib.parse import quote
 
 from . import trace
 from .forwarder import Forwarder
+from .sampling import SAMPLE_ENV, SAMPLE_HEADER, sample_index
 
 ALLOWED_KEYS = frozenset({"id", "inputs"})
 GATEWAY_DUMMY_KEY = "pipemend-gateway"
@@ -131,6 +133,9 @@ OUTSIDE_TAG = "<outside>"
 RUNNER_JSON = "runner.json"
 RUNNER_FORMAT = "pipemend-runner-1"
 _eval_token = os.environ.get(EVAL_ENV) or uuid.uuid4().hex
+_sample = sample_index(os.environ.get(SAMPLE_ENV))
+"""The evaluation's sample index (``$PIPEMEND_SAMPLE``; 0 when unset or not a small non-negative integer):
+sent on every request, so the gateway draws this evaluation's samples for its sampled calls."""
 _outside_tag = STARTUP_TAG
 
 
@@ -162,6 +167,7 @@ def header_value(value: str) -> str:
 
 def _tag(request: Any) -> None:
     request.headers[EVAL_HEADER] = header_value(_eval_token)
+    request.headers[SAMPLE_HEADER] = str(_sample)
     ex_id = trace.current_example_id()
     if ex_id is None:  # import-time or background work: charged to the evaluation, not to an example
         request.headers["x-pipemend-example"] = _outside_tag
@@ -283,11 +289,14 @@ def uninstall_httpx_hook() -> None:
 
 
 def prepare_environment(gateway_url: str | None, model: str | None) -> None:
-    """Drop real credentials, then point the pipeline at the gateway with a dummy key."""
+    """Drop real credentials, then point the pipeline at the gateway with a dummy key. ``$PIPEMEND_SAMPLE``
+    is rewritten as the index the runner sends, so a pipeline that seeds its own randomness with it
+    agrees with the gateway."""
     for name in list(os.environ):
         if (name.startswith("ANTHROPIC_") and name not in _KEEP_ENV) or name in _OTHER_SECRET_ENV:
             del os.environ[name]
     os.environ["ANTHROPIC_API_KEY"] = GATEWAY_DUMMY_KEY
+    os.environ[SAMPLE_ENV] = str(_sample)
     if gateway_url:
         os.environ["ANTHROPIC_BASE_URL"] = gateway_url
     if model:

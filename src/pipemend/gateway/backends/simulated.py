@@ -1,6 +1,9 @@
-"""Deterministic fake models for fast tests. Their names start with ``simulated/``.
+"""Fake models for fast tests and benchmarks. Their names start with ``simulated/``.
 
 They are chosen only when a request names them; nothing falls back to them.
+All are deterministic (the gateway caches their answers whatever the temperature)
+except the two sampled ones, which draw at random when a request asks for a
+temperature > 0 (so the gateway caches them per draw, like a real model):
 
 - ``simulated/echo``: answers with the last user message's text.
 - ``simulated/slow-echo``: the same after 0.3 s (for concurrency tests).
@@ -8,16 +11,24 @@ They are chosen only when a request names them; nothing falls back to them.
   tool result, calls the first tool with ``{"text": <last user text>}``;
   otherwise answers with the last user text.
 - ``simulated/fail``: always fails with a 500 (errors are never cached).
+- ``simulated/sampled``: echoes; a sampled request's answer ends with `` #`` and a random
+  token, so every draw differs from every other.
+- ``simulated/noisy``: echoes; a sampled request's answer is, with probability
+  ``NOISE`` (0.1), ``noise`` and a random token instead (a noisy pipeline's flips).
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 import time
 from typing import Any
 
 from .base import BackendError, estimate_tokens, last_user_text, message_response, request_text
+
+NOISE = 0.1
+"""How often ``simulated/noisy`` answers a sampled request wrongly."""
 
 
 class SimulatedBackend:
@@ -46,7 +57,7 @@ class SimulatedBackend:
             input_tokens=estimate_tokens(request_text(request)),
             output_tokens=estimate_tokens(out_text),
         )
-        response["id"] = "msg_sim_" + hashlib.sha256(repr(request).encode()).hexdigest()[:20]
+        response["id"] = "msg_sim_" + hashlib.sha256(repr((request, content)).encode()).hexdigest()[:20]
         return response
 
     def reply(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
@@ -86,9 +97,35 @@ class FailBackend(SimulatedBackend):
         raise BackendError(500, "simulated/fail always fails")
 
 
+def _sampled(request: dict[str, Any]) -> bool:
+    temperature = request.get("temperature", 0)
+    return isinstance(temperature, (int, float)) and temperature > 0
+
+
+class SampledEchoBackend(SimulatedBackend):
+    deterministic = False
+
+    def reply(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+        text = last_user_text(request)
+        if _sampled(request):
+            text += " #" + secrets.token_hex(8)
+        return [{"type": "text", "text": text}], "end_turn"
+
+
+class NoisyEchoBackend(SimulatedBackend):
+    deterministic = False
+
+    def reply(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+        if _sampled(request) and secrets.randbelow(1_000_000) < NOISE * 1_000_000:
+            return [{"type": "text", "text": "noise " + secrets.token_hex(4)}], "end_turn"
+        return super().reply(request)
+
+
 SIMULATED = {
     "simulated/echo": EchoBackend,
     "simulated/slow-echo": SlowEchoBackend,
     "simulated/tool-echo": ToolEchoBackend,
     "simulated/fail": FailBackend,
+    "simulated/sampled": SampledEchoBackend,
+    "simulated/noisy": NoisyEchoBackend,
 }
