@@ -67,8 +67,8 @@ class SampleCounters:
     """How many identical sampled requests came before this one, per series (one request in one
     evaluation at one sample index, or one request outside any evaluation), for at most ``limit``
     series: the least recently used is forgotten past that, so memory stays bounded whatever a
-    pipeline sends. A forgotten series starts again at draw 0 (replaying cached draws), which takes
-    more distinct sampled requests than an evaluation makes."""
+    pipeline sends. A forgotten series starts again at draw 0 (its next request replays a cached
+    draw); forgetting one takes more distinct sampled requests than an evaluation makes."""
 
     def __init__(self, limit: int = SAMPLE_SERIES):
         if limit < 1:
