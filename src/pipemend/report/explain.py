@@ -209,13 +209,14 @@ def _regressions_phrase(stats: Mapping[str, Any], gates: Mapping[str, Any]) -> s
     return text
 
 
-def _test_phrase(stats: Mapping[str, Any], gates: Mapping[str, Any], *, passed: bool) -> str:
+def _test_phrase(stats: Mapping[str, Any], gates: Mapping[str, Any]) -> str:
+    """``p = 0.012 ≤ its α 0.061``: the comparison as the numbers have it."""
     p, alpha, share = _p_and_alpha(stats, gates)
     if p is None:
         return ""
     if alpha is None:
         return _p(p)
-    sign = "≤" if passed else ">"
+    sign = "≤" if p <= alpha else ">"
     return f"{_p(p)} {sign} {'its ' if share else ''}α {_alpha(alpha)}"
 
 
@@ -240,7 +241,7 @@ def _kept(verdict: Mapping[str, Any], stats: Mapping[str, Any], gates: Mapping[s
     if not stats:
         return "kept"
     parts = [f"val {pp(_num(stats.get('delta')))}"]
-    test = _test_phrase(stats, gates, passed=True)
+    test = _test_phrase(stats, gates)
     if test:
         parts[0] += f" ({test})"
     parts.append(_regressions_phrase(stats, gates))
@@ -274,7 +275,7 @@ def _refusal(code: str, text: str, stats: Mapping[str, Any], gates: Mapping[str,
         md = _num(gates.get("min_delta"))
         return f"val {pp(delta)}, below the minimum gain" + (f" of {_margin_pp(md)}" if md is not None else "")
     if code == "not_confident":
-        test = _test_phrase(stats, gates, passed=False)
+        test = _test_phrase(stats, gates)
         return f"val {pp(delta)} is not significant" + (f" ({test})" if test else "")
     if code == "not_non_inferior":
         saving = _dict(stats.get("saving"))
@@ -352,5 +353,5 @@ def guarantee(gates: Mapping[str, Any] | None) -> str:
 def per_candidate_note(gates: Mapping[str, Any] | None) -> str:
     """What a run judged before the run-level error budget existed promised instead."""
     return (f"This run was judged before the run-level error budget: each candidate was tested on its own at "
-            f"confidence {confidence_of(gates):g}, so across many candidates a false accept is more likely than "
-            f"{1 - confidence_of(gates):.0%}.")
+            f"confidence {confidence_of(gates):g}, so across many candidates the chance that some kept candidate is "
+            f"not a true improvement can exceed {1 - confidence_of(gates):.0%}.")
