@@ -330,8 +330,6 @@ def explain(verdict: Mapping[str, Any]) -> str:
         phrase = _refusal(code, text, stats, gates)
         if phrase and phrase not in phrases:
             phrases.append(phrase)
-    if "regressions" not in seen and "raced_out" not in seen and stats.get("noise_flips"):
-        phrases.append(f"{_plural(len(_list(stats['noise_flips'])), 'noise flip')} set aside")
     return "refused: " + ("; ".join(phrases) if phrases else "no reason recorded")
 
 
