@@ -270,7 +270,7 @@ def _refusal(code: str, text: str, stats: Mapping[str, Any], gates: Mapping[str,
         return (f"breaks {_plural(len(broken), 'must-pass example')} ({_ids(broken)})" if broken
                 else "breaks must-pass example(s)")
     if code == "regressions":
-        return _regressions_phrase(stats, gates)
+        return _regressions_phrase(stats, gates) if "regressions" in stats else text
     if code == "min_delta":
         md = _num(gates.get("min_delta"))
         return f"val {pp(delta)}, below the minimum gain" + (f" of {_margin_pp(md)}" if md is not None else "")

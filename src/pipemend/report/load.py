@@ -376,6 +376,8 @@ def gate_overview(run_dir: Path) -> dict[str, Any]:
     """The gate's side of a run for a summary: why each candidate was kept or refused (by number), racing's
     savings (``racing_total``) and the run-level guarantee sentence."""
     run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise UsageError(f"{run_dir}: not a pipemend run directory (no run.json)")
     st = journal_state(run_dir)
     cands = [load_candidate(run_dir, n, st) for n in candidate_numbers(run_dir, st)]
     gates = _gates_of(_frozen_manifest(run_dir))
