@@ -227,3 +227,35 @@ def test_the_guarantee_sentence_follows_the_confidence() -> None:
     assert "at most 10%" in guarantee({}) and "at most 10%" in guarantee(None) and "at most 10%" in guarantee({"confidence": "x"})
     assert "tested on its own at confidence 0.8" in per_candidate_note({"confidence": 0.8})
     assert "can exceed 20%" in per_candidate_note({"confidence": 0.8})
+
+
+# --------------------------------------------------------------------------- the issue-12 gate's own texts, no codes
+
+
+@pytest.mark.parametrize(("stats_over", "text", "expected"), [
+    ({"evaluated": 75, "delta": -0.03, "racing": {"looks": [{"share": 0.25, "n": 75, "delta": -0.03, "z": -1.0,
+                                                             "stopped": True}], "saved": 225}},
+     "raced out after 75 of 300 val examples (25%): delta -0.0300 cannot reach min_delta 0.01",
+     f"refused: raced out after 25% of val (delta {M}3.0 pp, 225 evaluations saved): it could no longer pass"),
+    ({"delta": 0.02, "p_value": 0.21},
+     "improvement not confident: p = 0.2100 > 0.0610, this candidate's share of the run's error budget",
+     "refused: val +2.0 pp is not significant (p = 0.210 > its α 0.061)"),
+    ({"regressions": ["a", "b", "c", "d", "e", "f", "g"]},
+     "7 confirmed regression(s) > 6 allowed (max_regressions 2% of 300 val examples): a, b, c, d, e, f, g",
+     "refused: 7 confirmed regressions (allowed 6), 5 noise flips set aside"),
+    ({"regressions": ["m1"], "must_pass_broken": ["m1"], "evaluated": 150, "noise_flips": [],
+      "racing": {"looks": [{"share": 0.25, "n": 75, "delta": 0.0, "z": 0.0, "stopped": False},
+                           {"share": 0.5, "n": 150, "delta": 0.0, "z": 0.0, "stopped": True}], "saved": 150}},
+     "breaks 1 must-pass example(s) (stopped after 150 of 300 val examples): m1",
+     "refused: breaks 1 must-pass example (m1); stopped after 50% of val (150 evaluations saved)"),
+    ({"saving": {"metric": "cost", "ratio": 0.88, "min_saving": 0.2, "margin": 0.01, "non_inferior": True,
+                 "p_value": 0.0}},
+     "no cost saving: cut +12% < min_saving 20%", f"refused: as a saving, cost {M}12% is too small (needs {M}20%)"),
+    ({"delta": -0.02, "saving": {"metric": "latency", "ratio": 0.5, "min_saving": 0.2, "margin": 0.01,
+                                 "non_inferior": False, "p_value": 0.3}},
+     "score not shown non-inferior: p = 0.3000 > 0.0610 (margin 0.01)",
+     f"refused: as a saving, its score may be more than 1 pp worse (val {M}2.0 pp, p = 0.300)"),
+])
+def test_the_new_gates_reason_texts_are_recognised_without_codes(stats_over: dict[str, Any], text: str,
+                                                                  expected: str) -> None:
+    assert explain(verdict(False, new_stats(**stats_over), [text])) == expected

@@ -53,7 +53,7 @@ def new_format_run(tmp_path: Path) -> Path:
     run = build_run(tmp_path)
     frozen = run.run_dir / "frozen" / "pipemend.yaml"
     atomic_write_text(frozen, frozen.read_text() + "gates: {confidence: 0.95, max_regressions: '2%'}\n")
-    common = {"test": "sign", "confirm": {"runs": 2, "examples": []}, "must_pass_broken": [], "objective": "score"}
+    common = {"test": "sign", "confirm": {"runs": 2, "examples": 2}, "must_pass_broken": [], "objective": "score"}
     _rewrite(run.run_dir, 1, stats={**common, "evaluated": 6, "p_value": 0.03, "alpha": 0.05, "regressions": [],
                                     "noise_flips": ["v5"], "racing": {"looks": _looks(None, (0.2, 0.2, 0.1667)), "saved": 0},
                                     "accepted_as": "improvement", "saving": None})

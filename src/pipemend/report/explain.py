@@ -330,6 +330,11 @@ def explain(verdict: Mapping[str, Any]) -> str:
         phrase = _refusal(code, text, stats, gates)
         if phrase and phrase not in phrases:
             phrases.append(phrase)
+    look = raced_out_look(stats)
+    if look is not None and "raced_out" not in seen and _num(look.get("share")) is not None:
+        saved = racing_saved(stats)
+        phrases.append(f"stopped after {_share(float(look['share']))} of val"
+                       + (f" ({_plural(saved, 'evaluation')} saved)" if saved else ""))
     return "refused: " + ("; ".join(phrases) if phrases else "no reason recorded")
 
 

@@ -135,6 +135,14 @@ def _ids_of(value: Any) -> list[str]:
     return [str(i) for i in value] if isinstance(value, list) else []
 
 
+def _count(value: Any) -> int | None:
+    """A count written as a number or as the list it counts."""
+    if isinstance(value, list):
+        return len(value)
+    n = _num(value)
+    return None if n is None else int(n)
+
+
 def gate_view(verdict: dict[str, Any]) -> dict[str, Any]:
     """What the report shows of a verdict's gate numbers beyond the score: confirmation, racing, the trade.
 
@@ -150,7 +158,7 @@ def gate_view(verdict: dict[str, Any]) -> dict[str, Any]:
         "confirmed": is_confirmed_format(stats),
         "noise_flips": _ids_of(stats.get("noise_flips")),
         "must_pass_broken": _ids_of(stats.get("must_pass_broken")),
-        "confirm_runs": confirm.get("runs"), "confirm_examples": _ids_of(confirm.get("examples")),
+        "confirm_runs": confirm.get("runs"), "confirm_examples": _count(confirm.get("examples")),
         "evaluated": stats.get("evaluated", stats.get("n")),
         "raced": racing is not None, "racing_saved": racing_saved(stats),
         "raced_out_share": _num((look or {}).get("share")),
