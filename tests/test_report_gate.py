@@ -99,8 +99,8 @@ def test_the_report_says_why_and_states_the_guarantee_near_the_top(tmp_path: Pat
     md = md_path.read_text()
     assert GUARANTEE_5 in "\n".join(md.splitlines()[:4])
     assert "| racing saved | 3 of 18 candidate evaluations (17%) |" in md
-    assert "Confirmed regressions: candidate 2: v1." in md
-    assert "Noise flips set aside (flipped once, not on re-runs): candidate 1: v5; candidate 2: v6." in md
+    assert "\n- Confirmed regressions: candidate 2: v1.\n" in md
+    assert "\n- Noise flips set aside (flipped once, not on re-runs): candidate 1: v5; candidate 2: v6.\n\n" in md
     line2 = next(ln for ln in md.splitlines() if ln.startswith("| 2 |"))
     assert "| 1 (1) |" in line2 and "| 3 |" in line2 and "raced out after 50% of val" in line2
     line3 = next(ln for ln in md.splitlines() if ln.startswith("| 3 |"))
