@@ -53,12 +53,21 @@ llm:
 # knobs:                            # parameters the `ladder` proposer may search
 #   top_k: {{file: config.yaml, key: retrieval.top_k, rung: retrieval, values: [3, 5, 8]}}
 
+# When a candidate is kept. These defaults can accept a real improvement of a few
+# points on a few hundred val examples and refuse noise across a whole run.
 gates:
-  min_delta: 0.01          # smallest val improvement worth a branch
-  max_regressions: 0       # examples right before and wrong after
-  max_cost_ratio: 1.5
-  max_latency_ratio: 1.5
-  confidence: 0.9
+  objective: score               # score | cost | latency: what a kept candidate must improve
+  min_delta: 0.01                # smallest mean val improvement worth a branch (1 point)
+  test: sign                     # sign | bootstrap: the paired test that the candidate beats its base
+  confidence: 0.9                # for the whole run: P(any kept candidate is not a true improvement) <= 10%
+  confirm_runs: 2                # an example that flipped is re-run this many times on both sides
+  max_regressions: "2%"          # confirmed regressions allowed: a count (3) or a share of val ("2%")
+  racing: [0.25, 0.5, 1.0]       # shares of val at which a candidate is judged; a loser stops early
+  non_inferiority_margin: 0.01   # a saving may lose at most this much score (one-sided test)
+  min_saving: 0.2                # a saving must cut cost (or latency) by at least this share
+  max_cost_ratio: 1.5            # an improvement may cost at most this times its base
+  max_latency_ratio: 1.5         # ... and take at most this times its base's time
+  # must_pass: learned           # example ids never to break: a list, a file of ids, or `learned`
 
 runner:
   concurrency: 4

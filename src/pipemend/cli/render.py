@@ -3,7 +3,8 @@ a candidate's verdict line, a run's candidates, the doctor's checks."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from rich.console import Group
 from rich.markup import escape
@@ -13,6 +14,8 @@ from rich.text import Text
 from ..diagnose import Diagnosis
 from ..manifest import RUNGS
 from ..optimize import OptimizeSummary
+from ..report.explain import explain
+from ..report.load import gate_overview
 
 
 def render_diagnosis(d: Diagnosis, *, max_ids: int = 5) -> Group:
@@ -57,20 +60,45 @@ def scores_table(summaries: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+def _verdict_markup(why: str) -> str:
+    """A why-sentence with its first word (kept / refused) in colour (markup)."""
+    head, sep, rest = why.partition(":")
+    colour = "green" if head.startswith("kept") else "red"
+    return f"[{colour}]{escape(head)}[/]{escape(sep + rest)}"
+
+
 def candidate_line(*, n: int, accepted: bool, val_score: float | None = None, delta: float | None = None,
-                   reasons: Sequence[str] = (), **_: Any) -> str:
-    """``candidate 2: rejected (val 0.500, delta -0.250): ...`` with the verdict in colour (markup)."""
-    line = f"candidate {n}: " + ("[green]accepted[/]" if accepted else "[red]rejected[/]")
-    if val_score is not None and delta is not None:
-        line += f" (val {val_score:.3f}, delta {delta:+.3f})"
+                   reasons: Sequence[str] = (), why: str | None = None, verdict: Mapping[str, Any] | None = None,
+                   **_: Any) -> str:
+    """``candidate 2 (val 0.500, delta -0.250): refused: ...`` with the verdict in colour (markup).
+
+    ``why`` (or ``verdict``, a verdict.json dict, explained by ``report.explain``) is the plain-words reason;
+    without either the gate's reason texts are shown.
+    """
+    if why is None and verdict is not None:
+        why = explain(verdict)
+    scores = f" (val {val_score:.3f}, delta {delta:+.3f})" if val_score is not None and delta is not None else ""
+    if why:
+        return f"candidate {n}{scores}: {_verdict_markup(why)}"
+    line = f"candidate {n}: " + ("[green]accepted[/]" if accepted else "[red]rejected[/]") + scores
     if not accepted:
         line += escape(f": {'; '.join(reasons)[:300]}")
     return line
 
 
-def summary_table(s: OptimizeSummary) -> Table:
+def _overview(run_dir: str | Path) -> dict[str, Any]:
+    try:
+        return gate_overview(Path(run_dir))
+    except Exception:  # noqa: BLE001 - a summary never fails on a run directory it cannot read
+        return {"why": {}, "racing": {"candidates": 0}, "guarantee": None}
+
+
+def summary_table(s: OptimizeSummary, overview: Mapping[str, Any] | None = None) -> Table:
+    """Baseline and candidates with val, test and why each was kept or refused (``overview``: ``gate_overview``
+    of the run, read from ``s.run_dir`` when not given)."""
+    why = (overview if overview is not None else _overview(s.run_dir)).get("why") or {}
     t = Table(title=escape(f"pipemend optimize {s.run_id}: {s.stop_reason}"))
-    for col in ("", "val", "test", "note"):
+    for col in ("", "val", "test", "why"):
         t.add_column(col)
 
     def fmt(v: float | None) -> str:
@@ -78,18 +106,30 @@ def summary_table(s: OptimizeSummary) -> Table:
 
     t.add_row("baseline", fmt(s.baseline.get("val")), fmt(s.baseline.get("test")), "")
     for c in s.candidates:
-        note = c.ref or "" if c.accepted else "; ".join(c.reasons)[:80]
+        note = why.get(c.n) or ("; ".join(c.reasons)[:80] if not c.accepted else "kept")
+        if c.accepted and c.ref:
+            note += f" → {c.ref}"
         t.add_row(f"cand-{c.n} " + ("[green]accepted[/]" if c.accepted else "[red]rejected[/]"),
                   fmt(c.val_score), fmt(s.best["test"]) if s.best and s.best["n"] == c.n else "", escape(note))
     return t
 
 
-def summary_footer(s: OptimizeSummary, ladder: str | None) -> list[str]:
-    """The lines under the summary table: spend, calls, the best branch, failures per rung (plain text)."""
+def summary_footer(s: OptimizeSummary, ladder: str | None, overview: Mapping[str, Any] | None = None) -> list[str]:
+    """The lines under the summary table: spend, calls, the best branch, the evaluations racing saved,
+    failures per rung, the run-level guarantee (plain text)."""
+    ov = overview if overview is not None else _overview(s.run_dir)
     lines = [f"spent ${s.spent_usd:.4f}, {s.llm_calls} LLM calls ({s.cache_hits} from cache), "
              f"{s.wall_s:.0f} s; best: {s.best['branch'] if s.best else 'none accepted'}"]
+    racing = ov.get("racing") or {}
+    if racing.get("candidates"):
+        share = racing.get("share")
+        lines.append(f"racing saved {racing['saved']:,} of {racing['saved'] + racing['paid']:,} candidate example "
+                     f"evaluations ({share:.0%}); {racing['raced_out']} candidate(s) stopped early"
+                     if share is not None else "racing saved no evaluation")
     if ladder:
         lines.append(f"failures per rung on train, {'baseline → best' if s.best else 'baseline'}: {ladder}")
+    if ov.get("guarantee"):
+        lines.append(ov["guarantee"])
     return lines
 
 
@@ -106,7 +146,7 @@ def candidates_table(title: str, rows: list[dict[str, Any]]) -> Table:
                       "-" if r["val_score"] is None else f"{r['val_score']:.3f}",
                       "-" if r["delta"] is None else f"{r['delta']:+.3f}",
                       escape(r["title"]) if r["accepted"]
-                      else f"{escape(r['title'])} [dim]({escape((r['reasons'] or ['-'])[0][:60])})[/]",
+                      else f"{escape(r['title'])} [dim]({escape((r.get('why') or (r['reasons'] or ['-'])[0])[:120])})[/]",
                       r["branch"] or "-")
     return table
 

@@ -22,6 +22,7 @@ from ..fsutil import read_json, read_jsonl
 from ..gateway.pricing import cost_usd
 from ..journal import CandidateRecord, RunState, fold
 from ..rundir import JOURNAL
+from .explain import explain, guarantee, is_confirmed_format, per_candidate_note, raced_out_look, racing_saved
 
 RIGHT = 0.5
 """An example is right when its score is at least this (the gate's rule)."""
@@ -124,10 +125,56 @@ def candidate_numbers(run_dir: Path, st: RunState) -> list[int]:
     return sorted(nums)
 
 
+def read_verdict(run_dir: Path, n: int) -> dict[str, Any]:
+    """``candidates/<n>/verdict.json`` as a dict ({} when missing, torn or not an object)."""
+    verdict = _json(Path(run_dir) / "candidates" / str(n) / "verdict.json")
+    return verdict if isinstance(verdict, dict) else {}
+
+
+def _ids_of(value: Any) -> list[str]:
+    return [str(i) for i in value] if isinstance(value, list) else []
+
+
+def _count(value: Any) -> int | None:
+    """A count written as a number or as the list it counts."""
+    if isinstance(value, list):
+        return len(value)
+    n = _num(value)
+    return None if n is None else int(n)
+
+
+def gate_view(verdict: dict[str, Any]) -> dict[str, Any]:
+    """What the report shows of a verdict's gate numbers beyond the score: confirmation, racing, the trade.
+
+    Keys absent from an older verdict read as empty: no noise flips, no racing, no saving.
+    """
+    stats = verdict.get("stats") if isinstance(verdict.get("stats"), dict) else {}
+    cost, latency = stats.get("cost") or {}, stats.get("latency") or {}
+    look = raced_out_look(stats)
+    saving = stats.get("saving") if isinstance(stats.get("saving"), dict) else None
+    confirm = stats.get("confirm") if isinstance(stats.get("confirm"), dict) else {}
+    racing = stats.get("racing") if isinstance(stats.get("racing"), dict) else None
+    return {
+        "confirmed": is_confirmed_format(stats),
+        "noise_flips": _ids_of(stats.get("noise_flips")),
+        "must_pass_broken": _ids_of(stats.get("must_pass_broken")),
+        "confirm_runs": confirm.get("runs"), "confirm_examples": _count(confirm.get("examples")),
+        "evaluated": stats.get("evaluated", stats.get("n")),
+        "raced": racing is not None, "racing_saved": racing_saved(stats),
+        "raced_out_share": _num((look or {}).get("share")),
+        "p_value": _num(stats.get("p_value")), "alpha": _num(stats.get("alpha")),
+        "accepted_as": stats.get("accepted_as"), "saving": saving,
+        "objective": stats.get("objective"),
+        "cost_base_usd": _num(cost.get("base_usd")), "cost_cand_usd": _num(cost.get("cand_usd")),
+        "cost_ratio": _num(cost.get("ratio")), "latency_ratio": _num(latency.get("ratio")),
+    }
+
+
 def load_candidate(run_dir: Path, n: int, st: RunState) -> dict[str, Any]:
-    """One candidate's row: its verdict's numbers, journal record, rationale and where its files are."""
+    """One candidate's row: its verdict's numbers, journal record, rationale, why it was kept or refused,
+    and where its files are."""
     cdir = run_dir / "candidates" / str(n)
-    verdict = _json(cdir / "verdict.json") or {}
+    verdict = read_verdict(run_dir, n)
     rec: CandidateRecord | None = st.candidates.get(n)
     stats = verdict.get("stats") or {}
     rationale = read_text(cdir / "rationale.md").strip() or (rec.rationale if rec else "").strip()
@@ -136,29 +183,50 @@ def load_candidate(run_dir: Path, n: int, st: RunState) -> dict[str, Any]:
         status = "accepted" if accepted else "rejected"
     else:
         accepted, status = False, "in progress" if st.started == n and is_live(run_dir, st) else "unfinished"
-    reasons = list(verdict.get("reasons") or (rec.reasons if rec else []))
+    reasons = [str(r.get("text", r)) if isinstance(r, dict) else str(r)
+               for r in verdict.get("reasons") or (rec.reasons if rec else [])]
     ref = (rec.ref if rec else None) or verdict.get("ref") or verdict.get("branch")
-    cost, latency = stats.get("cost") or {}, stats.get("latency") or {}
     meta = _json(cdir / "proposal.json") or {}
+    delta = _num(stats.get("delta", rec.delta if rec else None))
+    if verdict or rec:
+        why = explain(verdict if verdict else {"accepted": accepted, "reasons": reasons,
+                                               "stats": {"delta": delta} if delta is not None else None})
+    else:
+        why = ""
     return {
         "n": n, "status": status, "accepted": accepted, "rationale": rationale,
         "title": first_line(rationale) or "(no rationale)",
         "changed_files": list(verdict.get("changed_files") or []),
         "base_mean": _num(stats.get("base_mean")),
         "val_score": _num(stats.get("cand_mean", rec.val_score if rec else None)),
-        "delta": _num(stats.get("delta", rec.delta if rec else None)),
+        "delta": delta,
         "ci_low": _num(stats.get("ci_low")), "ci_high": _num(stats.get("ci_high")),
         "n_val": stats.get("n"),
         "regressions": [str(i) for i in stats.get("regressions") or []],
         "fixed": [str(i) for i in stats.get("fixed") or []],
-        "cost_ratio": _num(cost.get("ratio")), "latency_ratio": _num(latency.get("ratio")),
-        "reasons": reasons, "reason": reasons[0] if reasons else ("" if accepted else "—"),
+        **gate_view(verdict),
+        "reasons": reasons, "reason": reasons[0] if reasons else ("" if accepted else "—"), "why": why,
         "ref": ref, "branch": branch_of(ref), "sha": rec.sha if rec else None,
         "rung": meta.get("rung"), "meta": meta,
         "val_dir": (rec.val_dir if rec else None) or (f"candidates/{n}/evals/val" if (cdir / "evals/val").is_dir() else None),
         "has_diff": (cdir / "diff.patch").is_file(),
         "page": f"candidates/{n}/index.html",
     }
+
+
+def racing_total(cands: list[dict[str, Any]]) -> dict[str, Any]:
+    """Candidate example-evaluations racing saved over the run, what raced candidates paid, and the share saved."""
+    raced = [c for c in cands if c.get("raced")]
+    saved = sum(int(c.get("racing_saved") or 0) for c in raced)
+    paid = sum(int(c.get("evaluated") or 0) for c in raced)
+    return {"candidates": len(raced), "raced_out": sum(1 for c in raced if c.get("raced_out_share") is not None),
+            "saved": saved, "paid": paid, "share": saved / (saved + paid) if saved + paid else None}
+
+
+def run_guarantee(gates: dict[str, Any], cands: list[dict[str, Any]]) -> str:
+    """The run-level sentence: the error-budget guarantee, or what a run judged before it promised."""
+    judged_before = any(c.get("n_val") is not None and c.get("alpha") is None and not c.get("raced") for c in cands)
+    return per_candidate_note(gates) if judged_before else guarantee(gates)
 
 
 def base_val_dir_for(cands: list[dict[str, Any]], n: int, baseline_val: str | None) -> str | None:
@@ -307,6 +375,24 @@ def _frozen_manifest(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def _gates_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    gates = manifest.get("gates")
+    return gates if isinstance(gates, dict) else {}
+
+
+def gate_overview(run_dir: Path) -> dict[str, Any]:
+    """The gate's side of a run for a summary: why each candidate was kept or refused (by number), racing's
+    savings (``racing_total``) and the run-level guarantee sentence."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise UsageError(f"{run_dir}: not a pipemend run directory (no run.json)")
+    st = journal_state(run_dir)
+    cands = [load_candidate(run_dir, n, st) for n in candidate_numbers(run_dir, st)]
+    gates = _gates_of(_frozen_manifest(run_dir))
+    return {"why": {c["n"]: c["why"] for c in cands if c["why"]}, "racing": racing_total(cands),
+            "guarantee": run_guarantee(gates, cands)}
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     """Everything the report shows, as plain dicts and lists."""
     run_dir = Path(run_dir)
@@ -328,6 +414,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     base_summary = _json(run_dir / (baseline_val_dir or "evals/baseline-val") / "summary.json") or {}
     for c in cands:
         c["base_val_dir"] = base_val_dir_for(cands, c["n"], baseline_val_dir)
+    gates = _gates_of(manifest)
 
     test = st.test or {}
     test_base = _num(test.get("baseline"))
@@ -367,5 +454,5 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "fixed": fixed, "broken": broken,
         "costs": {"pipeline": pipeline, "agent": agent, "total_usd": pipeline["usd"] + agent["usd"],
                   "budget_used": (pipeline["usd"] / budget) if budget else None},
-        "gates": manifest.get("gates") or {},
+        "gates": gates, "guarantee": run_guarantee(gates, cands), "racing": racing_total(cands),
     }
