@@ -1,6 +1,7 @@
 """The gate on simulated val scores: false accepts, real improvements, the run-level error, racing savings.
 
     .venv/bin/python benchmarks/gate.py [--trials 200] [--run-trials 100] [--seed 0]
+    .venv/bin/python benchmarks/gate.py --e2e [--val 120] [--sandbox process]
 
 Drives pipemend's own gate code (``optimize.race.race``: racing looks,
 confirmation re-runs, ``evidence.compare`` at the candidate's share of the
@@ -22,14 +23,25 @@ Prints, per n (50, 100, 300) and f (0, 0.05, 0.10):
   racing did not pay on refused candidates; target at least 40 %;
 - racing = full: how often racing reached the verdict the full evaluation
   (``racing: [1.0]``) reaches on the same simulated evaluations; target 95 %.
+
+``--e2e`` runs a short ``pipemend optimize`` end to end (real gateway, sandbox,
+git, journal) with the ``ladder`` proposer on a small generated target whose
+model is ``simulated/noisy`` (a sampled answer is noise 10 % of the time): one
+knob is a real fix (aliases in retrieval), the others change nothing. It
+prints each candidate's verdict: kept or refused and why, examples evaluated,
+flips confirmed, evaluations racing saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -115,12 +127,128 @@ def cell(n: int, f: float, trials: int, run_trials: int, rng: random.Random) -> 
             "run": any_kept / run_trials, "saved": saved / refused if refused else 0.0, "agree": agree / judged}
 
 
+# --------------------------------------------------------------------------- end to end
+
+PIPELINE = '''"""Capitals with a noisy model: retrieve the fact (aliases optional), ask the model, answer its reply."""
+
+import json
+import os
+from pathlib import Path
+
+import anthropic
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(inputs: dict) -> str:
+    config = yaml.safe_load((HERE / "config.yaml").read_text(encoding="utf-8"))
+    corpus = json.loads((HERE / "corpus.json").read_text(encoding="utf-8"))
+    key = inputs["country"]
+    if config["retrieval"]["aliases"]:
+        key = corpus["aliases"].get(key, key)
+    fact = corpus["facts"].get(key, "unknown")
+    prompt = (HERE / "prompts" / f"{config['answer']['style']}.txt").read_text(encoding="utf-8").format(fact=fact)
+    resp = anthropic.Anthropic(max_retries=0).messages.create(
+        model=os.environ.get("PIPEMEND_MODEL", "simulated/noisy"), max_tokens=64,
+        messages=[{"role": "user", "content": prompt}],
+        extra_body={"temperature": float(config["answer"]["temperature"])})  # this SDK names no temperature
+    return "".join(b.text for b in resp.content if b.type == "text")
+'''
+
+MANIFEST = """name: noisy-capitals
+entrypoint: pipeline:run
+dataset:
+  files: {train: data/train.jsonl, val: data/val.jsonl, test: data/test.jsonl}
+metric: contains
+editable: [config.yaml, prompts/**]
+protected: [corpus.json]
+knobs:
+  style: {file: config.yaml, key: answer.style, rung: prompt, values: [plain, polite]}
+  temperature: {file: config.yaml, key: answer.temperature, rung: prompt, values: [0.7, 0.9]}
+  aliases: {file: config.yaml, key: retrieval.aliases, rung: retrieval, values: [false, true]}
+llm: {model: simulated/noisy}
+runner: {concurrency: 4, example_timeout_s: 30}
+gates: {max_latency_ratio: 1000}
+"""
+
+
+def make_target(root: Path, n_val: int, seed: int) -> Path:
+    """A target where 15 % of the questions name a country by an alias only the `aliases` knob resolves."""
+    rng = random.Random(seed)
+    t = root / "noisy-capitals"
+    (t / "data").mkdir(parents=True)
+    (t / "prompts").mkdir()
+    facts, aliases = {}, {}
+    sizes = {"train": 40, "val": n_val, "test": 60}
+    for split, size in sizes.items():
+        rows = []
+        for i in range(size):
+            country, city = f"{split}-land-{i}", f"{split.capitalize()}city{i}x"
+            facts[country] = f"The capital is {city}."
+            asked = country
+            if rng.random() < 0.15:
+                asked = f"old-{country}"
+                aliases[asked] = country
+            rows.append({"id": f"{split}-{i}", "inputs": {"country": asked}, "expected": city})
+        (t / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (t / "corpus.json").write_text(json.dumps({"facts": facts, "aliases": aliases}))
+    (t / "prompts" / "plain.txt").write_text("Fact: {fact}")
+    (t / "prompts" / "polite.txt").write_text("Please read this fact: {fact}")
+    (t / "config.yaml").write_text("answer: {style: plain, temperature: 0.7}\nretrieval: {aliases: false}\n")
+    (t / "pipeline.py").write_text(PIPELINE)
+    (t / "pipemend.yaml").write_text(MANIFEST)
+    return t
+
+
+def end_to_end(args: argparse.Namespace) -> int:
+    from pipemend.cli.progress import RichProgress
+    from pipemend.optimize import OptimizeConfig, run_optimize
+
+    work = Path(tempfile.mkdtemp(prefix="pipemend-bench-gate-"))
+    try:
+        target = make_target(work, args.val, args.seed)
+        cfg = OptimizeConfig(target=str(target), proposer="ladder", max_candidates=args.max_candidates,
+                             sandbox=args.sandbox, run_id="bench-gate", reports_dir=str(work / "reports"),
+                             budget_usd=5.0, seed=args.seed)
+        with RichProgress(Console(stderr=True)) as progress:
+            s = run_optimize(cfg, progress)
+        table = Table(title=f"optimize end to end, simulated/noisy (10 % noise on sampled calls), val {args.val}")
+        for col in ("cand", "rationale", "kept", "val delta", "p", "alpha", "evaluated", "flips confirmed",
+                    "noise flips", "saved", "why"):
+            table.add_column(col)
+        for c in s.candidates:
+            v = json.loads((Path(s.run_dir) / "candidates" / str(c.n) / "verdict.json").read_text())
+            st = v.get("stats") or {}
+            fmt = lambda x, f="{:+.3f}": "-" if x is None else f.format(x)  # noqa: E731
+            table.add_row(str(c.n), c.rationale.splitlines()[0][:40] if c.rationale else "", "yes" if c.accepted else "no",
+                          fmt(st.get("delta")), fmt(st.get("p_value"), "{:.4f}"), fmt(st.get("alpha"), "{:.4f}"),
+                          f"{st.get('evaluated', '-')}/{st.get('n', '-')}", str((st.get("confirm") or {}).get("examples", "-")),
+                          str(len(st.get("noise_flips") or [])), str((st.get("racing") or {}).get("saved", "-")),
+                          "; ".join(v.get("reasons") or [])[:90])
+        Console(width=200).print(table)
+        print(f"baseline val {s.baseline.get('val')}, best val {(s.best or {}).get('val')}; stopped: {s.stop_reason}")
+    finally:
+        if args.keep:
+            print(f"work folder: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--run-trials", type=int, default=100, help="runs of 20 identical candidates per cell")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--e2e", action="store_true", help="a short optimize end to end on a noisy simulated model")
+    ap.add_argument("--val", type=int, default=120, help="--e2e: val examples")
+    ap.add_argument("--max-candidates", type=int, default=4, help="--e2e: candidates")
+    ap.add_argument("--sandbox", default="process", help="--e2e: sandbox")
+    ap.add_argument("--keep", action="store_true", help="--e2e: keep the work folder")
     args = ap.parse_args(argv)
+    if args.e2e:
+        return end_to_end(args)
     rng = random.Random(args.seed)
     table = Table(title=f"the gate on simulated val ({args.trials} trials a cell; {args.run_trials} runs of 20 "
                         f"for the run level; confidence {GATES.confidence}, min_delta {GATES.min_delta}, "

@@ -185,8 +185,8 @@ def test_verdict_json_has_its_numbers_and_an_aggregate_view(tmp_path):
 def test_verdict_json_keeps_the_keys_the_report_reads(tmp_path):
     stats = _compare(_rows([0, 0, 0, 0, 0, 1, 1, 1]), _rows([1, 1, 1, 1, 1, 1, 1, 1]), Gates())
     data = gate.decide(1, changed=["a"], static_reasons=[], stats=stats, gates=Gates()).to_json()
-    assert list(data) == ["format", "candidate", "accepted", "reasons", "changed_files", "static_reasons", "stats",
-                          "gates"]
+    assert list(data) == ["format", "candidate", "accepted", "reasons", "reason_codes", "changed_files",
+                          "static_reasons", "stats", "gates"]
     assert data["accepted"] and data["reasons"] == []
     assert {"n", "evaluated", "base_mean", "cand_mean", "delta", "test", "p_value", "alpha", "regressions", "fixed",
             "noise_flips", "must_pass_broken", "confirm", "racing", "objective", "accepted_as", "saving", "cost",

@@ -12,7 +12,7 @@ from pipemend.init_template import write_skeleton
 from pipemend.manifest import load_manifest
 
 CONTRACT = {"objective": "score", "min_delta": 0.01, "test": "sign", "confidence": 0.9, "confirm_runs": 2,
-            "max_regressions": "2%", "racing": [0.25, 0.5, 1.0], "non_inferiority_margin": 0.01, "min_saving": 0.2,
+            "max_regressions": "5%", "racing": [0.25, 0.5, 1.0], "non_inferiority_margin": 0.01, "min_saving": 0.2,
             "max_cost_ratio": 1.5, "max_latency_ratio": 1.5}
 
 

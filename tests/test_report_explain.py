@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from pipemend import evidence
+from pipemend.manifest import Gates
 from pipemend.report.explain import (allowed_regressions, explain, guarantee, per_candidate_note, reasons_with_codes,
                                      racing_saved)
 
@@ -221,9 +223,9 @@ def test_allowed_regressions(value: Any, n: Any, expected: int | None) -> None:
 
 
 def test_the_guarantee_sentence_follows_the_confidence() -> None:
-    assert guarantee({"confidence": 0.95}) == (
-        "Across this run, the chance that any kept candidate is not a true improvement is at most 5% "
-        "(the error budget is split across candidates: candidate n may spend a share of it).")
+    assert guarantee({"confidence": 0.95}) == evidence.guarantee(Gates(confidence=0.95))
+    assert "at most 5%" in guarantee({"confidence": 0.95})
+    assert "at most 20%" in guarantee({"confidence": 0.8, "repeats": 2})  # an older run's gates: the same promise
     assert "at most 10%" in guarantee({}) and "at most 10%" in guarantee(None) and "at most 10%" in guarantee({"confidence": "x"})
     assert "tested on its own at confidence 0.8" in per_candidate_note({"confidence": 0.8})
     assert "can exceed 20%" in per_candidate_note({"confidence": 0.8})

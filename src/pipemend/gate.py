@@ -193,8 +193,8 @@ class Verdict:
     def to_json(self) -> dict[str, Any]:
         """verdict.json: reasons as their full texts (the report reads ``reasons``, ``stats``, ``changed_files``)."""
         return {"format": VERDICT_FORMAT, "candidate": self.candidate, "accepted": self.accepted,
-                "reasons": texts(self.reasons), "changed_files": list(self.changed_files),
-                "static_reasons": texts(self.static_reasons),
+                "reasons": texts(self.reasons), "reason_codes": [r.code for r in self.reasons],
+                "changed_files": list(self.changed_files), "static_reasons": texts(self.static_reasons),
                 "stats": None if self.stats is None else self.stats.to_json(), "gates": dict(self.gates)}
 
     def aggregates(self) -> dict[str, Any]:

@@ -61,7 +61,7 @@ gates:
   test: sign                     # sign | bootstrap: the paired test that the candidate beats its base
   confidence: 0.9                # for the whole run: P(any kept candidate is not a true improvement) <= 10%
   confirm_runs: 2                # an example that flipped is re-run this many times on both sides
-  max_regressions: "2%"          # confirmed regressions allowed: a count (3) or a share of val ("2%")
+  max_regressions: "5%"          # confirmed regressions allowed: a count (3) or a share of val ("5%")
   racing: [0.25, 0.5, 1.0]       # shares of val at which a candidate is judged; a loser stops early
   non_inferiority_margin: 0.01   # a saving may lose at most this much score (one-sided test)
   min_saving: 0.2                # a saving must cut cost (or latency) by at least this share

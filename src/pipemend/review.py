@@ -50,7 +50,7 @@ def list_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
         out.append({"n": n, "verdict": c["status"], "accepted": c["accepted"], "val_score": c["val_score"],
                     "delta": c["delta"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
                     "regressions": len(c["regressions"]), "branch": c["branch"], "ref": c["ref"], "sha": c["sha"],
-                    "title": c["title"], "reasons": c["reasons"]})
+                    "title": c["title"], "reasons": c["reasons"], "why": c.get("why")})
     return out
 
 

@@ -183,7 +183,7 @@ def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: st
            evaluated=stats.evaluated if stats else None, saved=stats.racing["saved"] if stats else None)
     env.progress.event("candidate_done", n=n, accepted=verdict.accepted,
                        val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None,
-                       reasons=gate.texts(verdict.reasons))
+                       reasons=gate.texts(verdict.reasons), verdict=verdict.to_json())
     return replay(env.run_dir)
 
 

@@ -23,6 +23,9 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
+from pydantic import ValidationError
+
+from .. import evidence
 from ..manifest import Gates
 
 STATIC_CODES = frozenset({"static", "protected", "label_leak", "example_ids", "metric_copy", "not_editable", "symlink",
@@ -347,7 +350,12 @@ def confidence_of(gates: Mapping[str, Any] | None) -> float:
 
 
 def guarantee(gates: Mapping[str, Any] | None) -> str:
-    """The run-level guarantee in one sentence, from the run's ``gates``."""
+    """The run-level guarantee in one sentence, from the run's ``gates`` (``evidence.guarantee``; gates that do
+    not validate, from an older or damaged run, get the same promise from their confidence alone)."""
+    try:
+        return evidence.guarantee(Gates.model_validate(dict(gates or {})))
+    except (ValidationError, TypeError, ValueError):
+        pass
     return (f"Across this run, the chance that any kept candidate is not a true improvement is at most "
             f"{1 - confidence_of(gates):.0%} (the error budget is split across candidates: candidate n may "
             f"spend a share of it).")
