@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -175,7 +176,7 @@ class LadderProposer:
 
     def _model_options(self, ctx: ProposalContext, objective: str) -> Iterator[tuple[str, Any]]:
         """The ``model`` knobs' values, ordered against each step's current model for ``objective``
-        (``score``: stronger first; ``cost``/``latency``: cheaper only, cheapest first; see ``model_choice``)."""
+        (``score``: stronger first; ``cost``/``latency``: cheaper ones, cheapest first; see ``model_choice``)."""
         knobs = getattr(ctx.manifest, "knobs", {}) or {}
         default = getattr(getattr(ctx.manifest, "llm", None), "model", None)
         for name, knob in knobs.items():
@@ -188,13 +189,13 @@ class LadderProposer:
                 ctx.log(f"ladder: skipped model knob {name}: {e}")
                 continue
             now = current if isinstance(current, str) else default  # None: the step calls the run's model
+            aim = "saving" if objective in SAVING_OBJECTIVES else "score"
             for option in order_models(knob.values, now, objective):
-                why = model_reason(option, objective)
-                yield knob_key(name, option.model), (
-                    lambda n=name, k=knob, o=option, w=why: self._set_knob(ctx, n, k, o.model, model=o, why=w))
+                yield knob_key(name, option.model), partial(self._set_knob, ctx, name, knob, option.model, model=option,
+                                                            why=model_reason(option, objective), aim=aim)
 
     def _set_knob(self, ctx: ProposalContext, name: str, knob: Any, value: Any, *,
-                  model: ModelOption | None = None, why: str = "") -> Proposal | None:
+                  model: ModelOption | None = None, why: str = "", aim: str = "score") -> Proposal | None:
         tools = ctx.tools
         fmt = config_format(knob.file)
         text = tools.read_file(knob.file)
@@ -205,7 +206,7 @@ class LadderProposer:
         meta: dict[str, Any] = {"kind": "knob", "knob": name, "file": knob.file, "key": knob.key,
                                 "value": value, "previous": current}
         if model is not None:
-            meta.update(kind="model", model=model.to_json(), objective=run_objective(ctx.manifest))
+            meta.update(kind="model", model=model.to_json(), objective=run_objective(ctx.manifest), aim=aim)
         return Proposal(
             rationale=f"set knob {name} ({knob.file}: {knob.key}) from {current!r} to {value!r}{why}",
             meta=meta,

@@ -52,9 +52,9 @@ class ModelOption:
     current_price: tuple[float, float] | None
 
     def describe(self) -> str:
-        """``cheaper ($1/$5 per Mtok in/out against $3/$15)``, or ``of unknown price``."""
+        """``cheaper ($1/$5 per Mtok in/out against $3/$15)``, or why the prices cannot be compared."""
         if self.relation == "unknown price" or self.price is None or self.current_price is None:
-            return "of unknown price (the price table does not know both models)"
+            return "whose price the price table cannot compare with the current model's"
         return (f"{self.relation} (${self.price[0]:g}/${self.price[1]:g} per Mtok in/out against "
                 f"${self.current_price[0]:g}/${self.current_price[1]:g})")
 
