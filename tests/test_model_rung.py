@@ -288,6 +288,9 @@ def test_the_loop_serves_the_knob_models_and_the_ladder_fixes_a_weak_step_model(
     run_dir = Path(summary.run_dir)
     proposal = json.loads((run_dir / "candidates" / "1" / "proposal.json").read_text())
     assert proposal["rung"] == "model"
+    rationale = (run_dir / "candidates" / "1" / "rationale.md").read_text()
+    assert f"from '{weak}' to 'simulated/echo'" in rationale
+    assert "another model for this step, because the diagnosis puts failures on the model rung" in rationale
     calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
     assert {c["model"] for c in calls if c["step"] == "answer"} == {weak, "simulated/echo"}
     assert all(c["error"] is None for c in calls), "every model the run's steps call is served"

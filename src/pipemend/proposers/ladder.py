@@ -258,5 +258,4 @@ def model_reason(option: ModelOption, objective: str) -> str:
                 "whether it is cheaper; it is kept as a saving only if its score is non-inferior and it saves enough")
     if option.relation == "dearer":
         return f"{what}: a stronger model for this step, because the diagnosis puts failures on the model rung"
-    return (f"{what}: another model for this step (after any dearer one), because the diagnosis puts failures "
-            "on the model rung")
+    return f"{what}: another model for this step, because the diagnosis puts failures on the model rung"
