@@ -351,7 +351,8 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     wanted = ["train", "val", "test"] if split == "all" else [split]
     box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
     progress.log(f"model: {model} (sandbox {box.name})")
-    gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir), models=[model]))
+    gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir),
+                                    models=manifest.models(model)))
     gateway.start()
     journal(run_dir, "gateway_started", url=gateway.url)
     summaries: dict[str, dict[str, Any]] = {}

@@ -234,6 +234,24 @@ class Manifest(_Strict):
     def all_protected(self) -> list[str]:
         return list(dict.fromkeys(self.protected + self.always_protected()))
 
+    def models(self, run_model: str | None = None) -> list[str]:
+        """The models a run's gateway serves (its ``GatewayConfig.models`` allow-list), in order, once each:
+        the run's model (``run_model``, e.g. ``--model``; default ``llm.model``), then every value of every
+        knob on the ``model`` rung (a per-step model choice the pipeline reads from its config file).
+
+        Raises ``ConfigError`` for a model-rung value that is not a non-empty string (``load_manifest``'s
+        file checks refuse it earlier; a manifest loaded without them is checked here)."""
+        names = [run_model or self.llm.model]
+        for name, knob in self.knobs.items():
+            if knob.rung != "model":
+                continue
+            for i, value in enumerate(knob.values):
+                if not isinstance(value, str) or not value.strip():
+                    raise ConfigError(MANIFEST_NAME, f"knobs.{name}.values[{i}]", f"{value!r} is not a model name",
+                                      "a model name such as claude-haiku-4-5 (a `model` knob's values are models)")
+                names.append(value)
+        return list(dict.fromkeys(names))
+
 
 def _loc(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err.get("loc", ())) or "(top level)"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from .configfile import ConfigFileError, lookup, read_config_file
 from .errors import ConfigError
+from .gateway.backends import BackendError, backend_kind
 from .globs import is_relative_glob, walk_files
 from .metrics import BUILTINS, load_metric
 
@@ -154,9 +155,40 @@ def _check_knobs(manifest: Manifest, target_dir: Path, mp: Path) -> None:
             data = read_config_file(path)
         except ConfigFileError as e:
             raise ConfigError(mp, f"knobs.{name}.file", f"cannot read {path}: {e}", "a valid .yaml, .yml, .json or .toml file") from None
-        found, _ = lookup(data, knob.key)
+        found, current = lookup(data, knob.key)
         if not found:
             raise ConfigError(mp, f"knobs.{name}.key", f"key {knob.key!r} not found in {knob.file}", f"a dotted key path that exists in {knob.file}")
+        if knob.rung == "model":
+            _check_model_knob(name, knob.values, current, knob.file, knob.key, mp)
+
+
+def model_name_problem(value: object) -> str | None:
+    """Why ``value`` cannot name a model a gateway serves (see ``gateway.backends``), or None when it can."""
+    if not isinstance(value, str) or not value.strip():
+        return f"{value!r} is not a model name"
+    if value != value.strip() or "*" in value:
+        return f"{value!r} is not one model's name"
+    try:
+        backend_kind(value)
+    except BackendError as e:
+        return e.message
+    return None
+
+
+def _check_model_knob(name: str, values: list[object], current: object, file: str, key: str, mp: Path) -> None:
+    """A ``model`` knob's values are model names, and its file's current value is one of them: the run's
+    gateway serves exactly ``Manifest.models()``, so a model the pipeline calls must be listed there."""
+    for i, value in enumerate(values):
+        problem = model_name_problem(value)
+        if problem is not None:
+            raise ConfigError(mp, f"knobs.{name}.values[{i}]", problem,
+                              "a model name such as claude-haiku-4-5, simulated/echo or scripted:PATH "
+                              "(a `model` knob's values are the models its step may call)")
+    if current is not None and current not in values:  # None: the step calls the run's model (llm.model)
+        raise ConfigError(mp, f"knobs.{name}.values",
+                          f"{file}: {key} is {current!r}, which the knob's values do not list",
+                          f"the model the step calls now among the values (the run's gateway serves only the "
+                          f"knob's models and llm.model), e.g. [{current!r}, ...]")
 
 
 # --------------------------------------------------------------------------- entrypoint

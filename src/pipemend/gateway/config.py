@@ -33,7 +33,8 @@ class GatewayConfig(BaseModel):
         description="The model names this gateway serves, set on the host (a request never chooses code here): "
         "exactly these names, each built when the gateway starts (`claude-*` stands for every Claude model; "
         "`scripted:PATH`, `simulated/*` and `package.module:Class` plugins are served only when listed). "
-        "None: the real families only, `claude-*` and the local model.",
+        "None: the real families only, `claude-*` and the local model. A run's pipeline gateway gets "
+        "`Manifest.models(run_model)`: the run's model and every value of the manifest's `model` knobs.",
     )
 
 

@@ -183,7 +183,7 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
     try:
         model = cfg.model or frozen.manifest.llm.model
         gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
-                                        socket_path=gateway_socket_path(run_dir), models=[model]))
+                                        socket_path=gateway_socket_path(run_dir), models=frozen.manifest.models(model)))
         gateway.start()
         gateways.append(gateway)
         sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))

@@ -1,13 +1,19 @@
 """The ``ladder`` proposer: offline, deterministic, no LLM.
 
 From the diagnosis it starts at the recommended rung (the cheapest holding a real
-share of the failures, in the order prompt, retrieval, context; the model rung has
-no offline fix), climbs from there, and makes one change
-per candidate: first the manifest's knobs for that rung (each declared value
-other than the current one, written into the knob's config file by a one-line
-edit that keeps comments), then the prompt transforms for that rung
+share of the failures, in the order prompt, retrieval, context), climbs from there,
+and makes one change per candidate: first the manifest's knobs for that rung
+(each declared value other than the current one, written into the knob's config file
+by a one-line edit that keeps comments), then the prompt transforms for that rung
 (``transforms.PROMPT_TRANSFORMS``) applied to the answer prompt. When a rung's
 options are spent it climbs to the next; when all are spent it returns None.
+
+The model rung comes last, and only when the diagnosis puts failures on it: its
+options are the values of the manifest's ``model`` knobs (a per-step model choice),
+stronger (dearer) models first (``model_choice.order_models``). When the run's
+objective (``gates.objective``) is ``cost`` or ``latency`` the ladder first tries
+each ``model`` knob's cheaper models, cheapest first, whatever the diagnosis says:
+such a candidate is meant to be kept as a saving.
 
 What it tried is read back from ``ctx.history`` (``meta["ladder_key"]`` of each
 earlier candidate, accepted or not, or the ``[ladder: KEY]`` tag that ends each of
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,10 +37,12 @@ from ..configfile import ConfigFileError, config_format, get_dotted, parse_confi
 from ..errors import UsageError
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
+from .model_choice import OBJECTIVES, ModelOption, order_models
 from .tools import ToolError
 from .transforms import PROMPT_TRANSFORMS, PromptTransform, TransformError, check_template, is_prompt_file
 
 OFFLINE_RUNGS = ("prompt", "retrieval", "context")
+SAVING_OBJECTIVES = ("cost", "latency")
 _KEY_TAG = re.compile(r"\[ladder: ([^\]\n]+)\]")
 
 
@@ -72,20 +81,29 @@ def rungs_to_try(diagnosis: dict[str, Any]) -> list[str]:
     It starts at the diagnosis's ``recommended`` rung (the cheapest one holding at
     least ``min_share`` of the failures, DESIGN.md §5) and climbs from there; the
     cheaper rungs it stepped over because they hold only a few failures come last.
-    Without a recommendation it starts at the cheapest rung with any failure.
+    Without a recommendation it starts at the cheapest rung with any failure. The
+    model rung (a stronger model costs more on every call) comes last, and only when
+    the diagnosis puts failures on it: "still wrong after the cheaper rungs".
     """
     counts = failing_rungs(diagnosis)
     if counts is None:
         return list(OFFLINE_RUNGS)
+    model = ["model"] if counts["model"] > 0 else []
     failing = [r for r in OFFLINE_RUNGS if counts[r] > 0]
     if not failing:
         # only "model" failures: the cheaper rungs may still not have been tried offline
-        return list(OFFLINE_RUNGS) if counts["model"] > 0 else []
+        return [*OFFLINE_RUNGS, *model] if model else []
     start = diagnosis.get("recommended")
     if start not in OFFLINE_RUNGS or counts[start] == 0:
         start = failing[0]
     i = OFFLINE_RUNGS.index(start)
-    return list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing]
+    return list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing] + model
+
+
+def run_objective(manifest: Any) -> str:
+    """The run's ``gates.objective``: ``score`` when the manifest has none (or one this ladder does not know)."""
+    objective = getattr(getattr(manifest, "gates", None), "objective", "score")
+    return objective if objective in OBJECTIVES else "score"
 
 
 class LadderProposer:
@@ -109,8 +127,8 @@ class LadderProposer:
                 tried.add(key)
             tried.update(_KEY_TAG.findall(str(entry.get("rationale") or "")))
         counts = failing_rungs(ctx.diagnosis or {}) or {}
-        for rung in rungs_to_try(ctx.diagnosis or {}):
-            for key, attempt in self._options(rung, ctx):
+        for rung, saving, options in self._plan(ctx):
+            for key, attempt in options:
                 if key in tried:
                     continue
                 self._tried.add(key)  # tried now, whether it applies or not
@@ -123,29 +141,61 @@ class LadderProposer:
                     continue
                 proposal.rung = rung
                 proposal.meta.update({"proposer": self.name, "ladder_key": key, "rung_failures": counts.get(rung)})
-                if counts.get(rung):
+                if counts.get(rung) and not saving:
                     proposal.rationale += f" (diagnosis: {counts[rung]} train failures at the {rung} rung)"
                 proposal.rationale += f" [ladder: {key}]"
                 return proposal
         return None
 
+    def _plan(self, ctx: ProposalContext) -> Iterator[tuple[str, bool, Iterator[tuple[str, Any]]]]:
+        """(rung, is it a saving, its options) in the order to try them: under a cost or latency objective
+        the cheaper models first, then the rungs the diagnosis points at."""
+        objective = run_objective(ctx.manifest)
+        if objective in SAVING_OBJECTIVES:
+            yield "model", True, self._model_options(ctx, objective)
+        for rung in rungs_to_try(ctx.diagnosis or {}):
+            yield rung, False, self._options(rung, ctx)
+
     # ------------------------------------------------------------------ options of one rung
 
     def _options(self, rung: str, ctx: ProposalContext) -> Iterator[tuple[str, Any]]:
+        if rung == "model":
+            yield from self._model_options(ctx, "score")
+            return
         knobs = getattr(ctx.manifest, "knobs", {}) or {}
         for name, knob in knobs.items():
             if knob.rung != rung:
                 continue
             for value in knob.values:
-                key = f"knob:{name}={json.dumps(value, sort_keys=True, default=str)}"
-                yield key, (lambda n=name, k=knob, v=value: self._set_knob(ctx, n, k, v))
+                yield knob_key(name, value), (lambda n=name, k=knob, v=value: self._set_knob(ctx, n, k, v))
         wanted = self.config.transforms
         for transform in PROMPT_TRANSFORMS:
             if transform.rung != rung or (wanted is not None and transform.name not in wanted):
                 continue
             yield f"transform:{transform.name}", (lambda t=transform: self._transform(ctx, t))
 
-    def _set_knob(self, ctx: ProposalContext, name: str, knob: Any, value: Any) -> Proposal | None:
+    def _model_options(self, ctx: ProposalContext, objective: str) -> Iterator[tuple[str, Any]]:
+        """The ``model`` knobs' values, ordered against each step's current model for ``objective``
+        (``score``: stronger first; ``cost``/``latency``: cheaper ones, cheapest first; see ``model_choice``)."""
+        knobs = getattr(ctx.manifest, "knobs", {}) or {}
+        default = getattr(getattr(ctx.manifest, "llm", None), "model", None)
+        for name, knob in knobs.items():
+            if knob.rung != "model":
+                continue
+            try:
+                text = ctx.tools.read_file(knob.file)
+                current = get_dotted(parse_config(text, config_format(knob.file)), knob.key, default=None)
+            except (ToolError, ConfigFileError) as e:
+                ctx.log(f"ladder: skipped model knob {name}: {e}")
+                continue
+            now = current if isinstance(current, str) else default  # None: the step calls the run's model
+            aim = "saving" if objective in SAVING_OBJECTIVES else "score"
+            for option in order_models(knob.values, now, objective):
+                yield knob_key(name, option.model), partial(self._set_knob, ctx, name, knob, option.model, model=option,
+                                                            why=model_reason(option, objective), aim=aim)
+
+    def _set_knob(self, ctx: ProposalContext, name: str, knob: Any, value: Any, *,
+                  model: ModelOption | None = None, why: str = "", aim: str = "score") -> Proposal | None:
         tools = ctx.tools
         fmt = config_format(knob.file)
         text = tools.read_file(knob.file)
@@ -153,10 +203,13 @@ class LadderProposer:
         if current == value:
             return None
         tools.write_file(knob.file, set_config_value(text, fmt, knob.key, value))
+        meta: dict[str, Any] = {"kind": "knob", "knob": name, "file": knob.file, "key": knob.key,
+                                "value": value, "previous": current}
+        if model is not None:
+            meta.update(kind="model", model=model.to_json(), objective=run_objective(ctx.manifest), aim=aim)
         return Proposal(
-            rationale=f"set knob {name} ({knob.file}: {knob.key}) from {current!r} to {value!r}",
-            meta={"kind": "knob", "knob": name, "file": knob.file, "key": knob.key,
-                  "value": value, "previous": current},
+            rationale=f"set knob {name} ({knob.file}: {knob.key}) from {current!r} to {value!r}{why}",
+            meta=meta,
         )
 
     def answer_prompts(self, ctx: ProposalContext) -> list[str]:
@@ -187,3 +240,22 @@ class LadderProposer:
             rationale=f"{transform.describe} in {', '.join(files)}",
             meta={"kind": "transform", "transform": transform.name, "files": files},
         )
+
+
+def knob_key(name: str, value: Any) -> str:
+    """The ladder's key for setting knob ``name`` to ``value`` (what history records as tried)."""
+    return f"knob:{name}={json.dumps(value, sort_keys=True, default=str)}"
+
+
+def model_reason(option: ModelOption, objective: str) -> str:
+    """Why the ladder tries ``option`` under ``objective``: the text that follows the change in its rationale."""
+    what = f", a model {option.describe()}"
+    if objective in SAVING_OBJECTIVES:
+        if option.relation == "cheaper":
+            return (f"{what}: tried first because the run's objective is {objective}; it is kept as a saving only "
+                    f"if its score is non-inferior and the {objective} drops by enough")
+        return (f"{what}: tried because the run's objective is {objective} and the price table cannot say "
+                "whether it is cheaper; it is kept as a saving only if its score is non-inferior and it saves enough")
+    if option.relation == "dearer":
+        return f"{what}: a stronger model for this step, because the diagnosis puts failures on the model rung"
+    return f"{what}: another model for this step, because the diagnosis puts failures on the model rung"
