@@ -138,22 +138,29 @@ from pathlib import Path
 import anthropic
 import yaml
 
+from pipemend import trace
+
 HERE = Path(__file__).resolve().parent
 
 
 def run(inputs: dict) -> str:
     config = yaml.safe_load((HERE / "config.yaml").read_text(encoding="utf-8"))
     corpus = json.loads((HERE / "corpus.json").read_text(encoding="utf-8"))
-    key = inputs["country"]
-    if config["retrieval"]["aliases"]:
-        key = corpus["aliases"].get(key, key)
-    fact = corpus["facts"].get(key, "unknown")
-    prompt = (HERE / "prompts" / f"{config['answer']['style']}.txt").read_text(encoding="utf-8").format(fact=fact)
-    resp = anthropic.Anthropic(max_retries=0).messages.create(
-        model=os.environ.get("PIPEMEND_MODEL", "simulated/noisy"), max_tokens=64,
-        messages=[{"role": "user", "content": prompt}],
-        extra_body={"temperature": float(config["answer"]["temperature"])})  # this SDK names no temperature
-    return "".join(b.text for b in resp.content if b.type == "text")
+    with trace.step("retrieve", kind="retrieval", query=inputs["country"]) as s:
+        key = inputs["country"]
+        if config["retrieval"]["aliases"]:
+            key = corpus["aliases"].get(key, key)
+        fact = corpus["facts"].get(key, "unknown")
+        s.output(fact, doc_ids=[key])
+    with trace.step("answer", kind="generation") as s:
+        prompt = (HERE / "prompts" / f"{config['answer']['style']}.txt").read_text(encoding="utf-8")
+        resp = anthropic.Anthropic(max_retries=0).messages.create(
+            model=os.environ.get("PIPEMEND_MODEL", "simulated/noisy"), max_tokens=64,
+            messages=[{"role": "user", "content": prompt.format(fact=fact)}],
+            extra_body={"temperature": float(config["answer"]["temperature"])})  # this SDK names no temperature
+        reply = "".join(b.text for b in resp.content if b.type == "text")
+        s.output(reply)
+    return reply
 '''
 
 MANIFEST = """name: noisy-capitals

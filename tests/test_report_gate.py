@@ -12,15 +12,16 @@ from typing import Any
 from rich.console import Console
 from runbuilder import build_run
 
+from pipemend import evidence
 from pipemend.cli.render import candidate_line, candidates_table, summary_footer, summary_table
 from pipemend.fsutil import atomic_write_json, atomic_write_text, read_json
+from pipemend.manifest import Gates
 from pipemend.optimize import CandidateSummary, OptimizeSummary
 from pipemend.report import render_report
 from pipemend.report.load import gate_overview, load_run
 from pipemend.review import list_candidates
 
-GUARANTEE_5 = ("Across this run, the chance that any kept candidate is not a true improvement is at most 5% "
-               "(the error budget is split across candidates: candidate n may spend a share of it).")
+GUARANTEE_5 = evidence.guarantee(Gates(confidence=0.95))
 
 
 def _looks(stop_at: float | None, deltas: tuple[float, ...]) -> list[dict[str, Any]]:
@@ -135,6 +136,7 @@ def test_an_old_run_directory_still_renders_with_what_it_promised(tmp_path: Path
     for n, stats in OLD_STATS.items():
         path = run.run_dir / "candidates" / str(n) / "verdict.json"
         v = read_json(path)
+        v.pop("reason_codes", None)  # a verdict from before issue 12 named no rule codes
         keep = {k: v["stats"][k] for k in ("n", "base_mean", "cand_mean", "fixed", "cost", "latency")}
         v["stats"] = {**keep, "test": "bootstrap", "reasons": [], **stats}
         v["gates"] = {"min_delta": 0.01, "max_regressions": 0, "max_cost_ratio": 1.5, "max_latency_ratio": 1.5,

@@ -226,7 +226,8 @@ def test_evaluate_sends_its_sample_index_and_a_rerun_pays_nothing_twice(tmp_path
     run_dir = tmp_path / "run"
     frozen = freeze_target(sampled_target, manifest, run_dir)
     examples = frozen.splits()["val"][:2]
-    gw = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir), models=[SAMPLED])).start()
+    gw = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir), models=[SAMPLED],
+                               cache_dir=tmp_path / "cache")).start()  # a fresh cache: misses are this test's
     try:
         ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=get_sandbox("process", announce=lambda m: None),
                           gateway=gw, model=SAMPLED, sealed=manifest.sealed_paths(sampled_target))
