@@ -197,7 +197,7 @@ def make_target(root: Path, n_val: int, seed: int) -> Path:
             if rng.random() < 0.15:
                 asked = f"old-{country}"
                 aliases[asked] = country
-            rows.append({"id": f"{split}-{i}", "inputs": {"country": asked}, "expected": city})
+            rows.append({"id": f"{split}-{i}", "inputs": {"country": asked}, "expected": city, "evidence": [country]})
         (t / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (t / "corpus.json").write_text(json.dumps({"facts": facts, "aliases": aliases}))
     (t / "prompts" / "plain.txt").write_text("Fact: {fact}")

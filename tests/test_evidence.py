@@ -3,6 +3,7 @@ error budget, non-inferiority and savings, racing decisions (``pipemend.evidence
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,8 +11,9 @@ import pytest
 from pipemend import evidence
 from pipemend.errors import ConfigError
 from pipemend.evidence import Evidence
+from pipemend.journal import fold
 from pipemend.manifest import Gates, load_manifest
-from pipemend.optimize.race import cuts, race
+from pipemend.optimize.race import cuts, must_pass_ids, race
 
 
 def _rows(scores, cost=0.0, latency=1.0):
@@ -205,14 +207,22 @@ def _race(base_first, cand_runs, base_runs=None, gates=Gates(), alpha=0.05, **kw
 
 
 def test_a_candidate_that_cannot_beat_the_base_stops_at_the_first_look():
-    n = 40
-    base = [1] * 20 + [0] * 20
+    base = [1] * 50 + [0] * 50
     out, ev = _race(base, {f"v{i}": [s] * 9 for i, s in enumerate(base)})  # identical: nothing flips
     assert out.accepted_as is None and out.reasons[0].code == "raced_out"
-    assert out.evaluated == 10 and out.racing["saved"] == 30
+    assert out.evaluated == 25 and out.racing["saved"] == 75
     assert [c[0] for c in ev.calls] == ["cand"] and len(out.racing["looks"]) == 1
     assert out.racing["looks"][0]["stopped"] is True
-    assert "after 10 of 40 val examples (25%)" in out.reasons[0].text and n == 40
+    assert "after 25 of 100 val examples (25%)" in out.reasons[0].text
+
+
+def test_a_look_at_a_few_examples_stops_nothing_for_lack_of_flips():
+    """Ten examples without a flip say little: the first look goes on; the second, at 20, stops it."""
+    base = [1] * 20 + [0] * 20
+    out, _ = _race(base, {f"v{i}": [s] * 9 for i, s in enumerate(base)})
+    assert out.evaluated == 20 and [lk["stopped"] for lk in out.racing["looks"]] == [False, True]
+    small, _ = _race(base[:12], {f"v{i}": [s] * 9 for i, s in enumerate(base[:12])})
+    assert small.evaluated == 12 and [r.code for r in small.reasons] == ["min_delta"]
 
 
 def test_a_real_improvement_runs_every_look_and_confirms_its_flips_on_both_sides():
@@ -263,3 +273,39 @@ def test_repeats_is_refused_with_a_pointer_to_confirm_runs(tmp_path):
         "llm: {model: simulated/echo}\ngates: {repeats: 2}\n")
     with pytest.raises(ConfigError, match="confirm_runs"):
         load_manifest(tmp_path, check_files=False)
+
+
+# --------------------------------------------------------------------------- must-pass ids of a run
+
+
+def _scored(run_dir, rel, scores):
+    d = run_dir / rel
+    d.mkdir(parents=True)
+    (d / "scored.jsonl").write_text("".join(json.dumps({"id": i, "score": s}) + "\n" for i, s in scores.items()))
+
+
+def test_learned_must_pass_is_what_every_accepted_base_got_right(tmp_path):
+    run_dir = tmp_path / "run"
+    _scored(run_dir, "evals/baseline-val", {"a": 1, "b": 1, "c": 0, "d": 1})
+    _scored(run_dir, "candidates/1/evals/val", {"a": 1, "b": 0, "c": 1, "d": 1})  # refused: does not count
+    _scored(run_dir, "candidates/2/evals/val", {"a": 1, "b": 1, "c": 1, "d": 0})
+    st = fold([
+        {"event": "baseline_done", "val_dir": "evals/baseline-val"},
+        {"event": "candidate_done", "n": 1, "accepted": False, "val_dir": "candidates/1/evals/val"},
+        {"event": "candidate_done", "n": 2, "accepted": True, "val_dir": "candidates/2/evals/val"},
+    ])
+    assert must_pass_ids("learned", frozen_dir=tmp_path, run_dir=run_dir, st=st) == {"a", "b"}
+    only_base = fold([{"event": "baseline_done", "val_dir": "evals/baseline-val"}])
+    assert must_pass_ids("learned", frozen_dir=tmp_path, run_dir=run_dir, st=only_base) == {"a", "b", "d"}
+
+
+def test_must_pass_from_a_frozen_file_of_ids_and_a_clear_error_for_a_link(tmp_path):
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    (frozen / "must.txt").write_text("# examples the product promises\nval-1\n\nval-7  # the demo question\n")
+    st = fold([])
+    assert must_pass_ids("must.txt", frozen_dir=frozen, run_dir=tmp_path, st=st) == {"val-1", "val-7"}
+    assert must_pass_ids(["x"], frozen_dir=frozen, run_dir=tmp_path, st=st) == {"x"}
+    (frozen / "link.txt").symlink_to(frozen / "must.txt")
+    with pytest.raises(ConfigError, match="gates.must_pass.*link.txt: not a regular file"):
+        must_pass_ids("link.txt", frozen_dir=frozen, run_dir=tmp_path, st=st)

@@ -15,6 +15,7 @@ from rich.console import Console
 
 import optimize_harness
 
+from pipemend import evidence
 from pipemend.cli.optimize import print_summary
 from pipemend.errors import BUDGET_REASONS, BudgetExhausted, UsageError
 from pipemend.fsutil import read_json, read_jsonl
@@ -73,6 +74,10 @@ def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
     # racing: the first look (2 of 8 val examples) already breaks more than max_regressions 0 allows
     assert len(v2["stats"]["regressions"]) == 2 and v2["stats"]["evaluated"] == 2 and v2["stats"]["racing"]["saved"] == 6
     assert any("confirmed regression" in r and "stopped after 2 of 8" in r for r in v2["reasons"])
+    # the run's error budget: candidate 1 spent the first share; kept, it passed its level on to candidate 2
+    first, second = (evidence.alpha_for(0.8, kept)[1] for kept in ([], [False]))
+    assert [c.alpha for c in s.candidates] == [pytest.approx(first), pytest.approx(first + second)]
+    assert [c.val_saved for c in s.candidates] == [0, 6] and s.val_saved == 6 and "at most 20%" in s.guarantee
     v1 = read_json(run_dir / "candidates" / "1" / "verdict.json")
     assert v1["accepted"] and v1["stats"]["delta"] == 1.0 and len(v1["stats"]["fixed"]) == 8
     assert (run_dir / "candidates" / "1" / "diff.patch").read_text().count("+  style: short") == 1

@@ -25,8 +25,9 @@ The rules, in the order a candidate meets them (``optimize/race.py`` runs the ev
 4. Racing. A candidate is looked at on growing prefixes of a fixed shuffle of val
    (``gates.racing``). At a look before the last it stops (``raced_out``) when it
    can no longer pass: more confirmed regressions than the whole of val allows, a
-   broken must-pass example, or a mean delta that stays below ``min_delta`` (and,
-   for a saving, below ``-non_inferiority_margin``) even one standard error up.
+   broken must-pass example, or (on at least ``RACE_MIN_EXAMPLES`` examples) a mean
+   delta that stays below ``min_delta`` (and, for a saving, below
+   ``-non_inferiority_margin``) even one standard error up.
    Only the last look can accept, so stopping early never raises the level.
 5. Limits and savings. Confirmed regressions at most ``max_regressions`` (count or
    share), no must-pass example broken, cost and latency within their ratios.
@@ -53,6 +54,9 @@ LATENCY_FLOOR_S = 0.05
 """Latency differences below this are timer noise: never a limit breach, never a saving."""
 RACE_SLACK_SE = 1.0
 """A racing look stops a candidate whose mean delta stays below the bar even this many standard errors up."""
+RACE_MIN_EXAMPLES = 20
+"""A look at fewer examples stops a candidate only for what can never pass (regressions, must-pass): a few
+examples without a flip say little about a change."""
 TIE = 1e-9
 
 
@@ -272,7 +276,7 @@ def look(ev: Evidence, gates: Gates, *, n_val: int, share: float,
     cannot_improve = reach < gates.min_delta
     cannot_save = (gates.objective == "score" or reach < -gates.non_inferiority_margin
                    or (gates.objective == "cost" and (t.cost_ratio is None or t.cost_ratio >= 1.0)))
-    if not reasons and cannot_improve and cannot_save:
+    if not reasons and cannot_improve and cannot_save and len(t.ids) >= RACE_MIN_EXAMPLES:
         reasons.append(Reason("raced_out", f"raced out after {len(t.ids)} of {n_val} val examples ({share:.0%}): "
                                            f"delta {t.delta:+.4f} cannot reach min_delta {gates.min_delta}"))
     if reasons and reasons[0].code != "raced_out":

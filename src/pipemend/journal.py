@@ -53,6 +53,11 @@ class CandidateRecord:
     delta: float | None = None
     tested: bool = False
     """It reached a val test (and so spent its share of the run's error budget)."""
+    alpha: float | None = None
+    evaluated: int | None = None
+    """Val examples it was run on."""
+    saved: int | None = None
+    """Val example evaluations racing did not pay for it."""
 
 
 @dataclass
@@ -114,6 +119,10 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def fold(events: Iterable[Any]) -> RunState:
     """Fold journal events, in order, into a ``RunState``.
 
@@ -143,7 +152,8 @@ def fold(events: Iterable[Any]) -> RunState:
                 n=n, accepted=bool(ev.get("accepted")), sha=ev.get("sha"), ref=ev.get("ref"),
                 reasons=[str(r) for r in ev.get("reasons") or []], rationale=ev.get("rationale") or "",
                 val_dir=ev.get("val_dir"), val_score=ev.get("val_score"), delta=ev.get("delta"),
-                tested=bool(ev.get("tested", ev.get("val_dir") is not None)))
+                tested=bool(ev.get("tested", ev.get("val_dir") is not None)), alpha=_num(ev.get("alpha")),
+                evaluated=_int(ev.get("evaluated")), saved=_int(ev.get("saved")))
             if st.started == n:
                 st.started = None
         elif kind == "candidate_abandoned" and n is not None and st.started == n:

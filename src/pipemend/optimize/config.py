@@ -37,7 +37,7 @@ class OptimizeConfig(BaseModel):
     max_turns: int = Field(40, ge=1, description="Turns of an LLM proposer per candidate.")
     max_agent_usd: float = Field(2.0, ge=0, description="Dollars of an LLM proposer's own calls per candidate.")
     per_tool_timeout_s: float = Field(300.0, gt=0, description="Time limit of one proposer tool call.")
-    seed: int = Field(0, description="Seed of the gate's bootstrap.")
+    seed: int = Field(0, description="Seed of the racing order of val and of the gate's bootstrap.")
 
 
 class CandidateSummary(BaseModel):
@@ -48,6 +48,9 @@ class CandidateSummary(BaseModel):
     reasons: list[str]
     rationale: str
     ref: str | None
+    alpha: float | None = Field(None, description="Its share of the run's error budget (None: no val test).")
+    val_evaluated: int | None = Field(None, description="Val examples it was run on (fewer when raced out).")
+    val_saved: int | None = Field(None, description="Val example evaluations racing did not pay for it.")
 
 
 class OptimizeSummary(BaseModel):
@@ -63,6 +66,8 @@ class OptimizeSummary(BaseModel):
     llm_calls: int
     cache_hits: int
     wall_s: float
+    val_saved: int = Field(0, description="Val example evaluations racing saved over the run.")
+    guarantee: str = Field("", description="The run-level guarantee of the gate, in one sentence.")
 
 
 def proposer_options(cfg: OptimizeConfig) -> dict[str, Any]:

@@ -54,26 +54,25 @@ def cuts(n: int, shares: list[float]) -> list[int]:
     return out or [n]
 
 
-def must_pass_ids(env: RunEnv, st: RunState) -> frozenset[str]:
-    """The ids a candidate may never break: the manifest's list, its file of ids, or ``learned``: every val
-    example that every accepted base so far (the baseline first) got right at its first look."""
-    spec = env.manifest.gates.must_pass
+def must_pass_ids(spec: list[str] | str, *, frozen_dir: Path, run_dir: Path, st: RunState) -> frozenset[str]:
+    """The ids a candidate may never break (``gates.must_pass``): the manifest's list; its file of ids, as frozen
+    at the run's start; or ``learned``: every val example that every accepted base so far (the baseline first)
+    got right at its first look."""
     if isinstance(spec, list):
         return frozenset(spec)
     if spec != "learned":
-        data = read_regular(env.frozen.dir / spec, max_bytes=MAX_MUST_PASS_BYTES)  # frozen at the run's start
+        data = read_regular(frozen_dir / spec, max_bytes=MAX_MUST_PASS_BYTES)
         if data is None:
-            raise ConfigError(env.frozen.dir / "pipemend.yaml", "gates.must_pass",
+            raise ConfigError(frozen_dir / "pipemend.yaml", "gates.must_pass",
                               f"{spec}: not a regular file of at most {MAX_MUST_PASS_BYTES} bytes")
         lines = (ln.split("#", 1)[0].strip() for ln in data.decode("utf-8", "replace").splitlines())
         return frozenset(ln for ln in lines if ln)
-    dirs = [(st.baseline or {}).get("val_dir")] + [c.val_dir for c in st.accepted]
     right: set[str] | None = None
-    for d in dirs:
-        if not d or not (env.run_dir / d / "scored.jsonl").is_file():
+    for d in [(st.baseline or {}).get("val_dir")] + [c.val_dir for c in st.accepted]:
+        if not d or not (run_dir / d / "scored.jsonl").is_file():
             continue
-        ids = {str(r["id"]) for r in read_jsonl(env.run_dir / d / "scored.jsonl") if evidence.is_right(
-            evidence.score_of(r))}
+        ids = {str(r["id"]) for r in read_jsonl(run_dir / d / "scored.jsonl")
+               if evidence.is_right(evidence.score_of(r))}
         right = ids if right is None else right & ids
     return frozenset(right or ())
 
@@ -134,7 +133,8 @@ def gate_val(env: RunEnv, st: RunState, n: int, sha: str, base_sha: str, base_va
                             examples=[by_id[i] for i in ids], sample=sample)
 
     base_by_id = {str(r["id"]): r for r in read_jsonl(env.run_dir / base_val_dir / "scored.jsonl")}
-    stats = race(gates, order, base_by_id, run, alpha=alpha, must_pass=must_pass_ids(env, st), seed=env.cfg.seed + n)
+    must_pass = must_pass_ids(gates.must_pass, frozen_dir=env.frozen.dir, run_dir=env.run_dir, st=st)
+    stats = race(gates, order, base_by_id, run, alpha=alpha, must_pass=must_pass, seed=env.cfg.seed + n)
     if looks > 1 and stats.evaluated == stats.n:
         merge_looks(env.run_dir / f"candidates/{n}/evals", looks, val)
     died = [Reason("eval_failed", f"the candidate's evaluation failed: {why}")

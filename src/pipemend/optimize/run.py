@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .. import evidence
+from ..dataset import FrozenTarget
 from ..errors import PipemendError, RunFailed, SandboxUnavailable, UsageError
 from ..fsutil import atomic_write_json, read_json
 from ..journal import RunState, record, replay
-from ..manifest import load_manifest
+from ..manifest import Gates, load_manifest
 from ..protocols import NullProgress, Progress
 from ..report import render_report
 from ..rundir import create_run_dir, finish_run, new_run_id, read_run, update_run
@@ -104,22 +106,32 @@ def _render_quietly(run_dir: Path, progress: Progress) -> None:
         progress.event("warning", text=f"report not refreshed: {type(e).__name__}: {e}")
 
 
+def _frozen_gates(run_dir: Path) -> Gates | None:
+    try:
+        return FrozenTarget.open(run_dir).manifest.gates
+    except (PipemendError, OSError, ValueError):
+        return None
+
+
 def summarize(run_dir: Path, cfg: OptimizeConfig, st: RunState, env: RunEnv | None = None) -> OptimizeSummary:
     """The run's summary from the journal and the call log (valid with the gateway stopped, across resumes)."""
     stats = env.gateway_stats() if env is not None else call_log_stats(run_dir)
     started_at = env.started_at if env is not None else float(read_run(run_dir).get("started_at") or time.time())
     run_id = cfg.run_id or run_dir.name
     best, base, test = st.best, st.baseline or {}, st.test or {}
+    gates = env.manifest.gates if env is not None else _frozen_gates(run_dir)
     return OptimizeSummary(
         run_id=run_id, run_dir=str(run_dir), status=st.status, stop_reason=st.stop_reason,
         baseline={"train": base.get("train_score"), "val": base.get("val_score"), "test": test.get("baseline")},
         best=None if best is None else {"n": best.n, "branch": branch_name(run_id, best.n), "sha": best.sha,
                                         "val": best.val_score, "test": test.get("best")},
         candidates=[CandidateSummary(n=c.n, accepted=c.accepted, val_score=c.val_score, delta=c.delta,
-                                     reasons=c.reasons, rationale=c.rationale, ref=c.ref)
+                                     reasons=c.reasons, rationale=c.rationale, ref=c.ref, alpha=c.alpha,
+                                     val_evaluated=c.evaluated, val_saved=c.saved)
                     for _, c in sorted(st.candidates.items())],
         spent_usd=stats["spent_usd"], llm_calls=stats["calls"], cache_hits=stats["cache_hits"],
-        wall_s=time.time() - started_at,
+        wall_s=time.time() - started_at, val_saved=sum(c.saved or 0 for c in st.candidates.values()),
+        guarantee=evidence.guarantee(gates) if gates is not None else "",
     )
 
 
