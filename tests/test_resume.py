@@ -21,7 +21,7 @@ from drive import drive
 from sandbox_support import sandbox_or_skip
 
 from pipemend.fsutil import read_json, read_jsonl
-from pipemend.sandbox.docker import docker_client
+from pipemend.sandbox.docker import RUN_LABEL, docker_client
 from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.timeout(600)
@@ -66,6 +66,15 @@ def _mid_eval(run_dir: Path, rel: str):
     def reached() -> bool:
         f = run_dir / rel / "results.jsonl"
         return f.is_file() and f.read_text().count("\n") >= 1
+    return reached
+
+
+def _container_running(run_id: str):
+    """True while a Docker container labelled with this run is running (an evaluation inside it)."""
+    client = docker_client()
+
+    def reached() -> bool:
+        return bool(client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}", "status": "running"}))
     return reached
 
 
@@ -182,10 +191,13 @@ def test_a_docker_run_killed_mid_evaluation_leaves_nothing_after_resume(tmp_path
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "dock"
     config = {**_config(tmp_path, target, "dock"), "sandbox": "docker"}
-    drive("start", json.dumps(config), kill_when=_mid_eval(run_dir, "evals/baseline-val"))
+    # the kill lands while the baseline's container runs: its results reach the run directory only
+    # after it exits, so the journal or results.jsonl would be seen too late
+    killed = drive("start", json.dumps(config), kill_when=_container_running("dock"))
+    assert killed is None, "the run finished before a container of it was seen running"
 
     def leftovers():
-        containers = docker_client().containers.list(all=True, filters={"label": "pipemend.run=dock"})
+        containers = docker_client().containers.list(all=True, filters={"label": f"{RUN_LABEL}=dock"})
         return [c.id for c in containers] + sorted(p.name for p in scratch.glob(f"{SCRATCH_PREFIX}dock-*"))
 
     assert leftovers(), "the kill should have left the evaluating container or its scratch folder behind"
