@@ -62,10 +62,14 @@ def _at_event(run_dir: Path, event: str, nth: int = 1, **match):
     return reached
 
 
-def _mid_eval(run_dir: Path, rel: str):
+def _mid_eval(run_dir: Path, rel: str, scratch: Path):
+    """True while the sandbox runs the evaluation in ``RUN_DIR/rel``: its inputs are written, nothing is scored
+    yet, and a scratch folder of the run exists (the sandbox writes there; the host ingests it when it ends,
+    so results in the run directory would come too late). Evaluations of a run follow one another."""
     def reached() -> bool:
-        f = run_dir / rel / "results.jsonl"
-        return f.is_file() and f.read_text().count("\n") >= 1
+        d = run_dir / rel
+        return ((d / "inputs.jsonl").is_file() and not (d / "scored.jsonl").exists()
+                and any(scratch.glob(f"{SCRATCH_PREFIX}{run_dir.name}-*")))
     return reached
 
 
@@ -76,6 +80,14 @@ def _container_running(run_id: str):
     def reached() -> bool:
         return bool(client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}", "status": "running"}))
     return reached
+
+
+def _scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch folder of the test's own for the sandboxes' output (the driven runs inherit ``PIPEMEND_SCRATCH``)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("PIPEMEND_SCRATCH", str(scratch))
+    return scratch
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +102,15 @@ def reference(tmp_path_factory):
 
 
 KILL_POINTS = {
-    "snapshot": lambda d: _at_event(d, "snapshot"),
-    "baseline-mid-eval": lambda d: _mid_eval(d, "evals/baseline-val"),
-    "baseline_done": lambda d: _at_event(d, "baseline_done"),
-    "candidate-2-started": lambda d: _at_event(d, "candidate_started", n=2),
-    "candidate-2-mid-val": lambda d: _mid_eval(d, "candidates/2/evals/val"),
-    "candidate-2-done": lambda d: _at_event(d, "candidate_done", n=2),
-    "base_ready": lambda d: _at_event(d, "base_ready", n=2),
-    "loop_stopped": lambda d: _at_event(d, "loop_stopped"),
-    "test_done": lambda d: _at_event(d, "test_done"),
+    "snapshot": lambda d, s: _at_event(d, "snapshot"),
+    "baseline-mid-eval": lambda d, s: _mid_eval(d, "evals/baseline-val", s),
+    "baseline_done": lambda d, s: _at_event(d, "baseline_done"),
+    "candidate-2-started": lambda d, s: _at_event(d, "candidate_started", n=2),
+    "candidate-2-mid-val": lambda d, s: _mid_eval(d, "candidates/2/evals/val", s),
+    "candidate-2-done": lambda d, s: _at_event(d, "candidate_done", n=2),
+    "base_ready": lambda d, s: _at_event(d, "base_ready", n=2),
+    "loop_stopped": lambda d, s: _at_event(d, "loop_stopped"),
+    "test_done": lambda d, s: _at_event(d, "test_done"),
 }
 
 
@@ -130,10 +142,12 @@ def _check_resumed_like_the_reference(run_dir: Path, repo: Path, run_id: str, st
 
 @pytest.mark.parametrize("point", [p if p in FAST_POINTS else pytest.param(p, marks=pytest.mark.slow)
                                    for p in KILL_POINTS])
-def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
+def test_kill_then_resume_ends_in_the_same_branches(tmp_path, monkeypatch, reference, point):
+    scratch = _scratch(tmp_path, monkeypatch)
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "kill"
-    killed = drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=KILL_POINTS[point](run_dir))
+    killed = drive("start", json.dumps(_config(tmp_path, target, "kill")),
+                   kill_when=KILL_POINTS[point](run_dir, scratch))
     assert killed is None, f"the run finished before the kill point {point}"
     status = read_json(run_dir / "run.json")["status"]  # "done" only when killed in its last milliseconds
     assert status in ("running", "done")
@@ -142,13 +156,13 @@ def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
     _check_resumed_like_the_reference(run_dir, tmp_path / "repo", "kill", status, done, reference)
 
 
-def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path, reference):
+def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path, monkeypatch, reference):
     """A kill at ``base_ready`` of candidate 2, then its branch and ``best`` lost (with git's lock files left):
     resume restores both and ends like the uninterrupted run."""
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "lost"
     killed = drive("start", json.dumps(_config(tmp_path, target, "lost")),
-                   kill_when=KILL_POINTS["base_ready"](run_dir))
+                   kill_when=KILL_POINTS["base_ready"](run_dir, _scratch(tmp_path, monkeypatch)))
     assert killed is None, "the run finished before the kill point base_ready"
     status = read_json(run_dir / "run.json")["status"]
     assert status in ("running", "done")
@@ -199,9 +213,7 @@ def test_a_docker_run_killed_mid_evaluation_leaves_nothing_after_resume(tmp_path
     """kill -9 of pipemend while a container evaluates, then ``resume``: no container, process or scratch
     folder of the run is left (issue 18)."""
     sandbox_or_skip("docker")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("PIPEMEND_SCRATCH", str(scratch))  # the driver and the resumed run inherit it
+    scratch = _scratch(tmp_path, monkeypatch)
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "dock"
     # no candidates: the kill lands in the baseline, and the resumed run only has to finish it and the test split
