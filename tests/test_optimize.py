@@ -5,8 +5,10 @@ The proposer is a plugin loaded by dotted path (``tests/fixtures/optimize/optimi
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -31,6 +33,14 @@ def target(tmp_path):
     return optimize_harness.make_repo(tmp_path / "repo")
 
 
+def _shared_run(tmp_path_factory, name, steps, **kw):
+    """One full run shared by the tests of a module-scoped fixture (each full run costs seconds of evaluation)."""
+    tmp = tmp_path_factory.mktemp(name)
+    target = optimize_harness.make_repo(tmp / "repo")
+    progress = optimize_harness.RecordingProgress()
+    return _run(_cfg(tmp, target, steps, **kw), progress), progress, tmp / "repo"
+
+
 def _cfg(tmp_path, target, steps, **kw):
     return OptimizeConfig(target=str(target), proposer="optimize_plugins:Script",
                           proposer_options={"steps": steps}, sandbox="process", run_id=kw.pop("run_id", "t1"),
@@ -50,10 +60,14 @@ def _refs(repo, run_id):
     return sorted(out.split())
 
 
-def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
-    progress = optimize_harness.RecordingProgress()
-    s = _run(_cfg(tmp_path, target, ["short", "sentence"]), progress)
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def accepted_run(tmp_path_factory):
+    """A run that accepts candidate 1 and rejects candidate 2: (summary, progress, repo)."""
+    return _shared_run(tmp_path_factory, "accepted", ["short", "sentence"])
+
+
+def test_accepts_a_good_candidate_and_rejects_a_regression(accepted_run):
+    s, progress, repo = accepted_run
     assert s.status == "done" and s.stop_reason == "the proposer is out of ideas"
     assert [c.accepted for c in s.candidates] == [True, False]
     assert s.baseline["val"] == 0.0 and s.candidates[0].val_score == 1.0
@@ -121,38 +135,59 @@ def test_accepts_a_good_candidate_and_rejects_a_regression(tmp_path, target):
     assert any(t.startswith("test split: candidate 1") for t in statuses)
 
 
-@pytest.mark.parametrize("attack, reason", [
-    ("metric", "metric.py: sealed file changed"),
-    ("data", "data/val.jsonl: sealed file changed"),
-    ("dotdot", "targets/escape.py: added outside the target folder"),
-    ("symlink", "symlinks are refused"),
-    ("paste", "label leak"),
-    ("hardcode", "label leak"),
-    ("copy_metric", "copies the metric's logic"),
-])
-def test_adversarial_proposers_are_rejected_without_evaluation(tmp_path, target, attack, reason):
-    s = _run(_cfg(tmp_path, target, [attack], run_id=f"adv-{attack.replace('_', '-')}"))
-    (c,) = s.candidates
+ATTACKS = {
+    "metric": "metric.py: sealed file changed",
+    "data": "data/val.jsonl: sealed file changed",
+    "dotdot": "targets/escape.py: added outside the target folder",
+    "symlink": "symlinks are refused",
+    "paste": "label leak",
+    "hardcode": "label leak",
+    "copy_metric": "copies the metric's logic",
+}
+
+
+@pytest.fixture(scope="module")
+def adversarial_run(tmp_path_factory):
+    """One run whose candidate n is the n-th attack of ``ATTACKS``, each from a fresh worktree."""
+    return _shared_run(tmp_path_factory, "adversarial", list(ATTACKS), run_id="adv")
+
+
+@pytest.mark.parametrize("attack, reason", ATTACKS.items())
+def test_adversarial_proposers_are_rejected_without_evaluation(adversarial_run, attack, reason):
+    s, _, repo = adversarial_run
+    assert [c.n for c in s.candidates] == list(range(1, len(ATTACKS) + 1))
+    assert s.stop_reason == "the proposer is out of ideas", "a rejected attack costs only its own candidate"
+    n = list(ATTACKS).index(attack) + 1
+    c = s.candidates[n - 1]
     assert not c.accepted and any(reason in r for r in c.reasons), c.reasons
     run_dir = Path(s.run_dir)
-    assert not (run_dir / "candidates" / "1" / "evals").exists(), "static checks run before any evaluation"
-    assert read_json(run_dir / "candidates" / "1" / "verdict.json")["static_reasons"]
+    assert not (run_dir / "candidates" / str(n) / "evals").exists(), "static checks run before any evaluation"
+    assert read_json(run_dir / "candidates" / str(n) / "verdict.json")["static_reasons"]
     assert s.best is None
     # what was refused is not in the candidate commit; a change that was kept but fails a check is a rejected ref
-    rejected = f"refs/pipemend/{s.run_id}/rejected/1"
-    assert (rejected in _refs(tmp_path / "repo", s.run_id)) == (attack in ("paste", "hardcode", "copy_metric"))
+    rejected = f"refs/pipemend/{s.run_id}/rejected/{n}"
+    assert (rejected in _refs(repo, s.run_id)) == (attack in ("paste", "hardcode", "copy_metric"))
 
 
-def test_a_behaviourally_identical_change_is_not_accepted(tmp_path, target):
-    s = _run(_cfg(tmp_path, target, ["comment", "nothing"]))
+def test_a_behaviourally_identical_change_is_not_accepted_and_the_candidate_limit_stops(tmp_path, target):
+    s = _run(_cfg(tmp_path, target, ["comment", "nothing", "comment"], max_candidates=2))
+    assert len(s.candidates) == 2 and s.stop_reason.startswith("candidate limit reached")
     assert [c.accepted for c in s.candidates] == [False, False]
     assert any("below min_delta" in r for r in s.candidates[0].reasons)
     assert s.candidates[1].reasons == ["the proposal changed no file"] and s.candidates[1].ref is None
 
 
-def test_crashing_proposer_and_candidate_cost_only_themselves(tmp_path, target):
-    s = _run(_cfg(tmp_path, target, ["crash", "break", "short"]))
-    assert [c.accepted for c in s.candidates] == [False, False, True]
+@pytest.fixture(scope="module")
+def failing_run(tmp_path_factory):
+    """Candidates that fail each their own way, then a good one: a crashing proposer (1), a broken pipeline (2),
+    a proposer out of its own budget (3), a plugin claiming the run's budget is spent (4), ``short`` (5)."""
+    return _shared_run(tmp_path_factory, "failing", ["crash", "break", "spent", "budget", "short"])
+
+
+def test_crashing_proposer_and_candidate_cost_only_themselves(failing_run):
+    s, _, _ = failing_run
+    assert [c.accepted for c in s.candidates] == [False, False, False, False, True]
+    assert s.stop_reason == "the proposer is out of ideas"
     assert "proposer crashed: RuntimeError: the proposer fell over" in s.candidates[0].reasons
     assert any("below min_delta" in r for r in s.candidates[1].reasons)
     assert any("evaluation failed" in r for r in s.candidates[1].reasons), s.candidates[1].reasons
@@ -160,29 +195,30 @@ def test_crashing_proposer_and_candidate_cost_only_themselves(tmp_path, target):
     assert "RuntimeError" in (run_dir / "candidates" / "1" / "error.txt").read_text()
     rows = list(read_jsonl(run_dir / "candidates" / "2" / "evals" / "val" / "scored.jsonl"))
     assert rows and all(r["error"] for r in rows)
-    assert s.best["n"] == 3
+    assert s.best["n"] == 5 and s.best["test"] == 1.0
 
 
-def test_stops_on_candidate_count_time_and_budget(tmp_path, target):
-    s = _run(_cfg(tmp_path, target, ["comment", "comment", "comment"], max_candidates=2))
-    assert len(s.candidates) == 2 and s.stop_reason.startswith("candidate limit reached")
+def test_a_proposer_out_of_its_own_budget_costs_only_its_candidate(failing_run):
+    s, _, _ = failing_run
+    c = s.candidates[2]
+    assert not c.accepted and s.candidates[4].accepted and s.stop_reason == "the proposer is out of ideas"
+    assert c.reasons == ["budget exhausted while proposing: proposer budget exhausted (turns): 40/40 turns"]
+    assert c.ref is not None  # its partial edit is kept as a rejected ref, never evaluated
+    run_dir = Path(s.run_dir)
+    assert read_json(run_dir / "candidates" / "3" / "proposal.json")["agent_turns"] == 40
+    assert not (run_dir / "candidates" / "3" / "evals").exists()
+
+
+def test_a_plugin_cannot_stop_the_run_by_claiming_its_budget_is_spent(failing_run):
+    """It costs its own candidate only: the run goes on to the next one."""
+    s, _, _ = failing_run
+    assert not s.candidates[3].accepted and s.candidates[4].accepted and s.stop_reason == "the proposer is out of ideas"
+    assert s.candidates[3].reasons == ["budget exhausted while proposing: the gateway refused: budget exhausted"]
+
+
+def test_the_time_limit_stops_before_any_candidate(tmp_path, target):
     s = _run(_cfg(tmp_path, target, ["comment"], run_id="t2", hours=1e-9))
     assert s.candidates == [] and s.stop_reason.startswith("time limit reached") and s.baseline["test"] == 0.0
-    # a plugin cannot stop the run by claiming the run's budget is spent: it costs its own candidate only
-    s = _run(_cfg(tmp_path, target, ["short", "budget"], run_id="t3"))
-    assert [c.accepted for c in s.candidates] == [True, False] and s.stop_reason == "the proposer is out of ideas"
-    assert s.candidates[1].reasons == ["budget exhausted while proposing: the gateway refused: budget exhausted"]
-    assert s.best["test"] == 1.0
-
-
-def test_a_proposer_out_of_its_own_budget_costs_only_its_candidate(tmp_path, target):
-    s = _run(_cfg(tmp_path, target, ["spent", "short"]))
-    assert [c.accepted for c in s.candidates] == [False, True] and s.stop_reason == "the proposer is out of ideas"
-    assert s.candidates[0].reasons == ["budget exhausted while proposing: proposer budget exhausted (turns): 40/40 turns"]
-    assert s.candidates[0].ref is not None  # its partial edit is kept as a rejected ref, never evaluated
-    run_dir = Path(s.run_dir)
-    assert read_json(run_dir / "candidates" / "1" / "proposal.json")["agent_turns"] == 40
-    assert not (run_dir / "candidates" / "1" / "evals").exists()
 
 
 def test_one_table_says_what_each_spent_budget_does():
@@ -221,10 +257,13 @@ def test_bad_config_is_a_usage_error_before_any_run_dir(tmp_path, target):
     assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
 
 
-def test_resume_of_a_finished_run_returns_its_summary(tmp_path, target):
-    s = _run(_cfg(tmp_path, target, ["short"]))
+def test_resume_of_a_finished_run_returns_its_summary(accepted_run):
+    s, _, _ = accepted_run
+    journal = (Path(s.run_dir) / "journal.jsonl").read_bytes()
     again = resume(s.run_dir)
-    assert again.best == s.best and again.status == "done"
+    assert again.best == s.best and again.status == "done" and again.best is not None
+    assert [c.model_dump() for c in again.candidates] == [c.model_dump() for c in s.candidates]
+    assert (Path(s.run_dir) / "journal.jsonl").read_bytes() == journal, "a finished run is not driven again"
 
 
 def test_the_ladder_proposer_finds_the_fix_through_the_loop(tmp_path, target):
@@ -313,11 +352,8 @@ def test_flips_are_confirmed_on_both_sides_look_by_look_and_re_runs_of_greedy_ca
     assert confirming and all(c["cache"] == "hit" for c in confirming), "greedy re-runs are cache hits"
 
 
-def test_a_run_is_driven_by_one_process_at_a_time(tmp_path, target):
-    import fcntl
-    import os
-
-    s = _run(_cfg(tmp_path, target, [], run_id="locked"))
+def test_a_run_is_driven_by_one_process_at_a_time(accepted_run):
+    s, _, _ = accepted_run
     run_dir = Path(s.run_dir)
     fd = os.open(run_dir / "run.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process driving it

@@ -21,7 +21,7 @@ from drive import drive
 from sandbox_support import sandbox_or_skip
 
 from pipemend.fsutil import read_json, read_jsonl
-from pipemend.sandbox.docker import docker_client
+from pipemend.sandbox.docker import RUN_LABEL, docker_client
 from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.timeout(600)
@@ -62,11 +62,32 @@ def _at_event(run_dir: Path, event: str, nth: int = 1, **match):
     return reached
 
 
-def _mid_eval(run_dir: Path, rel: str):
+def _mid_eval(run_dir: Path, rel: str, scratch: Path):
+    """True while the sandbox runs the evaluation in ``RUN_DIR/rel``: its inputs are written, nothing is scored
+    yet, and a scratch folder of the run exists (the sandbox writes there; the host ingests it when it ends,
+    so results in the run directory would come too late). Evaluations of a run follow one another."""
     def reached() -> bool:
-        f = run_dir / rel / "results.jsonl"
-        return f.is_file() and f.read_text().count("\n") >= 1
+        d = run_dir / rel
+        return ((d / "inputs.jsonl").is_file() and not (d / "scored.jsonl").exists()
+                and any(scratch.glob(f"{SCRATCH_PREFIX}{run_dir.name}-*")))
     return reached
+
+
+def _container_running(run_id: str):
+    """True while a Docker container labelled with this run is running (an evaluation inside it)."""
+    client = docker_client()
+
+    def reached() -> bool:
+        return bool(client.containers.list(filters={"label": f"{RUN_LABEL}={run_id}", "status": "running"}))
+    return reached
+
+
+def _scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch folder of the test's own for the sandboxes' output (the driven runs inherit ``PIPEMEND_SCRATCH``)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("PIPEMEND_SCRATCH", str(scratch))
+    return scratch
 
 
 @pytest.fixture(scope="module")
@@ -81,40 +102,33 @@ def reference(tmp_path_factory):
 
 
 KILL_POINTS = {
-    "snapshot": lambda d: _at_event(d, "snapshot"),
-    "baseline-mid-eval": lambda d: _mid_eval(d, "evals/baseline-val"),
-    "baseline_done": lambda d: _at_event(d, "baseline_done"),
-    "candidate-2-started": lambda d: _at_event(d, "candidate_started", n=2),
-    "candidate-2-mid-val": lambda d: _mid_eval(d, "candidates/2/evals/val"),
-    "candidate-2-done": lambda d: _at_event(d, "candidate_done", n=2),
-    "base_ready": lambda d: _at_event(d, "base_ready", n=2),
-    "loop_stopped": lambda d: _at_event(d, "loop_stopped"),
-    "test_done": lambda d: _at_event(d, "test_done"),
+    "snapshot": lambda d, s: _at_event(d, "snapshot"),
+    "baseline-mid-eval": lambda d, s: _mid_eval(d, "evals/baseline-val", s),
+    "baseline_done": lambda d, s: _at_event(d, "baseline_done"),
+    "candidate-2-started": lambda d, s: _at_event(d, "candidate_started", n=2),
+    "candidate-2-mid-val": lambda d, s: _mid_eval(d, "candidates/2/evals/val", s),
+    "candidate-2-done": lambda d, s: _at_event(d, "candidate_done", n=2),
+    "base_ready": lambda d, s: _at_event(d, "base_ready", n=2),
+    "loop_stopped": lambda d, s: _at_event(d, "loop_stopped"),
+    "test_done": lambda d, s: _at_event(d, "test_done"),
 }
 
 
-FAST_POINTS = ("candidate-2-mid-val", "base_ready")
-"""Kill points in the fast suite; the rest of the matrix runs with ``-m slow`` (each is a full run and a resume)."""
+FAST_POINTS = ("candidate-2-mid-val",)
+"""Kill points in the fast suite; the rest of the matrix runs with ``-m slow`` (each is a full run and a resume).
+``base_ready`` is also killed and resumed, with the same checks, by the missing-branch test below."""
 
 
-@pytest.mark.parametrize("point", [p if p in FAST_POINTS else pytest.param(p, marks=pytest.mark.slow)
-                                   for p in KILL_POINTS])
-def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
+def _check_resumed_like_the_reference(run_dir: Path, repo: Path, run_id: str, status: str,
+                                      done: subprocess.CompletedProcess, reference) -> None:
+    """The resumed run ends as the uninterrupted one did, and no request reached the backend twice."""
     ref_refs, ref_summary = reference
-    target = optimize_harness.make_repo(tmp_path / "repo")
-    run_dir = tmp_path / "reports" / "kill"
-    killed = drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=KILL_POINTS[point](run_dir))
-    assert killed is None, f"the run finished before the kill point {point}"
-    status = read_json(run_dir / "run.json")["status"]  # "done" only when killed in its last milliseconds
-    assert status in ("running", "done")
-
-    done = drive("resume", str(run_dir))
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "done"
     assert [(c["n"], c["accepted"]) for c in summary["candidates"]] == \
            [(c["n"], c["accepted"]) for c in ref_summary["candidates"]]
     assert summary["best"]["test"] == ref_summary["best"]["test"] and summary["baseline"] == ref_summary["baseline"]
-    assert _refs(tmp_path / "repo", "kill") == ref_refs
+    assert _refs(repo, run_id) == ref_refs
 
     # no request reached the backend twice: every repeat was served from the cache
     misses = Counter(json.dumps(r["request"], sort_keys=True)
@@ -126,21 +140,44 @@ def test_kill_then_resume_ends_in_the_same_branches(tmp_path, reference, point):
     assert events.count("test_done") == 1 and events.count("baseline_done") == 1
 
 
-def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path):
+@pytest.mark.parametrize("point", [p if p in FAST_POINTS else pytest.param(p, marks=pytest.mark.slow)
+                                   for p in KILL_POINTS])
+def test_kill_then_resume_ends_in_the_same_branches(tmp_path, monkeypatch, reference, point):
+    scratch = _scratch(tmp_path, monkeypatch)
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "kill"
+    killed = drive("start", json.dumps(_config(tmp_path, target, "kill")),
+                   kill_when=KILL_POINTS[point](run_dir, scratch))
+    assert killed is None, f"the run finished before the kill point {point}"
+    status = read_json(run_dir / "run.json")["status"]  # "done" only when killed in its last milliseconds
+    assert status in ("running", "done")
+
+    done = drive("resume", str(run_dir))
+    _check_resumed_like_the_reference(run_dir, tmp_path / "repo", "kill", status, done, reference)
+
+
+def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path, monkeypatch, reference):
+    """A kill at ``base_ready`` of candidate 2, then its branch and ``best`` lost (with git's lock files left):
+    resume restores both and ends like the uninterrupted run."""
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "lost"
-    drive("start", json.dumps(_config(tmp_path, target, "lost")), kill_when=_at_event(run_dir, "base_ready", n=2))
+    killed = drive("start", json.dumps(_config(tmp_path, target, "lost")),
+                   kill_when=KILL_POINTS["base_ready"](run_dir, _scratch(tmp_path, monkeypatch)))
+    assert killed is None, "the run finished before the kill point base_ready"
+    status = read_json(run_dir / "run.json")["status"]
+    assert status in ("running", "done")
     repo = tmp_path / "repo"
     sha = [e for e in _events(run_dir) if e.get("event") == "candidate_done" and e["n"] == 2][0]["sha"]
     for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
         subprocess.run(["git", "-C", str(repo), "update-ref", "-d", f"refs/heads/{branch}"], check=True)
         # a git killed inside update-ref leaves the ref's lock file behind; resume clears this run's
         (repo / ".git" / "refs" / "heads" / f"{branch}.lock").write_text("")
-    drive("resume", str(run_dir))
+    done = drive("resume", str(run_dir))
     assert not list((repo / ".git" / "refs" / "heads" / "pipemend" / "lost").rglob("*.lock"))
     for branch in ("pipemend/lost/cand-2", "pipemend/lost/best"):
         got = subprocess.run(["git", "-C", str(repo), "rev-parse", branch], capture_output=True, text=True).stdout.strip()
         assert got == sha
+    _check_resumed_like_the_reference(run_dir, repo, "lost", status, done, reference)
 
 
 def test_refs_the_journal_does_not_back_are_removed_on_resume(tmp_path, reference):
@@ -176,16 +213,18 @@ def test_a_docker_run_killed_mid_evaluation_leaves_nothing_after_resume(tmp_path
     """kill -9 of pipemend while a container evaluates, then ``resume``: no container, process or scratch
     folder of the run is left (issue 18)."""
     sandbox_or_skip("docker")
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setenv("PIPEMEND_SCRATCH", str(scratch))  # the driver and the resumed run inherit it
+    scratch = _scratch(tmp_path, monkeypatch)
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "dock"
-    config = {**_config(tmp_path, target, "dock"), "sandbox": "docker"}
-    drive("start", json.dumps(config), kill_when=_mid_eval(run_dir, "evals/baseline-val"))
+    # no candidates: the kill lands in the baseline, and the resumed run only has to finish it and the test split
+    config = {**_config(tmp_path, target, "dock"), "sandbox": "docker", "proposer_options": {"steps": []}}
+    # the kill lands while the baseline's container runs: its results reach the run directory only
+    # after it exits, so the journal or results.jsonl would be seen too late
+    killed = drive("start", json.dumps(config), kill_when=_container_running("dock"))
+    assert killed is None, "the run finished before a container of it was seen running"
 
     def leftovers():
-        containers = docker_client().containers.list(all=True, filters={"label": "pipemend.run=dock"})
+        containers = docker_client().containers.list(all=True, filters={"label": f"{RUN_LABEL}=dock"})
         return [c.id for c in containers] + sorted(p.name for p in scratch.glob(f"{SCRATCH_PREFIX}dock-*"))
 
     assert leftovers(), "the kill should have left the evaluating container or its scratch folder behind"
