@@ -106,7 +106,8 @@ KILL_POINTS = {
     "baseline-mid-eval": lambda d, s: _mid_eval(d, "evals/baseline-val", s),
     "baseline_done": lambda d, s: _at_event(d, "baseline_done"),
     "candidate-2-started": lambda d, s: _at_event(d, "candidate_started", n=2),
-    "candidate-2-mid-val": lambda d, s: _mid_eval(d, "candidates/2/evals/val", s),
+    "candidate-2-mid-look": lambda d, s: _mid_eval(d, "candidates/2/evals/val-look2", s),  # a racing look
+    "candidate-2-mid-confirm": lambda d, s: _mid_eval(d, "candidates/2/evals/confirm-look1-cand-r2", s),
     "candidate-2-done": lambda d, s: _at_event(d, "candidate_done", n=2),
     "base_ready": lambda d, s: _at_event(d, "base_ready", n=2),
     "loop_stopped": lambda d, s: _at_event(d, "loop_stopped"),
@@ -114,7 +115,7 @@ KILL_POINTS = {
 }
 
 
-FAST_POINTS = ("candidate-2-mid-val",)
+FAST_POINTS = ("candidate-2-mid-look", "candidate-2-mid-confirm")
 """Kill points in the fast suite; the rest of the matrix runs with ``-m slow`` (each is a full run and a resume).
 ``base_ready`` is also killed and resumed, with the same checks, by the missing-branch test below."""
 
@@ -125,8 +126,9 @@ def _check_resumed_like_the_reference(run_dir: Path, repo: Path, run_id: str, st
     ref_refs, ref_summary = reference
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "done"
-    assert [(c["n"], c["accepted"]) for c in summary["candidates"]] == \
-           [(c["n"], c["accepted"]) for c in ref_summary["candidates"]]
+    verdicts = ("n", "accepted", "val_score", "delta", "alpha", "val_evaluated", "val_saved", "reasons")
+    assert [[c[k] for k in verdicts] for c in summary["candidates"]] == \
+           [[c[k] for k in verdicts] for c in ref_summary["candidates"]], "the same verdicts"
     assert summary["best"]["test"] == ref_summary["best"]["test"] and summary["baseline"] == ref_summary["baseline"]
     assert _refs(repo, run_id) == ref_refs
 
@@ -152,8 +154,13 @@ def test_kill_then_resume_ends_in_the_same_branches(tmp_path, monkeypatch, refer
     status = read_json(run_dir / "run.json")["status"]  # "done" only when killed in its last milliseconds
     assert status in ("running", "done")
 
+    finished = {p: p.stat().st_mtime_ns for p in (run_dir / "candidates" / "2" / "evals").glob("*/summary.json")}
     done = drive("resume", str(run_dir))
     _check_resumed_like_the_reference(run_dir, tmp_path / "repo", "kill", status, done, reference)
+    # evaluations that had finished before the kill (the first look, its confirmations) were read back
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items()), "a finished evaluation ran again"
+    if point in FAST_POINTS:
+        assert finished, "the kill came after some of the candidate's evaluations had finished"
 
 
 def test_a_missing_accepted_branch_is_restored_from_its_sha(tmp_path, monkeypatch, reference):
@@ -199,12 +206,14 @@ def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, r
     ref_refs, _ = reference
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "kill"
-    key = run_dir / "candidates" / "2" / "evals" / "val.key.json"
-    drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=key.is_file)
-    summary = run_dir / "candidates" / "2" / "evals" / "val" / "summary.json"
+    key = run_dir / "candidates" / "2" / "evals" / "val-look3.key.json"  # its last racing look finished
+    assert drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=key.is_file) is None
+    summary = run_dir / "candidates" / "2" / "evals" / "val-look3" / "summary.json"
     before = summary.stat().st_mtime_ns
     drive("resume", str(run_dir))
     assert summary.stat().st_mtime_ns == before, "the finished val evaluation was read back, not re-run"
+    merged = list(read_jsonl(run_dir / "candidates" / "2" / "evals" / "val" / "scored.jsonl"))
+    assert len(merged) == 8, "the looks were merged into the candidate's val evaluation"
     assert _refs(tmp_path / "repo", "kill") == ref_refs
 
 
