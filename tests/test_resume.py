@@ -62,15 +62,19 @@ def _at_event(run_dir: Path, event: str, nth: int = 1, **match):
     return reached
 
 
-def _mid_eval(run_dir: Path, rel: str, scratch: Path):
-    """True while the sandbox runs the evaluation in ``RUN_DIR/rel``: its inputs are written, nothing is scored
-    yet, and a scratch folder of the run exists (the sandbox writes there; the host ingests it when it ends,
-    so results in the run directory would come too late). Evaluations of a run follow one another."""
+def _mid_eval(run_dir: Path, rels: tuple[str, ...], scratch: Path):
+    """True while the sandbox runs the evaluation in ``RUN_DIR/rel`` (one of ``rels``): its inputs are written,
+    nothing is scored yet, and a scratch folder of the run exists (the sandbox writes there; the host ingests it
+    when it ends, so results in the run directory would come too late). Evaluations of a run follow one another."""
     def reached() -> bool:
-        d = run_dir / rel
-        return ((d / "inputs.jsonl").is_file() and not (d / "scored.jsonl").exists()
-                and any(scratch.glob(f"{SCRATCH_PREFIX}{run_dir.name}-*")))
+        return any((run_dir / rel / "inputs.jsonl").is_file() and not (run_dir / rel / "scored.jsonl").exists()
+                   for rel in rels) and any(scratch.glob(f"{SCRATCH_PREFIX}{run_dir.name}-*"))
     return reached
+
+
+CAND2_VAL = ("candidates/2/evals/val-look1", "candidates/2/evals/val")
+"""Candidate 2's first val evaluation run by a sandbox: the gate's first look when it races the val split in
+looks (``val`` is then merged from the looks by the host), else the whole split in ``val``."""
 
 
 def _container_running(run_id: str):
@@ -103,10 +107,10 @@ def reference(tmp_path_factory):
 
 KILL_POINTS = {
     "snapshot": lambda d, s: _at_event(d, "snapshot"),
-    "baseline-mid-eval": lambda d, s: _mid_eval(d, "evals/baseline-val", s),
+    "baseline-mid-eval": lambda d, s: _mid_eval(d, ("evals/baseline-val",), s),
     "baseline_done": lambda d, s: _at_event(d, "baseline_done"),
     "candidate-2-started": lambda d, s: _at_event(d, "candidate_started", n=2),
-    "candidate-2-mid-val": lambda d, s: _mid_eval(d, "candidates/2/evals/val", s),
+    "candidate-2-mid-val": lambda d, s: _mid_eval(d, CAND2_VAL, s),
     "candidate-2-done": lambda d, s: _at_event(d, "candidate_done", n=2),
     "base_ready": lambda d, s: _at_event(d, "base_ready", n=2),
     "loop_stopped": lambda d, s: _at_event(d, "loop_stopped"),
@@ -199,9 +203,11 @@ def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, r
     ref_refs, _ = reference
     target = optimize_harness.make_repo(tmp_path / "repo")
     run_dir = tmp_path / "reports" / "kill"
-    key = run_dir / "candidates" / "2" / "evals" / "val.key.json"
-    drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=key.is_file)
-    summary = run_dir / "candidates" / "2" / "evals" / "val" / "summary.json"
+    keys = [run_dir / f"{rel}.key.json" for rel in CAND2_VAL]  # written once that evaluation has finished
+    killed = drive("start", json.dumps(_config(tmp_path, target, "kill")), kill_when=lambda: any(k.is_file() for k in keys))
+    assert killed is None, "the run finished before candidate 2's val evaluation was recorded"
+    key = next(k for k in keys if k.is_file())
+    summary = key.parent / key.name.removesuffix(".key.json") / "summary.json"
     before = summary.stat().st_mtime_ns
     drive("resume", str(run_dir))
     assert summary.stat().st_mtime_ns == before, "the finished val evaluation was read back, not re-run"
