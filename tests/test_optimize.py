@@ -266,6 +266,7 @@ def test_resume_of_a_finished_run_returns_its_summary(accepted_run):
     assert (Path(s.run_dir) / "journal.jsonl").read_bytes() == journal, "a finished run is not driven again"
 
 
+@pytest.mark.slow  # a full run of up to six candidates; tests/test_proposers_ladder.py covers the ladder's steps
 def test_the_ladder_proposer_finds_the_fix_through_the_loop(tmp_path, target):
     cfg = OptimizeConfig(target=str(target), proposer="ladder", sandbox="process", run_id="lad",
                          reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=6)
@@ -277,7 +278,10 @@ def test_the_ladder_proposer_finds_the_fix_through_the_loop(tmp_path, target):
     assert len(set(diffs)) == len(diffs)
 
 
-@pytest.mark.parametrize("proposer", ["claude", pytest.param("claude-code", marks=pytest.mark.claude_code)])
+# the agent gateway's wiring through the loop is the same for both; claude-code's full run is in the slow group
+# (tests/test_proposers_claude_code.py runs its sessions in the default one)
+@pytest.mark.parametrize("proposer", ["claude", pytest.param("claude-code", marks=[pytest.mark.claude_code,
+                                                                                 pytest.mark.slow])])
 def test_an_agent_proposer_runs_through_its_own_gateway(tmp_path, target, proposer):
     """`--proposer claude|claude-code --agent-model scripted:...`: the agent's calls go to an agent-side
     gateway (logged apart from the pipeline's), its edit becomes an accepted branch, its transcript is kept."""

@@ -62,14 +62,13 @@ def _at_event(run_dir: Path, event: str, nth: int = 1, **match):
     return reached
 
 
-def _mid_eval(run_dir: Path, rel: str, scratch: Path):
-    """True while the sandbox runs the evaluation in ``RUN_DIR/rel``: its inputs are written, nothing is scored
-    yet, and a scratch folder of the run exists (the sandbox writes there; the host ingests it when it ends,
-    so results in the run directory would come too late). Evaluations of a run follow one another."""
+def _mid_eval(run_dir: Path, rels: tuple[str, ...], scratch: Path):
+    """True while the sandbox runs the evaluation in ``RUN_DIR/rel`` (one of ``rels``): its inputs are written,
+    nothing is scored yet, and a scratch folder of the run exists (the sandbox writes there; the host ingests it
+    when it ends, so results in the run directory would come too late). Evaluations of a run follow one another."""
     def reached() -> bool:
-        d = run_dir / rel
-        return ((d / "inputs.jsonl").is_file() and not (d / "scored.jsonl").exists()
-                and any(scratch.glob(f"{SCRATCH_PREFIX}{run_dir.name}-*")))
+        return any((run_dir / rel / "inputs.jsonl").is_file() and not (run_dir / rel / "scored.jsonl").exists()
+                   for rel in rels) and any(scratch.glob(f"{SCRATCH_PREFIX}{run_dir.name}-*"))
     return reached
 
 
@@ -103,11 +102,11 @@ def reference(tmp_path_factory):
 
 KILL_POINTS = {
     "snapshot": lambda d, s: _at_event(d, "snapshot"),
-    "baseline-mid-eval": lambda d, s: _mid_eval(d, "evals/baseline-val", s),
+    "baseline-mid-eval": lambda d, s: _mid_eval(d, ("evals/baseline-val",), s),
     "baseline_done": lambda d, s: _at_event(d, "baseline_done"),
     "candidate-2-started": lambda d, s: _at_event(d, "candidate_started", n=2),
-    "candidate-2-mid-look": lambda d, s: _mid_eval(d, "candidates/2/evals/val-look2", s),  # a racing look
-    "candidate-2-mid-confirm": lambda d, s: _mid_eval(d, "candidates/2/evals/confirm-look1-cand-r2", s),
+    "candidate-2-mid-look": lambda d, s: _mid_eval(d, ("candidates/2/evals/val-look2",), s),  # a racing look
+    "candidate-2-mid-confirm": lambda d, s: _mid_eval(d, ("candidates/2/evals/confirm-look1-cand-r2",), s),
     "candidate-2-done": lambda d, s: _at_event(d, "candidate_done", n=2),
     "base_ready": lambda d, s: _at_event(d, "base_ready", n=2),
     "loop_stopped": lambda d, s: _at_event(d, "loop_stopped"),
