@@ -332,11 +332,12 @@ def test_agent_model_is_refused_for_an_offline_proposer(tmp_path, target):
     assert not (tmp_path / "reports").exists()
 
 
-def test_flips_are_confirmed_on_both_sides_look_by_look_and_re_runs_of_greedy_calls_cost_nothing(tmp_path, target):
+def test_flips_are_confirmed_on_both_sides_look_by_look_and_re_runs_of_greedy_calls_cost_nothing(accepted_run):
     """Every example the candidate flipped is re-run twice on each side (sample indices 1, 2); the echo model is
     greedy, so the re-runs are served from the cache: confirmation pays no model call."""
-    s = _run(_cfg(tmp_path, target, ["short"]))
-    (c,) = s.candidates
+    s, _, repo = accepted_run
+    target = repo / "targets" / "tinyqa"
+    c = s.candidates[0]  # ``short``, the accepted one
     assert c.accepted, c.reasons
     run_dir = Path(s.run_dir)
     evals = run_dir / "candidates" / "1" / "evals"
