@@ -46,7 +46,7 @@ from typing import Any, Iterable, Sequence
 
 from .manifest import Gates
 from .reasons import Reason, texts
-from .scoring import paired_bootstrap
+from .scoring import paired_bootstrap, sign_test
 
 RIGHT = 0.5
 """An example is "right" when its score is at least this (binary metrics: 1)."""
@@ -118,12 +118,10 @@ def guarantee(gates: Gates) -> str:
 
 
 def sign_p(deltas: Sequence[float]) -> tuple[int, int, float]:
-    """``(wins, losses, p)``: exact one-sided sign test that the candidate is better (ties dropped)."""
-    wins = sum(1 for d in deltas if d > TIE)
-    losses = sum(1 for d in deltas if d < -TIE)
-    n = wins + losses
-    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
-    return wins, losses, float(p)
+    """``(wins, losses, p)``: exact one-sided sign test that the candidate is better (ties dropped;
+    ``scoring.sign_test`` on the deltas)."""
+    res = sign_test([0.0] * len(deltas), list(deltas), tol=TIE)
+    return res["wins"], res["losses"], res["p_value"]
 
 
 def _normal_upper(z: float) -> float:
