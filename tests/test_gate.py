@@ -72,7 +72,10 @@ def repo_target(tmp_path):
 def _check(snap, wt):
     target = Path(snap.repo) / snap.target_subdir
     manifest = load_manifest(target, check_files=False)
-    diff, changed = snap.diff(wt, snap.base_branch), snap.changed_files(wt, snap.base_branch)
+    tree = snap.build_candidate(wt, snap.resolve(snap.base_branch), message="judged\n", is_editable=lambda _path: True,
+                                sealed=())
+    refused = [gate.Reason(f"refused_{r.code}", str(r)) for r in tree.refusals]
+    diff, changed = tree.diff, tree.changed
 
     def base_text(path):
         try:
@@ -80,10 +83,10 @@ def _check(snap, wt):
         except Exception:
             return ""
 
-    return gate.check_diff(diff=diff, changed=changed, worktree=wt, target_subdir=snap.target_subdir,
-                           editable=manifest.editable, protected=manifest.all_protected(),
-                           sealed=gate.Sealed.from_splits(load_splits(manifest, target)), base_text=base_text,
-                           metric_lines=metric_fingerprint(manifest.metric, target))
+    return refused + gate.check_diff(
+        diff=diff, changed=changed, worktree=wt, target_subdir=snap.target_subdir, editable=manifest.editable,
+        protected=manifest.all_protected(), sealed=gate.Sealed.from_splits(load_splits(manifest, target)),
+        base_text=base_text, metric_lines=metric_fingerprint(manifest.metric, target))
 
 
 def test_a_clean_config_change_passes(repo_target):
@@ -97,7 +100,7 @@ def test_a_clean_config_change_passes(repo_target):
     ("data", "data/val.jsonl: protected file"),
     ("corpus", "corpus.json: protected file"),
     ("manifest", "pipemend.yaml: protected file"),
-    ("dotdot", "targets/escape.py: outside the target folder"),
+    ("dotdot", "outside the target folder"),
     ("symlink", "symlinks are refused"),
     ("not_editable", "notes.md: not an editable path"),
     ("paste", "label leak"),
@@ -140,7 +143,8 @@ def test_an_answer_already_in_the_base_file_is_not_a_leak(repo_target):
     base_line = "Example: the capital of France is Paris."
     (t / "prompts" / "sentence.txt").write_text(base_line + "\nReply with a full sentence. Fact: {fact}\n")
     snap2 = snap
-    sha = snap2.commit(wt, "base with an example")
+    sha = snap2.build_candidate(wt, snap2.resolve(snap2.base_branch), message="base with an example\n",
+                                is_editable=lambda _path: True, sealed=()).sha
     snap2.set_branch(snap2.base_branch, sha)
     (t / "prompts" / "sentence.txt").write_text(base_line + "\nReply with one sentence about Paris. Fact: {fact}\n")
     assert _check(snap2, wt) == []

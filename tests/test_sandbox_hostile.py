@@ -182,7 +182,8 @@ def test_writable_job_may_write_the_worktree_only(sandbox, gateway, candidate, t
         assert writes["/sandbox/work/new.txt"].startswith("ok") and writes["/etc/pwned"].startswith("blocked")
         assert (wt / "new.txt").read_text() == "pwned"
         assert (wt / "new.txt").stat().st_uid == wt.stat().st_uid
-        seen["changed"] = candidate.changed_files(wt, candidate.base_branch)
+        seen["changed"] = candidate.build_candidate(wt, candidate.resolve(candidate.base_branch), message="c\n",
+                                                    is_editable=lambda _path: True, sealed=()).changed
     finally:
         _assert_nothing_left(sandbox, candidate, wt)
     assert seen["changed"] == ["new.txt"]

@@ -120,7 +120,7 @@ def test_target_ignored_by_its_repo_is_treated_as_outside(tmp_path: Path):
     assert git(snap.repo, "ls-tree", "-r", "--name-only", "pipemend/r4/base").splitlines() == ["p.py"]
 
 
-def test_worktree_add_edit_diff_commit_branch_remove(user_repo: Path, tmp_path: Path):
+def test_worktree_add_edit_build_branch_remove(user_repo: Path, tmp_path: Path):
     snap = snapshot_target(user_repo / "pipes" / "qa", "r5", tmp_path / "run")
     wt = snap.add_worktree("cand-1", snap.base_branch)
     assert wt == snap.worktrees_dir / "cand-1"
@@ -132,18 +132,16 @@ def test_worktree_add_edit_diff_commit_branch_remove(user_repo: Path, tmp_path: 
     (wt / "pipes" / "qa" / "extra.txt").write_text("brand new\n")
     index_before = Path(git(wt, "rev-parse", "--path-format=absolute", "--git-path", "index")).read_bytes()
 
-    assert snap.changed_files(wt, snap.base_branch) == [
-        "pipes/qa/extra.txt",
-        "pipes/qa/new.py",
-        "pipes/qa/prompt.txt",
-    ]
-    d = snap.diff(wt, snap.base_branch)
+    tree = snap.build_candidate(wt, snap.resolve(snap.base_branch), message="candidate 1\n",
+                                is_editable=lambda _path: True, sealed=())
+    assert tree.changed == ["pipes/qa/extra.txt", "pipes/qa/new.py", "pipes/qa/prompt.txt"]
+    d = tree.diff
     assert "+brand new" in d and "-v2 uncommitted" in d and "+v3" in d and "deleted file mode" in d
-    # looking at changes does not stage them
+    # building the commit does not stage anything in the worktree
     assert Path(git(wt, "rev-parse", "--path-format=absolute", "--git-path", "index")).read_bytes() == index_before
 
-    sha = snap.commit(wt, "candidate 1")
-    assert snap.changed_files(wt, sha) == []
+    sha = tree.sha
+    assert sha and snap.build_candidate(wt, sha, message="m\n", is_editable=lambda _path: True, sealed=()).sha is None
     snap.set_branch("pipemend/r5/cand-1", sha)
     snap.set_ref("refs/pipemend/r5/rejected/1", sha)
     assert snap.resolve("pipemend/r5/cand-1") == sha
@@ -164,8 +162,9 @@ def test_commit_ignores_the_users_hooks(user_repo: Path, tmp_path: Path):
     hook.chmod(0o755)
     snap = snapshot_target(user_repo / "pipes" / "qa", "r6", tmp_path / "run")
     wt = snap.add_worktree("c", snap.base_branch)
-    (wt / "x").write_text("x\n")
-    assert snap.commit(wt, "m")
+    (wt / "pipes" / "qa" / "x").write_text("x\n")
+    assert snap.build_candidate(wt, snap.resolve(snap.base_branch), message="m\n", is_editable=lambda _path: True,
+                                sealed=()).sha
 
 
 def test_prune_cleans_a_crashed_runs_worktrees(tmp_path: Path):
@@ -272,7 +271,7 @@ def test_worktree_by_branch_name_still_works(labelled: Path, tmp_path: Path):
 
 def test_a_forged_git_link_in_a_worktree_runs_nothing(tmp_path: Path):
     """A pipeline that rewrites the worktree's ``.git`` to a repo of its own (fsmonitor, a clean filter)
-    gets no command run on the host by diff, changed_files or commit: they use the repo's own record."""
+    gets no command run on the host when the candidate is built: git never runs inside the worktree."""
     target = tmp_path / "t"
     target.mkdir()
     (target / "p.txt").write_text("p\n")
@@ -287,8 +286,10 @@ def test_a_forged_git_link_in_a_worktree_runs_nothing(tmp_path: Path):
     (wt / ".gitattributes").write_text("* filter=x\n")
     (wt / ".git").write_text(f"gitdir: {evil / '.git'}\n")
     (wt / "p.txt").write_text("q\n")
-    assert "+q" in snap.diff(wt, snap.base_branch)
-    assert "p.txt" in snap.changed_files(wt, snap.base_branch)
-    sha = snap.commit(wt, "m")
+    tree = snap.build_candidate(wt, snap.resolve(snap.base_branch), message="m\n", is_editable=lambda _path: True,
+                                sealed=())
+    assert "+q" in tree.diff and tree.changed == ["p.txt"]
+    assert {r.code for r in tree.refusals} == {"hidden"}  # the planted .git and .gitattributes are left out
+    sha = tree.sha
     assert git(snap.repo, "cat-file", "-p", f"{sha}:p.txt") == "q"
     assert not marker.exists()

@@ -64,6 +64,17 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 MAX_REGULAR_BYTES = 16 * 1024 * 1024
 
 
+def open_regular(name: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """A read-only descriptor on ``name``, which must be a regular file: its last component is opened without
+    following a link (``O_NOFOLLOW``) or blocking (a FIFO answers at once), and checked on the descriptor.
+    Raises ``OSError`` otherwise (``EINVAL`` for a FIFO, device or folder). The caller closes it."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
 def read_regular_at(name: str | os.PathLike[str], cap: int, *, dir_fd: int | None = None) -> bytes:
     """The bytes of ``name`` (inside the open folder ``dir_fd`` when given): a regular file, at most ``cap``.
 
@@ -72,11 +83,9 @@ def read_regular_at(name: str | os.PathLike[str], cap: int, *, dir_fd: int | Non
     descriptor, so a swap between the check and the read changes nothing. Raises ``OSError`` (the reason
     in its text) for a link, a FIFO, a device, a folder, a missing file or one over the cap.
     """
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    fd = open_regular(name, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         if st.st_size > cap:
             raise OSError(errno.EFBIG, f"{st.st_size} bytes, over the cap of {cap}")
         chunks, left = [], cap + 1

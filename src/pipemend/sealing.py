@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 from .errors import ConfigError
+from .fsutil import open_regular
 from .globs import glob_match
 
 SKIP_DIRS = frozenset({".git", ".venv", "node_modules"})
@@ -114,13 +115,9 @@ def _norm(rel: str) -> str | None:
 
 def _open_regular(path: Path) -> int | None:
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        return open_regular(path)
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
 
 
 def _contains_any(path: Path, needles: list[bytes]) -> bytes | None:

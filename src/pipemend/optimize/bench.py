@@ -4,7 +4,7 @@
 one evaluation path (``candidates/<n>/train/<k>``); ``trace`` reads an example's
 latest train trace (this candidate's runs first, then the base's train run);
 ``diagnose`` is the ladder on the latest run (the base's diagnosis before any);
-``diff`` is the candidate against its base.
+``diff`` is the candidate commit against its base, as the gate will judge it.
 """
 
 from __future__ import annotations
@@ -71,4 +71,12 @@ class TrainBench:
         return diagnose_eval_dir(d, exs).to_json()
 
     def diff(self) -> str:
-        return self.env.snap.diff(self.worktree, self.base_sha)
+        """The candidate as the gate will judge it: the diff of the commit ``build_candidate`` makes from the
+        worktree, then every change it would leave out (each one rejects the candidate as it stands)."""
+        tree = self.env.snap.build_candidate(self.worktree, self.base_sha,
+                                             message=f"pipemend {self.env.run_id} cand-{self.n} (preview)\n",
+                                             is_editable=self.env.is_editable, sealed=self.env.sealed_in_repo)
+        if not tree.refusals:
+            return tree.diff
+        left_out = "".join(f"#   {r}\n" for r in tree.refusals)
+        return f"{tree.diff}# left out of the candidate; as it stands the gate rejects it:\n{left_out}"

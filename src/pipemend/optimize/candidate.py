@@ -30,7 +30,6 @@ from .. import gate
 from ..errors import BudgetExhausted
 from ..fsutil import atomic_write_json, atomic_write_text, copy_regular, read_json
 from ..journal import RunState, record, replay
-from ..metrics import metric_fingerprint
 from ..protocols import Proposal, ProposalContext
 from ..proposers import ProposerBudget
 from ..proposers.isolation import PluginFailed
@@ -145,8 +144,7 @@ def static_checks(env: RunEnv, wt: Path, diff: str, changed: list[str], base_sha
 
     return gate.check_diff(diff=diff, changed=changed, worktree=wt, target_subdir=env.snap.target_subdir,
                            editable=env.manifest.editable, protected=env.manifest.all_protected(),
-                           sealed=gate.Sealed.from_splits(env.frozen.splits()), base_text=base_text,
-                           metric_lines=metric_fingerprint(env.manifest.metric, env.frozen.dir))
+                           sealed=env.label_check, base_text=base_text, metric_lines=env.metric_lines)
 
 
 def keep(env: RunEnv, n: int, judged: Judged, rationale: str) -> tuple[str | None, str | None]:

@@ -18,12 +18,14 @@ from typing import Any
 
 from ..dataset import Example, FrozenTarget, freeze_target, limit_splits
 from ..errors import BudgetExhausted
+from .. import gate
 from ..evaluate import EvalContext, EvalKey, evaluate, gateway_socket_path, remember, reuse
 from ..fsutil import atomic_write_json, read_json, read_jsonl
 from ..globs import matches_any
 from ..gateway import Gateway, GatewayConfig
 from ..journal import RunState, record, replay
 from ..manifest import Manifest, load_manifest
+from ..metrics import metric_fingerprint
 from ..protocols import Progress, Proposer
 from ..proposers import get_proposer
 from ..report import render_report
@@ -64,6 +66,10 @@ class RunEnv:
         """Target-relative files nobody may read (labels and what they derive from), fixed at the run's start."""
         self.sealed_in_repo: list[str] = [f"{sub}/{p}" if sub else p for p in sealed]
         """The same, repo-relative: what candidate and evaluation worktrees are checked out without."""
+        self.label_check = gate.Sealed.from_splits(frozen.splits())
+        """The val/test answers and ids a candidate's diff must not add (all of each split, not ``--limit``'s)."""
+        self.metric_lines = metric_fingerprint(self.manifest.metric, frozen.dir)
+        """The frozen metric's fingerprint lines, which a diff must not copy."""
 
     def is_editable(self, repo_path: str) -> bool:
         """May a candidate change this repo-relative path (inside the target, editable, not protected)?"""

@@ -28,10 +28,10 @@ catastrophic pattern is killed there and the agent told so, the run goes on.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
-import stat
 import subprocess
 import sys
 import threading
@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from ..errors import PipemendError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, read_regular_at
 from ..globs import MAX_GLOB_CHARS, glob_match, is_relative_glob, matches_any, walk_files
 from ..manifest import MANIFEST_NAME
 
@@ -129,30 +129,17 @@ def _resolve_inside(root: Path, rel: str, root_label: str) -> Path:
 def _read_regular(full: Path, rel: str, label: str, max_bytes: int = MAX_FILE_BYTES) -> str:
     """A regular file's UTF-8 text, opened without following a link and refused past ``max_bytes``."""
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = read_regular_at(full, max_bytes)
     except FileNotFoundError:
         raise ToolError(f"{rel!r}: no such file in the {label}") from None
     except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise ToolError(f"{rel!r}: no such file in the {label} (not a regular file)") from None
+        if e.errno == errno.EFBIG:
+            raise ToolError(f"{rel!r} is too large ({e.strerror}); files over {max_bytes} bytes are not read") from None
         raise PathRefused(f"{rel!r}: cannot be opened as a regular file ({e.strerror})") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ToolError(f"{rel!r}: no such file in the {label} (not a regular file)")
-        if st.st_size > max_bytes:
-            raise ToolError(f"{rel!r} is {st.st_size} bytes; files over {max_bytes} bytes are not read")
-        chunks, size = [], 0
-        while size <= max_bytes:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > max_bytes:
-            raise ToolError(f"{rel!r} grew past {max_bytes} bytes while it was read")
-    finally:
-        os.close(fd)
-    try:
-        return b"".join(chunks).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ToolError(f"{rel!r} is not a UTF-8 text file") from None
 

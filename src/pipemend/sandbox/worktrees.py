@@ -51,13 +51,10 @@ def _git(cwd: Path, *args: str, env: dict[str, str] | None = None, git_dir: Path
 
 
 @contextmanager
-def _temp_index(seed: Path | None = None) -> Iterator[dict[str, str]]:
-    """A throwaway index file (a copy of ``seed`` if given, to keep its stat cache)."""
+def _temp_index() -> Iterator[dict[str, str]]:
+    """A throwaway index file, so the snapshot commit never touches a user's index."""
     with tempfile.TemporaryDirectory(prefix="pipemend-index-") as d:
-        index = Path(d) / "index"
-        if seed is not None and seed.is_file():
-            shutil.copyfile(seed, index)
-        yield {"GIT_INDEX_FILE": str(index)}
+        yield {"GIT_INDEX_FILE": str(Path(d) / "index")}
 
 
 @dataclass
@@ -165,15 +162,6 @@ class Snapshot:
         common = Path(_git(self.repo, "rev-parse", "--git-common-dir"))
         return (common if common.is_absolute() else self.repo / common).resolve()
 
-    def commit(self, worktree: Path, message: str) -> str:
-        """Stage everything in ``worktree`` (deletions and untracked files too) and commit; returns the sha.
-
-        Superseded by ``build_candidate`` (this one honours the worktree's index flags and ignore rules)."""
-        admin = self._admin_dir(worktree)
-        _git(worktree, "add", "--all", ".", git_dir=admin)
-        _git(worktree, "commit", "--quiet", "--allow-empty", "--no-verify", "-m", message, git_dir=admin)
-        return _git(worktree, "rev-parse", "HEAD", git_dir=admin)
-
     def set_branch(self, name: str, sha: str) -> None:
         """Create or move ``refs/heads/<name>`` to ``sha``."""
         try:
@@ -210,47 +198,6 @@ class Snapshot:
         """Every ref under ``prefix`` (e.g. ``refs/heads/pipemend/<run>/``) with the commit it points at."""
         out = _git(self.repo, "for-each-ref", "--format=%(refname) %(objectname)", prefix)
         return dict(line.split(" ", 1) for line in out.splitlines() if line.strip())
-
-    # ------------------------------------------------------------------ what changed
-
-    def changed_files(self, worktree: Path, base_ref: str) -> list[str]:
-        """Repo-relative paths that differ between ``base_ref`` and the worktree's files (untracked included)."""
-        with self._staged_view(worktree) as (env, admin):
-            out = _git(worktree, "diff", "--cached", "--name-only", "--no-renames", "-z", base_ref, env=env,
-                       git_dir=admin)
-        return sorted(p for p in out.split("\0") if p)
-
-    def diff(self, worktree: Path, base_ref: str) -> str:
-        """Unified diff from ``base_ref`` to the worktree's files, untracked files included."""
-        with self._staged_view(worktree) as (env, admin):
-            return _git(
-                worktree, "diff", "--cached", "--no-color", "--no-ext-diff", "--no-renames", base_ref, env=env,
-                git_dir=admin,
-            ) + "\n"
-
-    @contextmanager
-    def _staged_view(self, worktree: Path) -> Iterator[tuple[dict[str, str], Path]]:
-        """A temporary index holding everything in the worktree, leaving its real index alone."""
-        admin = self._admin_dir(worktree)
-        real_index = admin / "index"
-        with _temp_index(seed=real_index) as env:
-            if not real_index.is_file():
-                _git(worktree, "read-tree", "HEAD", env=env, git_dir=admin)
-            _git(worktree, "add", "--all", ".", env=env, git_dir=admin)
-            yield env, admin
-
-    def _admin_dir(self, worktree: Path) -> Path:
-        """The worktree's git folder (``<common>/worktrees/<id>``), found from the repo's side.
-
-        Never from the worktree's own ``.git`` file: a candidate can rewrite it to point at a repo of its
-        own whose config runs commands (``core.fsmonitor``, a clean filter) when git runs there."""
-        want = Path(worktree).resolve()
-        admin_root = self.git_dir() / "worktrees"
-        for admin in sorted(admin_root.iterdir()) if admin_root.is_dir() else []:
-            link = admin / "gitdir"
-            if link.is_file() and Path(link.read_text(encoding="utf-8").strip()).parent.resolve() == want:
-                return admin
-        raise UsageError(f"{worktree} is not a worktree of {self.repo}")
 
     # ------------------------------------------------------------------ persistence
 
