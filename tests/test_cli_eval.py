@@ -73,7 +73,7 @@ def test_eval_json_prints_one_object_of_the_documented_shape(tmp_path: Path) -> 
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)  # exactly one JSON object, nothing else on stdout
     assert res.stdout.count("\n") == 1
-    assert set(payload) == {"run_dir", "splits", "diagnosis"}
+    assert set(payload) == {"run_dir", "splits", "diagnosis", "warnings"}
     assert payload["run_dir"] == str(reports / "e1")
     assert set(payload["splits"]) == {"val"}
     val = payload["splits"]["val"]

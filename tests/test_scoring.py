@@ -26,7 +26,7 @@ ROW_KEYS = {"id", "split", "output", "score", "error", "timed_out", "latency_s",
             "input_tokens", "output_tokens", "llm_calls"}
 SUMMARY_KEYS = {"format", "split", "n", "score", "ci_low", "ci_high", "errors", "cost_usd", "latency_s_mean",
                 "input_tokens", "output_tokens", "startup_s", "unattributed_calls", "unattributed_cost_usd",
-                "unattributed_latency_s", "unattributed_input_tokens", "unattributed_output_tokens"}
+                "unattributed_latency_s", "unattributed_input_tokens", "unattributed_output_tokens", "unheaded_call_ids"}
 
 
 def _examples() -> list[Example]:

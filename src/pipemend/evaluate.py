@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .boundary import Boundary, inspect
 from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_splits, load_splits
 from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
@@ -68,6 +69,8 @@ class EvalResult:
     summary: dict[str, Any]
     """``summary.json`` (AGENTS.md shape)."""
     outcome: SandboxOutcome
+    boundary: Boundary = field(default_factory=Boundary)
+    """Model calls around the gateway (``unrouted``) and warnings about refused hosts and unattributed calls."""
 
     @property
     def score(self) -> float:
@@ -211,13 +214,16 @@ def evaluate(
         eval_token=token, window=window,
     )
     write_eval(out_dir, rows, summary)
+    boundary = inspect(out_dir, summary)
     atomic_write_json(out_dir / "outcome.json", {
         "format": OUTCOME_FORMAT, "name": name, "split": split, "sandbox": outcome.sandbox,
         "returncode": outcome.returncode, "timed_out": outcome.timed_out, "error": outcome.error,
         "startup_s": outcome.startup_s, "wall_s": outcome.wall_s,
         "stdout_tail": outcome.stdout_tail[-4000:], "stderr_tail": outcome.stderr_tail[-4000:],
+        "unrouted": boundary.unrouted, "warnings": boundary.warnings,
     })
-    return EvalResult(name=name, split=split, out_dir=out_dir, rows=rows, summary=summary, outcome=outcome)
+    return EvalResult(name=name, split=split, out_dir=out_dir, rows=rows, summary=summary, outcome=outcome,
+                      boundary=boundary)
 
 
 # --------------------------------------------------------------------------- finished evaluations, reused from disk
@@ -302,6 +308,8 @@ class EvalRun:
     per_split: dict[str, Diagnosis]
     dead: list[str]
     """``split: why`` for each split whose sandbox or runner died (its examples scored 0)."""
+    warnings: list[str] = field(default_factory=list)
+    """``split: what`` for hosts the sandbox refused and model calls no example accounts for."""
 
 
 def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
@@ -316,7 +324,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
     """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
 
     Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
-    A dead sandbox is not an exception: the run ends ``failed`` and ``EvalRun.dead`` says why.
+    A dead sandbox is not an exception: the run ends ``failed`` and ``EvalRun.dead`` says why. A pipeline
+    that calls a model around the gateway is a ``UsageError`` naming the host and SDK (the run ends ``failed``).
     """
     progress = progress or NullProgress()
     check_choice(split, SPLIT_CHOICES, "--split")
@@ -358,6 +367,7 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     summaries: dict[str, dict[str, Any]] = {}
     evals: dict[str, Path] = {}
     dead: list[str] = []
+    warnings: list[str] = []
     try:
         ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model,
                           sealed=manifest.sealed_paths(target))
@@ -369,6 +379,11 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
                            progress=lambda done, total, s=s: progress.event("eval_progress", task=f"eval {s}",
                                                                             done=done, total=total))
             summaries[s], evals[s] = res.summary, res.out_dir
+            if res.boundary.unrouted:
+                raise UsageError(f"eval {s}: {res.boundary.unrouted} (details: {res.out_dir}/outcome.json)")
+            for w in res.boundary.warnings:
+                warnings.append(f"{s}: {w}")
+                progress.event("warning", text=f"{s}: {w}")
             journal(run_dir, "eval_done", split=s, score=res.score, n=res.summary.get("n"),
                     sandbox_error=res.outcome.error, returncode=res.outcome.returncode)
             if res.failed_systemically and examples:
@@ -379,4 +394,5 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
         gateway.stop()
     primary, per_split = diagnose_run(run_dir, evals, frozen, thresholds)
     journal(run_dir, "diagnosis", split=primary_split(list(evals)), **primary.brief())
-    return EvalRun(run_dir=run_dir, summaries=summaries, diagnosis=primary, per_split=per_split, dead=dead)
+    return EvalRun(run_dir=run_dir, summaries=summaries, diagnosis=primary, per_split=per_split, dead=dead,
+                   warnings=warnings)

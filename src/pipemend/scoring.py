@@ -21,7 +21,8 @@ an equal share of their cost, and each row that ran an equal share of their
 latency (start-up time, or the start-up calls' own latency when larger, plus
 the latency of the other unaccounted calls). The summary shows them apart
 (``startup_s``, ``unattributed_calls``, ``unattributed_cost_usd``,
-``unattributed_latency_s``). A call belongs to this evaluation when its
+``unattributed_latency_s``, and ``unheaded_call_ids``: the calls made after
+start-up with no example header, which ``boundary.py`` warns about). A call belongs to this evaluation when its
 call-log row's ``eval`` is the evaluation's token (``x-pipemend-eval``, which
 the runner sends on every request), or when its ``t`` falls in the
 evaluation's time window whatever its ``eval`` says (a run's gateway serves one
@@ -48,6 +49,7 @@ NO_RESULT = "no result"
 RUNNER_JSON = "runner.json"
 RUNNER_FORMAT = "pipemend-runner-1"
 STARTUP_TAG = "<startup>"
+OUTSIDE_TAG = "<outside>"
 MAX_TRACE_BYTES = 32 << 20
 MAX_RUNNER_JSON_BYTES = 64 << 10
 
@@ -237,6 +239,8 @@ def _charge_overhead(rows: list[dict[str, Any]], unaccounted: list[dict[str, Any
         "unattributed_latency_s": latency,
         "unattributed_input_tokens": usage["input_tokens"],
         "unattributed_output_tokens": usage["output_tokens"],
+        "unheaded_call_ids": [str(c.get("call_id")) for c in unaccounted
+                              if c.get("example_id") in (None, "", OUTSIDE_TAG)][:100],
     }
 
 

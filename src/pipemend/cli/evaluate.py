@@ -65,6 +65,7 @@ def eval_cmd(
             "run_dir": str(result.run_dir),
             "splits": {s: _split_json(v) for s, v in result.summaries.items()},
             "diagnosis": result.diagnosis.brief(),
+            "warnings": result.warnings,
         }) + "\n")
     else:
         out.print(scores_table(result.summaries))

@@ -128,7 +128,8 @@ class RunEnv:
             raise BudgetExhausted(f"the gateway's ${self.cfg.budget_usd:.2f} budget ran out during {name}", reason="run")
         if res.failed_systemically:
             o = res.outcome
-            self.failures[rel_dir] = o.error or ("timed out" if o.timed_out else f"runner exited {o.returncode}")
+            self.failures[rel_dir] = res.boundary.unrouted or o.error or (
+                "timed out" if o.timed_out else f"runner exited {o.returncode}")
         else:
             remember(out, key)
         return res.rows

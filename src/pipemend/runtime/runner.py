@@ -18,7 +18,9 @@ and writes ``OUT/results.jsonl`` (one row per example as it finishes) and
 ``OUT/traces/<id>.json``. An example that raises, hangs or returns something
 that is not a string or JSON-able dict/list is recorded as that example's
 error; the run goes on. Exit 0 when every example ran, 2 for bad usage or
-input (unimportable entrypoint, bad inputs file). Progress goes to stderr as
+input (unimportable entrypoint, bad inputs file), 3 when it stopped early
+because the pipeline called a model around the gateway (``egress.py``: the
+finding is in ``OUT/egress.json``, which also lists hosts it was refused). Progress goes to stderr as
 ``[runner] 3/10 done``; stdout stays quiet. Results are whole lines (one
 ``write`` each) and traces are replaced atomically, both without fsync: a lost
 result only means the example is re-run or scored "no result".
@@ -57,11 +59,13 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 from urllib.parse import quote
 
-from . import trace
+from . import egress, trace
 from .forwarder import Forwarder
 from .sampling import SAMPLE_ENV, SAMPLE_HEADER, sample_index
 
 ALLOWED_KEYS = frozenset({"id", "inputs"})
+EXIT_UNROUTED = 3
+"""The runner's exit code when it stopped because the pipeline calls a model around the gateway."""
 GATEWAY_DUMMY_KEY = "pipemend-gateway"
 _KEEP_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_LOG")
 """The only inherited ``ANTHROPIC_*`` variables kept: every other one may carry a credential
@@ -145,18 +149,24 @@ def end_startup(out: Path, startup_s: float, progress: TextIO) -> None:
     is reported, not fatal: the host then charges the start-up calls' own latency."""
     global _outside_tag
     _outside_tag = OUTSIDE_TAG
-    tmp = out / f".{RUNNER_JSON}.tmp"
+    write_json_file(out, RUNNER_JSON, {"format": RUNNER_FORMAT, "startup_s": round(startup_s, 6), "eval": _eval_token},
+                    progress)
+
+
+def write_json_file(out: Path, name: str, obj: dict[str, Any], progress: TextIO) -> None:
+    """``OUT/<name>`` replaced atomically (a fresh temporary file, never through a link); a failure is reported."""
+    tmp = out / f".{name}.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
-            _write_all(fd, json.dumps({"format": RUNNER_FORMAT, "startup_s": round(startup_s, 6), "eval": _eval_token}).encode())
+            _write_all(fd, json.dumps(obj).encode())
         finally:
             os.close(fd)
-        os.replace(tmp, out / RUNNER_JSON)
+        os.replace(tmp, out / name)
     except OSError as e:
-        progress.write(f"[runner] could not write {RUNNER_JSON}: {e}\n")
+        progress.write(f"[runner] could not write {name}: {e}\n")
 
 
 def header_value(value: str) -> str:
@@ -166,6 +176,9 @@ def header_value(value: str) -> str:
 
 
 def _tag(request: Any) -> None:
+    watch = egress.current()
+    if watch is not None:
+        watch.note_request(str(request.url), trace.current_example_id(), request.headers.get("user-agent"))
     request.headers[EVAL_HEADER] = header_value(_eval_token)
     request.headers[SAMPLE_HEADER] = str(_sample)
     ex_id = trace.current_example_id()
@@ -425,6 +438,8 @@ class Runner:
         self.progress = progress
         self.results_path = out / "results.jsonl"
         self.n_done = self.n_errors = self.n_timeouts = self.total = 0
+        self.stopped_unrouted = False
+        """The egress watch saw a model call that bypasses the gateway: the run stopped after that example."""
 
     def run(self, rows: list[InputRow]) -> None:
         (self.out / "traces").mkdir(parents=True, exist_ok=True)
@@ -440,7 +455,14 @@ class Runner:
         pending = list(reversed(rows))
         running: dict[str, _Running] = {}
         total = self.total = len(rows)
+        watch = egress.current()
         while pending or running:
+            if watch is not None and watch.found_unrouted and not self.stopped_unrouted:
+                self.stopped_unrouted = True  # no point running the rest: every example would fail the same way
+                self._say(f"stopping: {egress.describe(watch.to_json())}")
+                pending.clear()
+                if not running:
+                    break
             while pending and len(running) < self.concurrency:
                 row = pending.pop()
                 holder: dict[str, Any] = {}
@@ -464,6 +486,8 @@ class Runner:
             for ex_id in [i for i, r in running.items() if now - r.started >= self.timeout_s]:
                 self._time_out(running.pop(ex_id), now)
         self._say(f"finished: {self.n_done}/{total} ran, {self.n_errors} errors, {self.n_timeouts} timed out")
+        if watch is not None and (watch.unrouted or watch.blocked or watch.sdks):
+            write_json_file(self.out, egress.EGRESS_JSON, watch.to_json(), self.progress)
 
     def _finish(self, r: _Running, output: Any, error: BaseException | None, duration: float) -> None:
         ex: trace.ExampleTrace = r.holder.get("trace") or trace.ExampleTrace(r.row.id)
@@ -550,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway_url = Forwarder(args.gateway_socket).start().url
             progress.write(f"[runner] forwarding {gateway_url} -> unix:{args.gateway_socket}\n")
         prepare_environment(gateway_url, args.model)
+        egress.install(egress.EgressWatch(gateway_url), trace.current_example_id)
 
         # stdout stays quiet: prints outside examples pass through to stderr, inside they join the trace.
         trace.install_capture(stdout_passthrough=progress, stderr_passthrough=progress)
@@ -565,8 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.flush()
         return 2
 
-    Runner(fn, out, args.concurrency, args.timeout, progress).run(rows)
-    return 0
+    runner = Runner(fn, out, args.concurrency, args.timeout, progress)
+    runner.run(rows)
+    return EXIT_UNROUTED if runner.stopped_unrouted else 0
 
 
 def cli() -> None:

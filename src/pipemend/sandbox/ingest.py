@@ -9,6 +9,7 @@ expected to write, by name:
 
 - ``results.jsonl``;
 - ``runner.json`` (the runner's start-up time, charged to the evaluation);
+- ``egress.json`` (model calls and hosts the runner saw go around the gateway);
 - ``traces/<id>.json`` for the job's own example ids (read from the host's
   inputs file, never from the sandbox).
 
@@ -44,8 +45,9 @@ from ..protocols import SandboxJob, SandboxOutcome
 SCRATCH_PREFIX = "pipemend-scratch-"
 RESULTS = "results.jsonl"
 RUNNER = "runner.json"
+EGRESS = "egress.json"
 RUNNER_CAP = 64 * 1024
-"""Largest ``runner.json`` taken in (bytes)."""
+"""Largest ``runner.json`` or ``egress.json`` taken in (bytes)."""
 TRACES = "traces"
 RESULTS_CAP = 64 * 1024 * 1024
 """Largest ``results.jsonl`` taken in (bytes); a larger one is refused whole."""
@@ -205,12 +207,13 @@ def ingest(scratch_out: Path, out_dir: Path, ids: list[str], *, results_cap: int
         except OSError as e:
             if e.errno != errno.ENOENT:
                 report.refused.append(f"{RESULTS}: {e.strerror or e}")
-        (out_dir / RUNNER).unlink(missing_ok=True)
-        try:
-            atomic_write_bytes(out_dir / RUNNER, read_regular(top, RUNNER, RUNNER_CAP))
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                report.refused.append(f"{RUNNER}: {e.strerror or e}")
+        for name in (RUNNER, EGRESS):
+            (out_dir / name).unlink(missing_ok=True)
+            try:
+                atomic_write_bytes(out_dir / name, read_regular(top, name, RUNNER_CAP))
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    report.refused.append(f"{name}: {e.strerror or e}")
         traces_fd = None
         try:
             traces_fd = open_dir(TRACES, dir_fd=top)
