@@ -17,6 +17,7 @@ import yaml
 from pipemend.dataset import ROW_KEYS, load_splits
 from pipemend.errors import ConfigError, UsageError
 from pipemend.importers import FORMATS, import_dataset, reimport
+from pipemend.init_template import write_skeleton
 from pipemend.manifest import SOURCE_FORMATS, DatasetConfig, DatasetSource, load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "importers"
@@ -224,8 +225,6 @@ def test_an_edited_mapping_reconverts_only_with_force(tmp_path: Path) -> None:
 def test_reimport_without_a_recorded_source_names_the_key(tmp_path: Path) -> None:
     d = pipeline_dir(tmp_path)
     (d / "data.jsonl").write_text('{"id": "1", "inputs": {"question": "q"}}\n')
-    from pipemend.init_template import write_skeleton
-
     write_skeleton(d)
     with pytest.raises(ConfigError, match=r"dataset\.source: no source recorded"):
         reimport(d)
@@ -316,3 +315,16 @@ def test_beir_qrels_naming_an_unknown_document_names_the_line(tmp_path: Path) ->
         import_dataset(pipeline_dir(tmp_path), "beir", src)
     assert (e.value.file, e.value.where) == (str(src / "qrels" / "dev.tsv"), "line 4")
     assert "document 'nope' is not in corpus.jsonl" in e.value.problem
+
+
+def test_hotpotqa_in_its_column_form_reads_the_same_evidence(tmp_path: Path) -> None:
+    record = json.loads((FIXTURES / "hotpotqa.json").read_text())[0]
+    columns = {**record,
+               "supporting_facts": {"title": [t for t, _ in record["supporting_facts"]],
+                                    "sent_id": [i for _, i in record["supporting_facts"]]},
+               "context": {"title": [t for t, _ in record["context"]], "sentences": [s for _, s in record["context"]]}}
+    src = tmp_path / "hf.jsonl"
+    src.write_text(json.dumps(columns) + "\n")
+    d = pipeline_dir(tmp_path)
+    import_dataset(d, "hotpotqa", src, ["-=evidence_text"])
+    assert rows_of(d / "data.jsonl")[0]["evidence"] == ["Alû", "Lilu (mythology)"]

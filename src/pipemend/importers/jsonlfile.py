@@ -4,9 +4,7 @@ nested values: ``meta.answer``, ``answers.0``). Keys map to row fields by ``--ma
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .common import Format, Record, read_json_objects
+from .common import Format, read_json_objects
 from .infer import from_columns
 
 
