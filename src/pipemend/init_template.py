@@ -16,6 +16,15 @@ _ENTRY_NAMES = ("run", "main", "answer", "predict")
 _PREFERRED_FILES = ("pipeline.py", "main.py", "app.py")
 _SKIP = {".git", ".venv", "venv", "__pycache__", "node_modules", "tests", "reports"}
 
+DATASET_BLOCK = """\
+  # JSONL rows: {{"id": "q-1", "inputs": {{...}}, "expected": ..., "evidence": ["doc-id", ...]}}
+  # (`evidence`, the ids of gold supporting documents, is optional).
+  path: {dataset}{dataset_note}
+  # Seeded shuffle into splits. Or drop `path` and `split` and give
+  # `files: {{train: train.jsonl, val: val.jsonl, test: test.jsonl}}`.
+  split: {{train: 0.4, val: 0.4, test: 0.2, seed: 0}}
+"""
+
 TEMPLATE = """\
 # pipemend manifest: what to run, on what data, scored how, and what may change.
 # Reference: README.md ("The manifest"). Unknown keys are rejected.
@@ -27,13 +36,7 @@ description: ""
 entrypoint: {entrypoint}{entry_note}
 
 dataset:
-  # JSONL rows: {{"id": "q-1", "inputs": {{...}}, "expected": ..., "evidence": ["doc-id", ...]}}
-  # (`evidence`, the ids of gold supporting documents, is optional).
-  path: {dataset}{dataset_note}
-  # Seeded shuffle into splits. Or drop `path` and `split` and give
-  # `files: {{train: train.jsonl, val: val.jsonl, test: test.jsonl}}`.
-  split: {{train: 0.4, val: 0.4, test: 0.2, seed: 0}}
-
+{dataset_block}
 # A built-in (exact_match, f1, contains, json_match) or `file.py:function`.
 metric: exact_match
 
@@ -41,7 +44,7 @@ metric: exact_match
 # are always protected; add your own below (each glob must match a file).
 editable:
 {editable}
-protected: {protected}
+protected: {protected}{sealed}
 
 llm:
   # Read by the pipeline from PIPEMEND_MODEL; `--model` switches a whole run,
@@ -124,31 +127,45 @@ def guess(target_dir: Path) -> Guess:
     return g
 
 
-def render(target_dir: Path) -> str:
-    """The skeleton's text for ``target_dir`` (placeholders marked TODO where nothing could be guessed)."""
+def render(target_dir: Path, *, dataset_block: str | None = None, sealed: list[str] | None = None) -> str:
+    """The skeleton's text for ``target_dir`` (placeholders marked TODO where nothing could be guessed).
+
+    ``dataset_block`` replaces the guessed ``dataset:`` entries (indented YAML lines, as ``pipemend init --from``
+    writes them); ``sealed`` globs are written as the manifest's ``sealed`` list.
+    """
     g = guess(target_dir)
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in target_dir.resolve().name) or "pipeline"
     editable = g.editable or ["pipeline.py"]
+    if dataset_block is None:
+        dataset_block = DATASET_BLOCK.format(
+            dataset=g.dataset or "data.jsonl",
+            dataset_note="" if g.dataset else "   # TODO: create it or point to your rows")
     return TEMPLATE.format(
         name=name,
         entrypoint=g.entrypoint or "pipeline:run",
         entry_note="" if g.entrypoint else "   # TODO: no *.py with a run(inputs) function found",
-        dataset=g.dataset or "data.jsonl",
-        dataset_note="" if g.dataset else "   # TODO: create it or point to your rows",
+        dataset_block=dataset_block,
         editable="\n".join(f"  - {json.dumps(e)}" for e in editable)
         + ("" if g.editable else "   # TODO: your prompt and pipeline files"),
         protected=json.dumps(g.protected),
+        sealed=f"\nsealed: {json.dumps(sealed)}   # unreadable by the pipeline: the dataset as it came" if sealed else "",
         model=DEFAULT_MODEL,
     )
 
 
-def write_skeleton(target_dir: str | Path) -> Path:
-    """Write ``TARGET/pipemend.yaml``; refuses an existing manifest or a missing folder (``UsageError``)."""
+def manifest_path(target_dir: str | Path) -> Path:
+    """``TARGET/pipemend.yaml``; refuses an existing manifest or a missing folder (``UsageError``)."""
     target_dir = Path(target_dir)
     if not target_dir.is_dir():
         raise UsageError(f"{target_dir}: no such folder (expected the folder of an existing pipeline)")
     path = target_dir / MANIFEST_NAME
     if path.exists():
         raise UsageError(f"{path}: a manifest already exists; edit it, or remove it to start over")
-    atomic_write_text(path, render(target_dir))
+    return path
+
+
+def write_skeleton(target_dir: str | Path) -> Path:
+    """Write ``TARGET/pipemend.yaml``; refuses an existing manifest or a missing folder (``UsageError``)."""
+    path = manifest_path(target_dir)
+    atomic_write_text(path, render(Path(target_dir)))
     return path

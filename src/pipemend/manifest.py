@@ -49,10 +49,37 @@ class SplitFiles(_Strict):
     test: str
 
 
+SOURCE_FORMATS = ("hotpotqa", "musique", "beir", "csv", "jsonl")
+SOURCE_TARGETS = ("id", "expected", "evidence", "evidence_text", "split")
+"""Row fields a source's ``fields`` may fill, besides ``inputs.<name>`` (one per entrypoint keyword)."""
+
+
+class DatasetSource(_Strict):
+    """The dataset as it came: `pipemend init DIR --from FORMAT FILE` converted it; `--reimport` re-converts it."""
+
+    format: Literal["hotpotqa", "musique", "beir", "csv", "jsonl"] = Field(description="The source's format.")
+    file: str = Field(description="The source file (a BEIR folder), relative to the target or absolute.")
+    fields: dict[str, str] = Field(min_length=1, description=(
+        "Row field <- source field: `id`, `inputs.<name>`, `expected`, `evidence`, `evidence_text`, `split`."))
+
+    @field_validator("fields")
+    @classmethod
+    def _row_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        for target in v:
+            name = target.removeprefix("inputs.")
+            if target not in SOURCE_TARGETS and not (target.startswith("inputs.") and name.isidentifier()):
+                raise ValueError(f"{target!r} is not a row field: use id, inputs.<name>, expected, evidence, "
+                                 "evidence_text or split")
+        if "id" not in v or not any(t.startswith("inputs.") for t in v):
+            raise ValueError("`fields` needs `id` and at least one `inputs.<name>`")
+        return v
+
+
 class DatasetConfig(_Strict):
     path: str | None = Field(None, description="JSONL rows {id, inputs, expected, evidence?}, relative to the target.")
     split: SplitFractions | None = Field(None, description="Fractions to split `path` into train/val/test.")
     files: SplitFiles | None = Field(None, description="Explicit per-split files instead of `path` + `split`.")
+    source: DatasetSource | None = Field(None, description="Where the rows were converted from (`pipemend init --from`).")
 
     @model_validator(mode="after")
     def _one_way(self) -> "DatasetConfig":

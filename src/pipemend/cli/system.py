@@ -12,14 +12,40 @@ from rich.markup import escape
 
 from ..doctor import check_all
 from ..gateway import serve_forever_cli
+from ..errors import UsageError
+from ..importers import import_dataset, reimport
 from ..init_template import write_skeleton
 from ..sandbox.reap import reap
 from .common import err, out
 from .render import checks_table
 
 
-def init_cmd(directory: Path = typer.Argument(..., help="Folder of an existing pipeline.")) -> None:
-    """Write a commented pipemend.yaml skeleton next to an existing pipeline."""
+def init_cmd(
+    directory: Path = typer.Argument(..., help="Folder of an existing pipeline."),
+    source: Optional[Path] = typer.Argument(None, help="With --from: the dataset file (a BEIR folder) to convert."),
+    from_format: Optional[str] = typer.Option(
+        None, "--from", help="Convert a dataset as it comes: hotpotqa, musique, beir, csv or jsonl (then give FILE)."),
+    mapping: Optional[list[str]] = typer.Option(
+        None, "--map", help="SOURCE=TARGET[,...]: a source field to a row field (id, inputs.NAME, expected, evidence, "
+                            "evidence_text, split); -=TARGET leaves one out. Default: the format's, or inferred."),
+    out_file: str = typer.Option("data.jsonl", "--out", help="The converted rows (per split: data.train.jsonl, ...)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split shuffle when the source has no splits."),
+    reimport_: bool = typer.Option(False, "--reimport", help="Convert again from the manifest's dataset.source."),
+    force: bool = typer.Option(False, "--force", help="Replace dataset files that exist and would change."),
+) -> None:
+    """Write a commented pipemend.yaml skeleton next to an existing pipeline; --from also converts its dataset."""
+    if reimport_ or from_format is not None:
+        if reimport_ and (from_format is not None or source is not None):
+            raise UsageError("--reimport converts from the manifest's dataset.source: give no --from or FILE")
+        if from_format is not None and source is None:
+            raise UsageError(f"--from {from_format}: give the FILE to convert (pipemend init DIR --from FORMAT FILE)")
+        result = reimport(directory, force=force) if reimport_ else import_dataset(
+            directory, from_format or "", source or Path(), mapping, out=out_file, seed=seed, force=force)
+        for line in result.lines():
+            out.print(escape(line))
+        return
+    if source is not None or mapping:
+        raise UsageError("FILE and --map go with --from FORMAT")
     path = write_skeleton(directory)
     err.print(escape(f"wrote {path}: fill in the TODOs, then run `pipemend eval {directory}`"))
 
