@@ -199,12 +199,22 @@ def _request_model(request: Any) -> str | None:
         return None
 
 
+def _is_openai(request: Any) -> bool:
+    """Whether a request went to the gateway's OpenAI Chat Completions route."""
+    try:
+        return str(request.url.path).rstrip("/").endswith("/chat/completions")
+    except Exception:
+        return False
+
+
 def _record(request: Any, response: Any, duration_s: float) -> None:
     h = response.headers
     call_id = h.get("x-pipemend-call-id")
     if call_id is None or trace.current_example_id() is None:
         return
     call: dict[str, Any] = {"call_id": call_id, "model": _request_model(request)}
+    if _is_openai(request):
+        call["gen_ai.system"] = "openai"  # the trace's default is anthropic
     call["input_tokens"] = _int(h.get("x-pipemend-input-tokens"))
     call["output_tokens"] = _int(h.get("x-pipemend-output-tokens"))
     cache = h.get("x-pipemend-cache")

@@ -1,0 +1,108 @@
+"""Pipelines written with the ``openai`` SDK under ``pipemend eval``, end to end.
+
+The target (``fixtures/targets/openai_rag``) imports nothing of pipemend: keyword retrieval of the top
+document, then one chat completion through ``OpenAI()``, which finds the gateway only through the
+``OPENAI_BASE_URL``/``OPENAI_API_KEY`` the runner sets. It runs from its own ``requirements.txt``
+(``openai``) in the Docker and bubblewrap sandboxes, whose only way out is the gateway's unix socket
+and the runner's forwarder. The model is a strict ``scripted:`` fake that answers from whichever
+document reached the prompt, so the scores follow the retrieval: one of the three val questions
+retrieves a distractor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipemend.evaluate import run_eval
+from pipemend.fsutil import read_json, read_jsonl
+from sandbox_support import sandbox_or_skip
+
+TARGETS = Path(__file__).parent / "fixtures" / "targets"
+REAL_KEY = "sk-real-openai-key-must-never-reach-a-pipeline"
+SCRIPT = [
+    {"match": {"system_contains": "context only", "last_user_contains": ["[d-vell]", "harbour master"]},
+     "text": "Ada Quill"},
+    {"match": {"system_contains": "context only", "last_user_contains": ["[d-orsk]", "Orsk glacier"]}, "text": "Tamsin"},
+    {"match": {"system_contains": "context only", "last_user_contains": ["[d-pell]", "sourdough"]},
+     "text": "The great flood."},
+    {"match": {"system_contains": "context only", "last_user_contains": "[d-dunn]"}, "text": "Not in the context."},
+]
+# val-vell's keywords tie between its gold document and the distractor d-dunn, which sorts first
+EXPECTED_OUTPUTS = {"val-vell": "Not in the context.", "val-orsk": "Tamsin", "val-pell": "The great flood."}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # a fresh LLM cache: every call reaches the script
+    monkeypatch.setenv("OPENAI_API_KEY", REAL_KEY)
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-real")
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+
+
+def copy_target(name: str, tmp_path: Path) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(TARGETS / name, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("sandbox", [pytest.param("docker", marks=pytest.mark.docker),
+                                     pytest.param("bwrap", marks=pytest.mark.bwrap)])
+def test_an_openai_sdk_pipeline_runs_unchanged_and_its_calls_are_tied_to_examples(tmp_path: Path, sandbox: str):
+    sandbox_or_skip(sandbox)
+    target = copy_target("openai_rag", tmp_path)
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"entries": SCRIPT}))
+    model = f"scripted:{script}"
+
+    result = run_eval(target, split="val", model=model, sandbox=sandbox, run_id=f"oa-{sandbox}",
+                      reports_dir=tmp_path / "reports")
+
+    assert result.dead == []
+    summary = result.summaries["val"]
+    assert summary["n"] == 3 and summary["errors"] == 0 and summary["score"] == pytest.approx(2 / 3)
+    run_dir = result.run_dir
+    scored = {r["id"]: r for r in read_jsonl(run_dir / "evals" / "val" / "scored.jsonl")}
+    assert {i: r["output"] for i, r in scored.items()} == EXPECTED_OUTPUTS
+    assert {i: r["score"] for i, r in scored.items()} == {"val-vell": 0.0, "val-orsk": 1.0, "val-pell": 1.0}
+    assert all(r["error"] is None and r["llm_calls"] == 1 and r["input_tokens"] > 0 for r in scored.values())
+
+    calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
+    assert sorted(c["example_id"] for c in calls) == sorted(EXPECTED_OUTPUTS)
+    assert all(c["api"] == "openai-chat" and c["error"] is None and c["model"] == model for c in calls)
+    assert len({c["eval"] for c in calls}) == 1 and calls[0]["eval"]  # the evaluation's token on every call
+    by_example = {c["example_id"]: c for c in calls}
+    assert "[d-dunn]" in by_example["val-vell"]["request"]["messages"][0]["content"]  # the retrieval miss
+    assert by_example["val-orsk"]["request"]["system"].startswith("Answer the question from the context only")
+    for ex_id in EXPECTED_OUTPUTS:  # the runner read the gateway's headers off the SDK's responses
+        trace = read_json(run_dir / "evals" / "val" / "traces" / f"{ex_id}.json")
+        recorded = trace["llm_calls"] + [c for s in trace["steps"] for c in s["llm_calls"]]
+        assert [c["call_id"] for c in recorded] == [by_example[ex_id]["call_id"]]
+        assert recorded[0]["gen_ai.request.model"] == model and recorded[0]["gen_ai.system"] == "openai"
+        assert recorded[0]["pipemend.cache_hit"] is False and recorded[0]["gen_ai.usage.input_tokens"] > 0
+
+
+def test_the_runner_points_the_openai_sdk_at_the_gateway_and_drops_real_openai_credentials(tmp_path: Path):
+    dump = tmp_path / "dump.json"
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"id": "a", "inputs": {"mode": "dump", "dump": str(dump)}}) + "\n")
+    env = {**os.environ, "OPENAI_PROJECT_ID": "proj-real", "OPENAI_BASE_URL": "https://elsewhere.example/v1",
+           "OPENAI_API_BASE": "https://elsewhere.example/v1", "ANTHROPIC_API_BASE": "https://elsewhere.example"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipemend.runtime.runner", "--target", str(TARGETS / "toy"), "--entrypoint",
+         "pipeline:run", "--inputs", str(inputs), "--out", str(tmp_path / "out"), "--gateway-url", "http://127.0.0.1:9/"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(dump.read_text())["environ"]
+    assert REAL_KEY not in dump.read_text() and "proj-real" not in dump.read_text()
+    assert seen["OPENAI_API_KEY"] == seen["ANTHROPIC_API_KEY"] == "pipemend-gateway"
+    assert not {"OPENAI_ORG_ID", "OPENAI_PROJECT_ID"} & set(seen)
+    assert seen["OPENAI_BASE_URL"] == seen["OPENAI_API_BASE"] == "http://127.0.0.1:9/v1"
+    assert seen["ANTHROPIC_BASE_URL"] == seen["ANTHROPIC_API_BASE"] == "http://127.0.0.1:9"
