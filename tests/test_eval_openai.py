@@ -1,12 +1,14 @@
-"""Pipelines written with the ``openai`` SDK under ``pipemend eval``, end to end.
+"""Pipelines written with the ``openai`` SDK, LiteLLM and DSPy under ``pipemend eval``, end to end.
 
-The target (``fixtures/targets/openai_rag``) imports nothing of pipemend: keyword retrieval of the top
+The targets import nothing of pipemend. ``fixtures/targets/openai_rag``: keyword retrieval of the top
 document, then one chat completion through ``OpenAI()``, which finds the gateway only through the
-``OPENAI_BASE_URL``/``OPENAI_API_KEY`` the runner sets. It runs from its own ``requirements.txt``
-(``openai``) in the Docker and bubblewrap sandboxes, whose only way out is the gateway's unix socket
-and the runner's forwarder. The model is a strict ``scripted:`` fake that answers from whichever
-document reached the prompt, so the scores follow the retrieval: one of the three val questions
-retrieves a distractor.
+``OPENAI_BASE_URL``/``OPENAI_API_KEY`` the runner sets. ``litellm_qa``: LiteLLM calls with
+``anthropic/...`` and ``openai/...`` model names (both APIs). ``dspy_qa``: a DSPy program (through
+LiteLLM). Each runs from its own ``requirements.txt`` in the Docker and bubblewrap sandboxes, whose
+only way out is the gateway's unix socket and the runner's forwarder. The model is a strict
+``scripted:`` fake that answers from what reached the prompt, so the scores follow the pipeline:
+one of the three val questions of each target misses. LiteLLM and DSPy install some 400 MB, so
+their runs are in the slow group.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +28,7 @@ from pipemend.fsutil import read_json, read_jsonl
 from sandbox_support import sandbox_or_skip
 
 TARGETS = Path(__file__).parent / "fixtures" / "targets"
+SANDBOXES = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap)]
 REAL_KEY = "sk-real-openai-key-must-never-reach-a-pipeline"
 SCRIPT = [
     {"match": {"system_contains": "context only", "last_user_contains": ["[d-vell]", "harbour master"]},
@@ -52,41 +56,96 @@ def copy_target(name: str, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize("sandbox", [pytest.param("docker", marks=pytest.mark.docker),
-                                     pytest.param("bwrap", marks=pytest.mark.bwrap)])
-def test_an_openai_sdk_pipeline_runs_unchanged_and_its_calls_are_tied_to_examples(tmp_path: Path, sandbox: str):
+def eval_target(tmp_path: Path, name: str, entries: list[dict], sandbox: str) -> tuple[Any, dict, list[dict]]:
+    """``run_eval`` of target ``name``'s val split on a scripted model made of ``entries``: the result,
+    the scored rows by id and the call log, after the checks every target shares (no dead sandbox, no
+    example error, every call tied to a val example of this evaluation and to its trace)."""
     sandbox_or_skip(sandbox)
-    target = copy_target("openai_rag", tmp_path)
+    target = copy_target(name, tmp_path)
     script = tmp_path / "script.json"
-    script.write_text(json.dumps({"entries": SCRIPT}))
+    script.write_text(json.dumps({"entries": entries}))
     model = f"scripted:{script}"
-
-    result = run_eval(target, split="val", model=model, sandbox=sandbox, run_id=f"oa-{sandbox}",
+    result = run_eval(target, split="val", model=model, sandbox=sandbox, run_id=f"{name}-{sandbox}",
                       reports_dir=tmp_path / "reports")
-
     assert result.dead == []
-    summary = result.summaries["val"]
-    assert summary["n"] == 3 and summary["errors"] == 0 and summary["score"] == pytest.approx(2 / 3)
     run_dir = result.run_dir
     scored = {r["id"]: r for r in read_jsonl(run_dir / "evals" / "val" / "scored.jsonl")}
+    assert all(r["error"] is None and r["llm_calls"] >= 1 and r["input_tokens"] > 0 for r in scored.values()), scored
+    calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
+    assert {c["example_id"] for c in calls} == set(scored)
+    assert all(c["error"] is None and c["model"] == model for c in calls)
+    assert len({c["eval"] for c in calls}) == 1 and calls[0]["eval"]  # the evaluation's token on every call
+    for ex_id, row in scored.items():  # the runner read the gateway's headers off the clients' responses
+        trace = read_json(run_dir / "evals" / "val" / "traces" / f"{ex_id}.json")
+        recorded = trace["llm_calls"] + [c for s in trace["steps"] for c in s["llm_calls"]]
+        assert [c["call_id"] for c in recorded] == [c["call_id"] for c in calls if c["example_id"] == ex_id]
+        assert len(recorded) == row["llm_calls"]
+        assert all(c["gen_ai.request.model"] == model and c["pipemend.cache_hit"] is False for c in recorded)
+    return result, scored, calls
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_an_openai_sdk_pipeline_runs_unchanged_and_its_calls_are_tied_to_examples(tmp_path: Path, sandbox: str):
+    result, scored, calls = eval_target(tmp_path, "openai_rag", SCRIPT, sandbox)
+    summary = result.summaries["val"]
+    assert summary["n"] == 3 and summary["errors"] == 0 and summary["score"] == pytest.approx(2 / 3)
     assert {i: r["output"] for i, r in scored.items()} == EXPECTED_OUTPUTS
     assert {i: r["score"] for i, r in scored.items()} == {"val-vell": 0.0, "val-orsk": 1.0, "val-pell": 1.0}
-    assert all(r["error"] is None and r["llm_calls"] == 1 and r["input_tokens"] > 0 for r in scored.values())
-
-    calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
-    assert sorted(c["example_id"] for c in calls) == sorted(EXPECTED_OUTPUTS)
-    assert all(c["api"] == "openai-chat" and c["error"] is None and c["model"] == model for c in calls)
-    assert len({c["eval"] for c in calls}) == 1 and calls[0]["eval"]  # the evaluation's token on every call
+    assert all(r["llm_calls"] == 1 for r in scored.values())
+    assert all(c["api"] == "openai-chat" for c in calls)
     by_example = {c["example_id"]: c for c in calls}
     assert "[d-dunn]" in by_example["val-vell"]["request"]["messages"][0]["content"]  # the retrieval miss
     assert by_example["val-orsk"]["request"]["system"].startswith("Answer the question from the context only")
-    for ex_id in EXPECTED_OUTPUTS:  # the runner read the gateway's headers off the SDK's responses
-        trace = read_json(run_dir / "evals" / "val" / "traces" / f"{ex_id}.json")
-        recorded = trace["llm_calls"] + [c for s in trace["steps"] for c in s["llm_calls"]]
-        assert [c["call_id"] for c in recorded] == [by_example[ex_id]["call_id"]]
-        assert recorded[0]["gen_ai.request.model"] == model and recorded[0]["gen_ai.system"] == "openai"
-        assert recorded[0]["pipemend.cache_hit"] is False and recorded[0]["gen_ai.usage.input_tokens"] > 0
+    trace = read_json(result.run_dir / "evals" / "val" / "traces" / "val-orsk.json")
+    assert [c["gen_ai.system"] for c in trace["llm_calls"]] == ["openai"]
+
+
+LITELLM_SCRIPT = [
+    *({"match": {"system_contains": "Name the country", "last_user_contains": country.capitalize()}, "text": country}
+      for country in ("norway", "chile", "peru")),
+    {"match": {"system_contains": "from the fact only", "last_user_contains": "capital of Norway is Oslo"},
+     "text": "Oslo"},
+    {"match": {"system_contains": "from the fact only", "last_user_contains": "capital of Chile is Santiago"},
+     "text": "Santiago"},
+    {"match": {"system_contains": "from the fact only", "last_user_contains": "no fact found"}, "text": "unknown"},
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_a_litellm_pipeline_calls_both_apis_through_the_gateway(tmp_path: Path, sandbox: str):
+    result, scored, calls = eval_target(tmp_path, "litellm_qa", LITELLM_SCRIPT, sandbox)
+    assert result.summaries["val"]["score"] == pytest.approx(2 / 3)
+    assert {i: r["output"] for i, r in scored.items()} == {"val-norway": "Oslo", "val-chile": "Santiago",
+                                                           "val-peru": "unknown"}
+    assert all(r["llm_calls"] == 2 for r in scored.values())
+    for ex_id in scored:  # anthropic/ went to the Messages API, openai/ (streamed) to Chat Completions
+        assert [c["api"] for c in sorted((c for c in calls if c["example_id"] == ex_id), key=lambda c: c["t"])] == [
+            "anthropic-messages", "openai-chat"]
+
+
+def dspy_answer(passage: str, question_words: str, answer: str) -> dict:
+    return {"match": {"system_contains": "Answer the question from the context",
+                      "last_user_contains": [f"[{passage}]", question_words, "[[ ## answer ## ]]"]},
+            "text": f"[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]"}
+
+
+DSPY_SCRIPT = [dspy_answer("d-vell", "harbour master", "Ada Quill"), dspy_answer("d-dunn", "harbour master", "unknown"),
+               dspy_answer("d-orsk", "Orsk glacier", "Tamsin"), dspy_answer("d-pell", "sourdough", "the great flood")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_a_dspy_program_runs_unchanged_through_the_gateway(tmp_path: Path, sandbox: str):
+    result, scored, calls = eval_target(tmp_path, "dspy_qa", DSPY_SCRIPT, sandbox)
+    assert result.summaries["val"]["score"] == pytest.approx(2 / 3)
+    assert {i: r["output"] for i, r in scored.items()} == {"val-vell": "unknown", "val-orsk": "Tamsin",
+                                                           "val-pell": "the great flood"}
+    assert all(r["llm_calls"] == 1 for r in scored.values())  # parsed first time: no JSON-adapter retry
+    assert all(c["api"] == "openai-chat" and "[[ ## context ## ]]" in c["request"]["system"] for c in calls)
 
 
 def test_the_runner_points_the_openai_sdk_at_the_gateway_and_drops_real_openai_credentials(tmp_path: Path):
