@@ -15,6 +15,7 @@ import pytest
 
 from pipemend.fsutil import read_jsonl
 from pipemend.gateway import Gateway, GatewayConfig
+from pipemend.gateway.openai_api import DEFAULT_MAX_TOKENS, to_messages_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -201,6 +202,10 @@ def test_a_model_not_on_the_allow_list_is_refused_in_openai_shape(gw, tmp_path: 
      "messages", "at least one user message"),
     (json.dumps({"model": "simulated/echo", "messages": [{"role": "robot", "content": "x"}]}).encode(),
      "messages.0.role", "got 'robot'"),
+    (json.dumps({"model": "simulated/echo", "messages": [{"role": "r" * 100_000, "content": "x"}]}).encode(),
+     "messages.0.role", "got 'rrrr"),
+    (json.dumps({"model": "simulated/echo", "messages": [{"role": "user", "content": "x"}],
+                 "functions": [{"name": "f"}]}).encode(), "functions", "use tools"),
     (json.dumps({"model": "simulated/echo", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}).encode(),
      "messages.0.content.0.type", "content part"),
     (json.dumps({"model": "simulated/echo", "messages": [
@@ -230,6 +235,7 @@ def test_bad_bodies_get_openai_shaped_400s_naming_the_parameter(gw, body, param,
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["param"] == param and words in err["message"]
+    assert len(err["message"]) < 300  # a refused value is echoed clipped
     [row] = calls(gw)
     assert row["api"] == "openai-chat" and row["error"]["status"] == 400 and row["response"] is None
 
@@ -280,3 +286,43 @@ def test_budget_exhaustion_and_backend_errors_are_openai_errors_without_sdk_retr
         assert e.value.body["code"] == "rate_limit_exceeded" and "budget" in e.value.body["message"]
         rows = calls(gw)
     assert [r["error"] and r["error"]["status"] for r in rows] == [503, None, 429]
+
+
+# --------------------------------------------------------------------------- the translation itself
+
+
+def test_a_chat_request_becomes_the_messages_request_the_backends_take():
+    request, stream, usage = to_messages_request({
+        "model": "m", "temperature": 1.7, "top_p": 0.5, "stop": "END", "seed": 3, "response_format": {"type": "text"},
+        "messages": [
+            {"role": "developer", "content": "rule one"},
+            {"role": "system", "content": [{"type": "text", "text": "rule two"}]},
+            {"role": "user", "content": [{"type": "text", "text": "see"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": ""}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{\"x\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "a", "content": "ra"},
+            {"role": "tool", "tool_call_id": "b", "content": [{"type": "text", "text": "rb"}]},
+            {"role": "user", "content": "go on"},
+            {"role": "system", "content": "late note"},
+        ]})
+    assert (stream, usage) == (False, False)
+    assert request == {
+        "model": "m", "max_tokens": DEFAULT_MAX_TOKENS, "system": "rule one\n\nrule two",
+        "temperature": 1.0, "top_p": 0.5, "stop_sequences": ["END"],  # OpenAI's 0..2 capped at the Messages API's 1
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": "iVBO"}}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}},
+                                              {"type": "tool_use", "id": "b", "name": "g", "input": {"x": 1}}]},
+            {"role": "user", "content": [  # tool results and the user's next words in one turn
+                {"type": "tool_result", "tool_use_id": "a", "content": "ra"},
+                {"type": "tool_result", "tool_use_id": "b", "content": [{"type": "text", "text": "rb"}]},
+                {"type": "text", "text": "go on"}]},
+            {"role": "system", "content": "late note"},
+        ]}
+    request, stream, usage = to_messages_request({"model": "m", "max_tokens": 9, "max_completion_tokens": 20,
+                                                  "stream": True, "stream_options": {"include_usage": True},
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert request["max_tokens"] == 20 and (stream, usage) == (True, True)

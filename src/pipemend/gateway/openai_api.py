@@ -19,7 +19,7 @@ What is translated:
   (OpenAI's 0..2, capped at the Messages API's 1), ``top_p``, ``stop``, ``tools``, ``tool_choice``
   and ``parallel_tool_calls``;
 - other parameters (``seed``, ``user``, ``logprobs``, ``response_format``, ...) are accepted and
-  not applied; ``n`` above 1 is refused.
+  not applied; ``n`` above 1 and the legacy ``functions``/``function_call`` are refused.
 
 Errors come in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the status
 the Messages path would give.
@@ -46,6 +46,7 @@ FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "le
                   "refusal": "content_filter", "pause_turn": "stop"}
 TOOL_CHOICES = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 SSE_HEADERS = "text/event-stream; charset=utf-8"
+SHOWN = 100  # characters of a refused value echoed back
 
 
 class ChatRequestError(BackendError):
@@ -57,6 +58,12 @@ class ChatRequestError(BackendError):
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, clipped: a refused value is echoed back, and a request may be 32 MiB."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "…"
 
 
 def error_body(error: BackendError) -> dict[str, Any]:
@@ -106,7 +113,7 @@ def _text_parts(content: Any, where: str, *, images: bool) -> str | list[dict[st
             blocks.append(_image_block(part.get("image_url"), at))
         else:
             allowed = "'text' or 'image_url'" if images else "'text'"
-            raise ChatRequestError(f"{at}.type", f"expected a content part of type {allowed}, got {kind!r}")
+            raise ChatRequestError(f"{at}.type", f"expected a content part of type {allowed}, got {_shown(kind)}")
     return blocks
 
 
@@ -163,11 +170,14 @@ def _turn(message: Any, i: int) -> dict[str, Any]:
             raise ChatRequestError(f"{where}.tool_call_id", "expected the id of the tool call this answers")
         result = _text_parts(message.get("content"), f"{where}.content", images=False)
         return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id, "content": result}]}
-    raise ChatRequestError(f"{where}.role", f"expected 'system', 'developer', 'user', 'assistant' or 'tool', got {role!r}")
+    raise ChatRequestError(f"{where}.role",
+                           f"expected 'system', 'developer', 'user', 'assistant' or 'tool', got {_shown(role)}")
 
 
 def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return content
 
 
 def _messages(messages: Any) -> tuple[str, list[dict[str, Any]]]:
@@ -242,6 +252,10 @@ def to_messages_request(body: Any) -> tuple[dict[str, Any], bool, bool]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ChatRequestError("model", "field required (a model name string)")
+    for legacy in ("functions", "function_call"):
+        if legacy in body:
+            raise ChatRequestError(legacy, "the legacy function-calling parameters are not served; use tools and "
+                                           "tool_choice")
     system, turns = _messages(body.get("messages"))
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
