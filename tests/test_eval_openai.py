@@ -13,6 +13,7 @@ their runs are in the slow group.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from pipemend.evaluate import run_eval
 from pipemend.fsutil import read_json, read_jsonl
+from pipemend.gateway.model_files import default_model_path
 from sandbox_support import sandbox_or_skip
 
 TARGETS = Path(__file__).parent / "fixtures" / "targets"
@@ -146,6 +148,23 @@ def test_a_dspy_program_runs_unchanged_through_the_gateway(tmp_path: Path, sandb
                                                            "val-pell": "the great flood"}
     assert all(r["llm_calls"] == 1 for r in scored.values())  # parsed first time: no JSON-adapter retry
     assert all(c["api"] == "openai-chat" and "[[ ## context ## ]]" in c["request"]["system"] for c in calls)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_an_openai_sdk_pipeline_runs_on_the_local_model(tmp_path: Path):
+    if importlib.util.find_spec("llama_cpp") is None or not default_model_path().is_file():
+        pytest.skip("the local model is not installed (scripts/install builds llama-cpp-python and assembles it)")
+    sandbox_or_skip("bwrap")
+    target = copy_target("openai_rag", tmp_path)
+    result = run_eval(target, split="val", sandbox="bwrap", run_id="local", reports_dir=tmp_path / "reports")
+    assert result.dead == [] and result.summaries["val"]["errors"] == 0
+    scored = {r["id"]: r for r in read_jsonl(result.run_dir / "evals" / "val" / "scored.jsonl")}
+    assert set(scored) == set(EXPECTED_OUTPUTS) and all(r["output"] and r["llm_calls"] == 1 for r in scored.values())
+    calls = list(read_jsonl(result.run_dir / "gateway" / "calls.jsonl"))
+    assert {c["example_id"] for c in calls} == set(scored)
+    assert all(c["api"] == "openai-chat" and c["backend"] == "local" and c["error"] is None for c in calls)
+    assert all(c["response"]["content"][0]["text"].strip() for c in calls)
 
 
 def test_the_runner_points_the_openai_sdk_at_the_gateway_and_drops_real_openai_credentials(tmp_path: Path):
