@@ -152,7 +152,8 @@ def test_a_dspy_program_runs_unchanged_through_the_gateway(tmp_path: Path, sandb
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_an_openai_sdk_pipeline_runs_on_the_local_model(tmp_path: Path):
+def test_an_openai_sdk_pipeline_runs_on_the_local_model(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME")  # the assembled model lives in the real cache
     if importlib.util.find_spec("llama_cpp") is None or not default_model_path().is_file():
         pytest.skip("the local model is not installed (scripts/install builds llama-cpp-python and assembles it)")
     sandbox_or_skip("bwrap")
