@@ -58,10 +58,12 @@ def copy_target(name: str, tmp_path: Path) -> Path:
     return dst
 
 
-def eval_target(tmp_path: Path, name: str, entries: list[dict], sandbox: str) -> tuple[Any, dict, list[dict]]:
+def eval_target(tmp_path: Path, name: str, entries: list[dict], sandbox: str, *, outputs: dict[str, str],
+                score: float, calls_each: int) -> tuple[Any, dict, list[dict]]:
     """``run_eval`` of target ``name``'s val split on a scripted model made of ``entries``: the result,
-    the scored rows by id and the call log, after the checks every target shares (no dead sandbox, no
-    example error, every call tied to a val example of this evaluation and to its trace)."""
+    the scored rows by id and the call log, after the checks every target shares: no dead sandbox, no
+    example error, these ``outputs`` and val ``score``, ``calls_each`` calls per example, every call tied
+    to a val example of this evaluation and to its trace."""
     sandbox_or_skip(sandbox)
     target = copy_target(name, tmp_path)
     script = tmp_path / "script.json"
@@ -72,7 +74,10 @@ def eval_target(tmp_path: Path, name: str, entries: list[dict], sandbox: str) ->
     assert result.dead == []
     run_dir = result.run_dir
     scored = {r["id"]: r for r in read_jsonl(run_dir / "evals" / "val" / "scored.jsonl")}
-    assert all(r["error"] is None and r["llm_calls"] >= 1 and r["input_tokens"] > 0 for r in scored.values()), scored
+    assert all(r["error"] is None and r["llm_calls"] == calls_each and r["input_tokens"] > 0
+               for r in scored.values()), scored
+    assert {i: r["output"] for i, r in scored.items()} == outputs
+    assert result.summaries["val"]["score"] == pytest.approx(score)
     calls = list(read_jsonl(run_dir / "gateway" / "calls.jsonl"))
     assert {c["example_id"] for c in calls} == set(scored)
     assert all(c["error"] is None and c["model"] == model for c in calls)
@@ -89,12 +94,11 @@ def eval_target(tmp_path: Path, name: str, entries: list[dict], sandbox: str) ->
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("sandbox", SANDBOXES)
 def test_an_openai_sdk_pipeline_runs_unchanged_and_its_calls_are_tied_to_examples(tmp_path: Path, sandbox: str):
-    result, scored, calls = eval_target(tmp_path, "openai_rag", SCRIPT, sandbox)
+    result, scored, calls = eval_target(tmp_path, "openai_rag", SCRIPT, sandbox, outputs=EXPECTED_OUTPUTS,
+                                        score=2 / 3, calls_each=1)
     summary = result.summaries["val"]
-    assert summary["n"] == 3 and summary["errors"] == 0 and summary["score"] == pytest.approx(2 / 3)
-    assert {i: r["output"] for i, r in scored.items()} == EXPECTED_OUTPUTS
+    assert summary["n"] == 3 and summary["errors"] == 0
     assert {i: r["score"] for i, r in scored.items()} == {"val-vell": 0.0, "val-orsk": 1.0, "val-pell": 1.0}
-    assert all(r["llm_calls"] == 1 for r in scored.values())
     assert all(c["api"] == "openai-chat" for c in calls)
     by_example = {c["example_id"]: c for c in calls}
     assert "[d-dunn]" in by_example["val-vell"]["request"]["messages"][0]["content"]  # the retrieval miss
@@ -118,11 +122,9 @@ LITELLM_SCRIPT = [
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("sandbox", SANDBOXES)
 def test_a_litellm_pipeline_calls_both_apis_through_the_gateway(tmp_path: Path, sandbox: str):
-    result, scored, calls = eval_target(tmp_path, "litellm_qa", LITELLM_SCRIPT, sandbox)
-    assert result.summaries["val"]["score"] == pytest.approx(2 / 3)
-    assert {i: r["output"] for i, r in scored.items()} == {"val-norway": "Oslo", "val-chile": "Santiago",
-                                                           "val-peru": "unknown"}
-    assert all(r["llm_calls"] == 2 for r in scored.values())
+    outputs = {"val-norway": "Oslo", "val-chile": "Santiago", "val-peru": "unknown"}
+    _, scored, calls = eval_target(tmp_path, "litellm_qa", LITELLM_SCRIPT, sandbox, outputs=outputs, score=2 / 3,
+                                   calls_each=2)
     for ex_id in scored:  # anthropic/ went to the Messages API, openai/ (streamed) to Chat Completions
         assert [c["api"] for c in sorted((c for c in calls if c["example_id"] == ex_id), key=lambda c: c["t"])] == [
             "anthropic-messages", "openai-chat"]
@@ -142,11 +144,9 @@ DSPY_SCRIPT = [dspy_answer("d-vell", "harbour master", "Ada Quill"), dspy_answer
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("sandbox", SANDBOXES)
 def test_a_dspy_program_runs_unchanged_through_the_gateway(tmp_path: Path, sandbox: str):
-    result, scored, calls = eval_target(tmp_path, "dspy_qa", DSPY_SCRIPT, sandbox)
-    assert result.summaries["val"]["score"] == pytest.approx(2 / 3)
-    assert {i: r["output"] for i, r in scored.items()} == {"val-vell": "unknown", "val-orsk": "Tamsin",
-                                                           "val-pell": "the great flood"}
-    assert all(r["llm_calls"] == 1 for r in scored.values())  # parsed first time: no JSON-adapter retry
+    outputs = {"val-vell": "unknown", "val-orsk": "Tamsin", "val-pell": "the great flood"}
+    # one call each: DSPy parsed the first answer, no JSON-adapter retry
+    _, _, calls = eval_target(tmp_path, "dspy_qa", DSPY_SCRIPT, sandbox, outputs=outputs, score=2 / 3, calls_each=1)
     assert all(c["api"] == "openai-chat" and "[[ ## context ## ]]" in c["request"]["system"] for c in calls)
 
 
