@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from . import openai_api
 from .backends import BackendError, BackendRegistry, ModelAllowList
 from .budget import Budget
 from .cache import ResponseCache, default_cache_dir
 from .calllog import CallLog
-from . import openai_api
 from .config import GatewayConfig, load_api_key
 from .service import GatewayService, Reply, error_reply, json_reply
 
