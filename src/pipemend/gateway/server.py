@@ -1,7 +1,8 @@
 """The HTTP side: a threading HTTP/1.1 server (keep-alive) on TCP, and optionally on a unix socket.
 
 Routes: ``POST /v1/messages`` (any query string, e.g. ``?beta=true``),
-``POST /v1/messages/count_tokens``, ``GET /pipemend/stats``, ``GET /health``.
+``POST /v1/messages/count_tokens``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/models/{model}`` (the OpenAI routes: ``openai_api``), ``GET /pipemend/stats``, ``GET /health``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from . import openai_api
 from .backends import BackendError, BackendRegistry, ModelAllowList
 from .budget import Budget
 from .cache import ResponseCache, default_cache_dir
@@ -37,6 +39,8 @@ IDLE_TIMEOUT_S = 300         # any single read or write on a connection
 MAX_CONNECTIONS = 1024       # open connections at once (one thread each); more are closed unanswered
 # Request line and headers: http.server caps each line at 64 KiB and the headers at 100.
 
+
+CHAT_PATH = "/v1/chat/completions"
 
 _HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 _DIGITS = re.compile(r"[0-9]{1,20}")
@@ -151,15 +155,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
+        openai = path == CHAT_PATH
         try:
             raw = self._body()
         except _BadBody as e:  # the rest of the stream cannot be trusted: answer, then close
             self.close_connection = True
-            return self._send(error_reply(BackendError(e.status, str(e))))
+            error = BackendError(e.status, str(e))
+            return self._send(openai_api.error_reply(error) if openai else error_reply(error))
         if path == "/v1/messages":
             reply = self.service.handle_messages(raw, self.headers)
         elif path == "/v1/messages/count_tokens":
             reply = self.service.count_tokens(raw)
+        elif openai:
+            reply = openai_api.handle_chat_completions(self.service, raw, self.headers)
         else:
             reply = error_reply(BackendError(404, f"no such endpoint: POST {path}"))
         self._send(reply)
@@ -170,6 +178,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(json_reply(200, self.service.stats()))
         elif path == "/health":
             self._send(json_reply(200, {"ok": True}))
+        elif path == "/v1/models":
+            self._send(openai_api.list_models(self.service))
+        elif path.startswith("/v1/models/"):
+            self._send(openai_api.retrieve_model(self.service, path.removeprefix("/v1/models/")))
         else:
             self._send(error_reply(BackendError(404, f"no such endpoint: GET {path}")))
 

@@ -1,5 +1,7 @@
-"""One Messages call, start to end, independent of HTTP: parse, pick the backend, look in the
-cache, check the budget, call the backend, log the call, and build the reply.
+"""One call, start to end, independent of HTTP: parse, pick the backend, look in the cache, check
+the budget, call the backend, log the call, and build the reply. ``GatewayService.call`` is the part
+both APIs share (a Messages request in, a Messages response out); ``handle_messages`` is the
+Messages front end and ``openai_api.handle_chat_completions`` the Chat Completions one.
 
 Sampled requests (an explicit temperature > 0 to a backend that is not deterministic) are cached
 per draw. Inside an evaluation (the request carries ``x-pipemend-eval``) the n-th identical request
@@ -20,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
 from ..runtime.sampling import SAMPLE_HEADER, sample_index
@@ -38,6 +40,8 @@ FORWARDED = ("anthropic-version", "anthropic-beta")
 RAW_LOG_LIMIT = 65536
 HEADER_LOG_LIMIT = 1024  # characters of an example or step header kept in the call log
 EVAL_HEADER = "x-pipemend-eval"
+MESSAGES_API = "anthropic-messages"
+"""The call log's ``api`` of a ``POST /v1/messages`` call (``openai_api.CHAT_API`` for Chat Completions)."""
 SAMPLE_SERIES = 1 << 16
 """Series of identical sampled requests whose count the gateway remembers (``SampleCounters``)."""
 
@@ -52,6 +56,19 @@ class Reply:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """One call as the API front ends see it: the parsed (Messages-shaped) request, the answer or the
+    error, and the ``x-pipemend-*`` headers every reply carries."""
+
+    call_id: str
+    request: dict[str, Any] | None
+    response: dict[str, Any] | None
+    error: BackendError | None
+    hit: bool
+    headers: dict[str, str]
 
 
 def json_reply(status: int, obj: Any, headers: dict[str, str] | None = None) -> Reply:
@@ -129,6 +146,20 @@ class GatewayService:
         return cache_key(namespace, body, self.samples.take(_series(base, eval_token, index)), index)
 
     def handle_messages(self, raw: bytes, headers: Mapping[str, str]) -> Reply:
+        """``POST /v1/messages``: one Messages call, answered as JSON or as Messages SSE."""
+        outcome = self.call(lambda: parse_request(raw), raw, headers, api=MESSAGES_API)
+        if outcome.error is not None:
+            return error_reply(outcome.error, outcome.headers)
+        assert outcome.response is not None and outcome.request is not None
+        if outcome.request.get("stream") is True:
+            return Reply(200, sse_body(outcome.response), "text/event-stream; charset=utf-8", outcome.headers)
+        return json_reply(200, outcome.response, outcome.headers)
+
+    def call(self, parse: Callable[[], dict[str, Any]], raw: bytes, headers: Mapping[str, str], *,
+             api: str) -> Outcome:
+        """One call, whatever API it came in by: ``parse()`` turns the body into a Messages request (or
+        raises a 400 ``BackendError``); then allow-list, backend, cache, budget, and one call-log row
+        that records ``api``. Errors come back in the outcome, never raised."""
         started, t0 = time.time(), time.perf_counter()
         call_id = f"c-{uuid.uuid4().hex}"
         eval_token = headers.get(EVAL_HEADER) or None
@@ -140,10 +171,9 @@ class GatewayService:
         error: BackendError | None = None
         hit = False
         origin_latency: float | None = None
-        stream = False
         try:
-            request = parse_request(raw)
-            model, stream = request["model"], bool(request.get("stream", False))
+            request = parse()
+            model = request["model"]
             self.models.check(model)  # before anything looks at the name: no import, no file read
             backend_name = backend_kind(model)
             backend = self.registry.get(model)
@@ -187,10 +217,11 @@ class GatewayService:
                 s["input_tokens"] += tin
                 s["output_tokens"] += tout
                 s["cost_usd"] += cost
+        parsed = request if isinstance(request, dict) else None
         if request is None:
             request = raw[:RAW_LOG_LIMIT].decode("utf-8", errors="replace")
         self.calls.append({
-            "call_id": call_id, "t": started,
+            "call_id": call_id, "t": started, "api": api,
             "example_id": _clip(headers.get("x-pipemend-example")), "step": _clip(headers.get("x-pipemend-step")),
             "eval": _clip(headers.get(EVAL_HEADER)), "sample": index,
             "model": model, "backend": backend_name, "request": request, "response": response,
@@ -203,12 +234,7 @@ class GatewayService:
             "x-pipemend-cache": "hit" if hit else "miss",
             "x-pipemend-input-tokens": str(tin), "x-pipemend-output-tokens": str(tout),
         }
-        if error is not None:
-            return error_reply(error, out_headers)
-        assert response is not None
-        if stream:
-            return Reply(200, sse_body(response), "text/event-stream; charset=utf-8", out_headers)
-        return json_reply(200, response, out_headers)
+        return Outcome(call_id, parsed, response, error, hit, out_headers)
 
     def count_tokens(self, raw: bytes) -> Reply:
         """``/v1/messages/count_tokens``: an estimate (4 characters a token); no backend call."""

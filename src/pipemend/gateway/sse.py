@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
-TEXT_CHUNK = 200  # characters per text delta
+TEXT_CHUNK = 200  # characters per text delta (both APIs)
 
 
 def _event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode("utf-8")
 
 
-def _chunks(text: str, size: int = TEXT_CHUNK) -> Iterator[str]:
+def text_chunks(text: str, size: int = TEXT_CHUNK) -> Iterator[str]:
     for i in range(0, len(text), size):
         yield text[i : i + size]
 
@@ -27,20 +27,20 @@ def _block_events(index: int, block: dict[str, Any]) -> Iterator[bytes]:
     if kind == "text":
         yield _event("content_block_start", {"type": "content_block_start", "index": index,
                                              "content_block": {"type": "text", "text": ""}})
-        for piece in _chunks(block.get("text", "")):
+        for piece in text_chunks(block.get("text", "")):
             yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                  "delta": {"type": "text_delta", "text": piece}})
     elif kind in ("tool_use", "server_tool_use"):
         start = {**block, "input": {}}
         yield _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})
         partial = json.dumps(block.get("input", {}), separators=(",", ":"), ensure_ascii=False)
-        for piece in _chunks(partial):
+        for piece in text_chunks(partial):
             yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                  "delta": {"type": "input_json_delta", "partial_json": piece}})
     elif kind == "thinking":
         yield _event("content_block_start", {"type": "content_block_start", "index": index,
                                              "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
-        for piece in _chunks(block.get("thinking", "")):
+        for piece in text_chunks(block.get("thinking", "")):
             yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                  "delta": {"type": "thinking_delta", "thinking": piece}})
         if block.get("signature"):

@@ -2,8 +2,8 @@
 
 The gateway's unix socket is mounted into the sandbox; the runner starts a
 ``Forwarder`` on ``127.0.0.1:<free port>`` and points ``ANTHROPIC_BASE_URL``
-at it, so an unchanged pipeline (plain httpx / anthropic SDK) talks to the
-gateway. Each TCP connection is piped byte for byte to a fresh connection on
+and ``OPENAI_BASE_URL`` (plus ``/v1``) at it, so an unchanged pipeline (plain
+httpx, the anthropic or openai SDK) talks to the gateway under either API. Each TCP connection is piped byte for byte to a fresh connection on
 the socket, both ways, until both sides close. ``python -m pipemend.runtime.forwarder
 SOCKET [--port N]`` runs one in the foreground. Standard library only (``pipemend.runtime``).
 """

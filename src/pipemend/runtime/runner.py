@@ -67,9 +67,13 @@ ALLOWED_KEYS = frozenset({"id", "inputs"})
 EXIT_UNROUTED = 3
 """The runner's exit code when it stopped because the pipeline calls a model around the gateway."""
 GATEWAY_DUMMY_KEY = "pipemend-gateway"
-_KEEP_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_LOG")
-"""The only inherited ``ANTHROPIC_*`` variables kept: every other one may carry a credential
-(API keys, auth tokens, profiles, identity tokens, custom headers) and is removed."""
+_PROVIDER_PREFIXES = ("ANTHROPIC_", "OPENAI_")
+_KEEP_ENV = ("ANTHROPIC_BASE_URL", "ANTHROPIC_LOG", "OPENAI_BASE_URL", "OPENAI_LOG")
+"""The only inherited ``ANTHROPIC_*`` and ``OPENAI_*`` variables kept: every other one may carry a
+credential or an identity (API keys, auth tokens, organization and project ids, custom headers) and
+is removed."""
+OPENAI_PATH = "/v1"
+"""``OPENAI_BASE_URL`` is the gateway's URL and this: the OpenAI SDK appends ``/chat/completions``."""
 _OTHER_SECRET_ENV = ("CLAUDE_CODE_OAUTH_TOKEN",)
 _UNSAFE_ID = re.compile(r"[/\\\x00-\x1f]")
 
@@ -208,12 +212,22 @@ def _request_model(request: Any) -> str | None:
         return None
 
 
+def _is_openai(request: Any) -> bool:
+    """Whether a request went to the gateway's OpenAI Chat Completions route."""
+    try:
+        return str(request.url.path).rstrip("/").endswith("/chat/completions")
+    except Exception:
+        return False
+
+
 def _record(request: Any, response: Any, duration_s: float) -> None:
     h = response.headers
     call_id = h.get("x-pipemend-call-id")
     if call_id is None or trace.current_example_id() is None:
         return
     call: dict[str, Any] = {"call_id": call_id, "model": _request_model(request)}
+    if _is_openai(request):
+        call["gen_ai.system"] = "openai"  # the trace's default is anthropic
     call["input_tokens"] = _int(h.get("x-pipemend-input-tokens"))
     call["output_tokens"] = _int(h.get("x-pipemend-output-tokens"))
     cache = h.get("x-pipemend-cache")
@@ -302,16 +316,21 @@ def uninstall_httpx_hook() -> None:
 
 
 def prepare_environment(gateway_url: str | None, model: str | None) -> None:
-    """Drop real credentials, then point the pipeline at the gateway with a dummy key. ``$PIPEMEND_SAMPLE``
-    is rewritten as the index the runner sends, so a pipeline that seeds its own randomness with it
-    agrees with the gateway."""
+    """Drop real credentials, then point the pipeline at the gateway with a dummy key, under both APIs:
+    ``ANTHROPIC_BASE_URL`` (and LiteLLM's ``ANTHROPIC_API_BASE``) is the gateway's URL,
+    ``OPENAI_BASE_URL`` (and the older ``OPENAI_API_BASE``) that URL plus ``/v1``, and
+    ``ANTHROPIC_API_KEY`` and ``OPENAI_API_KEY`` the dummy key. ``$PIPEMEND_SAMPLE`` is rewritten as
+    the index the runner sends, so a pipeline that seeds its own randomness with it agrees with the gateway."""
     for name in list(os.environ):
-        if (name.startswith("ANTHROPIC_") and name not in _KEEP_ENV) or name in _OTHER_SECRET_ENV:
+        if (name.startswith(_PROVIDER_PREFIXES) and name not in _KEEP_ENV) or name in _OTHER_SECRET_ENV:
             del os.environ[name]
     os.environ["ANTHROPIC_API_KEY"] = GATEWAY_DUMMY_KEY
+    os.environ["OPENAI_API_KEY"] = GATEWAY_DUMMY_KEY
     os.environ[SAMPLE_ENV] = str(_sample)
     if gateway_url:
-        os.environ["ANTHROPIC_BASE_URL"] = gateway_url
+        base = gateway_url.rstrip("/")
+        os.environ["ANTHROPIC_BASE_URL"] = os.environ["ANTHROPIC_API_BASE"] = base
+        os.environ["OPENAI_BASE_URL"] = os.environ["OPENAI_API_BASE"] = base + OPENAI_PATH
     if model:
         os.environ["PIPEMEND_MODEL"] = model
 
@@ -547,7 +566,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="examples run at once (threads)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per example before it is recorded timed out")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--gateway-url", help="the gateway's http URL (becomes ANTHROPIC_BASE_URL)")
+    g.add_argument("--gateway-url", help="the gateway's http URL (becomes ANTHROPIC_BASE_URL; OPENAI_BASE_URL is it + /v1)")
     g.add_argument("--gateway-socket", help="the gateway's unix socket; a local TCP forwarder is started for it")
     p.add_argument("--model", help="value of PIPEMEND_MODEL for the pipeline")
     return p
