@@ -36,6 +36,8 @@ JOB_LIMIT_S = 6 * 3600
 """GitHub-hosted runners end a job after 6 hours."""
 DEFAULT_MARGIN_S = 40 * 60
 """Kept back from the job limit for the test split, the report and the uploads."""
+RESUME_KEYS = ("target", "proposer", "model", "agent_model", "budget_usd", "max_candidates")
+"""A job resumes the target's unfinished run only when it asks for the same run (the hours may differ)."""
 SUMMARY_CAP = 900_000
 """GitHub shows at most 1 MiB of Step Summary per step."""
 
@@ -125,9 +127,12 @@ def _optimize(req: CiRequest, job: OptimizeJob, environ: Mapping[str, str], prog
     hours = min(req.hours, left_s / 3600) if req.hours else left_s / 3600
     reports = job.state_dir / "reports"
     state_file = job.state_dir / (req.target.replace("/", "--") + ".json")
-    run_dir = _unfinished_run(state_file, reports)
+    asked = req.model_dump(include=set(RESUME_KEYS))
+    run_dir = _unfinished_run(state_file, reports, asked)
     resumed = run_dir is not None
-    base = {**base, "branch": publish_branch(req.target)}
+    base["branch"] = publish_branch(req.target)
+    if run_dir is not None:
+        base["run_id"] = run_dir.name
     try:
         if run_dir is not None:
             restore_bundle(job.repo_root, job.state_dir, run_dir.name)
@@ -139,8 +144,9 @@ def _optimize(req: CiRequest, job: OptimizeJob, environ: Mapping[str, str], prog
                                  max_candidates=req.max_candidates, hours=hours, limit=job.limit,
                                  sandbox=job.sandbox, reports_dir=str(reports))
             cfg = cfg.model_copy(update={"run_id": new_run_id("optimize")})
-            run_dir = reports / cfg.run_id
-            atomic_write_json(state_file, {"format": STATE_FORMAT, "target": req.target, "run_id": cfg.run_id})
+            run_dir, base["run_id"] = reports / cfg.run_id, cfg.run_id
+            atomic_write_json(state_file, {"format": STATE_FORMAT, "target": req.target, "run_id": cfg.run_id,
+                                           "request": asked})
             summary = run_optimize(cfg, progress)
     finally:
         if run_dir is not None and run_dir.is_dir():
@@ -149,9 +155,13 @@ def _optimize(req: CiRequest, job: OptimizeJob, environ: Mapping[str, str], prog
     return _result(summary, job, base, resumed)
 
 
-def _unfinished_run(state_file: Path, reports: Path) -> Path | None:
+def _unfinished_run(state_file: Path, reports: Path, asked: dict[str, Any]) -> Path | None:
+    """The target's run an earlier job left unfinished (killed at the job limit, cancelled, crashed), when
+    this job asks for the same run (``RESUME_KEYS``); None to start afresh."""
     state = read_json_object(state_file)
     if not state or state.get("format") != STATE_FORMAT or not isinstance(state.get("run_id"), str):
+        return None
+    if state.get("request") != asked:
         return None
     run_dir = reports / state["run_id"]
     try:
@@ -191,6 +201,7 @@ def _collect(run_dir: Path, artifact_dir: Path) -> None:
 
 def _result(summary: OptimizeSummary, job: OptimizeJob, base: dict[str, Any], resumed: bool) -> CiResult:
     best = summary.best
+    base = {k: v for k, v in base.items() if k != "run_id"}
     if best is None:
         return CiResult(conclusion="no-improvement", run_id=summary.run_id, resumed=resumed, **base)
     patch = git_bytes(job.repo_root, "diff", "--binary", "--full-index",
