@@ -221,7 +221,7 @@ def test_publishing_an_improvement_opens_a_draft_pr_whose_body_is_the_report(wor
 def test_a_second_dispatch_updates_the_same_pr_and_keeps_one_sticky_comment(world, improved):
     assert world.publish(improved.artifact).rc == 0
     first_sha = world.remote_branch()
-    world.repo.pulls[next(iter(world.repo.pulls))]["body"] = "edited by hand"
+    world.repo.pulls[next(iter(world.repo.pulls))]["body"] = "edited by hand <!-- pipemend:ci:pr targets/tinyqa -->"
     # the target moved on main meanwhile: the branch is rebuilt on the new main and force-pushed
     (world.work / "NOTES.md").write_text("news\n")
     git(world.work, "add", "NOTES.md")
@@ -291,6 +291,16 @@ def test_a_comment_asking_over_the_cap_or_for_a_plugin_is_refused(world):
     assert over.rc == 1 and over.ci()["refused"] and "over the workflow's cap" in over.ci()["error"]
     plugin = world.optimize("issue_comment", comment("alice", f"/pipemend optimize {TARGET} --proposer x.y:Z", issue))
     assert plugin.rc == 1 and "a comment may name only" in plugin.ci()["error"]
+    scripted = world.optimize("issue_comment", comment("alice", f"/pipemend optimize {TARGET} --model scripted:/etc/x",
+                                                       issue))
+    assert scripted.rc == 1 and "never a scripted file" in scripted.ci()["error"]
+
+
+def test_a_schedule_runs_the_steps_target_and_needs_one(world):
+    step = world.optimize("schedule", {"schedule": "17 3 * * 1"}, "--target", TARGET, "--model", "claude-haiku-4-5")
+    assert step.rc == 1 and step.ci()["target"] == TARGET and "ANTHROPIC_API_KEY" in step.ci()["error"]
+    none = world.optimize("schedule", {"schedule": "17 3 * * 1"})
+    assert none.rc == 1 and "no target" in none.ci()["error"]
 
 
 def test_a_comment_without_the_command_is_skipped(world):

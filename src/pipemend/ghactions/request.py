@@ -27,6 +27,8 @@ COMMAND = "/pipemend optimize"
 WRITE_PERMISSIONS = frozenset({"admin", "maintain", "write"})
 COMMENT_FLAGS = {"--budget": "budget_usd", "--max-candidates": "max_candidates", "--hours": "hours",
                  "--proposer": "proposer", "--model": "model", "--agent-model": "agent_model"}
+COMMENT_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
+"""A model name a comment may pass: no ``scripted:PATH`` and no ``package.module:Class``."""
 DISPATCH_INPUTS = {"target": "target", "proposer": "proposer", "model": "model", "agent-model": "agent_model",
                    "budget": "budget_usd", "max-candidates": "max_candidates", "hours": "hours"}
 
@@ -164,6 +166,10 @@ def resolve_request(env: ActionsEnv, defaults: dict[str, Any], caps: Caps, clien
     if proposer is not None and proposer not in PROPOSERS:
         raise Refused(f"proposer {proposer!r}: a comment may name only {', '.join(sorted(PROPOSERS))}",
                       actor=actor, issue=number)
+    for key in ("model", "agent_model"):
+        if key in fields and not COMMENT_MODEL.fullmatch(str(fields[key])):
+            raise Refused(f"model {fields[key]!r}: a comment may name a model (claude-…, local/…, simulated/…), "
+                          "never a scripted file or a plugin", actor=actor, issue=number)
     try:
         return build_request(defaults, fields, caps, trigger="issue_comment", actor=actor, issue=number)
     except UsageError as e:
