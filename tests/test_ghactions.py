@@ -363,6 +363,17 @@ def test_a_patch_touching_workflows_is_never_pushed(world, improved, tmp_path):
     assert ".github/workflows" in step.summary and world.remote_branch() is None and not world.repo.pulls
 
 
+def test_a_patch_making_a_symlink_is_never_pushed(world, improved, tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "ci.json").write_text(json.dumps(improved.ci()))
+    (art / "best.patch").write_text(
+        f"diff --git a/{TARGET}/leak b/{TARGET}/leak\nnew file mode 120000\n--- /dev/null\n+++ b/{TARGET}/leak\n"
+        "@@ -0,0 +1 @@\n+/etc/passwd\n\\ No newline at end of file\n")
+    step = world.publish(art)
+    assert step.rc == 1 and "symbolic link" in step.summary and world.remote_branch() is None
+
+
 def test_a_bad_token_is_a_clear_error(world, improved):
     world.gh.token = "another"
     step = world.publish(improved.artifact)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PipemendError, RunFailed, UsageError
-from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, copy_regular, read_json_object
+from ..fsutil import (atomic_write_bytes, atomic_write_json, atomic_write_text, copy_regular, read_json_object,
+                      read_regular)
 from ..manifest import load_manifest
 from ..optimize import OptimizeConfig, OptimizeSummary, resume, run_optimize
 from ..optimize.config import LLM_PROPOSERS
@@ -105,9 +106,9 @@ def step_summary(result: CiResult, artifact_dir: Path) -> str:
     text = f"## {head}\n"
     if result.error:
         text += f"\n> {result.error}\n"
-    report = artifact_dir / REPORT
-    if report.is_file() and not report.is_symlink():
-        body = report.read_text(encoding="utf-8", errors="replace")
+    raw = read_regular(artifact_dir / REPORT)
+    if raw is not None:
+        body = raw.decode("utf-8", "replace")
         text += "\n" + (body if len(body) <= SUMMARY_CAP else body[:SUMMARY_CAP] + "\n\n… (cut; the full report is in the artifact)")
     return text
 

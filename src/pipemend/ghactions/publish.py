@@ -200,10 +200,14 @@ def push_patch(job: PublishJob, result: CiResult) -> str:
     git(job.repo_root, "worktree", "add", "-q", "--detach", str(work), "HEAD")
     try:
         git(work, "apply", "--index", "--binary", str(patch.resolve()))
-        names = [n for n in git(work, "diff", "--cached", "--name-only", "-z").split("\0") if n]
+        changes = staged_changes(work)
+        names = list(changes)
         touched = [n for n in names if n.lower().startswith(FORBIDDEN_PREFIX)]
         if touched:
             raise RunFailed(f"the patch touches {', '.join(touched)}: pipemend never writes under .github/workflows")
+        odd = [n for n, mode in changes.items() if mode in ("120000", "160000")]
+        if odd:
+            raise RunFailed(f"the patch makes {', '.join(odd)} a symbolic link or submodule: refused")
         if not names:
             raise RunFailed("the patch changes nothing on the default branch (already merged?)")
         message = (f"pipemend: {result.target}, val {_delta(result.best_delta)}\n\n"
@@ -215,6 +219,16 @@ def push_patch(job: PublishJob, result: CiResult) -> str:
     finally:
         git(job.repo_root, "worktree", "remove", "--force", str(work))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def staged_changes(work: Path) -> dict[str, str]:
+    """Every staged path with its new mode (``git diff --cached --raw -z``; ``000000`` for a deletion)."""
+    fields = git(work, "diff", "--cached", "--raw", "-z", "--no-renames").split("\0")
+    out: dict[str, str] = {}
+    for meta, path in zip(fields[0::2], fields[1::2]):
+        if meta.startswith(":"):
+            out[path] = meta[1:].split()[1]
+    return out
 
 
 def _delta(value: float | None) -> str:
