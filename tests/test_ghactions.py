@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +65,9 @@ class Step:
 
 
 def pipemend_ci(tmp: Path, repo: Path, args: list[str], *, event_name: str, event: dict, api_url: str,
-                artifact: Path, extra_env: dict[str, str] | None = None) -> Step:
-    """Run `python -m pipemend.cli ci ...` as an Actions step would, with fresh output files."""
+                artifact: Path, extra_env: dict[str, str] | None = None, popen: bool = False) -> Step:
+    """Run `python -m pipemend.cli ci ...` as an Actions step would, with fresh output files (``popen``: start
+    it and return the process; ``finish(tmp, proc, artifact)`` then waits for it)."""
     tmp.mkdir(parents=True, exist_ok=True)
     event_path, out, summary = tmp / "event.json", tmp / "output.txt", tmp / "summary.md"
     event_path.write_text(json.dumps(event))
@@ -76,17 +79,29 @@ def pipemend_ci(tmp: Path, repo: Path, args: list[str], *, event_name: str, even
                 "GITHUB_OUTPUT": str(out), "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_TOKEN": TOKEN,
                 "PYTHONPATH": os.pathsep.join([str(SRC), *(extra_env or {}).get("PYTHONPATH", "").split(os.pathsep)])})
     env.update({k: v for k, v in (extra_env or {}).items() if k != "PYTHONPATH"})
-    proc = subprocess.run([sys.executable, "-m", "pipemend.cli", "ci", *args], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=540)
-    return Step(proc.returncode, proc.stderr, read_outputs(out), summary.read_text(), artifact)
+    proc = subprocess.Popen([sys.executable, "-m", "pipemend.cli", "ci", *args], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc if popen else finish(tmp, proc, artifact)
+
+
+def finish(tmp: Path, proc: subprocess.Popen, artifact: Path) -> Step:
+    _, stderr = proc.communicate(timeout=540)
+    return Step(proc.returncode, stderr, read_outputs(tmp / "output.txt"), (tmp / "summary.md").read_text(), artifact)
 
 
 def optimize(tmp: Path, repo: Path, event_name: str, event: dict, *extra: str, api_url: str = "http://127.0.0.1:9",
-             extra_env: dict[str, str] | None = None) -> Step:
+             extra_env: dict[str, str] | None = None, popen: bool = False):
     artifact = tmp / "artifact"
     return pipemend_ci(tmp, repo, ["optimize", "--sandbox", "process", "--artifact-dir", str(artifact),
                                    "--state-dir", str(tmp.parent / "state"), *extra],
-                       event_name=event_name, event=event, api_url=api_url, artifact=artifact, extra_env=extra_env)
+                       event_name=event_name, event=event, api_url=api_url, artifact=artifact, extra_env=extra_env,
+                       popen=popen)
+
+
+def fresh_clone(base_repo: Path, dest: Path) -> Path:
+    """A new job's checkout: main only, none of the runs' branches."""
+    subprocess.run(["git", "clone", "-q", "--single-branch", "--branch", "main", str(base_repo), str(dest)], check=True)
+    return dest
 
 
 def dispatch(**inputs: str) -> dict:
@@ -400,3 +415,31 @@ def test_the_comment_command_parses_flags():
         parse_command("/pipemend optimize x --sandbox process")
     with pytest.raises(Refused, match="needs a value"):
         parse_command("/pipemend optimize x --budget")
+
+
+def test_a_job_stopped_mid_run_is_resumed_by_the_next_job_from_a_fresh_checkout(base_repo, tmp_path):
+    """Cancelled (SIGINT, as Actions stops a job) after candidate 1 was kept: the next job, in a checkout with
+    none of the run's commits, restores them from the cached bundle and finishes the same run."""
+    request = dispatch(**{"max-candidates": "3", "budget": "1"})
+    first = fresh_clone(base_repo, tmp_path / "checkout1")
+    proc = optimize(tmp_path / "job1", first, "workflow_dispatch", request, "--limit", "4", popen=True)
+    journals = tmp_path / "state" / "reports"
+    deadline = time.monotonic() + 500
+    while not any('"candidate_done"' in j.read_text() for j in journals.glob("*/journal.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before candidate 1 was done"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stopped = finish(tmp_path / "job1", proc, tmp_path / "job1" / "artifact")
+    assert stopped.rc != 0 and stopped.outputs["conclusion"] == "failed" and "resumes it" in stopped.ci()["error"]
+    run_id = stopped.ci()["run_id"]
+    assert (tmp_path / "state" / f"{run_id}.bundle").is_file()
+
+    second = fresh_clone(base_repo, tmp_path / "checkout2")
+    assert not git(second, "for-each-ref", f"refs/heads/pipemend/{run_id}/")
+    step = optimize(tmp_path / "job2", second, "workflow_dispatch", request, "--limit", "4")
+    assert step.rc == 0, step.stderr
+    ci = step.ci()
+    assert ci["resumed"] and ci["run_id"] == run_id and ci["conclusion"] == "improved"
+    journal = (step.artifact / "run" / "journal.jsonl").read_text()
+    assert journal.count('"run_resumed"') == 1 and journal.count('"candidate_done"') >= 1
+    assert "+  style: short" in (step.artifact / "best.patch").read_text()

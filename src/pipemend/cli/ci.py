@@ -5,6 +5,7 @@ with no run."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +49,9 @@ def optimize_cmd(
                       defaults={"target": target, "proposer": proposer, "model": model, "agent_model": agent_model,
                                 "budget_usd": budget, "max_candidates": max_candidates, "hours": hours},
                       caps=Caps(budget_usd=max_budget, max_candidates=max_candidates_cap), sandbox=sandbox, limit=limit)
+    # Actions stops a cancelled or timed-out job with SIGINT, then SIGTERM: both unwind (the run's branches
+    # are bundled and the artifact written on the way out), so the next job can resume the run.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with RichProgress(err) as progress:
         result = ci_optimize(env, job, GitHubClient(env.api_url, env.token), environ=os.environ, progress=progress)
     err.print(f"pipemend ci: {result.conclusion}" + (f": {escape(result.error)}" if result.error else ""))

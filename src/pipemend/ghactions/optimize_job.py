@@ -69,7 +69,6 @@ def ci_optimize(env: ActionsEnv, job: OptimizeJob, client: GitHubClient, *, envi
     environ = os.environ if environ is None else environ
     job.artifact_dir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"repository": env.repository, "trigger": env.event_name, "workflow_run_url": env.run_url}
-    request: CiRequest | None = None
     try:
         request = resolve_request(env, job.defaults, job.caps, client)
         base.update(target=request.target, actor=request.actor, issue=request.issue)
@@ -84,10 +83,19 @@ def ci_optimize(env: ActionsEnv, job: OptimizeJob, client: GitHubClient, *, envi
     except Exception as e:  # noqa: BLE001 - a bug still ends as a loud, recorded failure
         atomic_write_text(job.artifact_dir / "error.txt", traceback.format_exc())
         result = CiResult(conclusion="failed", error=f"{type(e).__name__}: {e}", **base)
+    except KeyboardInterrupt:  # the job was cancelled or ran out of time (the CLI maps SIGTERM here too)
+        result = CiResult(conclusion="failed", error="stopped before the run finished (cancelled or out of time); "
+                          "the next job asking for the same run resumes it", **base)
+        _finish(env, job, result)
+        raise
+    _finish(env, job, result)
+    return result
+
+
+def _finish(env: ActionsEnv, job: OptimizeJob, result: CiResult) -> None:
     write_result(job.artifact_dir, result)
     write_outputs(env, outputs(result))
     append_summary(env, step_summary(result, job.artifact_dir))
-    return result
 
 
 def outputs(result: CiResult, pr_url: str = "") -> dict[str, str]:
