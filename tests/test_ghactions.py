@@ -3,7 +3,8 @@
 ``$GITHUB_OUTPUT``/``$GITHUB_STEP_SUMMARY``/the event, and real optimize runs of the tinyqa target
 (the ladder proposer, the ``simulated/echo`` model, the process sandbox).
 
-Two optimize runs are shared by the module: one that improves, one with nothing to accept.
+Two optimize runs are shared by the module: one that improves, one with nothing to accept. The resume
+across jobs (a stopped job, then a fresh checkout) is ``slow``.
 """
 
 from __future__ import annotations
@@ -417,6 +418,7 @@ def test_the_comment_command_parses_flags():
         parse_command("/pipemend optimize x --budget")
 
 
+@pytest.mark.slow  # two more optimize runs (one stopped, one resumed)
 def test_a_job_stopped_mid_run_is_resumed_by_the_next_job_from_a_fresh_checkout(base_repo, tmp_path):
     """Cancelled (SIGINT, as Actions stops a job) after candidate 1 was kept: the next job, in a checkout with
     none of the run's commits, restores them from the cached bundle and finishes the same run."""
