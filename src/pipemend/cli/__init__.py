@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from . import evaluate, optimize, review, system
+from . import ci, evaluate, optimize, review, system
 from .common import cli_command, exit_code
 
 __all__ = ["app", "cli_command", "exit_code", "main"]
@@ -39,6 +39,7 @@ for _name, _command in (
     ("apply", review.apply),
 ):
     app.command(_name)(cli_command(_command))
+app.add_typer(ci.app, name="ci")
 
 
 def main() -> None:  # pragma: no cover - `python -m pipemend.cli`
