@@ -19,6 +19,7 @@ install() {
   command -v bwrap >/dev/null || need+=(bubblewrap)
   command -v chromium >/dev/null || need+=(chromium)
   command -v iptables >/dev/null || need+=(iptables)
+  command -v shellcheck >/dev/null || need+=(shellcheck)   # tests/test_ghactions_lint.py
   if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"

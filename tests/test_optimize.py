@@ -10,6 +10,7 @@ import io
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,21 @@ def test_the_time_limit_stops_before_any_candidate(tmp_path, target):
     assert s.candidates == [] and s.stop_reason.startswith("time limit reached") and s.baseline["test"] == 0.0
 
 
+def test_a_deadline_stops_proposing_and_a_later_one_reopens_the_run(tmp_path, target):
+    """A CI job's end: the run stops before its first candidate at a past deadline and finishes (test split
+    included); the next job's resume with a later deadline reopens it, proposes, and tests again."""
+    s = _run(_cfg(tmp_path, target, ["comment"], run_id="t3", deadline=1.0))
+    assert s.candidates == [] and s.stop_reason == "deadline reached (1970-01-01 00:00:01 UTC)"
+    run_dir = tmp_path / "reports" / "t3"
+    assert read_json(run_dir / "run.json")["status"] == "done"
+    assert resume(run_dir).candidates == []  # without a new deadline a finished run stays finished
+    resumed = resume(run_dir, deadline=time.time() + 3600)
+    assert resumed.candidates and resumed.stop_reason != s.stop_reason
+    assert read_json(run_dir / "run.json")["config"]["deadline"] == 1.0  # the drive's deadline is not the run's
+    events = [e["event"] for e in read_jsonl(run_dir / "journal.jsonl")]
+    assert events.count("test_done") == 2 and events.index("loop_reopened") < events.index("run_resumed")
+
+
 def test_one_table_says_what_each_spent_budget_does():
     assert set(ON_BUDGET) == set(BUDGET_REASONS)
     assert {r for r, action in ON_BUDGET.items() if action == "skip_candidate"} == {"turns", "tokens", "usd", "time"}
@@ -236,12 +252,13 @@ def test_one_table_says_what_each_spent_budget_does():
     ({"done": 3}, "candidates", "candidate limit reached (3 of 3)"),
     ({"elapsed_s": 7200.0}, "hours", "time limit reached (2 h)"),
     ({"spent_usd": 0.8}, "budget", "budget spent ($0.8000 of $1.00, 20% kept for the test split)"),
+    ({"now": 1_800_000_000.0}, "deadline", "deadline reached (2027-01-15 08:00:00 UTC)"),
 ])
 def test_stop_rules(kw, reason, text):
     limits = {"done": 0, "max_candidates": 3, "elapsed_s": 0.0, "hours": 2.0, "spent_usd": 0.0, "budget_usd": 1.0,
-              "test_reserve": 0.2}
+              "test_reserve": 0.2, "now": 1_799_999_000.0, "deadline": 1_800_000_000.0}
     check_limits(**limits)  # nothing reached yet
-    check_limits(**{**limits, "spent_usd": 0.79, "elapsed_s": 7199.0, "done": 2})
+    check_limits(**{**limits, "spent_usd": 0.79, "elapsed_s": 7199.0, "done": 2, "now": 1_799_999_999.0})
     with pytest.raises(StopRun) as stop:
         check_limits(**{**limits, **kw})
     assert stop.value.reason == reason and stop.value.message == text

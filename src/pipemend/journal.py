@@ -16,7 +16,8 @@ Events of an optimize run (besides ``run_started``/``run_done``/``run_failed``):
   the verdict is on disk and, when ``sha`` is set, committed and its branch or ref set.
 - ``candidate_abandoned`` ``{n, reason}``: the proposer had no more ideas; nothing was kept.
 - ``base_ready`` ``{n, train_dir}``: an accepted candidate's train run and diagnosis are done.
-- ``loop_stopped`` ``{reason}``; ``test_done`` ``{baseline, best, error?}``.
+- ``loop_stopped`` ``{reason, code}``; ``test_done`` ``{baseline, best, error?}``.
+- ``loop_reopened`` ``{deadline}``: a run stopped at its drive's deadline goes on (``resume(..., deadline=)``).
 
 A crash mid-append can leave a torn last line: ``replay`` ignores it, and the
 next append (or ``repair``) cuts it off, so the run stays resumable.
@@ -75,6 +76,8 @@ class RunState:
     ready: set[int] = field(default_factory=lambda: {0})
     """Bases whose train run and diagnosis are done (0 = the baseline)."""
     stop_reason: str | None = None
+    stop_code: str | None = None
+    """The stop rule that ended the loop (``optimize.stops.StopReason``; None in journals older than it)."""
     test: dict[str, Any] | None = None
     """``{baseline, best, error}`` of the test split, once it ran."""
     status: str = "running"
@@ -161,7 +164,9 @@ def fold(events: Iterable[Any]) -> RunState:
         elif kind == "base_ready" and n is not None:
             st.ready.add(n)
         elif kind == "loop_stopped":
-            st.stop_reason = ev.get("reason")
+            st.stop_reason, st.stop_code = ev.get("reason"), ev.get("code")
+        elif kind == "loop_reopened":  # a resume with a later deadline: propose again, test again
+            st.stop_reason, st.stop_code, st.test, st.status = None, None, None, "running"
         elif kind == "test_done":
             st.test = {"baseline": ev.get("baseline"), "best": ev.get("best"), "error": ev.get("error")}
         elif kind in ("run_done", "run_failed"):

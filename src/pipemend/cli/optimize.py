@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from ..errors import UsageError
 from ..optimize import OptimizeConfig, OptimizeSummary, ladder_change, resume, run_optimize
 from .common import err, options_error
 from .progress import RichProgress
@@ -31,6 +33,27 @@ def _show(summary: OptimizeSummary, json_out: bool) -> None:
         sys.stdout.write(json.dumps(summary.model_dump(mode="json")) + "\n")
 
 
+def parse_deadline(text: str | None) -> float | None:
+    """``--deadline``: ISO 8601 (``2026-11-30T06:00:00Z``; no zone means UTC) or seconds since the epoch."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"--deadline {text!r}: expected an ISO 8601 time (2026-11-30T06:00:00Z) "
+                             "or seconds since the epoch") from None
+        value = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    if value <= 0:
+        raise UsageError(f"--deadline {text!r}: must be after 1970")
+    return value
+
+
+DEADLINE_HELP = "Stop proposing at this time (ISO 8601 or epoch seconds), e.g. a CI job's end; the test split still runs."
+
+
 def optimize(
     target: Path = typer.Argument(..., help="The target pipeline's folder (holding pipemend.yaml)."),
     proposer: str = typer.Option("ladder", help="claude | claude-code | ladder | package.module:Class."),
@@ -39,6 +62,7 @@ def optimize(
     budget_usd: float = typer.Option(5.0, help="Dollars the gateway may spend on pipeline calls (test split included)."),
     max_candidates: int = typer.Option(10, help="Candidates to propose at most."),
     hours: Optional[float] = typer.Option(None, help="Stop proposing after this many hours."),
+    deadline: Optional[str] = typer.Option(None, help=DEADLINE_HELP),
     limit: Optional[int] = typer.Option(None, help="Use only the first N examples of each split."),
     sandbox: str = typer.Option("auto", help="docker | bwrap | process | auto."),
     run_id: Optional[str] = typer.Option(None, help="Run id (default optimize-<date>-<time>-<hex>)."),
@@ -50,7 +74,8 @@ def optimize(
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
     try:
         cfg = OptimizeConfig(target=str(target), proposer=proposer, model=model, agent_model=agent_model,
-                             budget_usd=budget_usd, max_candidates=max_candidates, hours=hours, limit=limit,
+                             budget_usd=budget_usd, max_candidates=max_candidates, hours=hours,
+                             deadline=parse_deadline(deadline), limit=limit,
                              sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
                              cache_dir=str(cache_dir) if cache_dir else None)
     except ValidationError as e:
@@ -62,9 +87,10 @@ def optimize(
 
 def resume_cmd(
     run: Path = typer.Argument(..., help="A run directory (reports/<run-id>) or a run id."),
+    deadline: Optional[str] = typer.Option(None, help=DEADLINE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Continue an optimize run after a crash or kill, keeping everything accepted and paying nothing twice."""
     with RichProgress(err) as progress:
-        summary = resume(run, progress)
+        summary = resume(run, progress, deadline=parse_deadline(deadline))
     _show(summary, json_out)

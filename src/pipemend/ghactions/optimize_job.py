@@ -25,7 +25,8 @@ from ..manifest import load_manifest
 from ..optimize import OptimizeConfig, OptimizeSummary, resume, run_optimize
 from ..optimize.config import LLM_PROPOSERS
 from ..protocols import Progress
-from ..rundir import new_run_id, read_run, update_run
+from ..journal import replay
+from ..rundir import new_run_id, read_run
 from .artifact import PATCH, REPORT, RUN, SUMMARY, CiResult, copy_run_dir, publish_branch, write_result
 from .env import ActionsEnv, append_summary, write_outputs
 from .gitcmd import git, git_bytes
@@ -133,7 +134,6 @@ def _optimize(req: CiRequest, job: OptimizeJob, environ: Mapping[str, str], prog
     left_s = job.deadline - time.time()
     if left_s <= 60:
         raise RunFailed(f"the job's deadline is {max(left_s, 0):.0f} s away: no time to run")
-    hours = min(req.hours, left_s / 3600) if req.hours else left_s / 3600
     reports = job.state_dir / "reports"
     state_file = job.state_dir / (req.target.replace("/", "--") + ".json")
     asked = req.model_dump(include=set(RESUME_KEYS))
@@ -145,12 +145,12 @@ def _optimize(req: CiRequest, job: OptimizeJob, environ: Mapping[str, str], prog
     try:
         if run_dir is not None:
             restore_bundle(job.repo_root, job.state_dir, run_dir.name)
-            extend_hours(run_dir, left_s)
-            summary = resume(run_dir, progress)
+            summary = resume(run_dir, progress, deadline=job.deadline)
         else:
             cfg = OptimizeConfig(target=str(target), proposer=req.proposer, model=req.model,
                                  agent_model=req.agent_model, budget_usd=req.budget_usd,
-                                 max_candidates=req.max_candidates, hours=hours, limit=job.limit,
+                                 max_candidates=req.max_candidates, hours=req.hours, deadline=job.deadline,
+                                 limit=job.limit,
                                  sandbox=job.sandbox, reports_dir=str(reports))
             cfg = cfg.model_copy(update={"run_id": new_run_id("optimize")})
             run_dir, base["run_id"] = reports / cfg.run_id, cfg.run_id
@@ -165,8 +165,8 @@ def _optimize(req: CiRequest, job: OptimizeJob, environ: Mapping[str, str], prog
 
 
 def _unfinished_run(state_file: Path, reports: Path, asked: dict[str, Any]) -> Path | None:
-    """The target's run an earlier job left unfinished (killed at the job limit, cancelled, crashed), when
-    this job asks for the same run (``RESUME_KEYS``); None to start afresh."""
+    """The target's run an earlier job left unfinished (stopped at its deadline, killed, cancelled, crashed),
+    when this job asks for the same run (``RESUME_KEYS``); None to start afresh."""
     state = read_json_object(state_file)
     if not state or state.get("format") != STATE_FORMAT or not isinstance(state.get("run_id"), str):
         return None
@@ -177,17 +177,9 @@ def _unfinished_run(state_file: Path, reports: Path, asked: dict[str, Any]) -> P
         status = read_run(run_dir).get("status")
     except (PipemendError, OSError, ValueError):
         return None
-    return run_dir if status != "done" else None
-
-
-def extend_hours(run_dir: Path, left_s: float) -> None:
-    """Give a resumed run this job's time: its ``hours`` count from the run's first start, so they become
-    the time already gone plus what this job has left. (Stopgap until ``resume`` takes a deadline.)"""
-    run = read_run(run_dir)
-    started = float(run.get("started_at") or time.time())
-    config = dict(run.get("config") or {})
-    config["hours"] = (time.time() - started + left_s) / 3600
-    update_run(run_dir, config=config)
+    if status != "done":
+        return run_dir
+    return run_dir if replay(run_dir).stop_code == "deadline" else None  # resume reopens it with this job's
 
 
 def check_api_key(req: CiRequest, target: Path, environ: Mapping[str, str]) -> None:

@@ -29,6 +29,9 @@ class OptimizeConfig(BaseModel):
     test_reserve: float = Field(0.2, ge=0, lt=1, description="Share of budget_usd kept for the final test split.")
     max_candidates: int = Field(10, ge=0, description="Candidates to propose at most.")
     hours: float | None = Field(None, gt=0, description="Stop proposing after this many hours since the run started.")
+    deadline: float | None = Field(None, gt=0, description=(
+        "Stop proposing at this time (seconds since the epoch), whatever `hours` says: a CI job's end. "
+        "`resume(..., deadline=)` gives a resumed drive its own."))
     limit: int | None = Field(None, ge=1, description="Use only the first N examples of each split.")
     sandbox: str = Field("auto", description="docker | bwrap | process | auto.")
     run_id: str | None = Field(None, description="Run id (default optimize-<date>-<time>-<hex>).")

@@ -44,10 +44,10 @@ def run(env: RunEnv) -> RunState:
                     diagnosis = base_diagnosis(env, st)
                 env.render_report()
         except StopRun as stop:
-            reason = stop.message
+            reason, code = stop.message, stop.reason
         except BudgetExhausted as e:
-            reason = StopRun.from_budget(e).message
-        record(env.run_dir, "loop_stopped", reason=reason)
+            reason, code = StopRun.from_budget(e).message, "budget"
+        record(env.run_dir, "loop_stopped", reason=reason, code=code)
         env.progress.log(f"loop stopped: {reason}")
     return final_test(env, st)
 
@@ -57,4 +57,4 @@ def step_limits(env: RunEnv, st: RunState) -> None:
     cfg = env.cfg
     check_limits(done=len(st.candidates), max_candidates=cfg.max_candidates, elapsed_s=time.time() - env.started_at,
                  hours=cfg.hours, spent_usd=env.gateway_stats()["spent_usd"], budget_usd=cfg.budget_usd,
-                 test_reserve=cfg.test_reserve)
+                 test_reserve=cfg.test_reserve, now=time.time(), deadline=cfg.deadline)

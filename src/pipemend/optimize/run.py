@@ -35,8 +35,11 @@ def run_optimize(cfg: OptimizeConfig, progress: Progress | None = None) -> Optim
         return _drive(run_dir.resolve(), cfg, progress or NullProgress())
 
 
-def resume(run_dir: str | Path, progress: Progress | None = None) -> OptimizeSummary:
-    """Continue a killed or crashed run; a finished one just returns its summary."""
+def resume(run_dir: str | Path, progress: Progress | None = None, *, deadline: float | None = None) -> OptimizeSummary:
+    """Continue a killed or crashed run; a finished one just returns its summary. ``deadline`` (seconds since
+    the epoch) replaces the run's own for this drive only (a CI job's end); ``hours`` still count from the
+    run's first start. A run that finished because an earlier drive's deadline came is reopened by a resume
+    with a later deadline (``loop_reopened``): it proposes again, and the test split runs again at the end."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() and (Path("reports") / run_dir).is_dir():
         run_dir = Path("reports") / run_dir
@@ -44,10 +47,15 @@ def resume(run_dir: str | Path, progress: Progress | None = None) -> OptimizeSum
     if run.get("kind") != "optimize":
         raise UsageError(f"{run_dir}: not an optimize run (kind {run.get('kind')!r})")
     cfg = OptimizeConfig.model_validate(run["config"])
+    if deadline is not None:
+        cfg = cfg.model_copy(update={"deadline": OptimizeConfig(target=cfg.target, deadline=deadline).deadline})
     with _run_lock(run_dir):
-        if run.get("status") != "done":
+        if run.get("status") == "done" and cfg.deadline is not None and deadline is not None \
+                and deadline > time.time() and replay(run_dir).stop_code == "deadline":
+            record(run_dir, "loop_reopened", deadline=deadline)
+        if run.get("status") != "done" or replay(run_dir).status != "done":
             update_run(run_dir, status="running")
-            record(run_dir, "run_resumed")
+            record(run_dir, "run_resumed", **({"deadline": deadline} if deadline is not None else {}))
         return _drive(run_dir.resolve(), cfg, progress or NullProgress())
 
 

@@ -1,7 +1,7 @@
 """When the optimize loop stops, and what a spent budget does to it.
 
 Stop rules, checked before each candidate (``check_limits``): the candidate
-limit, the hours since the run started, and the dollars spent with the test
+limit, the hours since the run started (and the drive's deadline), and the dollars spent with the test
 split's reserve kept back. The fourth way to stop is the proposer's: it has
 no more ideas (``StopRun("ideas", ...)`` from the candidate step).
 
@@ -13,11 +13,12 @@ proposer spent its own per-candidate allowance) or ends the loop
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Literal
 
 from ..errors import BudgetExhausted, BudgetReason
 
-StopReason = Literal["candidates", "hours", "budget", "ideas"]
+StopReason = Literal["candidates", "hours", "deadline", "budget", "ideas"]
 Action = Literal["skip_candidate", "stop_run"]
 
 ON_BUDGET: dict[BudgetReason, Action] = {
@@ -49,12 +50,16 @@ def on_budget(e: BudgetExhausted) -> Action:
 
 
 def check_limits(*, done: int, max_candidates: int, elapsed_s: float, hours: float | None, spent_usd: float,
-                 budget_usd: float, test_reserve: float) -> None:
-    """Raise ``StopRun`` when a limit is reached before the next candidate."""
+                 budget_usd: float, test_reserve: float, now: float = 0.0, deadline: float | None = None) -> None:
+    """Raise ``StopRun`` when a limit is reached before the next candidate (``now`` and ``deadline``: seconds
+    since the epoch)."""
     if done >= max_candidates:
         raise StopRun("candidates", f"candidate limit reached ({done} of {max_candidates})")
     if hours is not None and elapsed_s >= hours * 3600:
         raise StopRun("hours", f"time limit reached ({hours:g} h)")
+    if deadline is not None and now >= deadline:
+        when = datetime.fromtimestamp(deadline, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise StopRun("deadline", f"deadline reached ({when})")
     if spent_usd >= budget_usd * (1 - test_reserve):
         raise StopRun("budget", f"budget spent (${spent_usd:.4f} of ${budget_usd:.2f}, "
                                 f"{test_reserve:.0%} kept for the test split)")
