@@ -266,6 +266,7 @@ def test_without_an_objective_the_ladder_tries_no_cheaper_model(tmp_path):
 # --------------------------------------------------------------------------- through the optimize loop
 
 
+@pytest.mark.slow  # a full optimize run; the unit tests above cover the ladder's model order and the allow-list
 @pytest.mark.timeout(300)
 def test_the_loop_serves_the_knob_models_and_the_ladder_fixes_a_weak_step_model(tmp_path):
     """A scripted answer-step model that answers wrong; the ladder switches the step to the echo model."""

@@ -114,7 +114,7 @@ KILL_POINTS = {
 }
 
 
-FAST_POINTS = ("candidate-2-mid-look", "candidate-2-mid-confirm")
+FAST_POINTS = ("candidate-2-mid-look",)
 """Kill points in the fast suite; the rest of the matrix runs with ``-m slow`` (each is a full run and a resume).
 ``base_ready`` is also killed and resumed, with the same checks, by the missing-branch test below."""
 
@@ -201,6 +201,7 @@ def test_refs_the_journal_does_not_back_are_removed_on_resume(tmp_path, referenc
     assert _refs(repo, "stray") == reference[0]
 
 
+@pytest.mark.slow  # a kill and a resume; test_cli_eval covers EvalKey reuse in the default group
 def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, reference):
     ref_refs, _ = reference
     target = optimize_harness.make_repo(tmp_path / "repo")
