@@ -150,7 +150,8 @@ def test_attacks_achieve_nothing_and_the_gateway_still_answers(sandbox, gateway,
     assert secret["key_file"].startswith("blocked")
     assert secret["real_key_in_env"] is False
     assert REAL_KEY not in json.dumps(secret["env"])
-    assert set(secret["env"]) <= {"ANTHROPIC_API_KEY"}  # the runner's dummy, nothing else
+    assert set(secret["env"]) <= {"ANTHROPIC_API_KEY", "OPENAI_API_KEY"}  # the runner's dummies, nothing else
+    assert set(secret["env"].values()) <= {"pipemend-gateway"}
 
     assert json.loads(res["dock"]["output"]) == {"/var/run/docker.sock": False, "/run/docker.sock": False}
 
