@@ -105,9 +105,9 @@ def load_rows(path: str | Path) -> list[Example]:
             raise ConfigError(path, where, "`evidence` is not a list of ids", "a list of document id strings, or no `evidence`")
         texts = raw.get("evidence_text")
         if texts is not None and (not isinstance(texts, list) or not all(isinstance(x, str) for x in texts)):
-            got = type(texts).__name__ if not isinstance(texts, list) else "a list holding " + ", ".join(
+            got = f"a {type(texts).__name__}" if not isinstance(texts, list) else "a list holding " + ", ".join(
                 sorted({type(x).__name__ for x in texts if not isinstance(x, str)}))
-            raise ConfigError(path, f"{where}, key evidence_text", f"`evidence_text` is {got}",
+            raise ConfigError(path, where, f"`evidence_text` is {got}",
                               "a list of strings (the gold passages' texts), or no `evidence_text`")
         if sid in seen:
             raise ConfigError(path, where, f"duplicate id {sid!r} (first on line {seen[sid]})", "unique ids")

@@ -307,8 +307,8 @@ def _text_rule(texts: list[str], gold: list[str], prompts: list[str], t: LadderT
     names = [gold[i] for i in missing] if len(gold) == len(texts) else [f"#{i + 1}" for i in missing]
     return ExampleDiagnosis(
         rung="retrieval", rule="gold_text_missing",
-        evidence=f"gold passage(s) {', '.join(names)} of {len(texts)} reached none of the {len(prompts)} model "
-                 "prompt(s)")
+        evidence=f"{len(missing)} of {len(texts)} gold passage(s) ({', '.join(names)}) in none of the "
+                 f"{len(prompts)} model prompt(s)")
 
 
 def _unjudged_reason(trace: dict[str, Any] | None, texts: list[str]) -> str:
