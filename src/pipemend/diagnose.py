@@ -17,11 +17,13 @@ order and the first that fires names its rung:
      model call's prompt (``gold_text_missing``). A passage reached a prompt
      when, both normalized (NFKC, case-folded, cut into word tokens), the
      passage's tokens appear there as one run (a substring on token
-     boundaries), or at least ``evidence_text_overlap`` of its word 3-grams
-     appear there (a near copy: re-wrapped, lightly edited, or cut short;
-     containment, not similarity, so a long prompt holding many passages
-     still counts as holding this one). Passages under three tokens need the
-     exact run.
+     boundaries), or at least ``evidence_text_overlap`` (0.7) of its word
+     3-grams appear there: a near copy, re-wrapped, lightly edited or cut
+     short (one changed word in a 16-word passage costs 3 of its 14 3-grams;
+     losing a third of it is a miss). It is containment, not similarity, so a
+     long prompt holding many passages still holds this one, while the same
+     words scattered over other passages do not. Passages under three tokens
+     need the exact run.
    When the example has evidence labels but neither signal, retrieval cannot
    be judged: the example is **unattributed** (not a rung, like errors) unless
    a rule below shows that the answer itself was known or its format broke
@@ -98,7 +100,7 @@ class LadderThresholds(BaseModel):
         0.15, ge=0.0, le=1.0,
         description="Recommend the cheapest rung holding at least this share of the rung failures.")
     evidence_text_overlap: float = Field(
-        0.8, gt=0.0, le=1.0,
+        0.7, gt=0.0, le=1.0,
         description="A gold passage reached a prompt when this share of its word 3-grams is there (or it is "
                     "there whole, normalized).")
 
@@ -278,7 +280,7 @@ def _shingles(tokens: list[str]) -> set[tuple[str, ...]]:
     return {tuple(tokens[i:i + SHINGLE]) for i in range(len(tokens) - SHINGLE + 1)}
 
 
-class _Prompt:
+class ParsedPrompt:
     """One model call's prompt, tokenized once for all the passages checked against it."""
 
     def __init__(self, text: str):
@@ -287,9 +289,11 @@ class _Prompt:
         self.shingles = _shingles(tokens)
 
 
-def passage_reached(passage: str, prompt: _Prompt, overlap: float) -> bool:
+def passage_reached(passage: str, prompt: str | ParsedPrompt, overlap: float) -> bool:
     """Whether a gold passage's text is in a prompt: as one normalized run of tokens, or (3+ tokens) with at
     least ``overlap`` of its word 3-grams there (module docstring)."""
+    if isinstance(prompt, str):
+        prompt = ParsedPrompt(prompt)
     tokens = text_tokens(passage)
     if not tokens:
         return True  # an empty passage cannot be missing
@@ -300,7 +304,7 @@ def passage_reached(passage: str, prompt: _Prompt, overlap: float) -> bool:
 
 
 def _text_rule(texts: list[str], gold: list[str], prompts: list[str], t: LadderThresholds) -> ExampleDiagnosis | None:
-    parsed = [_Prompt(p) for p in prompts]
+    parsed = [ParsedPrompt(p) for p in prompts]
     missing = [i for i, text in enumerate(texts) if not any(passage_reached(text, p, t.evidence_text_overlap) for p in parsed)]
     if not missing:
         return None
