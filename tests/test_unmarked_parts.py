@@ -19,11 +19,12 @@ from pipemend.diagnose import (
     passage_reached,
     text_tokens,
 )
-from pipemend.errors import ConfigError
+from pipemend.errors import ConfigError, UsageError
 from pipemend.evaluate import hidden_paths
 from pipemend.manifest import load_manifest
 from pipemend.metrics import load_metric
 from pipemend.proposers.ladder import rungs_to_try
+from pipemend.report.load import ladder
 from pipemend.scoring import score_results
 from pipemend.trace_join import JOINED_SOURCE, call_answer, call_prompt, join_calls, prompt_texts
 
@@ -176,8 +177,11 @@ def test_the_unattributed_bucket_is_counted_apart_and_never_recommended():
     old = {k: v for k, v in data.items() if k not in ("unattributed", "unattributed_ids")} | {
         "format": "pipemend-diagnosis-1", "details": {}, "thresholds": {}}
     assert Diagnosis.from_json(old).unattributed == 0
-    with pytest.raises(Exception, match="pipemend-diagnosis-9"):
+    with pytest.raises(UsageError, match="pipemend-diagnosis-9"):
         Diagnosis.from_json(data | {"format": "pipemend-diagnosis-9"})
+    shown = ladder(data)  # the report's failure ladder shows them on their own row
+    assert (shown["unattributed"], shown["unattributed_ids"]) == (2, ["a", "b"])
+    assert sum(row["count"] for row in shown["rows"]) == 1
 
 
 def test_the_ladder_tries_the_offline_rungs_for_unattributed_failures_without_a_recommendation():
