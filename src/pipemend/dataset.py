@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,6 +70,25 @@ def _check_id(value: Any, path: Path, where: str) -> str:
     return sid
 
 
+def _json_objects(lines: Iterable[str], path: Path, keys: tuple[str, ...], shape: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank JSONL line, each an object holding only ``keys`` (errors name
+    the file and line)."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"line {n}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", f"an object {shape}")
+        unknown = sorted(set(raw) - set(keys))
+        if unknown:
+            raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(keys)}")
+        yield n, raw
+
+
 def load_rows(path: str | Path) -> list[Example]:
     """Read JSONL rows ``{"id", "inputs", "expected"?, "evidence"?, "evidence_text"?}``; blank lines are skipped."""
     path = Path(path)
@@ -81,19 +100,8 @@ def load_rows(path: str | Path) -> list[Example]:
         raise ConfigError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})", "a UTF-8 JSONL file") from None
     rows: list[Example] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, raw in _json_objects(text.splitlines(), path, ROW_KEYS, '{"id", "inputs", ...}'):
         where = f"line {n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", 'an object {"id", "inputs", ...}')
-        unknown = sorted(set(raw) - set(ROW_KEYS))
-        if unknown:
-            raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(ROW_KEYS)}")
         for key in ("id", "inputs"):
             if key not in raw:
                 raise ConfigError(path, where, f"row has no `{key}`", 'rows {"id", "inputs", "expected", "evidence"?}')
@@ -132,22 +140,12 @@ def load_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, s
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(path, None, "corpus file not found", 'a JSONL file of {"id", "text"} rows') from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read the corpus file ({e.strerror})", 'a JSONL file of {"id", "text"} rows') from None
     with f:
-        n = 0
         try:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+            for n, raw in _json_objects(f, path, CORPUS_KEYS, '{"id", "text"}'):
                 where = f"line {n}"
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
-                if not isinstance(raw, dict):
-                    raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", 'an object {"id", "text"}')
-                unknown = sorted(set(raw) - set(CORPUS_KEYS))
-                if unknown:
-                    raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(CORPUS_KEYS)}")
                 doc_id = raw.get("id")
                 if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
                     raise ConfigError(path, where, f"`id` is {type(doc_id).__name__}", "a document id string")
@@ -160,7 +158,7 @@ def load_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, s
                 if wanted is None or sid in wanted:
                     out[sid] = raw["text"]
         except UnicodeDecodeError as e:
-            raise ConfigError(path, f"line {n + 1}", f"not UTF-8 text ({e.reason})", "a UTF-8 JSONL file") from None
+            raise ConfigError(path, None, f"not UTF-8 text ({e.reason})", "a UTF-8 JSONL file") from None
     if not seen:
         raise ConfigError(path, None, "no rows", 'at least one {"id", "text"} row')
     return out
