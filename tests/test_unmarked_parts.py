@@ -26,7 +26,16 @@ from pipemend.metrics import load_metric
 from pipemend.proposers.ladder import rungs_to_try
 from pipemend.report.load import ladder
 from pipemend.scoring import score_results
-from pipemend.trace_join import JOINED_SOURCE, call_answer, call_prompt, join_calls, prompt_texts
+from pipemend.trace_join import (
+    JOINED_SOURCE,
+    MAX_JOINED_CHARS,
+    MAX_TRACE_FILE_BYTES,
+    call_answer,
+    call_prompt,
+    join_calls,
+    joined_trace_bytes,
+    prompt_texts,
+)
 
 TARGET = Path(__file__).parent / "fixtures" / "targets" / "unmarked_qa"
 
@@ -86,6 +95,15 @@ def test_openai_shaped_calls_and_tool_calls_read_as_well():
     assert call_answer({"content": [{"type": "text", "text": "Let me look."}, use]}) == {"text": "Let me look.", "tool_calls": [use]}
     assert call_answer(None) is None
     assert call_prompt('{"not json')["messages"] == [{"role": "raw", "content": '{"not json'}]
+
+
+def test_a_huge_prompt_is_cut_so_the_joined_trace_stays_readable():
+    huge = anthropic_call("c1", 1.0, "é" * (MAX_JOINED_CHARS * 3), "A")  # non-ASCII: more bytes than characters
+    data = joined_trace_bytes(bare_trace(), [huge, anthropic_call("c2", 2.0, "small", "B")])
+    assert len(data) <= MAX_TRACE_FILE_BYTES
+    steps = json.loads(data)["steps"]
+    assert steps[0]["inputs"]["messages"][0]["content"].endswith(" chars]") and steps[1]["output"] == "B"
+    assert joined_trace_bytes(bare_trace(), []) is None
 
 
 def test_scoring_joins_only_when_asked_and_with_this_examples_calls(tmp_path):

@@ -61,7 +61,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -276,17 +276,17 @@ def text_tokens(text: str) -> list[str]:
     return re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold())
 
 
-def _shingles(tokens: list[str]) -> set[tuple[str, ...]]:
-    return {tuple(tokens[i:i + SHINGLE]) for i in range(len(tokens) - SHINGLE + 1)}
+def _shingles(tokens: list[str]) -> Iterator[tuple[str, ...]]:
+    return zip(*(tokens[i:] for i in range(SHINGLE)))
 
 
 class ParsedPrompt:
-    """One model call's prompt, tokenized once for all the passages checked against it."""
+    """One model call's prompt, tokenized once for all the passages checked against it (its 3-grams are
+    scanned, never stored: a huge prompt costs time linear in its size, and memory for its tokens only)."""
 
     def __init__(self, text: str):
-        tokens = text_tokens(text)
-        self.joined = f" {' '.join(tokens)} "
-        self.shingles = _shingles(tokens)
+        self.tokens = text_tokens(text)
+        self.joined = f" {' '.join(self.tokens)} "
 
 
 def passage_reached(passage: str, prompt: str | ParsedPrompt, overlap: float) -> bool:
@@ -299,8 +299,11 @@ def passage_reached(passage: str, prompt: str | ParsedPrompt, overlap: float) ->
         return True  # an empty passage cannot be missing
     if f" {' '.join(tokens)} " in prompt.joined:
         return True
-    mine = _shingles(tokens)
-    return bool(mine) and len(mine & prompt.shingles) / len(mine) >= overlap
+    mine = set(_shingles(tokens))
+    if not mine:
+        return False
+    found = {g for g in _shingles(prompt.tokens) if g in mine}
+    return len(found) / len(mine) >= overlap
 
 
 def _text_rule(texts: list[str], gold: list[str], prompts: list[str], t: LadderThresholds) -> ExampleDiagnosis | None:

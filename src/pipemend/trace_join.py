@@ -28,8 +28,11 @@ import json
 from typing import Any
 
 JOINED_SOURCE = "call_log"
-MAX_TEXT_CHARS = 400_000
-"""Each message's text is cut here (a prompt past it is not a prompt a passage is looked for in)."""
+MAX_JOINED_CHARS = 4_000_000
+"""The text of all of a trace's joined prompts and answers together; each text gets an equal share (a
+prompt's text past its share is cut, and a passage there is not found in it)."""
+MAX_TRACE_FILE_BYTES = 16 << 20
+"""A joined trace must stay readable by every host reader (``fsutil.read_regular``'s default cap)."""
 
 
 def is_unmarked(trace: dict[str, Any]) -> bool:
@@ -40,8 +43,8 @@ def is_unmarked(trace: dict[str, Any]) -> bool:
     return all(isinstance(s, dict) and s.get("source") == JOINED_SOURCE for s in steps)
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_TEXT_CHARS else text[:MAX_TEXT_CHARS] + f" ... [+{len(text) - MAX_TEXT_CHARS} chars]"
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f" ... [+{len(text) - limit} chars]"
 
 
 def content_text(content: Any) -> str:
@@ -68,11 +71,12 @@ def content_text(content: Any) -> str:
     return "\n".join(parts)
 
 
-def call_prompt(request: Any) -> dict[str, Any]:
-    """``{"model", "system", "messages": [{"role", "content"}]}`` of a call-log ``request`` (either API);
-    a request the gateway could not parse (logged raw) is one message of its text."""
+def call_prompt(request: Any, limit: int = MAX_JOINED_CHARS) -> dict[str, Any]:
+    """``{"model", "system", "messages": [{"role", "content"}]}`` of a call-log ``request`` (either API), each
+    text cut at ``limit`` characters (an OpenAI assistant turn's ``tool_calls`` are shown in its content); a
+    request the gateway could not parse (logged raw) is one message of its text."""
     if isinstance(request, str):
-        return {"model": None, "system": None, "messages": [{"role": "raw", "content": _cut(request)}]}
+        return {"model": None, "system": None, "messages": [{"role": "raw", "content": _cut(request, limit)}]}
     if not isinstance(request, dict):
         return {"model": None, "system": None, "messages": []}
     system = request.get("system")
@@ -80,17 +84,18 @@ def call_prompt(request: Any) -> dict[str, Any]:
     for m in request.get("messages") or []:
         if not isinstance(m, dict):
             continue
-        msg: dict[str, Any] = {"role": str(m.get("role")), "content": _cut(content_text(m.get("content")))}
+        text = content_text(m.get("content"))
         if m.get("tool_calls"):
-            msg["tool_calls"] = m["tool_calls"]
-        messages.append(msg)
-    return {"model": request.get("model"), "system": _cut(content_text(system)) if system is not None else None,
-            "messages": messages}
+            text += ("\n" if text else "") + json.dumps(m["tool_calls"], ensure_ascii=False, default=str)
+        messages.append({"role": str(m.get("role")), "content": _cut(text, limit)})
+    model = request.get("model")
+    return {"model": model if isinstance(model, str) else None,
+            "system": _cut(content_text(system), limit) if system is not None else None, "messages": messages}
 
 
-def call_answer(response: Any) -> Any:
-    """The answer of a call-log ``response`` (either API): its text, or ``{"text", "tool_calls"}`` when the
-    model called tools; None when there is no response (an error)."""
+def call_answer(response: Any, limit: int = MAX_JOINED_CHARS) -> Any:
+    """The answer of a call-log ``response`` (either API): its text (cut at ``limit``), or ``{"text",
+    "tool_calls"}`` when the model called tools; None when there is no response (an error)."""
     if not isinstance(response, dict):
         return None
     tool_calls: list[Any] = []
@@ -106,7 +111,7 @@ def call_answer(response: Any) -> Any:
         blocks = response.get("content") if isinstance(response.get("content"), list) else []
         text = "".join(b["text"] for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str))
         tool_calls = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
-    text = _cut(text)
+    text = _cut(text, limit)
     return {"text": text, "tool_calls": tool_calls} if tool_calls else text
 
 
@@ -124,10 +129,19 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def generation_steps(calls: list[dict[str, Any]], recorded: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def _texts_in(row: dict[str, Any]) -> int:
+    request = row.get("request")
+    n = len(request.get("messages") or []) + 1 if isinstance(request, dict) else 1
+    return n + 1  # and the answer
+
+
+def generation_steps(calls: list[dict[str, Any]], recorded: dict[str, dict[str, Any]] | None = None, *,
+                     max_chars: int = MAX_JOINED_CHARS) -> list[dict[str, Any]]:
     """One ``generation`` step (``pipemend-1`` shape, ``"source": "call_log"``) per call-log row, in call order.
-    ``recorded``: the trace's own ``llm_calls`` entries by ``call_id``, kept on their steps."""
+    ``recorded``: the trace's own ``llm_calls`` entries by ``call_id``, kept on their steps. Each text (system,
+    message, answer) is cut at an equal share of ``max_chars``."""
     recorded = recorded or {}
+    limit = max(1, max_chars // max(1, sum(_texts_in(row) for row in calls)))
     order = sorted(range(len(calls)), key=lambda i: (_num(calls[i].get("t")), i))
     steps = []
     for n, i in enumerate(order, start=1):
@@ -136,8 +150,8 @@ def generation_steps(calls: list[dict[str, Any]], recorded: dict[str, dict[str, 
         start = _num(row.get("t"))
         steps.append({
             "id": f"call{n}", "parent": None, "name": f"model call {n}", "kind": "generation",
-            "inputs": call_prompt(row.get("request")), "output": call_answer(row.get("response")), "doc_ids": None,
-            "logs": [], "start": start, "end": start + _num(row.get("latency_s")),
+            "inputs": call_prompt(row.get("request"), limit), "output": call_answer(row.get("response"), limit),
+            "doc_ids": None, "logs": [], "start": start, "end": start + _num(row.get("latency_s")),
             "error": None if not err else {"type": "GatewayError", "message": json.dumps(err, default=str)[:2000],
                                            "traceback": None},
             "llm_calls": [_call_record(row, recorded.get(str(row.get("call_id"))))],
@@ -150,7 +164,8 @@ def _joined(step: Any) -> bool:
     return isinstance(step, dict) and step.get("source") == JOINED_SOURCE
 
 
-def join_calls(trace: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any] | None:
+def join_calls(trace: dict[str, Any], calls: list[dict[str, Any]], *,
+               max_chars: int = MAX_JOINED_CHARS) -> dict[str, Any] | None:
     """``trace`` with a generation step per call (``calls``: the example's call-log rows, in any order) when the
     pipeline marked no step; None when nothing changes.
 
@@ -166,8 +181,23 @@ def join_calls(trace: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, 
     own = [c for c in trace.get("llm_calls") or [] if isinstance(c, dict)]
     recorded = {str(c["call_id"]): c for c in own if c.get("call_id")}
     joined_ids = {str(row.get("call_id")) for row in calls}
-    return {**trace, "steps": generation_steps(calls, recorded),
+    return {**trace, "steps": generation_steps(calls, recorded, max_chars=max_chars),
             "llm_calls": [c for c in own if str(c.get("call_id")) not in joined_ids]}
+
+
+def joined_trace_bytes(trace: dict[str, Any], calls: list[dict[str, Any]]) -> bytes | None:
+    """``join_calls`` encoded as the trace file (UTF-8 JSON), its texts cut further until the file fits
+    ``MAX_TRACE_FILE_BYTES``; None when nothing changes (or even the shortest join would not fit)."""
+    max_chars = MAX_JOINED_CHARS
+    while max_chars >= 1000:
+        joined = join_calls(trace, calls, max_chars=max_chars)
+        if joined is None:
+            return None
+        data = json.dumps(joined, ensure_ascii=False, indent=1, default=str).encode("utf-8") + b"\n"
+        if len(data) <= MAX_TRACE_FILE_BYTES:
+            return data
+        max_chars //= 4
+    return None
 
 
 def prompt_texts(trace: dict[str, Any] | None) -> list[str]:
