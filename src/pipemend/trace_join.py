@@ -4,8 +4,8 @@ A pipeline written without ``pipemend.trace`` leaves a trace with no steps and
 its model calls hanging off the example (``llm_calls`` holds only ids and
 token counts). The host knows more: the gateway's call log
 (``RUN_DIR/gateway/calls.jsonl``) holds each call's request and answer.
-``join_calls`` turns such a trace into one with a ``generation`` step per call,
-in call order (the call log's ``t``, when the gateway took the request), whose
+``join_calls`` turns such a trace (no steps, or only joined ones) into one
+with a ``generation`` step per call, in call order (the call log's ``t``, when the gateway took the request), whose
 ``inputs`` are the prompt (``model``, ``system``, ``messages`` as text, either
 API's shape: Anthropic Messages or OpenAI Chat Completions) and whose
 ``output`` is the answer's text (with ``tool_calls`` when the model called
@@ -33,14 +33,6 @@ MAX_JOINED_CHARS = 4_000_000
 prompt's text past its share is cut, and a passage there is not found in it)."""
 MAX_TRACE_FILE_BYTES = 16 << 20
 """A joined trace must stay readable by every host reader (``fsutil.read_regular``'s default cap)."""
-
-
-def is_unmarked(trace: dict[str, Any]) -> bool:
-    """The pipeline marked no step: the trace has no steps, or only steps joined from the call log."""
-    steps = trace.get("steps")
-    if not isinstance(steps, list):
-        return steps is None
-    return all(isinstance(s, dict) and s.get("source") == JOINED_SOURCE for s in steps)
 
 
 def _cut(text: str, limit: int) -> str:
