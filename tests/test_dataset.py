@@ -39,10 +39,14 @@ ROW_ERRORS = {
     "no id": (['{"inputs": {}}'], "line 2", "row has no `id`", None),
     "no inputs": (['{"id": "b"}'], "line 2", "row has no `inputs`", None),
     "inputs not object": (['{"id": "b", "inputs": "hello"}'], "line 2", "`inputs` is a str", "JSON object"),
-    "unknown key": (['{"id": "b", "inputs": {}, "label": 1}'], "line 2", "unknown key(s) 'label'", "only id, inputs, expected, evidence"),
+    "unknown key": (['{"id": "b", "inputs": {}, "label": 1}'], "line 2", "unknown key(s) 'label'", "only id, inputs, expected, evidence, evidence_text"),
     "duplicate id": (['{"id": "a", "inputs": {}}'], "line 2", "duplicate id 'a' (first on line 1)", "unique ids"),
     "id with slash": (['{"id": "../x", "inputs": {}}'], "line 2", "cannot name a trace file", None),
     "bad evidence": (['{"id": "b", "inputs": {}, "evidence": "d1"}'], "line 2", "`evidence` is not a list", None),
+    "evidence_text not a list": (['{"id": "b", "inputs": {}, "evidence_text": "Paris is..."}'], "line 2",
+                                 "`evidence_text` is a str", "a list of strings"),
+    "evidence_text of numbers": (['{"id": "b", "inputs": {}, "evidence_text": ["ok", 3]}'], "line 2",
+                                 "`evidence_text` is a list holding int", "a list of strings"),
     "reserved id": (['{"id": "<startup>", "inputs": {}}'], "line 2", "`id` '<startup>' is reserved", "not of the form <name>"),
 }
 
@@ -168,3 +172,81 @@ def test_tampered_frozen_file_is_refused(target: Path, tmp_path: Path) -> None:
         FrozenTarget.open(tmp_path / "run")
     with pytest.raises(UsageError, match="not a pipemend run directory"):
         FrozenTarget.open(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- gold evidence text: rows and a corpus
+
+
+def test_rows_carry_evidence_text_beside_evidence_and_never_seal_it_in(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "rows.jsonl", [
+        '{"id": "a", "inputs": {"q": 1}, "evidence": ["d1"], "evidence_text": ["Paris is the capital."]}'])
+    [row] = load_rows(path)
+    assert row.evidence == ["d1"] and row.evidence_text == ["Paris is the capital."]
+    assert row.sealed() == {"id": "a", "inputs": {"q": 1}}
+
+
+def with_corpus(target: Path, corpus_lines: list[str], rel: str = "corpus.jsonl") -> Path:
+    """echo_qa with evidence ids on its first two rows and a corpus file named in the manifest."""
+    rows = [json.loads(line) for line in (target / "data.jsonl").read_text().splitlines()]
+    rows[0]["evidence"], rows[1]["evidence"] = ["d1", "d2"], ["d2"]
+    rows[1]["evidence_text"] = ["the row's own text wins"]
+    (target / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_lines(target / rel, corpus_lines)
+    data = yaml.safe_load((target / "pipemend.yaml").read_text())
+    data["dataset"]["corpus"] = rel
+    (target / "pipemend.yaml").write_text(yaml.safe_dump(data))
+    return target / rel
+
+
+CORPUS = ['{"id": "d1", "text": "one"}', '{"id": "d2", "text": "two", "title": "Two"}', '{"id": 3, "text": "three"}']
+
+
+def test_a_corpus_fills_evidence_text_of_rows_that_have_none_and_is_frozen(target: Path, tmp_path: Path) -> None:
+    with_corpus(target, CORPUS)
+    by_id = {ex.id: ex for rows in load_splits(load_manifest(target), target).values() for ex in rows}
+    assert by_id["q-01"].evidence_text == ["one", "two"]
+    assert by_id["q-02"].evidence_text == ["the row's own text wins"]
+    assert by_id["q-03"].evidence_text is None
+    frozen = freeze_target(target, load_manifest(target), tmp_path / "run")
+    assert (frozen.dir / "corpus.jsonl").is_file()
+    (target / "corpus.jsonl").write_text('{"id": "d1", "text": "moved"}\n')
+    assert FrozenTarget.open(tmp_path / "run").examples_by_id()["q-01"].evidence_text == ["one", "two"]
+
+
+CORPUS_ERRORS = {
+    "no text": (['{"id": "d1"}'], "line 1", "`text` is NoneType", "the document's text"),
+    "text not a string": (['{"id": "d1", "text": ["x"]}'], "line 1", "`text` is list", None),
+    "bad id": (['{"id": true, "text": "x"}'], "line 1", "`id` is bool", None),
+    "unknown key": (['{"id": "d1", "text": "x", "body": "y"}'], "line 1", "unknown key(s) 'body'", "only id, text, title"),
+    "duplicate": ([*CORPUS, '{"id": "d1", "text": "again"}'], "line 4", "duplicate id 'd1'", None),
+    "not json": ([*CORPUS, "{oops"], "line 4", "not valid JSON", None),
+    "gold id missing": (['{"id": "d1", "text": "one"}'], "id 'd2'", "evidence id of example 'q-01' is not in the corpus", None),
+}
+
+
+@pytest.mark.parametrize("case", list(CORPUS_ERRORS))
+def test_corpus_errors_name_the_file_and_the_line_or_id(case: str, target: Path) -> None:
+    lines, where, problem, expected = CORPUS_ERRORS[case]
+    corpus = with_corpus(target, lines)
+    with pytest.raises(ConfigError) as e:
+        load_splits(load_manifest(target), target)
+    assert (e.value.file, e.value.where) == (str(corpus), where)
+    assert problem in e.value.problem
+    if expected:
+        assert expected in (e.value.expected or "")
+
+
+@pytest.mark.parametrize("corpus, problem", [
+    ("../outside.jsonl", "expected a file path relative to the target folder"),
+    ("/etc/passwd", "expected a file path relative to the target folder"),
+    ("docs/*.jsonl", "no glob"),
+    ("absent.jsonl", "file not found"),
+])
+def test_a_bad_corpus_path_is_a_manifest_error_at_dataset_corpus(corpus: str, problem: str, target: Path) -> None:
+    data = yaml.safe_load((target / "pipemend.yaml").read_text())
+    data["dataset"]["corpus"] = corpus
+    (target / "pipemend.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_manifest(target)
+    assert e.value.file == str(target / "pipemend.yaml") and e.value.where == "dataset.corpus"
+    assert problem in e.value.problem or problem in (e.value.expected or "")

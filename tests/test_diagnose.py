@@ -73,7 +73,24 @@ def test_retrieval_rule_is_skipped_without_evidence_labels_or_doc_ids():
     tr = trace(step("retrieve", "retrieval", doc_ids=["d9"]), step("answer", "generation", output="Lyon"))
     assert diag("Lyon", tr, evidence=None).rung == "model"
     no_docs = trace(step("answer", "generation", output="Lyon"))
-    assert diag("Lyon", no_docs).rung == "model"
+    assert diag("Lyon", no_docs, evidence=None).rung == "model"
+
+
+def test_evidence_labels_without_doc_ids_or_text_are_unattributed_not_prompt():
+    no_docs = trace(step("answer", "generation", output="Lyon"))
+    d = diag("Lyon", no_docs)
+    assert (d.rung, d.rule) == ("unattributed", "no_retrieval_signal")
+    assert d.evidence.startswith("unattributed: no retrieval step and no evidence text")
+    assert d.unjudged == ["retrieval", "context"]
+    # a verbose answer is no proof of a prompt failure when the evidence may never have reached the model
+    wordy = "The context does not say which city it is, so I cannot answer"
+    assert diag(wordy, trace(step("answer", "generation", output=wordy))).rung == "unattributed"
+    undeclared = trace(step("retrieve", "retrieval"), step("answer", "generation", output="Lyon"))
+    assert "retrieval steps declare no doc_ids" in diag("Lyon", undeclared).evidence
+    assert diag("Lyon", None).rung == "unattributed"
+    # rules showing the answer was known still fire: retrieval is not what failed
+    assert diag("It is Paris.", no_docs).rule == "extra_text"
+    assert diag("PARIS.", no_docs).rule == "form"
 
 
 def test_retrieval_that_returned_nothing_is_retrieval():
@@ -200,14 +217,15 @@ def test_diagnose_eval_dir_counts_ids_and_json(tmp_path):
     eval_dir, examples = _write_eval_dir(tmp_path)
     d = diagnose_eval_dir(eval_dir, examples)
     assert d.n_examples == 7 and d.n_failed == 6 and d.errors == 1 and d.error_ids == ["q5"]
-    # q4's torn trace leaves no doc ids to judge by: retrieval and context can't fire, so model
-    assert d.counts == {"prompt": 1, "retrieval": 1, "context": 1, "model": 2}
-    assert d.ids == {"prompt": ["q2"], "retrieval": ["q1"], "context": ["q3"], "model": ["q4", "q6"]}
+    # q4's torn trace leaves nothing to judge its retrieval by: unattributed, on no rung
+    assert d.counts == {"prompt": 1, "retrieval": 1, "context": 1, "model": 1}
+    assert d.ids == {"prompt": ["q2"], "retrieval": ["q1"], "context": ["q3"], "model": ["q6"]}
+    assert d.unattributed == 1 and d.unattributed_ids == ["q4"] and d.details["q4"].rung == "unattributed"
     assert d.details["q2"].rule in {"parse_error", "empty_output"}
     assert d.recommended == "prompt"
 
     data = d.to_json()
-    assert data["format"] == "pipemend-diagnosis-1"
+    assert data["format"] == "pipemend-diagnosis-2"
     assert data["counts"] == d.counts and data["recommended"] == "prompt"
     assert json.loads(json.dumps(data)) == data
     assert Diagnosis.from_json(data) == d
@@ -238,7 +256,8 @@ def test_render_shows_rungs_shares_ids_and_recommendation(tmp_path):
     console = Console(record=True, width=120)
     console.print(render_diagnosis(diagnose_eval_dir(eval_dir, examples)))
     text = console.export_text()
-    for needle in ("prompt", "retrieval", "context", "model", "error", "q4, q6", "40%", "try the prompt rung"):
+    for needle in ("prompt", "retrieval", "context", "model", "error", "unattributed", "q4", "25%",
+                   "try the prompt rung"):
         assert needle in text, needle
 
 

@@ -2,8 +2,12 @@
 
 ``load_rows`` reads a JSONL file strictly (errors name the file and line);
 ``load_splits`` cuts it into train/val/test by a seeded shuffle of ids, or
-reads explicit per-split files. ``freeze_target`` copies the manifest, the
-data and a custom metric into ``RUN_DIR/frozen/`` at the run's start: every
+reads explicit per-split files. Gold evidence comes as ids (``evidence``) and,
+optionally, as text: a row's own ``evidence_text`` (a list of strings), or,
+when the manifest names a corpus (``dataset.corpus``: JSONL rows ``{"id",
+"text"}``), the corpus text of each ``evidence`` id, which ``load_splits`` puts
+into ``Example.evidence_text`` of the rows that carry none (``load_corpus``).
+``freeze_target`` copies the manifest, the data (the corpus too) and a custom metric into ``RUN_DIR/frozen/`` at the run's start: every
 score of the run comes from that copy, never from a candidate's files.
 """
 
@@ -16,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,14 +30,15 @@ from .manifest import MANIFEST_NAME, load_manifest
 from .metrics import load_metric
 
 SPLITS = ("train", "val", "test")
-ROW_KEYS = ("id", "inputs", "expected", "evidence")
+ROW_KEYS = ("id", "inputs", "expected", "evidence", "evidence_text")
+CORPUS_KEYS = ("id", "text", "title")
 FROZEN_DIR = "frozen"
 FROZEN_FORMAT = "pipemend-frozen-1"
 MAX_ID_LEN = 200
 
 
 class Example(BaseModel):
-    """One dataset row. ``expected`` and ``evidence`` are labels: they stay on the host."""
+    """One dataset row. ``expected``, ``evidence`` and ``evidence_text`` are labels: they stay on the host."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +46,9 @@ class Example(BaseModel):
     inputs: dict[str, Any]
     expected: Any = None
     evidence: list[str] | None = Field(None, description="Ids of gold supporting documents, if known.")
+    evidence_text: list[str] | None = Field(None, description=(
+        "Texts of the gold supporting passages, if known: the row's own, else the corpus text of each `evidence` "
+        "id (`dataset.corpus`). The diagnosis checks whether each reached a model call's prompt."))
     split: str | None = None
 
     def sealed(self) -> dict[str, Any]:
@@ -62,8 +70,27 @@ def _check_id(value: Any, path: Path, where: str) -> str:
     return sid
 
 
+def _json_objects(lines: Iterable[str], path: Path, keys: tuple[str, ...], shape: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank JSONL line, each an object holding only ``keys`` (errors name
+    the file and line)."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"line {n}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", f"an object {shape}")
+        unknown = sorted(set(raw) - set(keys))
+        if unknown:
+            raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(keys)}")
+        yield n, raw
+
+
 def load_rows(path: str | Path) -> list[Example]:
-    """Read JSONL rows ``{"id", "inputs", "expected"?, "evidence"?}``; blank lines are skipped."""
+    """Read JSONL rows ``{"id", "inputs", "expected"?, "evidence"?, "evidence_text"?}``; blank lines are skipped."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -73,19 +100,8 @@ def load_rows(path: str | Path) -> list[Example]:
         raise ConfigError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})", "a UTF-8 JSONL file") from None
     rows: list[Example] = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, raw in _json_objects(text.splitlines(), path, ROW_KEYS, '{"id", "inputs", ...}'):
         where = f"line {n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", 'an object {"id", "inputs", ...}')
-        unknown = sorted(set(raw) - set(ROW_KEYS))
-        if unknown:
-            raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(ROW_KEYS)}")
         for key in ("id", "inputs"):
             if key not in raw:
                 raise ConfigError(path, where, f"row has no `{key}`", 'rows {"id", "inputs", "expected", "evidence"?}')
@@ -95,14 +111,72 @@ def load_rows(path: str | Path) -> list[Example]:
         ev = raw.get("evidence")
         if ev is not None and (not isinstance(ev, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in ev)):
             raise ConfigError(path, where, "`evidence` is not a list of ids", "a list of document id strings, or no `evidence`")
+        texts = raw.get("evidence_text")
+        if texts is not None and (not isinstance(texts, list) or not all(isinstance(x, str) for x in texts)):
+            got = f"a {type(texts).__name__}" if not isinstance(texts, list) else "a list holding " + ", ".join(
+                sorted({type(x).__name__ for x in texts if not isinstance(x, str)}))
+            raise ConfigError(path, where, f"`evidence_text` is {got}",
+                              "a list of strings (the gold passages' texts), or no `evidence_text`")
         if sid in seen:
             raise ConfigError(path, where, f"duplicate id {sid!r} (first on line {seen[sid]})", "unique ids")
         seen[sid] = n
         rows.append(Example(id=sid, inputs=raw["inputs"], expected=raw.get("expected"),
-                            evidence=[str(x) for x in ev] if ev is not None else None))
+                            evidence=[str(x) for x in ev] if ev is not None else None, evidence_text=texts))
     if not rows:
         raise ConfigError(path, None, "no rows", "at least one JSONL row")
     return rows
+
+
+def load_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, str]:
+    """The texts of a corpus file of JSONL rows ``{"id", "text", "title"?}`` (``dataset.corpus``), by id.
+
+    Read line by line and checked strictly (errors name the file and line); only the ids in ``wanted`` are
+    kept (all when None), so a large corpus costs the gold passages' memory, not its own.
+    """
+    path = Path(path)
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, None, "corpus file not found", 'a JSONL file of {"id", "text"} rows') from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read the corpus file ({e.strerror})", 'a JSONL file of {"id", "text"} rows') from None
+    with f:
+        try:
+            for n, raw in _json_objects(f, path, CORPUS_KEYS, '{"id", "text"}'):
+                where = f"line {n}"
+                doc_id = raw.get("id")
+                if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                    raise ConfigError(path, where, f"`id` is {type(doc_id).__name__}", "a document id string")
+                if not isinstance(raw.get("text"), str):
+                    raise ConfigError(path, where, f"`text` is {type(raw.get('text')).__name__}", "the document's text as a string")
+                sid = str(doc_id)
+                if sid in seen:
+                    raise ConfigError(path, where, f"duplicate id {sid!r}", "unique document ids")
+                seen.add(sid)
+                if wanted is None or sid in wanted:
+                    out[sid] = raw["text"]
+        except UnicodeDecodeError as e:
+            raise ConfigError(path, None, f"not UTF-8 text ({e.reason})", "a UTF-8 JSONL file") from None
+    if not seen:
+        raise ConfigError(path, None, "no rows", 'at least one {"id", "text"} row')
+    return out
+
+
+def _with_corpus_texts(rows: dict[str, list[Example]], corpus: Path) -> None:
+    """Fill ``evidence_text`` from the corpus for rows that carry ``evidence`` ids and no text of their own;
+    an ``evidence`` id the corpus lacks is a ``ConfigError`` naming it and its example."""
+    wanted = {g for split in rows.values() for ex in split for g in ex.evidence or []}
+    texts = load_corpus(corpus, wanted)
+    for split in rows.values():
+        for i, ex in enumerate(split):
+            missing = [g for g in ex.evidence or [] if g not in texts]
+            if missing:
+                raise ConfigError(corpus, f"id {missing[0]!r}", f"evidence id of example {ex.id!r} is not in the corpus",
+                                  "every `evidence` id of the dataset among the corpus rows' ids")
+            if ex.evidence and ex.evidence_text is None:
+                split[i] = ex.model_copy(update={"evidence_text": [texts[g] for g in ex.evidence]})
 
 
 def split_ids(ids: list[str], train: float, val: float, seed: int) -> dict[str, set[str]]:
@@ -116,7 +190,8 @@ def split_ids(ids: list[str], train: float, val: float, seed: int) -> dict[str, 
 
 
 def load_splits(manifest: Any, target_dir: str | Path) -> dict[str, list[Example]]:
-    """``{"train": [...], "val": [...], "test": [...]}``, each in file order, each Example's ``split`` set."""
+    """``{"train": [...], "val": [...], "test": [...]}``, each in file order, each Example's ``split`` set (and its
+    ``evidence_text`` from the corpus, when the manifest names one and the row carries none)."""
     target_dir = Path(target_dir)
     ds = manifest.dataset
     out: dict[str, list[Example]] = {}
@@ -132,11 +207,13 @@ def load_splits(manifest: Any, target_dir: str | Path) -> dict[str, list[Example
                 where_seen[ex.id] = split
                 ex.split = split
             out[split] = rows
-        return out
-    rows = load_rows(target_dir / ds.path)
-    cut = split_ids([r.id for r in rows], ds.split.train, ds.split.val, ds.split.seed)
-    for split in SPLITS:
-        out[split] = [r.model_copy(update={"split": split}) for r in rows if r.id in cut[split]]
+    else:
+        rows = load_rows(target_dir / ds.path)
+        cut = split_ids([r.id for r in rows], ds.split.train, ds.split.val, ds.split.seed)
+        for split in SPLITS:
+            out[split] = [r.model_copy(update={"split": split}) for r in rows if r.id in cut[split]]
+    if ds.corpus is not None:
+        _with_corpus_texts(out, target_dir / ds.corpus)
     return out
 
 
@@ -161,8 +238,8 @@ def _sha256(path: Path) -> str:
 
 
 def frozen_files(manifest: Any) -> list[str]:
-    """Target-relative files a run freezes: the manifest, the data files, a custom metric file and a file of
-    must-pass ids (``gates.must_pass``)."""
+    """Target-relative files a run freezes: the manifest, the data files, the evidence corpus, a custom metric
+    file and a file of must-pass ids (``gates.must_pass``)."""
 
     files = [MANIFEST_NAME]
     ds = manifest.dataset
@@ -170,6 +247,8 @@ def frozen_files(manifest: Any) -> list[str]:
         files.append(ds.path)
     if ds.files:
         files += [ds.files.train, ds.files.val, ds.files.test]
+    if ds.corpus:
+        files.append(ds.corpus)
     if ":" in manifest.metric and manifest.metric.split(":", 1)[0].endswith(".py"):
         files.append(manifest.metric.split(":", 1)[0])
     must_pass = manifest.gates.must_pass

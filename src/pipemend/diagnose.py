@@ -4,11 +4,32 @@ For every example scoring below ``pass_threshold``, the rules run in this
 order and the first that fires names its rung:
 
 1. **error** (not a rung): the runner reported an error or timeout, or no result.
-2. **retrieval** (only with evidence labels, and only when the trace declares
-   any ``doc_ids``): some gold evidence id never reached a generation step —
-   the union of the generation steps' ``doc_ids`` (or, when no generation
-   step declares any, of the retrieval steps') lacks it. The detail says
-   whether the gold was retrieved and then dropped before generation.
+2. **retrieval** (only with evidence labels), judged from either signal:
+   - ids, when the trace declares any ``doc_ids``: some gold evidence id never
+     reached a generation step — the union of the generation steps' ``doc_ids``
+     (or, when no generation step declares any, of the retrieval steps') lacks
+     it (``missing_gold``; ``dropped_before_generation`` when it was retrieved
+     and then dropped);
+   - text, when the example's gold passages have text (``evidence_text``: the
+     row's, or the corpus's for its ``evidence`` ids) and the trace holds model
+     prompts (the generation steps joined from the call log for a pipeline
+     that marks no steps, ``trace_join``): some gold passage reached no
+     model call's prompt (``gold_text_missing``). A passage reached a prompt
+     when, both normalized (NFKC, case-folded, cut into word tokens), the
+     passage's tokens appear there as one run (a substring on token
+     boundaries), or at least ``evidence_text_overlap`` (0.7) of its word
+     3-grams appear there: a near copy, re-wrapped, lightly edited or cut
+     short (one changed word in a 16-word passage costs 3 of its 14 3-grams;
+     losing a third of it is a miss). It is containment, not similarity, so a
+     long prompt holding many passages still holds this one, while the same
+     words scattered over other passages do not. Passages under three tokens
+     need the exact run.
+   When the example has evidence labels but neither signal, retrieval cannot
+   be judged: the example is **unattributed** (not a rung, like errors) unless
+   a rule below shows that the answer itself was known or its format broke
+   (``parse_error``, ``form``, ``extra_text``, ``dropped_answer``), since
+   missing evidence explains every other failure as well as the prompt,
+   context or model would.
 3. **prompt**, first matching rule: ``parse_error`` (a ``parse`` step errored
    or returned nothing), ``empty_output``, ``form`` (the output equals an
    expected answer once normalized, yet the metric failed it), ``extra_text``
@@ -23,14 +44,24 @@ order and the first that fires names its rung:
 5. **model**: none of the above; rule ``still_wrong``.
 
 The recommended rung is the cheapest (prompt, retrieval, context, model)
-whose share of the rung failures reaches ``min_share``, else the largest.
+whose share of the rung failures reaches ``min_share``, else the largest;
+errors and unattributed failures never count towards it. Each example's
+``unjudged`` lists the rungs whose rules lacked the signal to run
+(``retrieval``: no doc_ids and no checkable evidence text; ``context``: no
+document list).
+
+``DIAGNOSIS_FORMAT`` is ``pipemend-diagnosis-2`` (adds ``unattributed``,
+``unattributed_ids``, ``unjudged`` per example and the
+``evidence_text_overlap`` threshold); ``Diagnosis.from_json`` reads ``-1`` too.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,8 +71,13 @@ from .errors import ConfigError, UsageError
 from .fsutil import atomic_write_json, read_json, read_jsonl
 from .manifest import RUNGS
 from .metrics import METRIC_ERROR_PREFIX, answer_text, expected_answers, normalize_answer
+from .trace_join import prompt_texts
 
-DIAGNOSIS_FORMAT = "pipemend-diagnosis-1"
+DIAGNOSIS_FORMAT = "pipemend-diagnosis-2"
+READABLE_FORMATS = ("pipemend-diagnosis-1", DIAGNOSIS_FORMAT)
+SHINGLE = 3
+ANSWER_RULES = ("parse_error", "form", "extra_text", "dropped_answer")
+"""Prompt rules that hold whether or not the evidence reached the model (it knew the answer, or broke format)."""
 
 
 class LadderThresholds(BaseModel):
@@ -63,6 +99,10 @@ class LadderThresholds(BaseModel):
     min_share: float = Field(
         0.15, ge=0.0, le=1.0,
         description="Recommend the cheapest rung holding at least this share of the rung failures.")
+    evidence_text_overlap: float = Field(
+        0.7, gt=0.0, le=1.0,
+        description="A gold passage reached a prompt when this share of its word 3-grams is there (or it is "
+                    "there whole, normalized).")
 
 
 class ExampleDiagnosis(BaseModel):
@@ -70,10 +110,13 @@ class ExampleDiagnosis(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rung: Literal["prompt", "retrieval", "context", "model", "error"]
+    rung: Literal["prompt", "retrieval", "context", "model", "error", "unattributed"]
     rule: str = Field(description="The rule that fired, e.g. `verbose` or `missing_gold`.")
     evidence: str = Field("", description="A short human-readable reason.")
     score: float = 0.0
+    unjudged: list[str] = Field(default_factory=list, description=(
+        "Rungs whose rules lacked the signal to run: `retrieval` (no doc_ids, no checkable evidence text), "
+        "`context` (no document list)."))
 
 
 class Diagnosis(BaseModel):
@@ -87,6 +130,10 @@ class Diagnosis(BaseModel):
     n_failed: int = Field(0, description="Examples below pass_threshold, errors included.")
     ids: dict[str, list[str]] = Field(default_factory=lambda: {r: [] for r in RUNGS})
     error_ids: list[str] = Field(default_factory=list)
+    unattributed: int = Field(0, description=(
+        "Failed examples with evidence labels whose retrieval cannot be judged (no doc_ids, no evidence text "
+        "reaching a known prompt) and no answer-level prompt rule: not a rung, never recommended."))
+    unattributed_ids: list[str] = Field(default_factory=list)
     details: dict[str, ExampleDiagnosis] = Field(default_factory=dict)
     recommended: str | None = Field(None, description="The rung to try next; None when nothing failed on a rung.")
     thresholds: LadderThresholds = Field(default_factory=LadderThresholds)
@@ -105,6 +152,9 @@ class Diagnosis(BaseModel):
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Diagnosis":
+        """Read a ``pipemend-diagnosis-2`` (or ``-1``: no unattributed bucket) object."""
+        if data.get("format", DIAGNOSIS_FORMAT) not in READABLE_FORMATS:
+            raise UsageError(f"diagnosis format {data.get('format')!r}: expected one of {', '.join(READABLE_FORMATS)}")
         return cls.model_validate({k: v for k, v in data.items() if k != "format"})
 
 
@@ -198,9 +248,13 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _declared_docs(trace: dict[str, Any] | None) -> tuple[list[str] | None, list[str] | None]:
+    """The ``doc_ids`` the trace's generation and retrieval steps declare (None: none declares any)."""
+    return _union(_steps(trace, "generation")), _union(_steps(trace, "retrieval"))
+
+
 def _retrieval_rule(gold: list[str], trace: dict[str, Any] | None) -> ExampleDiagnosis | None:
-    gen = _union(_steps(trace, "generation"))
-    ret = _union(_steps(trace, "retrieval"))
+    gen, ret = _declared_docs(trace)
     reached = gen if gen is not None else ret
     if reached is None:  # the trace says nothing about documents: can't tell
         return None
@@ -215,6 +269,63 @@ def _retrieval_rule(gold: list[str], trace: dict[str, Any] | None) -> ExampleDia
             rule = "dropped_before_generation"
             evidence += f"; {dropped} were retrieved but dropped before generation (context assembly)"
     return ExampleDiagnosis(rung="retrieval", rule=rule, evidence=evidence)
+
+
+def text_tokens(text: str) -> list[str]:
+    """Word tokens of ``text``, NFKC-normalized and case-folded (punctuation and spacing drop out)."""
+    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _shingles(tokens: list[str]) -> Iterator[tuple[str, ...]]:
+    return zip(*(tokens[i:] for i in range(SHINGLE)))
+
+
+class ParsedPrompt:
+    """One model call's prompt, tokenized once for all the passages checked against it (its 3-grams are
+    scanned, never stored: a huge prompt costs time linear in its size, and memory for its tokens only)."""
+
+    def __init__(self, text: str):
+        self.tokens = text_tokens(text)
+        self.joined = f" {' '.join(self.tokens)} "
+
+
+def passage_reached(passage: str, prompt: str | ParsedPrompt, overlap: float) -> bool:
+    """Whether a gold passage's text is in a prompt: as one normalized run of tokens, or (3+ tokens) with at
+    least ``overlap`` of its word 3-grams there (module docstring)."""
+    if isinstance(prompt, str):
+        prompt = ParsedPrompt(prompt)
+    tokens = text_tokens(passage)
+    if not tokens:
+        return True  # an empty passage cannot be missing
+    if f" {' '.join(tokens)} " in prompt.joined:
+        return True
+    mine = set(_shingles(tokens))
+    if not mine:
+        return False
+    found = {g for g in _shingles(prompt.tokens) if g in mine}
+    return len(found) / len(mine) >= overlap
+
+
+def _text_rule(texts: list[str], gold: list[str], prompts: list[str], t: LadderThresholds) -> ExampleDiagnosis | None:
+    parsed = [ParsedPrompt(p) for p in prompts]
+    missing = [i for i, text in enumerate(texts) if not any(passage_reached(text, p, t.evidence_text_overlap) for p in parsed)]
+    if not missing:
+        return None
+    names = [gold[i] for i in missing] if len(gold) == len(texts) else [f"#{i + 1}" for i in missing]
+    return ExampleDiagnosis(
+        rung="retrieval", rule="gold_text_missing",
+        evidence=f"{len(missing)} of {len(texts)} gold passage(s) ({', '.join(names)}) in none of the "
+                 f"{len(prompts)} model prompt(s)")
+
+
+def _unjudged_reason(trace: dict[str, Any] | None, texts: list[str]) -> str:
+    if trace is None:
+        return "no trace" + ("" if texts else " and no evidence text")
+    if texts:
+        return "no model prompt in the trace to check the evidence text against, and no doc_ids"
+    if _steps(trace, "retrieval"):
+        return "the retrieval steps declare no doc_ids and there is no evidence text"
+    return "no retrieval step and no evidence text"
 
 
 def _prompt_rule(
@@ -292,21 +403,41 @@ def diagnose_example(
     trace: dict[str, Any] | None,
     runner_error: str | None = None,
     thresholds: LadderThresholds | None = None,
+    evidence_text: list[str] | None = None,
 ) -> ExampleDiagnosis:
-    """The rung of one failed example (the caller decides that it failed)."""
+    """The rung of one failed example (the caller decides that it failed); ``unattributed`` when the example
+    has evidence labels but retrieval cannot be judged (module docstring)."""
     t = thresholds or LadderThresholds()
     if runner_error:
         return ExampleDiagnosis(rung="error", rule="runner_error", evidence=_short(runner_error))
     gold = [str(g) for g in evidence or []]
+    texts = [str(x) for x in evidence_text or []]
+    judged = False
     if gold:
         found = _retrieval_rule(gold, trace)
         if found:
             return found
-    found = _prompt_rule(output, expected, trace, t) or _context_rule(trace, gold, t)
-    if found:
-        return found
-    return ExampleDiagnosis(rung="model", rule="still_wrong",
-                            evidence=f"answered {_short(output, 40)!r}, expected {_short(expected, 40)!r}")
+        judged = _declared_docs(trace) != (None, None)
+    if not judged and texts:
+        prompts = prompt_texts(trace)
+        if prompts:
+            found = _text_rule(texts, gold, prompts, t)
+            if found:
+                return found
+            judged = True
+    unjudged = [] if judged or not (gold or texts) else ["retrieval"]
+    if _context_docs(trace, gold) is None:
+        unjudged.append("context")
+    found = _prompt_rule(output, expected, trace, t)
+    if unjudged[:1] == ["retrieval"] and (found is None or found.rule not in ANSWER_RULES):
+        return ExampleDiagnosis(
+            rung="unattributed", rule="no_retrieval_signal", unjudged=unjudged,
+            evidence=f"unattributed: {_unjudged_reason(trace, texts)}; whether the gold evidence reached the model "
+                     "cannot be told, so the failure is put on no rung")
+    found = found or _context_rule(trace, gold, t) or ExampleDiagnosis(
+        rung="model", rule="still_wrong", evidence=f"answered {_short(output, 40)!r}, expected {_short(expected, 40)!r}")
+    found.unjudged = unjudged
+    return found
 
 
 def recommend(counts: dict[str, int], min_share: float) -> str | None:
@@ -355,12 +486,16 @@ def diagnose(
             trace=traces.get(example_id),
             runner_error=runner_error,
             thresholds=t,
+            evidence_text=ex.evidence_text if ex else None,
         )
         found.score = score
         d.details[example_id] = found
         if found.rung == "error":
             d.errors += 1
             d.error_ids.append(example_id)
+        elif found.rung == "unattributed":
+            d.unattributed += 1
+            d.unattributed_ids.append(example_id)
         else:
             d.counts[found.rung] += 1
             d.ids[found.rung].append(example_id)

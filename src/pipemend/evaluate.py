@@ -99,12 +99,14 @@ def hidden_paths(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequenc
     """Target-relative paths no pipeline may read (the label seal, ``SandboxJob.hidden``).
 
     The sealed files (the data files with labels and evidence for every split,
-    a custom metric, generators: ``Manifest.sealed_paths``); the target's own git
+    a custom metric, generators, the evidence corpus unless declared ``runtime``:
+    ``Manifest.sealed_paths``); the target's own git
     history when the target folder is a repository's root (its objects hold the
     data too); and the folder of pipemend's run directories (frozen data,
     scores) when it lies inside the target folder.
     """
-    hidden = sorted({f for f in [*frozen_files(manifest), *sealed] if f != MANIFEST_NAME})
+    readable = {MANIFEST_NAME, manifest.dataset.corpus} - set(sealed)  # a corpus declared `runtime` is not sealed
+    hidden = sorted({f for f in [*frozen_files(manifest), *sealed] if f not in readable})
     if (target_dir / ".git").is_dir():
         hidden.append(".git")
     target, run_dir = target_dir.resolve(), run_dir.resolve()
@@ -207,11 +209,12 @@ def evaluate(
         ctx.gateway.flush()  # every call of this evaluation is in the log before it is charged
 
     # calls tagged with this evaluation's token (or, untagged, made inside its window) that no example
-    # accounts for -- model calls at import time, say -- are charged to it, as is the pipeline's start-up
+    # accounts for -- model calls at import time, say -- are charged to it, as is the pipeline's start-up;
+    # the trace of a pipeline that marks no steps gets its model calls as generation steps (trace_join)
     rows, summary = score_results(
         out_dir / "results.jsonl", labelled, ctx.frozen.metric(), split=split,
         call_log=Path(ctx.run_dir) / "gateway" / "calls.jsonl", traces_dir=out_dir / "traces",
-        eval_token=token, window=window,
+        eval_token=token, window=window, join_traces=True,
     )
     write_eval(out_dir, rows, summary)
     boundary = inspect(out_dir, summary)

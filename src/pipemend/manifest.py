@@ -80,6 +80,17 @@ class DatasetConfig(_Strict):
     split: SplitFractions | None = Field(None, description="Fractions to split `path` into train/val/test.")
     files: SplitFiles | None = Field(None, description="Explicit per-split files instead of `path` + `split`.")
     source: DatasetSource | None = Field(None, description="Where the rows were converted from (`pipemend init --from`).")
+    corpus: str | None = Field(None, description=(
+        "JSONL rows {id, text} of the documents `evidence` ids name, relative to the target: the diagnosis checks "
+        "whether each gold passage's text reached a model call's prompt. Frozen and sealed like the dataset, "
+        "unless a `runtime` glob matches it (then the pipeline may read it)."))
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_inside(cls, v: str | None) -> str | None:
+        if v is not None and (not is_relative_glob(v) or any(c in v for c in "*?[")):
+            raise ValueError(f"corpus {v!r}: expected a file path relative to the target folder (no '..', no glob)")
+        return v
 
     @model_validator(mode="after")
     def _one_way(self) -> "DatasetConfig":
@@ -250,6 +261,8 @@ class Manifest(_Strict):
             globs.append(self.dataset.path)
         if self.dataset.files:
             globs += [self.dataset.files.train, self.dataset.files.val, self.dataset.files.test]
+        if self.dataset.corpus:
+            globs.append(self.dataset.corpus)
         if ":" in self.metric and self.metric.split(":", 1)[0].endswith(".py"):
             globs.append(self.metric.split(":", 1)[0])
         if self.requirements:

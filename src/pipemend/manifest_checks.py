@@ -102,6 +102,8 @@ def _check_dataset(manifest: Manifest, target_dir: Path, mp: Path) -> None:
     if ds.files is not None:
         for split in ("train", "val", "test"):
             _require_file(target_dir, getattr(ds.files, split), mp, f"dataset.files.{split}", "a JSONL file of {id, inputs, expected, evidence?} rows")
+    if ds.corpus is not None:
+        _require_file(target_dir, ds.corpus, mp, "dataset.corpus", "a JSONL file of {id, text} rows")
 
 
 def builtin_metric_names() -> tuple[str, ...]:

@@ -41,8 +41,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .dataset import Example
-from .fsutil import atomic_write_json, atomic_write_text, read_json_object, read_jsonl
+from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from .metrics import Metric
+from .trace_join import joined_trace_bytes
 
 EVAL_FORMAT = "pipemend-eval-1"
 NO_RESULT = "no result"
@@ -140,6 +141,7 @@ def score_results(
     runner_json: Path | None = None,
     eval_token: str | None = None,
     window: tuple[float, float] | None = None,
+    join_traces: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Scored rows (one per example, in ``examples`` order) and the summary, in AGENTS.md's shapes.
 
@@ -153,6 +155,10 @@ def score_results(
     ``eval_token`` (the host's ``PIPEMEND_EVAL`` for this evaluation) defaults to
     the token the runner reports there; ``window`` is ``(start, end)`` in
     ``time.time()`` seconds of the sandbox run, for calls that carry no token.
+
+    With ``join_traces`` (``evaluate`` sets it, right after the sandbox's files came in), the trace of an
+    example whose pipeline marked no step gets a generation step per call charged to it, joined from the
+    call log, and is written back to ``traces_dir`` (``trace_join.joined_trace_bytes``).
     """
     if not isinstance(metric, Metric):
         metric = Metric(getattr(metric, "__name__", "metric"), metric)
@@ -193,6 +199,10 @@ def score_results(
         else:
             calls = by_example.get(ex.id, [])
         accounted |= {id(c) for c in calls}
+        if join_traces and trace is not None and traces_dir is not None:
+            joined = joined_trace_bytes(trace, [c for c in calls if "request" in c or "response" in c])
+            if joined is not None:
+                atomic_write_bytes(Path(traces_dir) / f"{ex.id}.json", joined)
         row.update(_usage(calls))
         if row["latency_s"] is not None:
             row["latency_s"] += _cache_savings(calls)

@@ -10,6 +10,9 @@ Sealed, always (``declared``):
 - the dataset files (``dataset.path`` or ``dataset.files``) and a custom metric file;
 - every file matched by a ``sealed`` glob.
 
+Sealed (``declared``) unless matched by a ``runtime`` glob: the evidence corpus (``dataset.corpus``); a
+pipeline that retrieves from it declares it ``runtime`` and reads it.
+
 Sealed by default, unless matched by a ``runtime`` glob (flagged, so a person sees why):
 - every file inside the dataset's folder, when that folder is not the target's root
   (a corpus beside the questions must be declared ``runtime`` to stay readable);
@@ -232,6 +235,9 @@ class _Planner:
         metric = metric_file(self.m)
         if metric:
             self.seal(metric, "the custom metric", True, overrides_runtime=True)
+        corpus = _norm(self.m.dataset.corpus or "")
+        if corpus:
+            self.seal(corpus, "the evidence corpus (dataset.corpus)", True, overrides_runtime=False)
         for i, hits in self._globs("sealed", self.m.sealed).items():
             for rel in sorted(hits):
                 key = self._runtime_key(rel)

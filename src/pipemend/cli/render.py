@@ -37,11 +37,16 @@ def render_diagnosis(d: Diagnosis, *, max_ids: int = 5) -> Group:
                       style=style)
     if d.errors:
         table.add_row("error", str(d.errors), "-", ids_cell(d.error_ids), style="red")
+    if d.unattributed:
+        table.add_row("unattributed", str(d.unattributed), "-", ids_cell(d.unattributed_ids), style="yellow")
     if d.recommended:
         line = Text(f"Next: try the {d.recommended} rung "
                     f"(cheapest rung with ≥ {d.thresholds.min_share:.0%} of failures, else the largest).")
     elif d.errors:
         line = Text("Next: fix the runner errors; no example failed on a ladder rung.")
+    elif d.unattributed:
+        line = Text("No rung to recommend: retrieval cannot be judged (mark the retrieval step's doc_ids, or give "
+                    "the rows `evidence_text` or the manifest a `dataset.corpus`).")
     else:
         line = Text("Nothing failed: no rung to recommend.")
     return Group(table, line)

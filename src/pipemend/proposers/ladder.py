@@ -59,7 +59,8 @@ class LadderConfig(BaseModel):
 
 
 def failing_rungs(diagnosis: dict[str, Any]) -> dict[str, int] | None:
-    """Failures per rung from a ``pipemend-diagnosis-1`` dict, or None when it says nothing."""
+    """Failures per rung from a ``pipemend-diagnosis-1``/``-2`` dict, or None when it says nothing (the
+    ``unattributed`` failures of ``-2`` are on no rung: see ``rungs_to_try``)."""
     counts = diagnosis.get("counts")
     ids = diagnosis.get("ids") or {}
     if not isinstance(counts, dict) and not isinstance(ids, dict):
@@ -90,14 +91,23 @@ def rungs_to_try(diagnosis: dict[str, Any]) -> list[str]:
         return list(OFFLINE_RUNGS)
     model = ["model"] if counts["model"] > 0 else []
     failing = [r for r in OFFLINE_RUNGS if counts[r] > 0]
+    # failures the diagnosis could put on no rung (``unattributed``: retrieval could not be judged) may lie on
+    # any offline rung: they add the rungs no attributed failure named, after those, and never a recommendation
+    unknown = [r for r in OFFLINE_RUNGS if r not in failing] if _unattributed(diagnosis) else []
     if not failing:
-        # only "model" failures: the cheaper rungs may still not have been tried offline
-        return [*OFFLINE_RUNGS, *model] if model else []
+        # only "model" (or unattributed) failures: the cheaper rungs may still not have been tried offline
+        return [*OFFLINE_RUNGS, *model] if model or unknown else []
     start = diagnosis.get("recommended")
     if start not in OFFLINE_RUNGS or counts[start] == 0:
         start = failing[0]
     i = OFFLINE_RUNGS.index(start)
-    return list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing] + model
+    return list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing or r in unknown] + model
+
+
+def _unattributed(diagnosis: dict[str, Any]) -> bool:
+    """The diagnosis (``pipemend-diagnosis-2``) holds failures it put on no rung."""
+    n = diagnosis.get("unattributed")
+    return (isinstance(n, int) and not isinstance(n, bool) and n > 0) or bool(diagnosis.get("unattributed_ids"))
 
 
 def run_objective(manifest: Any) -> str:

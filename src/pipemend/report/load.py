@@ -285,7 +285,8 @@ def read_trace(run_dir: Path, eval_rel: str | None, example_id: str) -> dict[str
 
 
 def ladder(diag: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A diagnosis (``pipemend-diagnosis-1``) as rows of rung, count, share, ids."""
+    """A diagnosis (``pipemend-diagnosis-1``/``-2``) as rows of rung, count, share, ids (and the failures on no
+    rung: errors, and ``-2``'s unattributed ones)."""
     if not isinstance(diag, dict):
         return None
     counts = diag.get("counts") or {}
@@ -294,6 +295,8 @@ def ladder(diag: dict[str, Any] | None) -> dict[str, Any] | None:
     rows = [{"rung": r, "count": int(counts.get(r) or 0), "share": (int(counts.get(r) or 0) / total) if total else 0.0,
              "ids": list(ids.get(r) or [])} for r in RUNGS]
     return {"rows": rows, "errors": int(diag.get("errors") or 0), "error_ids": list(diag.get("error_ids") or []),
+            "unattributed": int(diag.get("unattributed") or 0),
+            "unattributed_ids": list(diag.get("unattributed_ids") or []),
             "n_examples": diag.get("n_examples"), "n_failed": diag.get("n_failed"),
             "recommended": diag.get("recommended")}
 
