@@ -14,17 +14,13 @@ from typing import get_args
 import pytest
 import yaml
 
-from pipemend.dataset import ROW_KEYS, load_splits
+from pipemend.dataset import load_splits
 from pipemend.errors import ConfigError, UsageError
 from pipemend.importers import FORMATS, import_dataset, reimport
 from pipemend.init_template import write_skeleton
-from pipemend.manifest import SOURCE_FORMATS, DatasetConfig, DatasetSource, load_manifest
+from pipemend.manifest import SOURCE_FORMATS, DatasetSource, load_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "importers"
-NEEDS_EVIDENCE_TEXT = pytest.mark.skipif(
-    "evidence_text" not in ROW_KEYS, reason="needs the dataset rows' `evidence_text` key (issue 13 item 2)")
-NEEDS_CORPUS = pytest.mark.skipif(
-    "corpus" not in DatasetConfig.model_fields, reason="needs the manifest's `dataset.corpus` key (issue 13 item 2)")
 
 
 def pipeline_dir(tmp_path: Path, name: str = "pipe") -> Path:
@@ -49,7 +45,6 @@ def test_the_manifest_and_the_importers_name_the_same_formats() -> None:
 # --------------------------------------------------------------------------- each format
 
 
-@NEEDS_EVIDENCE_TEXT
 def test_hotpotqa_supporting_facts_become_evidence_titles_and_paragraph_texts(tmp_path: Path) -> None:
     d = pipeline_dir(tmp_path)
     result = import_dataset(d, "hotpotqa", FIXTURES / "hotpotqa.json")
@@ -70,7 +65,6 @@ def test_hotpotqa_supporting_facts_become_evidence_titles_and_paragraph_texts(tm
     assert "  evidence_text   <- supporting_texts   (the text of each supporting paragraph)" in result.lines()
 
 
-@NEEDS_EVIDENCE_TEXT
 def test_musique_paragraphs_flagged_supporting_become_evidence_in_order(tmp_path: Path) -> None:
     d = pipeline_dir(tmp_path)
     import_dataset(d, "musique", FIXTURES / "musique.jsonl", seed=5)
@@ -96,7 +90,6 @@ def _beir(tmp_path: Path, keep: tuple[str, ...] = ("train", "dev", "test")) -> P
     return src
 
 
-@NEEDS_CORPUS
 def test_beir_qrels_files_give_the_splits_and_the_corpus_becomes_id_text_rows(tmp_path: Path) -> None:
     d = pipeline_dir(tmp_path)
     import_dataset(d, "beir", _beir(tmp_path))
@@ -115,7 +108,6 @@ def test_beir_qrels_files_give_the_splits_and_the_corpus_becomes_id_text_rows(tm
     assert len(corpus) == 6
 
 
-@NEEDS_CORPUS
 def test_beir_with_only_test_qrels_is_split_by_seed(tmp_path: Path) -> None:
     d = pipeline_dir(tmp_path)
     import_dataset(d, "beir", _beir(tmp_path, keep=("test",)), seed=3)
@@ -189,9 +181,9 @@ def test_a_source_inside_the_target_is_sealed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt, source", [
-    pytest.param("hotpotqa", "hotpotqa.json", marks=NEEDS_EVIDENCE_TEXT),
-    pytest.param("musique", "musique.jsonl", marks=NEEDS_EVIDENCE_TEXT),
-    pytest.param("beir", "beir", marks=NEEDS_CORPUS),
+    ("hotpotqa", "hotpotqa.json"),
+    ("musique", "musique.jsonl"),
+    ("beir", "beir"),
     ("csv", "qa.csv"),
     ("jsonl", "qa.jsonl"),
 ])

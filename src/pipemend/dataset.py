@@ -70,9 +70,10 @@ def _check_id(value: Any, path: Path, where: str) -> str:
     return sid
 
 
-def _json_objects(lines: Iterable[str], path: Path, keys: tuple[str, ...], shape: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` of each non-blank JSONL line, each an object holding only ``keys`` (errors name
-    the file and line)."""
+def json_objects(lines: Iterable[str], path: Path, keys: tuple[str, ...] | None = None,
+                 shape: str = "per line") -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank JSONL line, each an object holding only ``keys`` (any keys
+    when None); errors name the file and line. The one JSONL reader of datasets, corpora and importers."""
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -83,7 +84,7 @@ def _json_objects(lines: Iterable[str], path: Path, keys: tuple[str, ...], shape
             raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
         if not isinstance(raw, dict):
             raise ConfigError(path, where, f"a JSON {type(raw).__name__}, not an object", f"an object {shape}")
-        unknown = sorted(set(raw) - set(keys))
+        unknown = sorted(set(raw) - set(keys)) if keys is not None else []
         if unknown:
             raise ConfigError(path, where, f"unknown key(s) {', '.join(map(repr, unknown))}", f"only {', '.join(keys)}")
         yield n, raw
@@ -100,7 +101,7 @@ def load_rows(path: str | Path) -> list[Example]:
         raise ConfigError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})", "a UTF-8 JSONL file") from None
     rows: list[Example] = []
     seen: dict[str, int] = {}
-    for n, raw in _json_objects(text.splitlines(), path, ROW_KEYS, '{"id", "inputs", ...}'):
+    for n, raw in json_objects(text.splitlines(), path, ROW_KEYS, '{"id", "inputs", ...}'):
         where = f"line {n}"
         for key in ("id", "inputs"):
             if key not in raw:
@@ -144,7 +145,7 @@ def load_corpus(path: str | Path, wanted: set[str] | None = None) -> dict[str, s
         raise ConfigError(path, None, f"cannot read the corpus file ({e.strerror})", 'a JSONL file of {"id", "text"} rows') from None
     with f:
         try:
-            for n, raw in _json_objects(f, path, CORPUS_KEYS, '{"id", "text"}'):
+            for n, raw in json_objects(f, path, CORPUS_KEYS, '{"id", "text"}'):
                 where = f"line {n}"
                 doc_id = raw.get("id")
                 if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):

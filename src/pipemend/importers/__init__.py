@@ -237,7 +237,7 @@ def reimport(target_dir: str | Path, *, force: bool = False) -> ImportResult:
                           "`split` mapped with `files`, or no `split` with `path` + `split` fractions")
     _check_rows(conv)
     files = ds.files.model_dump() if ds.files is not None else None
-    corpus = getattr(ds, "corpus", None)
+    corpus = ds.corpus
     result = ImportResult(conv, mpath)
     _write(target_dir, _outputs(conv, ds.path, files, corpus), force, result)
     return result

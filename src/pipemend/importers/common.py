@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..dataset import SPLITS
+from ..dataset import SPLITS, json_objects
 from ..errors import ConfigError, UsageError
 
 ROW_ID = "#row"
@@ -85,19 +85,7 @@ def read_text(path: Path) -> str:
 def read_jsonl_objects(path: Path, text: str | None = None) -> list[Record]:
     """One JSON object per line (blank lines skipped), each a ``Record`` at ``line N``."""
     text = read_text(path) if text is None else text
-    out: list[Record] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(path, where, f"not valid JSON ({e.msg} at column {e.colno})", "one JSON object per line") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(path, where, f"a JSON {type(obj).__name__}, not an object", "one JSON object per line")
-        out.append(Record(where, obj))
-    return out
+    return [Record(f"line {n}", obj) for n, obj in json_objects(text.splitlines(), path)]
 
 
 def read_json_objects(path: Path) -> list[Record]:
