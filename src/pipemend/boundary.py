@@ -53,8 +53,8 @@ def read_egress(out_dir: Path) -> dict[str, Any]:
                 kept.append({f: _text(e.get(f)) for f in fields})
         return kept[:20]
 
-    sdks = [s[:60] for s in obj.get("sdks") or [] if isinstance(s, str) and s][:10] if isinstance(
-        obj.get("sdks"), list) else []
+    raw_sdks = obj.get("sdks")
+    sdks = [s[:60] for s in raw_sdks if isinstance(s, str) and s][:10] if isinstance(raw_sdks, list) else []
     return {"unrouted": entries("unrouted", ("host", "url", "example_id", "user_agent")),
             "blocked": entries("blocked", ("host",)), "sdks": sdks}
 

@@ -47,13 +47,14 @@ def resume(run_dir: str | Path, progress: Progress | None = None, *, deadline: f
     if run.get("kind") != "optimize":
         raise UsageError(f"{run_dir}: not an optimize run (kind {run.get('kind')!r})")
     cfg = OptimizeConfig.model_validate(run["config"])
-    if deadline is not None:
-        cfg = cfg.model_copy(update={"deadline": OptimizeConfig(target=cfg.target, deadline=deadline).deadline})
+    if deadline is not None:  # validated like the run's own (a positive time)
+        cfg = OptimizeConfig.model_validate({**cfg.model_dump(mode="json"), "deadline": deadline})
     with _run_lock(run_dir):
-        if run.get("status") == "done" and cfg.deadline is not None and deadline is not None \
-                and deadline > time.time() and replay(run_dir).stop_code == "deadline":
+        reopen = (run.get("status") == "done" and deadline is not None and deadline > time.time()
+                  and replay(run_dir).stop_code == "deadline")
+        if reopen:
             record(run_dir, "loop_reopened", deadline=deadline)
-        if run.get("status") != "done" or replay(run_dir).status != "done":
+        if run.get("status") != "done" or reopen:
             update_run(run_dir, status="running")
             record(run_dir, "run_resumed", **({"deadline": deadline} if deadline is not None else {}))
         return _drive(run_dir.resolve(), cfg, progress or NullProgress())
