@@ -8,7 +8,6 @@ The target is copied into a fresh git repo so the run's branches land there.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipemend.gateway.model_files import default_model_path, part_paths_from_packages
+from local_model_support import local_model_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "target_pipelines" / "multihop_qa"
@@ -26,23 +25,9 @@ TARGET = ROOT / "target_pipelines" / "multihop_qa"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def _local_model_missing() -> str | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed (pip install 'pipemend[local]')"
-    if default_model_path().is_file():
-        return None
-    try:
-        part_paths_from_packages()
-    except Exception as e:  # noqa: BLE001
-        return str(e)
-    return None
-
-
 @pytest.fixture(autouse=True)
 def _needs_local_model():
-    missing = _local_model_missing()
-    if missing:
-        pytest.skip(missing)
+    local_model_or_skip()
 
 
 def _pipemend(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -320,3 +320,17 @@ def test_hotpotqa_in_its_column_form_reads_the_same_evidence(tmp_path: Path) -> 
     d = pipeline_dir(tmp_path)
     import_dataset(d, "hotpotqa", src, ["-=evidence_text"])
     assert rows_of(d / "data.jsonl")[0]["evidence"] == ["Alû", "Lilu (mythology)"]
+
+
+def test_gold_passages_without_ids_become_evidence_text_and_a_mismatch_with_ids_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "gold.jsonl"
+    src.write_text('{"qid": "g1", "question": "Who keeps the Vell light?", "answer": "Ada", '
+                   '"gold_passages": ["Ada keeps the Vell light.", "The light is on the quay."]}\n')
+    d = pipeline_dir(tmp_path)
+    import_dataset(d, "jsonl", src)
+    splits = load_splits(load_manifest(d), d)
+    (row,) = [ex for split in splits.values() for ex in split]
+    assert row.evidence is None and row.evidence_text == ["Ada keeps the Vell light.", "The light is on the quay."]
+    src.write_text('{"qid": "g1", "question": "q", "answer": "a", "doc_ids": ["d1"], "gold_passages": ["t1", "t2"]}\n')
+    with pytest.raises(ConfigError, match="2 evidence text.s. for 1 evidence id"):
+        import_dataset(pipeline_dir(tmp_path, "other"), "jsonl", src)

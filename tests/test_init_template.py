@@ -55,3 +55,48 @@ def test_the_written_gates_validate_as_the_manifests_gates(tmp_path: Path) -> No
     gates = load_manifest(d).gates
     for key, value in CONTRACT.items():
         assert getattr(gates, key) == value, key
+
+
+def test_a_requirements_file_is_named_and_retrieval_sizes_in_config_files_become_knobs(tmp_path: Path) -> None:
+    d = tmp_path / "pipe"
+    _pipeline(d)
+    (d / "requirements.txt").write_text("openai>=1.40\n")
+    (d / "config.json").write_text('{"top_k": 2, "retrieval": {"max_docs": 5, "k": true}, "temperature": 0}\n')
+    (d / "settings.yaml").write_text("search:\n  n_results: 3\n  top_k: 0\n")
+    (d / "notes.json").write_text('{"top_k": 9}\n')  # not a config file by name
+    write_skeleton(d)
+    m = load_manifest(d)
+    assert m.requirements == "requirements.txt"
+    assert {name: (k.file, k.key, k.rung, k.values) for name, k in m.knobs.items()} == {
+        "top_k": ("config.json", "top_k", "retrieval", [4, 8]),
+        "retrieval_max_docs": ("config.json", "retrieval.max_docs", "retrieval", [10, 20]),
+        "search_n_results": ("settings.yaml", "search.n_results", "retrieval", [6, 12]),
+    }  # a bool `k` and a zero `top_k` are no sizes
+    assert {"pipeline.py", "config.json", "settings.yaml"} <= set(m.editable) and "notes.json" not in m.editable
+
+
+def test_without_requirements_or_config_the_examples_stay_comments(tmp_path: Path) -> None:
+    d = tmp_path / "pipe"
+    _pipeline(d)
+    text = write_skeleton(d).read_text()
+    m = load_manifest(d)
+    assert m.requirements is None and m.knobs == {}
+    assert "# requirements: requirements.txt" in text and "# knobs:" in text
+
+
+def test_a_small_imported_dataset_gets_gates_that_can_pass_a_real_fix(tmp_path: Path) -> None:
+    from pipemend.importers import import_dataset
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    for d, n in ((small, 30), (large, 600)):
+        d.mkdir()
+        (d / "pipeline.py").write_text("def run(inputs):\n    return inputs['question']\n")
+        src = tmp_path / f"{d.name}.jsonl"
+        src.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(n)))
+        import_dataset(d, "jsonl", src)
+    gates = load_manifest(small).gates
+    assert (gates.confidence, gates.racing, gates.max_regressions, gates.min_delta) == (0.75, [1.0], "10%", 0.02)
+    assert "only about 12 examples" in (small / "pipemend.yaml").read_text()
+    big = load_manifest(large).gates
+    for key, value in CONTRACT.items():
+        assert getattr(big, key) == value, key

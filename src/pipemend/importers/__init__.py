@@ -212,7 +212,8 @@ def import_dataset(target_dir: str | Path, fmt: str, source: str | Path, map_ite
         result.notes.append(f"sealed {sealed[0]}: the source inside the target holds the labels")
     _write(target_dir, _outputs(conv, None if files else out, files, corpus), force, result)
     block = dataset_block(conv, recorded, path=None if files else out, files=files, corpus=corpus, seed=seed)
-    atomic_write_text(mpath, render(target_dir, dataset_block=block, sealed=sealed))
+    val_size = len(conv.rows.lines.get("val", [])) if files else round(conv.rows.count() * DEFAULT_SPLIT["val"])
+    atomic_write_text(mpath, render(target_dir, dataset_block=block, sealed=sealed, val_size=val_size))
     result.written.append(mpath)
     result.notes.append(f"mapping written to {mpath} (dataset.source); edit it, then "
                         f"`pipemend init {target_dir} --reimport --force` converts again")

@@ -215,9 +215,9 @@ def build_rows(path: Path, records: list[Record], fields: dict[str, str]) -> Row
             else:
                 row[target] = value
         ev, texts = row.get("evidence"), row.get("evidence_text")
-        if texts is not None and (ev is None or len(ev) != len(texts)):
-            raise ConfigError(path, rec.where, f"{len(texts)} evidence text(s) for {len(ev or [])} evidence id(s)",
-                              "`evidence_text` parallel to `evidence`: one text per id")
+        if texts is not None and ev is not None and len(ev) != len(texts):
+            raise ConfigError(path, rec.where, f"{len(texts)} evidence text(s) for {len(ev)} evidence id(s)",
+                              "`evidence_text` parallel to `evidence` (one text per id), or texts without ids")
         out.add(split, json.dumps(row, ensure_ascii=False), rec.where)
     if not out.count():
         raise ConfigError(path, None, "no records", "at least one record to convert")

@@ -86,11 +86,11 @@ def _drive(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> OptimizeSu
     try:
         env = open_env(run_dir, cfg, progress)
         st = loop.run(env)
+        st.status = "done"  # the summary says so; run.json is marked done once the summary is on disk
         summary = summarize(run_dir, cfg, st, env)
         atomic_write_json(run_dir / "summary.json", summary.model_dump(mode="json"))
         finish_run(run_dir, "done", stop_reason=st.stop_reason)
-        st.status = "done"
-        return summarize(run_dir, cfg, st, env)
+        return summary
     except (UsageError, SandboxUnavailable) as e:
         finish_run(run_dir, "failed", error=str(e))
         raise
