@@ -427,15 +427,20 @@ def _bound_inputs(fn: Callable, args: tuple, kwargs: dict, fixed: dict[str, Any]
     return {**fixed, **values}
 
 
-def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | None) -> tuple[Step, contextvars.Token | None]:
-    ex = _example.get()
+def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | None, *, under: Step | None = None,
+          source: str | None = None) -> tuple[Step, contextvars.Token | None]:
+    """Open a step under the current step (or under ``under``, an open step's handle, and in its example) and make
+    it the current one; ``source`` marks a step that a framework hook recorded (``frameworks.py``)."""
+    parent = under._rec if under is not None else None
+    ex = parent.example if parent is not None else _example.get()
     if ex is None:
         return Step(None), None
     try:
         if kind not in KINDS:
             log.warning("pipemend: unknown step kind %r for step %r; recorded as 'other' (valid: %s)", kind, name, ", ".join(KINDS))
             kind = "other"
-        parent = _step.get()
+        if parent is None:
+            parent = _step.get()
         ids: list[str] | None
         if doc_ids is not None:
             ids = [str(i) for i in doc_ids]
@@ -463,6 +468,8 @@ def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | Non
                 "end": None,
                 "llm_calls": [],
             }
+            if source is not None:
+                data["source"] = source
             if ex.finished is None:
                 ex.steps.append(data)
         rec = _StepRecord(ex, data, parent)
@@ -490,6 +497,37 @@ def _close(handle: Step, token: contextvars.Token | None, exc: BaseException | N
                 _step.reset(token)
             except ValueError:  # closed in another context than it was opened in
                 _step.set(rec.parent)
+
+
+def open_step(name: str, kind: str = "other", inputs: dict[str, Any] | None = None, *, under: Step | None = None,
+              source: str | None = None) -> tuple[Step, contextvars.Token | None]:
+    """Open a step without a ``with`` block, for framework hooks whose start and end are two callbacks.
+
+    The step nests under ``under`` (the handle of a step still open, in its example) or else under the current
+    step of the current example, and becomes the current step (LLM calls and ``x-pipemend-step`` headers are
+    then its). ``source`` is recorded as the step's ``"source"``. Outside an example the handle is a no-op.
+    Close it with ``close_step(handle, token, ...)``."""
+    return _open(name, kind, inputs or {}, None, under=under, source=source)
+
+
+def close_step(handle: Step, token: contextvars.Token | None, *, error: BaseException | None = None) -> None:
+    """Close a step opened by ``open_step`` (set its output first with ``handle.output``); ``error`` is recorded
+    as the step's error. The current step goes back to the one before it (to its parent when closed in another
+    context than it was opened in)."""
+    _close(handle, token, error)
+
+
+def note(message: str, *, under: Step | None = None, source: str = "pipemend") -> None:
+    """A log line ``{"t", "source", "message"}`` on ``under`` (an open step's handle), else on the current step or
+    the current example; nothing outside an example. Never raises."""
+    try:
+        rec = under._rec if under is not None else None
+        ex = rec.example if rec is not None else _example.get()
+        if ex is not None:
+            ex._add_log(rec if rec is not None else _step.get(), {"t": time.time(), "source": source,
+                                                                  "message": _cut(str(message))})
+    except Exception:
+        log.warning("pipemend: could not record a note", exc_info=True)
 
 
 # --------------------------------------------------------------------------- capture of print and logging
@@ -613,7 +651,10 @@ __all__ = [
     "current_step_id",
     "current_step_name",
     "install_capture",
+    "close_step",
     "jsonable",
+    "note",
+    "open_step",
     "record_llm_call",
     "start_example",
     "step",
