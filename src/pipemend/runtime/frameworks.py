@@ -299,8 +299,9 @@ def _dspy_callback_class(base: type) -> type:
                         lambda: (_dspy_name(instance), _dspy_kind(self.dspy, instance), _call_inputs(inputs)))
 
         def on_module_end(self, call_id, outputs, exception=None):
+            retrieval = self.runs.kind_of(call_id) == "retrieval"
+
             def out():
-                retrieval = self.runs.kind_of(call_id) == "retrieval"
                 return _as_dict(outputs), dspy_passage_ids(outputs) if retrieval else None
             self._end(call_id, "a module's end", out, exception)
 

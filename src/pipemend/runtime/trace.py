@@ -46,6 +46,8 @@ MAX_STR = 20_000
 MAX_ITEMS = 2_000
 """Longer lists and dicts are cut here, with a marker."""
 MAX_DEPTH = 24
+CUT_MARK = "…[pipemend: truncated"
+"""Begins the marker that stands where a string or a list was cut."""
 
 log = logging.getLogger("pipemend.trace")
 
@@ -58,7 +60,7 @@ _step: contextvars.ContextVar[_StepRecord | None] = contextvars.ContextVar("pipe
 def _cut(s: str) -> str:
     if len(s) <= MAX_STR:
         return s
-    return s[:MAX_STR] + f"…[pipemend: truncated {len(s) - MAX_STR} chars]"
+    return s[:MAX_STR] + f"{CUT_MARK} {len(s) - MAX_STR} chars]"
 
 
 def _safe_repr(value: Any) -> str:
@@ -92,7 +94,7 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
         items = list(value)
         out_list = [jsonable(v, _depth + 1) for v in items[:MAX_ITEMS]]
         if len(items) > MAX_ITEMS:
-            out_list.append(f"…[pipemend: truncated {len(items) - MAX_ITEMS} items]")
+            out_list.append(f"{CUT_MARK} {len(items) - MAX_ITEMS} items]")
         return out_list
     dump = getattr(value, "model_dump", None)  # pydantic models
     if callable(dump) and not isinstance(value, type):
@@ -643,6 +645,7 @@ def uninstall_capture() -> None:
 
 
 __all__ = [
+    "CUT_MARK",
     "KINDS",
     "TRACE_FORMAT",
     "ExampleTrace",
