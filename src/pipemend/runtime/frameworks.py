@@ -231,8 +231,10 @@ def _call_inputs(inputs: Any) -> dict[str, Any]:
     """``{"args": (...), "kwargs": {...}}`` of a ``__call__(self, *args, **kwargs)`` as the keyword inputs."""
     if not isinstance(inputs, dict):
         return {"inputs": inputs}
-    out = dict(inputs.get("kwargs") or {}) if set(inputs) <= {"args", "kwargs"} else dict(inputs)
-    if inputs.get("args") and set(inputs) <= {"args", "kwargs"}:
+    if not set(inputs) <= {"args", "kwargs"}:
+        return dict(inputs)
+    out = dict(inputs.get("kwargs") or {})
+    if inputs.get("args"):
         out["args"] = list(inputs["args"])
     return out
 
