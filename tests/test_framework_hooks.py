@@ -270,3 +270,12 @@ def test_a_pipeline_without_frameworks_gets_none_imported(tmp_path) -> None:
     assert results(tmp_path)["a"]["output"] == []  # langchain_core, langgraph are installed here, yet not loaded
     assert "framework hooks" not in proc.stderr
     assert trace_of(tmp_path, "a")["steps"] == []
+
+
+def test_a_framework_imported_during_an_example_is_hooked_from_the_next_example_on(tmp_path) -> None:
+    rows = [{"id": "a", "inputs": {"question": "capital of Peru"}}, {"id": "b", "inputs": {"question": "capital of Peru"}}]
+    proc = run_runner(tmp_path, "hooks", rows, "--concurrency", "1", entrypoint="lazy_pipeline:run")
+    assert proc.returncode == 0, proc.stderr
+    assert "framework hooks" not in proc.stderr  # nothing to hook after the import
+    assert trace_of(tmp_path, "a")["steps"] == []
+    assert [s["doc_ids"] for s in trace_of(tmp_path, "b")["steps"] if s["kind"] == "retrieval"] == [["d-lima"]]
