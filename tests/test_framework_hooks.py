@@ -108,6 +108,14 @@ def test_metadata_ids_stand_in_for_a_missing_document_id_and_a_retriever_error_i
     _, t = traced("q2", lambda: KeywordRetriever(k=3).invoke("Switzerland Bern"))
     assert t["steps"][0]["doc_ids"] == ["d-bern", "d-oslo", "d-lima"]
 
+    class Anonymous(BaseRetriever):
+        def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
+            return [Document(page_content="no id anywhere", metadata={"source": "notes.txt"})]
+
+    _, t = traced("q2b", lambda: Anonymous().invoke("x"))
+    assert t["steps"][0]["doc_ids"] is None  # the diagnosis then says the retrieval step declares no doc ids
+    assert t["steps"][0]["output"] == [{"text": "no id anywhere", "metadata": {"source": "notes.txt"}}]
+
     class Broken(BaseRetriever):
         def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
             raise LookupError("index offline")

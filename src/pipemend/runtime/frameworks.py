@@ -372,7 +372,8 @@ def _lc_model(serialized: Any, kwargs: dict[str, Any]) -> str | None:
 
 
 def langchain_documents(documents: Any) -> tuple[list[dict[str, Any]], list[str] | None]:
-    """A retriever's ``Document``s as ``[{"id", "text", "metadata"}]``, and their ids (None when none has one)."""
+    """A retriever's ``Document``s as ``[{"id", "text", "metadata"}]`` (no ``id`` key for a document without
+    one), and their ids (None when none has one)."""
     docs, ids = [], []
     for doc in documents or []:
         metadata = getattr(doc, "metadata", None)
@@ -380,8 +381,9 @@ def langchain_documents(documents: Any) -> tuple[list[dict[str, Any]], list[str]
         doc_id = _id_of(doc)
         if doc_id is None:
             doc_id = next((str(metadata[k]) for k in ("id", "doc_id") if isinstance(metadata.get(k), (str, int))), None)
-        docs.append({"id": doc_id, "text": getattr(doc, "page_content", None), "metadata": metadata})
+        docs.append({"text": getattr(doc, "page_content", None), "metadata": metadata})
         if doc_id is not None:
+            docs[-1] = {"id": doc_id, **docs[-1]}
             ids.append(doc_id)
     return docs, ids or None
 
