@@ -197,6 +197,28 @@ def test_marked_steps_and_hooked_steps_nest_under_each_other() -> None:
     assert by_name["clean"]["output"] == "Oslo"
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["stream", "astream"])
+def test_a_streamed_chain_closes_its_steps_and_leaves_no_current_step_behind(run_async: bool) -> None:
+    """An async stream's last chunk closes the outer run in another context than it opened in: the ended step
+    must not stay current (the next marked step and LLM call would land on it)."""
+    def after(out: str) -> tuple[str, str | None]:
+        current = trace.current_step_name()
+        with trace.step("after", kind="other"):
+            return out, current
+
+    async def astream() -> tuple[str, str | None]:
+        return after("".join([part async for part in rag_chain().astream("capital of Norway")]))
+
+    def run() -> tuple[str, str | None]:
+        return asyncio.run(astream()) if run_async else after("".join(rag_chain().stream("capital of Norway")))
+
+    (out, current), t = traced("st", run)
+    assert out == "Oslo" and current is None
+    assert t["steps"][-1]["name"] == "after" and t["steps"][-1]["parent"] is None
+    assert len(t["steps"]) == 10 and all(s["end"] is not None for s in t["steps"])
+    assert [s["doc_ids"] for s in t["steps"] if s["kind"] == "retrieval"] == [["d-oslo", "d-lima"]]
+
+
 def test_concurrent_examples_keep_their_own_steps() -> None:
     chain = rag_chain()
     barrier = threading.Barrier(2)

@@ -242,6 +242,15 @@ def _copy_step(s: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _live_step() -> _StepRecord | None:
+    """The innermost step still open in this context. A framework hook's step closed in another context (an
+    async generator's last chunk) can stay set here after it ended: it, and any ended parent, is skipped."""
+    st = _step.get()
+    while st is not None and st.data["end"] is not None:
+        st = st.parent
+    return st
+
+
 def start_example(example_id: str) -> ExampleTrace:
     """Begin tracing one example in the current context (each example in its own ``copy_context()``)."""
     install_capture()
@@ -258,12 +267,12 @@ def current_example_id() -> str | None:
 
 def current_step_name() -> str | None:
     """The innermost active step's own name, or None outside any step."""
-    st = _step.get()
+    st = _live_step()
     return st.data["name"] if st is not None else None
 
 
 def current_step_id() -> str | None:
-    st = _step.get()
+    st = _live_step()
     return st.data["id"] if st is not None else None
 
 
@@ -293,7 +302,7 @@ def record_llm_call(call: dict[str, Any]) -> None:
                 rec["pipemend.cache_hit"] = v == "hit" if isinstance(v, str) else bool(v)
             else:
                 rec[_OTEL_KEYS.get(k, k)] = jsonable(v)
-        st = _step.get()
+        st = _live_step()
         with ex.lock:
             if ex.finished is None:
                 (st.data["llm_calls"] if st is not None else ex.llm_calls).append(rec)
@@ -442,7 +451,7 @@ def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | Non
             log.warning("pipemend: unknown step kind %r for step %r; recorded as 'other' (valid: %s)", kind, name, ", ".join(KINDS))
             kind = "other"
         if parent is None:
-            parent = _step.get()
+            parent = _live_step()
         ids: list[str] | None
         if doc_ids is not None:
             ids = [str(i) for i in doc_ids]
@@ -526,7 +535,7 @@ def note(message: str, *, under: Step | None = None, source: str = "pipemend") -
         rec = under._rec if under is not None else None
         ex = rec.example if rec is not None else _example.get()
         if ex is not None:
-            ex._add_log(rec if rec is not None else _step.get(), {"t": time.time(), "source": source,
+            ex._add_log(rec if rec is not None else _live_step(), {"t": time.time(), "source": source,
                                                                   "message": _cut(str(message))})
     except Exception:
         log.warning("pipemend: could not record a note", exc_info=True)
@@ -548,7 +557,7 @@ class _StreamRouter(io.TextIOBase):
         if ex is None or ex.finished is not None:
             return self.passthrough.write(s)
         try:
-            ex._write(_step.get(), self.source, str(s))
+            ex._write(_live_step(), self.source, str(s))
         except Exception:
             return self.passthrough.write(s)
         return len(s)
@@ -597,7 +606,7 @@ class _TraceLogHandler(logging.Handler):
             msg = record.getMessage()
             if record.exc_info and record.exc_info[0] is not None:
                 msg += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            ex._add_log(_step.get(), {
+            ex._add_log(_live_step(), {
                 "t": record.created,
                 "source": "logging",
                 "level": record.levelname,
