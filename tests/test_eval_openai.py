@@ -4,11 +4,13 @@ The targets import nothing of pipemend. ``fixtures/targets/openai_rag``: keyword
 document, then one chat completion through ``OpenAI()``, which finds the gateway only through the
 ``OPENAI_BASE_URL``/``OPENAI_API_KEY`` the runner sets. ``litellm_qa``: LiteLLM calls with
 ``anthropic/...`` and ``openai/...`` model names (both APIs). ``dspy_qa``: a DSPy program (through
-LiteLLM). Each runs from its own ``requirements.txt`` in the Docker and bubblewrap sandboxes, whose
+LiteLLM) whose retriever is a ``dspy.Retrieve``; ``langchain_qa``: a LangChain chain (a ``BaseRetriever``,
+``ChatOpenAI``); pipemend's framework hooks make their calls trace steps, the retrievers retrieval steps
+with the ids the diagnosis reads. Each runs from its own ``requirements.txt`` in the Docker and bubblewrap sandboxes, whose
 only way out is the gateway's unix socket and the runner's forwarder. The model is a strict
 ``scripted:`` fake that answers from what reached the prompt, so the scores follow the pipeline:
 one of the three val questions of each target misses. LiteLLM and DSPy install some 400 MB, so
-their runs are in the slow group.
+their runs are in the slow group, as is the LangChain one.
 """
 
 from __future__ import annotations
@@ -143,14 +145,49 @@ DSPY_SCRIPT = [dspy_answer("d-vell", "harbour master", "Ada Quill"), dspy_answer
                dspy_answer("d-orsk", "Orsk glacier", "Tamsin"), dspy_answer("d-pell", "sourdough", "the great flood")]
 
 
+RETRIEVED = {"val-vell": ["d-dunn"], "val-orsk": ["d-orsk"], "val-pell": ["d-pell"]}
+"""What each val question's keyword retrieval returns (val-vell misses its gold d-vell)."""
+
+
+def check_hooked_traces(result: Any, calls: list[dict], source: str, retriever: str, model_step: str) -> None:
+    """The framework hook's steps: one retrieval step named ``retriever`` with the retrieved ids, the example's
+    model call on the generation step whose name starts with ``model_step``, no call-log join (the trace has
+    steps); and the diagnosis puts val-vell's miss on the retrieval rung from those ids."""
+    for ex_id, retrieved in RETRIEVED.items():
+        trace = read_json(result.run_dir / "evals" / "val" / "traces" / f"{ex_id}.json")
+        steps = trace["steps"]
+        assert [(s["name"], s["doc_ids"]) for s in steps if s["kind"] == "retrieval"] == [(retriever, retrieved)]
+        assert {s.get("source") for s in steps} == {source}
+        holding = [s for s in steps if s["llm_calls"]]
+        assert len(holding) == 1 and holding[0]["kind"] == "generation" and holding[0]["name"].startswith(model_step)
+        assert [c["call_id"] for c in holding[0]["llm_calls"]] == [c["call_id"] for c in calls if c["example_id"] == ex_id]
+    diagnosis = read_json(result.run_dir / "diagnosis.json")
+    assert diagnosis["ids"]["retrieval"] == ["val-vell"] and diagnosis["unattributed"] == 0
+    assert diagnosis["details"]["val-vell"]["rule"] == "missing_gold" and "d-vell" in diagnosis["details"]["val-vell"]["evidence"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("sandbox", SANDBOXES)
 def test_a_dspy_program_runs_unchanged_through_the_gateway(tmp_path: Path, sandbox: str):
     outputs = {"val-vell": "unknown", "val-orsk": "Tamsin", "val-pell": "the great flood"}
     # one call each: DSPy parsed the first answer, no JSON-adapter retry
-    _, _, calls = eval_target(tmp_path, "dspy_qa", DSPY_SCRIPT, sandbox, outputs=outputs, score=2 / 3, calls_each=1)
+    result, _, calls = eval_target(tmp_path, "dspy_qa", DSPY_SCRIPT, sandbox, outputs=outputs, score=2 / 3,
+                                   calls_each=1)
     assert all(c["api"] == "openai-chat" and "[[ ## context ## ]]" in c["request"]["system"] for c in calls)
+    # the DSPy hook: the dspy.Retrieve subclass is a retrieval step with its pids, the LM call a generation step
+    check_hooked_traces(result, calls, "dspy", "KeywordRetrieve", "LM(openai/")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_a_langchain_chain_is_traced_through_its_callbacks_and_its_retrieval_miss_diagnosed(tmp_path: Path,
+                                                                                             sandbox: str):
+    result, _, calls = eval_target(tmp_path, "langchain_qa", SCRIPT, sandbox, outputs=EXPECTED_OUTPUTS, score=2 / 3,
+                                   calls_each=1)
+    assert all(c["api"] == "openai-chat" for c in calls)
+    check_hooked_traces(result, calls, "langchain", "KeywordRetriever", "ChatOpenAI")
 
 
 @pytest.mark.slow

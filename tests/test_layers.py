@@ -77,4 +77,5 @@ def test_the_runtime_imports_on_a_bare_python(tmp_path: Path) -> None:
     assert foreign == []
     ours = {m for m in out["modules"] if m.split(".")[0] == "pipemend"}
     assert ours <= {"pipemend", "pipemend.trace", "pipemend.runner", "pipemend.runtime", "pipemend.runtime.runner",
-                    "pipemend.runtime.trace", "pipemend.runtime.forwarder", "pipemend.runtime.sampling", "pipemend.runtime.egress"}, sorted(ours)
+                    "pipemend.runtime.trace", "pipemend.runtime.forwarder", "pipemend.runtime.sampling", "pipemend.runtime.egress",
+                    "pipemend.runtime.frameworks"}, sorted(ours)

@@ -18,14 +18,19 @@ keeps its steps. ``scoring.score_results`` does the join
 the example, and writes the trace back, so the diagnosis, the agent's
 ``read_trace``, the history folder and the report all read the same steps.
 
-``prompt_texts`` gives the diagnosis the prompts of a trace's joined steps,
-against which it checks the gold evidence's text.
+``prompt_texts`` gives the diagnosis the prompts of a trace's joined steps, and
+of the generation steps a framework hook recorded (``runtime/frameworks.py``:
+``"source": "dspy"``/``"langchain"``, whose traces are not joined), against
+which it checks the gold evidence's text.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from .runtime.frameworks import SOURCES as HOOK_SOURCES
+from .runtime.trace import CUT_MARK
 
 JOINED_SOURCE = "call_log"
 MAX_JOINED_CHARS = 4_000_000
@@ -192,14 +197,25 @@ def joined_trace_bytes(trace: dict[str, Any], calls: list[dict[str, Any]]) -> by
     return None
 
 
+def _prompt_text(inputs: dict[str, Any]) -> str:
+    parts = [inputs.get("system") or ""] + [
+        content_text(m.get("content")) for m in inputs.get("messages") or [] if isinstance(m, dict)]
+    return "\n".join(p for p in parts if isinstance(p, str))
+
+
 def prompt_texts(trace: dict[str, Any] | None) -> list[str]:
-    """The prompt of each model call joined into ``trace`` (system and messages, as one text each)."""
-    out = []
+    """The prompt of each model call joined into ``trace``, or recorded by a framework hook (system and messages,
+    as one text each). Hooked prompts count only when none of them was cut by the sandbox's trace limits: a cut
+    prompt could not show that a passage is missing."""
+    joined, hooked = [], []
     for step in (trace or {}).get("steps") or []:
-        if not isinstance(step, dict) or step.get("source") != JOINED_SOURCE or step.get("kind") != "generation":
+        if not isinstance(step, dict) or step.get("kind") != "generation" or not isinstance(step.get("inputs"), dict):
             continue
-        inputs = step.get("inputs") if isinstance(step.get("inputs"), dict) else {}
-        parts = [inputs.get("system") or ""] + [
-            content_text(m.get("content")) for m in inputs.get("messages") or [] if isinstance(m, dict)]
-        out.append("\n".join(p for p in parts if isinstance(p, str)))
-    return out
+        inputs = step["inputs"]
+        if step.get("source") == JOINED_SOURCE:
+            joined.append(_prompt_text(inputs))
+        elif step.get("source") in HOOK_SOURCES and isinstance(inputs.get("messages"), list):
+            if CUT_MARK in json.dumps(inputs, ensure_ascii=False, default=str):
+                return joined  # a joined trace has no hooked steps: this trace's prompts cannot be checked
+            hooked.append(_prompt_text(inputs))
+    return joined + hooked

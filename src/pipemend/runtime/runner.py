@@ -33,7 +33,8 @@ request also carries ``x-pipemend-eval`` (``$PIPEMEND_EVAL``, else a random
 token) and ``x-pipemend-sample`` (``$PIPEMEND_SAMPLE``, the evaluation's sample
 index: ``runtime/sampling.py``), and one made outside any example is tagged ``<startup>`` (while the
 entrypoint imports) or ``<outside>``; the import's duration goes to
-``OUT/runner.json``: the host charges both to the evaluation.
+``OUT/runner.json``: the host charges both to the evaluation. When the pipeline has imported DSPy or
+LangChain, their calls become steps through those libraries' callbacks (``frameworks.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 from urllib.parse import quote
 
-from . import egress, trace
+from . import egress, frameworks, trace
 from .forwarder import Forwarder
 from .sampling import SAMPLE_ENV, SAMPLE_HEADER, sample_index
 
@@ -396,6 +397,7 @@ def _run_one(fn: Callable, row: InputRow, holder: dict[str, Any], done: queue.Qu
     """Runs in the example's thread, inside its own copied context."""
     ex = trace.start_example(row.id)
     holder["trace"] = ex
+    frameworks.install()  # a framework the pipeline imported lazily is hooked from this example on
     t0 = time.monotonic()
     output, error = None, None
     try:
@@ -604,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         t_import = time.monotonic()
         fn = load_entrypoint(target, args.entrypoint)
         end_startup(out, time.monotonic() - t_import, progress)
+        hooked = frameworks.install()  # DSPy / LangChain calls become steps when the pipeline imported them
+        if hooked:
+            progress.write(f"[runner] framework hooks: {', '.join(hooked)}\n")
     except RunnerUsageError as e:
         progress.write(f"[runner] error: {e}\n")
         progress.flush()

@@ -46,6 +46,8 @@ MAX_STR = 20_000
 MAX_ITEMS = 2_000
 """Longer lists and dicts are cut here, with a marker."""
 MAX_DEPTH = 24
+CUT_MARK = "…[pipemend: truncated"
+"""Begins the marker that stands where a string or a list was cut."""
 
 log = logging.getLogger("pipemend.trace")
 
@@ -58,7 +60,7 @@ _step: contextvars.ContextVar[_StepRecord | None] = contextvars.ContextVar("pipe
 def _cut(s: str) -> str:
     if len(s) <= MAX_STR:
         return s
-    return s[:MAX_STR] + f"…[pipemend: truncated {len(s) - MAX_STR} chars]"
+    return s[:MAX_STR] + f"{CUT_MARK} {len(s) - MAX_STR} chars]"
 
 
 def _safe_repr(value: Any) -> str:
@@ -92,7 +94,7 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
         items = list(value)
         out_list = [jsonable(v, _depth + 1) for v in items[:MAX_ITEMS]]
         if len(items) > MAX_ITEMS:
-            out_list.append(f"…[pipemend: truncated {len(items) - MAX_ITEMS} items]")
+            out_list.append(f"{CUT_MARK} {len(items) - MAX_ITEMS} items]")
         return out_list
     dump = getattr(value, "model_dump", None)  # pydantic models
     if callable(dump) and not isinstance(value, type):
@@ -240,6 +242,15 @@ def _copy_step(s: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _live_step() -> _StepRecord | None:
+    """The innermost step still open in this context. A framework hook's step closed in another context (an
+    async generator's last chunk) can stay set here after it ended: it, and any ended parent, is skipped."""
+    st = _step.get()
+    while st is not None and st.data["end"] is not None:
+        st = st.parent
+    return st
+
+
 def start_example(example_id: str) -> ExampleTrace:
     """Begin tracing one example in the current context (each example in its own ``copy_context()``)."""
     install_capture()
@@ -256,12 +267,12 @@ def current_example_id() -> str | None:
 
 def current_step_name() -> str | None:
     """The innermost active step's own name, or None outside any step."""
-    st = _step.get()
+    st = _live_step()
     return st.data["name"] if st is not None else None
 
 
 def current_step_id() -> str | None:
-    st = _step.get()
+    st = _live_step()
     return st.data["id"] if st is not None else None
 
 
@@ -291,7 +302,7 @@ def record_llm_call(call: dict[str, Any]) -> None:
                 rec["pipemend.cache_hit"] = v == "hit" if isinstance(v, str) else bool(v)
             else:
                 rec[_OTEL_KEYS.get(k, k)] = jsonable(v)
-        st = _step.get()
+        st = _live_step()
         with ex.lock:
             if ex.finished is None:
                 (st.data["llm_calls"] if st is not None else ex.llm_calls).append(rec)
@@ -427,15 +438,20 @@ def _bound_inputs(fn: Callable, args: tuple, kwargs: dict, fixed: dict[str, Any]
     return {**fixed, **values}
 
 
-def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | None) -> tuple[Step, contextvars.Token | None]:
-    ex = _example.get()
+def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | None, *, under: Step | None = None,
+          source: str | None = None) -> tuple[Step, contextvars.Token | None]:
+    """Open a step under the current step (or under ``under``, an open step's handle, and in its example) and make
+    it the current one; ``source`` marks a step that a framework hook recorded (``frameworks.py``)."""
+    parent = under._rec if under is not None else None
+    ex = parent.example if parent is not None else _example.get()
     if ex is None:
         return Step(None), None
     try:
         if kind not in KINDS:
             log.warning("pipemend: unknown step kind %r for step %r; recorded as 'other' (valid: %s)", kind, name, ", ".join(KINDS))
             kind = "other"
-        parent = _step.get()
+        if parent is None:
+            parent = _live_step()
         ids: list[str] | None
         if doc_ids is not None:
             ids = [str(i) for i in doc_ids]
@@ -463,6 +479,8 @@ def _open(name: str, kind: str, inputs: dict[str, Any], doc_ids: list[Any] | Non
                 "end": None,
                 "llm_calls": [],
             }
+            if source is not None:
+                data["source"] = source
             if ex.finished is None:
                 ex.steps.append(data)
         rec = _StepRecord(ex, data, parent)
@@ -492,6 +510,37 @@ def _close(handle: Step, token: contextvars.Token | None, exc: BaseException | N
                 _step.set(rec.parent)
 
 
+def open_step(name: str, kind: str = "other", inputs: dict[str, Any] | None = None, *, under: Step | None = None,
+              source: str | None = None) -> tuple[Step, contextvars.Token | None]:
+    """Open a step without a ``with`` block, for framework hooks whose start and end are two callbacks.
+
+    The step nests under ``under`` (the handle of a step still open, in its example) or else under the current
+    step of the current example, and becomes the current step (LLM calls and ``x-pipemend-step`` headers are
+    then its). ``source`` is recorded as the step's ``"source"``. Outside an example the handle is a no-op.
+    Close it with ``close_step(handle, token, ...)``."""
+    return _open(name, kind, inputs or {}, None, under=under, source=source)
+
+
+def close_step(handle: Step, token: contextvars.Token | None, *, error: BaseException | None = None) -> None:
+    """Close a step opened by ``open_step`` (set its output first with ``handle.output``); ``error`` is recorded
+    as the step's error. The current step goes back to the one before it (to its parent when closed in another
+    context than it was opened in)."""
+    _close(handle, token, error)
+
+
+def note(message: str, *, under: Step | None = None, source: str = "pipemend") -> None:
+    """A log line ``{"t", "source", "message"}`` on ``under`` (an open step's handle), else on the current step or
+    the current example; nothing outside an example. Never raises."""
+    try:
+        rec = under._rec if under is not None else None
+        ex = rec.example if rec is not None else _example.get()
+        if ex is not None:
+            ex._add_log(rec if rec is not None else _live_step(), {"t": time.time(), "source": source,
+                                                                  "message": _cut(str(message))})
+    except Exception:
+        log.warning("pipemend: could not record a note", exc_info=True)
+
+
 # --------------------------------------------------------------------------- capture of print and logging
 
 
@@ -508,7 +557,7 @@ class _StreamRouter(io.TextIOBase):
         if ex is None or ex.finished is not None:
             return self.passthrough.write(s)
         try:
-            ex._write(_step.get(), self.source, str(s))
+            ex._write(_live_step(), self.source, str(s))
         except Exception:
             return self.passthrough.write(s)
         return len(s)
@@ -557,7 +606,7 @@ class _TraceLogHandler(logging.Handler):
             msg = record.getMessage()
             if record.exc_info and record.exc_info[0] is not None:
                 msg += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            ex._add_log(_step.get(), {
+            ex._add_log(_live_step(), {
                 "t": record.created,
                 "source": "logging",
                 "level": record.levelname,
@@ -605,6 +654,7 @@ def uninstall_capture() -> None:
 
 
 __all__ = [
+    "CUT_MARK",
     "KINDS",
     "TRACE_FORMAT",
     "ExampleTrace",
@@ -613,7 +663,10 @@ __all__ = [
     "current_step_id",
     "current_step_name",
     "install_capture",
+    "close_step",
     "jsonable",
+    "note",
+    "open_step",
     "record_llm_call",
     "start_example",
     "step",
