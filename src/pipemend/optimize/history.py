@@ -143,22 +143,26 @@ def _dumps(obj: Any) -> str:
 def _fit(trace: dict[str, Any], cap: int) -> tuple[str, int]:
     """The trace as indented JSON within ``cap`` characters, and how many strings or lists were cut for it."""
     cuts = [0]
-    text = _dumps(_clip(trace, None, cuts))  # the depth and item caps apply whatever the size
-    limit = 20_000
-    while len(text) > cap and limit >= 20:
+    text = _dumps(_clip(trace, None, _MAX_ITEMS, cuts))  # the depth and item caps apply whatever the size
+    for limit, items in _CUT_STEPS:
+        if len(text) <= cap:
+            break
         cuts = [0]
-        text = _dumps(_clip(trace, limit, cuts))
-        limit //= 4
+        text = _dumps(_clip(trace, limit, items, cuts))
     if len(text) > cap:
-        skeleton = {k: trace.get(k) for k in ("trace_format", "example_id") if isinstance(trace.get(k), str)}
-        text = _dumps({**{k: v[:200] for k, v in skeleton.items()},
-                       "cut": f"the trace is too large to keep even with every field cut (over {cap} characters)"})
+        skeleton = {k: trace[k][:200] for k in ("trace_format", "example_id") if isinstance(trace.get(k), str)}
+        text = _dumps({**skeleton, "cut": f"the trace is too large to keep even with every field cut (over {cap} "
+                                          "characters)"})
         cuts = [1]
     return text, cuts[0]
 
 
-def _clip(value: Any, limit: int | None, cuts: list[int], depth: int = 0) -> Any:
-    """``value`` with strings longer than ``limit`` and lists longer than ``_MAX_ITEMS`` cut (counted in ``cuts``),
+_CUT_STEPS = ((20_000, _MAX_ITEMS), (4_000, 200), (1_000, 50), (200, 20), (50, 5))
+"""(longest string, longest list) of each try, until the trace fits."""
+
+
+def _clip(value: Any, limit: int | None, items: int, cuts: list[int], depth: int = 0) -> Any:
+    """``value`` with strings longer than ``limit`` and lists longer than ``items`` cut (counted in ``cuts``),
     nesting deeper than ``_MAX_DEPTH`` replaced by a note."""
     if depth > _MAX_DEPTH:
         cuts[0] += 1
@@ -169,11 +173,11 @@ def _clip(value: Any, limit: int | None, cuts: list[int], depth: int = 0) -> Any
             return value[:limit] + f" ... [cut: {len(value) - limit} more characters]"
         return value
     if isinstance(value, dict):
-        return {str(k)[:200]: _clip(v, limit, cuts, depth + 1) for k, v in value.items()}
+        return {str(k)[:200]: _clip(v, limit, items, cuts, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        out = [_clip(v, limit, cuts, depth + 1) for v in value[:_MAX_ITEMS]]
-        if len(value) > _MAX_ITEMS:
+        out = [_clip(v, limit, items, cuts, depth + 1) for v in value[:items]]
+        if len(value) > items:
             cuts[0] += 1
-            out.append(f"[cut: {len(value) - _MAX_ITEMS} more items]")
+            out.append(f"[cut: {len(value) - items} more items]")
         return out
     return value
