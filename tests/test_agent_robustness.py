@@ -229,3 +229,17 @@ def test_the_last_turn_is_announced_and_a_spent_turn_budget_says_no_submit(tmp_p
         s.proposer().propose(make_ctx(wt, budget=ProposerBudget(max_turns=2), train=StubTrain(wt)))
     s.check_complete()
     assert info.value.reason == "turns" and "no submit within the turn limit" in str(info.value)
+
+
+def test_a_toolbox_whose_session_was_ended_runs_nothing_more(wt):
+    """Whatever drives the toolbox (the claude loop raises at once; an MCP client may keep calling), an ended
+    session's tools refuse everything, submit included."""
+    from pipemend.proposers.agent_tools import Toolbox
+
+    box = Toolbox(make_ctx(wt), max_repeated_calls=2)
+    assert box.call("list_files", {}) [1] is False
+    out, is_error = box.call("list_files", {})
+    assert is_error and box.ending is not None and box.ending[0] == "looping"
+    (wt / SUBDIR / "prompts" / "answer.j2").write_text("changed\n")
+    assert box.call("read_file", {"path": "config.yaml"}) == (f"session ended by the harness: {box.ending[1]}", True)
+    assert "ended by the harness" in box.finish("submit", {"rationale": "r", "rung": "prompt"})

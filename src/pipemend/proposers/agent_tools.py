@@ -201,6 +201,8 @@ class Toolbox:
 
     def call(self, name: Any, args: Any) -> tuple[str, bool]:
         """Run one (non-ending) tool: its output, capped, and whether it is an error for the agent."""
+        if self.ending is not None:  # a session the harness ended runs nothing more (whatever its client does)
+            return f"session ended by the harness: {self.ending[1]}", True
         flags: list[str] = []
         output, is_error = self._screen(name, args, flags), True
         if output is None:
@@ -290,9 +292,14 @@ class Toolbox:
         return refused
 
     def _finish(self, name: str, args: Any, flags: list[str]) -> SubmitIn | GiveUpIn | str:
+        if self.ending is not None:
+            return f"{name} refused: the session was ended by the harness: {self.ending[1]}"
         if args is not None and not isinstance(args, dict):
             flags.append("malformed")
             return f"{name} refused: the input must be a JSON object of named fields, not a {type(args).__name__}"
+        if json_size(args) > self.max_input_chars:
+            flags.append("oversized_input")
+            return f"{name} refused: its input is {json_size(args)} characters, over the {self.max_input_chars} allowed"
         try:
             parsed = TOOL_SPECS[name][0].model_validate(args or {})
         except ValidationError as e:

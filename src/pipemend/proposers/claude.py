@@ -15,10 +15,29 @@ submit, ``propose`` raises ``ProposerBudgetExhausted`` (reason ``turns``,
 loop records "budget exhausted" and discards the candidate. A submit in the
 response that crossed a limit still counts (that response is already paid).
 
-A reply cut short (``stop_reason == "max_tokens"``) is never acted on, nor is a
-malformed tool call (unknown tool, input that fails its schema, submit without
-rationale, submit with no change in the worktree): the agent is told and the
-session goes on.
+A weak model cannot crash a session. The reply is read from the JSON the
+server sent, never trusted: blocks that are no objects, tool calls without an
+id, a name or an object input, and inputs past ``max_tool_input_chars`` are
+refused, and what goes back in the next request is always well formed (unique
+ids, valid names, object inputs, the oversized ones dropped, an empty reply as
+``(empty reply)``); garbage ``usage`` counts nothing. A reply cut short
+(``stop_reason == "max_tokens"``) is never acted on, nor is a malformed tool
+call (unknown tool, input that fails its schema, submit without rationale,
+submit with no change in the worktree), nor an edit that breaks a Python file
+or a Jinja2 template (``tools.EditRejected``): the agent is told and the
+session goes on. Each of these is counted (``Toolbox.FLAGS`` and the session's
+``idle_replies``, ``truncated_replies``, ``malformed_block``,
+``malformed_reply``, ``oversized_text``): in the ``tool``/``response`` records'
+``flags``/``problems``, the ``end`` record's ``counters`` and
+``meta["agent_counters"]``.
+
+The harness ends a session going nowhere by raising ``AgentSessionEnded``
+(the loop refuses the candidate with reason ``proposer_ended`` and goes on):
+``looping`` (the same call ``max_repeated_calls`` times with no file changed
+in between), ``malformed`` (``max_malformed_calls`` malformed or unknown calls
+in a row), ``no_submit`` (``max_idle_replies`` replies in a row without a tool
+call run). The last turn is announced to the agent; a turn budget spent
+without a submit is ``ProposerBudgetExhausted("turns")``.
 
 Transcript: every request (the new messages), response, tool result and notice
 is a ``pipemend-transcript-1`` record, kept in ``Proposal.meta["transcript"]``
@@ -205,8 +224,8 @@ class _Session(AgentSession):
                         return outcome
                     results.append({"type": "tool_result", "tool_use_id": use["id"], "is_error": True,
                                     "content": outcome})
-                    self.record("tool", name=name, input=args, output=outcome, is_error=True, tool_use_id=use["id"],
-                                flags=self.box.last_flags)
+                    self.record("tool", name=name, input=self._shown(args), output=outcome, is_error=True,
+                                tool_use_id=use["id"], flags=self.box.last_flags)
                 else:
                     results.append(self._call(use))
                 if self.box.ending is not None:
@@ -282,12 +301,15 @@ class _Session(AgentSession):
 
     # ----------------------------------------------------------------- tools
 
+    def _shown(self, args: Any) -> Any:
+        """A call's input for the transcript (an oversized one is only named)."""
+        return args if json_size(args) <= self.cfg.max_tool_input_chars else "(oversized)"
+
     def _call(self, use: dict[str, Any]) -> dict[str, Any]:
         name, args = use["name"], use["input"]
         started = time.monotonic()
         output, is_error = self.box.call(name, args)
-        self.record("tool", name=name, input=args if json_size(args) <= self.cfg.max_tool_input_chars else "(oversized)",
-                    output=output, is_error=is_error, tool_use_id=use["id"], flags=self.box.last_flags,
+        self.record("tool", name=name, input=self._shown(args), output=output, is_error=is_error, tool_use_id=use["id"], flags=self.box.last_flags,
                     duration_s=round(time.monotonic() - started, 3))
         result = {"type": "tool_result", "tool_use_id": use["id"], "content": output}
         if is_error:
