@@ -237,7 +237,7 @@ def test_a_toolbox_whose_session_was_ended_runs_nothing_more(wt):
     from pipemend.proposers.agent_tools import Toolbox
 
     box = Toolbox(make_ctx(wt), max_repeated_calls=2)
-    assert box.call("list_files", {}) [1] is False
+    assert box.call("list_files", {})[1] is False
     out, is_error = box.call("list_files", {})
     assert is_error and box.ending is not None and box.ending[0] == "looping"
     (wt / SUBDIR / "prompts" / "answer.j2").write_text("changed\n")

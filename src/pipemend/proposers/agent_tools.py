@@ -189,6 +189,7 @@ class Toolbox:
         self.last_flags: list[str] = []
         self.ending: tuple[EndReason, str] | None = None
         self._seen: Counter[str] = Counter()
+        self._repeats = 0
         self._malformed_streak = 0
 
     def names(self) -> list[str]:
@@ -220,7 +221,7 @@ class Toolbox:
             except Exception as e:  # noqa: BLE001 - a tool fault is the agent's information, not a crash
                 output = f"{name} failed: {type(e).__name__}: {e}"
             if "repeated" in flags:
-                output = (f"[you made this exact call {self._seen[self._key(name, args)]} times with no file changed "
+                output = (f"[you made this exact call {self._repeats} times with no file changed "
                           f"in between; the result is the same. Do something else, or submit.]\n{output}")
         cap = self.max_output_chars
         if len(output) > cap:
@@ -258,7 +259,7 @@ class Toolbox:
     def _repeat(self, name: str, args: Any, flags: list[str]) -> str | None:
         key = self._key(name, args)
         self._seen[key] += 1
-        n = self._seen[key]
+        n = self._repeats = self._seen[key]
         if n >= 2:
             flags.append("repeated")
         if n >= self.max_repeated_calls:
