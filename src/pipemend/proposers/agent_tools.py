@@ -247,6 +247,10 @@ class Toolbox:
         if name not in self.names() or name in ENDING_TOOLS or not hasattr(self, f"_t_{name}"):
             flags.append("unknown_tool")
             return f"unknown tool {name[:100]!r}; the tools are: {', '.join(self.names())}"
+        return self._shape(name, args, flags) or self._repeat(name, args, flags)
+
+    def _shape(self, name: str, args: Any, flags: list[str]) -> str | None:
+        """Why the input cannot be read at all (not an object, too large), or None."""
         if args is not None and not isinstance(args, dict):
             flags.append("malformed")
             return f"bad input for {name}: the input must be a JSON object of named fields, not a {type(args).__name__}"
@@ -254,7 +258,7 @@ class Toolbox:
             flags.append("oversized_input")
             return (f"{name} refused: its input is {json_size(args)} characters, over the {self.max_input_chars} "
                     "allowed; make smaller edits (edit_file with a short unique `old`)")
-        return self._repeat(name, args, flags)
+        return None
 
     def _repeat(self, name: str, args: Any, flags: list[str]) -> str | None:
         key = self._key(name, args)
@@ -295,12 +299,8 @@ class Toolbox:
     def _finish(self, name: str, args: Any, flags: list[str]) -> SubmitIn | GiveUpIn | str:
         if self.ending is not None:
             return f"{name} refused: the session was ended by the harness: {self.ending[1]}"
-        if args is not None and not isinstance(args, dict):
-            flags.append("malformed")
-            return f"{name} refused: the input must be a JSON object of named fields, not a {type(args).__name__}"
-        if json_size(args) > self.max_input_chars:
-            flags.append("oversized_input")
-            return f"{name} refused: its input is {json_size(args)} characters, over the {self.max_input_chars} allowed"
+        if shape := self._shape(name, args, flags):
+            return shape
         try:
             parsed = TOOL_SPECS[name][0].model_validate(args or {})
         except ValidationError as e:
