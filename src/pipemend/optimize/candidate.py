@@ -2,7 +2,8 @@
 
 ``propose`` gives the proposer a worktree of the base, the guarded tools over a
 ``TrainBench``, its budget and the history; a crash or a spent per-candidate
-budget is a reason, a spent run budget also ends the loop (``stops.ON_BUDGET``),
+budget is a reason, and so is an agent session the harness ended (``AgentSessionEnded``: looping,
+malformed calls, no submit); a spent run budget also ends the loop (``stops.ON_BUDGET``),
 no proposal at all ends it (``StopRun("ideas")``). ``judge`` first builds the
 candidate commit from the worktree's files alone (``Snapshot.build_candidate``:
 a fresh index, no attributes, filters or index flags of the candidate's; every
@@ -12,7 +13,7 @@ val (``race``: racing looks, flips confirmed on both sides), then the verdict: t
 tree that is evaluated and the tree that is kept. ``keep`` gives that commit the
 verdict as its message (same tree) and its ref: an accepted candidate gets its
 branch and moves ``best``, a rejected one a ref. ``journal`` writes what later
-proposers may read (``history/<n>``, val as aggregates only) and
+proposers may read (``history/<n>``: ``history.py``; val as aggregates only, train traces whole) and
 ``candidate_done``.
 """
 
@@ -28,16 +29,18 @@ from typing import Any, Iterator
 
 from .. import gate
 from ..errors import BudgetExhausted
-from ..fsutil import atomic_write_json, atomic_write_text, copy_regular, read_json
+from ..fsutil import atomic_write_json, atomic_write_text, read_json
 from ..journal import RunState, record, replay
 from ..protocols import Proposal, ProposalContext
 from ..proposers import ProposerBudget
+from ..proposers.agent_tools import AgentSessionEnded
 from ..proposers.isolation import PluginFailed
 from ..proposers.tools import ProposerTools
 from .base import base_train_dir
 from .bench import TrainBench
 from . import race
 from .env import RunEnv
+from .history import write_history
 from .stops import StopRun, on_budget
 
 
@@ -95,6 +98,9 @@ def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
         _save_meta(cdir, e.meta)
         stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
         return Proposed(None, [gate.Reason("budget", f"budget exhausted while proposing: {e}")], stop)
+    except AgentSessionEnded as e:  # the harness ended a session going nowhere (looping, malformed, no submit)
+        _save_meta(cdir, e.meta)
+        return Proposed(None, [gate.Reason("proposer_ended", str(e))])
     except PluginFailed as e:  # the plugin's own crash, reported from its sandbox
         atomic_write_text(cdir / "error.txt", f"{e}\n\n{e.details}\n")
         return Proposed(None, [gate.Reason("proposer_crashed", f"proposer crashed: {e}")])
@@ -171,7 +177,7 @@ def keep(env: RunEnv, n: int, judged: Judged, rationale: str) -> tuple[str | Non
 def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: str | None, rationale: str) -> RunState:
     """``history/<n>`` for later proposers, then ``candidate_done``; returns the journal's new state."""
     cdir = env.run_dir / "candidates" / str(n)
-    _history(env.run_dir / "history" / str(n), cdir, verdict)
+    write_history(env.run_dir / "history" / str(n), cdir, verdict, [ex.id for ex in env.splits["train"]])
     stats = verdict.stats
     record(env.run_dir, "candidate_done", n=n, accepted=verdict.accepted, sha=sha, ref=ref,
            reasons=gate.texts(verdict.reasons), rationale=rationale[:4000],
@@ -207,24 +213,6 @@ def context(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
                            manifest=env.manifest, diagnosis=diagnosis, history=history,
                            history_dir=env.run_dir / "history", tools=tools, budget=budget,
                            train_examples=[ex.model_dump() for ex in env.splits["train"]], log=env.progress.log)
-
-
-def _history(h: Path, cdir: Path, verdict: gate.Verdict) -> None:
-    """``RUN_DIR/history/<n>``: what later proposers may read (val as aggregates only)."""
-    h.mkdir(parents=True, exist_ok=True)
-    for name in ("diff.patch", "rationale.md"):
-        copy_regular(cdir / name, h / name)
-    atomic_write_json(h / "verdict.json", verdict.aggregates())
-    runs = [d for d in (cdir / "train").iterdir() if d.name.isdigit() and not d.is_symlink()] \
-        if (cdir / "train").is_dir() else []
-    if runs:
-        # what a sandbox wrote is hostile: only regular trace files, by name, never through a link
-        traces = max(runs, key=lambda d: int(d.name)) / "traces"
-        (h / "train_traces").mkdir(exist_ok=True)
-        if traces.is_dir() and not traces.is_symlink():
-            for f in sorted(traces.iterdir()):
-                if f.name.endswith(".json"):
-                    copy_regular(f, h / "train_traces" / f.name)
 
 
 def _save_meta(cdir: Path, meta: dict[str, Any]) -> None:

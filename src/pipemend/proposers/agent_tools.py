@@ -14,21 +14,52 @@ the ending (a ``Proposal``, or None for ``give_up``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import BudgetReason
+from ..errors import BudgetReason, PipemendError
 from ..fsutil import append_jsonl
 from ..protocols import Proposal, ProposalContext
 from .budget import ProposerBudget, ProposerBudgetExhausted
-from .tools import ReadOnlyTree, ToolError
+from .tools import EditRejected, ReadOnlyTree, ToolError
 
 ENDING_TOOLS = ("submit", "give_up")
 TRANSCRIPT_FORMAT = "pipemend-transcript-1"
+
+EndReason = Literal["looping", "malformed", "no_submit"]
+"""Why the harness ended a session that was going nowhere: the same call over and over (``looping``), malformed
+or unknown calls in a row (``malformed``), replies in a row with no tool call at all (``no_submit``)."""
+FLAGS = ("malformed", "unknown_tool", "oversized_input", "repeated", "rejected_edit", "refused_submit",
+         "oversized_output")
+"""What ``Toolbox`` counts of the calls it is given (``counts``): each a transcript counter."""
+
+
+class AgentSessionEnded(PipemendError):
+    """The harness ended an agent session before a submit (``reason``: an ``EndReason``).
+
+    Not a crash and not a spent budget: the optimize loop records the candidate as ended with the reason
+    (``proposer_ended``), keeps its transcript (``meta``) and goes on with the next candidate. The worktree may
+    hold partial edits: the loop discards them.
+    """
+
+    def __init__(self, reason: EndReason, message: str, meta: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.reason: EndReason = reason
+        self.meta: dict[str, Any] = dict(meta or {})
+
+
+def json_size(value: Any) -> int:
+    """Characters of ``value`` as JSON (what it costs to send it back to the agent)."""
+    try:
+        return len(json.dumps(value, default=str))
+    except (TypeError, ValueError, RecursionError):
+        return len(repr(value))
 
 
 # --------------------------------------------------------------------------- tool inputs (schemas + validation)
@@ -133,14 +164,33 @@ TOOL_SPECS: dict[str, tuple[type[BaseModel], str]] = {
 
 
 class Toolbox:
-    """The tools of one proposer session over one candidate."""
+    """The tools of one proposer session over one candidate.
 
-    def __init__(self, ctx: ProposalContext, *, max_output_chars: int = 20_000):
+    ``call`` never raises: whatever the agent sends (a name that is no tool, an input that is no object or
+    fails its schema, an input past ``max_input_chars``, an edit that breaks a file) comes back as an error
+    string for the agent. Each such call is counted in ``counts`` (``FLAGS``), and the flags of the last call
+    are in ``last_flags``. Two patterns end the session: the same call (tool and input) made
+    ``max_repeated_calls`` times with no file changed in between (``looping``), and ``max_malformed_calls``
+    malformed or unknown calls in a row (``malformed``); ``ending`` then holds ``(reason, message)`` and the
+    session stops (``AgentSessionEnded``).
+    """
+
+    def __init__(self, ctx: ProposalContext, *, max_output_chars: int = 20_000, max_input_chars: int = 200_000,
+                 max_repeated_calls: int = 4, max_malformed_calls: int = 5):
         self.ctx = ctx
         self.tools = ctx.tools
         self.max_output_chars = max_output_chars
+        self.max_input_chars = max_input_chars
+        self.max_repeated_calls = max_repeated_calls
+        self.max_malformed_calls = max_malformed_calls
         self.history = ReadOnlyTree(ctx.history_dir) if ctx.history_dir and Path(ctx.history_dir).is_dir() else None
         self.train = {str(ex["id"]): ex for ex in ctx.train_examples}
+        self.counts: Counter[str] = Counter()
+        self.last_flags: list[str] = []
+        self.ending: tuple[EndReason, str] | None = None
+        self._seen: Counter[str] = Counter()
+        self._repeats = 0
+        self._malformed_streak = 0
 
     def names(self) -> list[str]:
         return [n for n in TOOL_SPECS if self.history is not None or not n.startswith("history_")]
@@ -150,30 +200,111 @@ class Toolbox:
         return [{"name": n, "description": TOOL_SPECS[n][1], "input_schema": tool_schema(TOOL_SPECS[n][0])}
                 for n in self.names()]
 
-    def call(self, name: str, args: Any) -> tuple[str, bool]:
+    def call(self, name: Any, args: Any) -> tuple[str, bool]:
         """Run one (non-ending) tool: its output, capped, and whether it is an error for the agent."""
-        handler: Callable[[Any], str] | None = getattr(self, f"_t_{name}", None)
-        if name not in self.names() or name in ENDING_TOOLS or handler is None:
-            output, is_error = f"unknown tool {name!r}; the tools are: {', '.join(self.names())}", True
-        else:
+        if self.ending is not None:  # a session the harness ended runs nothing more (whatever its client does)
+            return f"session ended by the harness: {self.ending[1]}", True
+        flags: list[str] = []
+        output, is_error = self._screen(name, args, flags), True
+        if output is None:
+            handler: Callable[[Any], str] = getattr(self, f"_t_{name}")
             try:
                 output, is_error = handler(TOOL_SPECS[name][0].model_validate(args or {})), False
             except ValidationError as e:
-                output, is_error = f"bad input for {name}: {explain(e)}", True
+                flags.append("malformed")
+                output = f"bad input for {name}: {explain(e)}"
+            except EditRejected as e:
+                flags.append("rejected_edit")
+                output = f"{name} rejected: {e}"
             except ToolError as e:
-                output, is_error = f"{name} refused: {e}", True
+                output = f"{name} refused: {e}"
             except Exception as e:  # noqa: BLE001 - a tool fault is the agent's information, not a crash
-                output, is_error = f"{name} failed: {type(e).__name__}: {e}", True
+                output = f"{name} failed: {type(e).__name__}: {e}"
+            if "repeated" in flags:
+                output = (f"[you made this exact call {self._repeats} times with no file changed "
+                          f"in between; the result is the same. Do something else, or submit.]\n{output}")
         cap = self.max_output_chars
         if len(output) > cap:
-            output = output[:cap] + f"\n... [truncated: {len(output) - cap} more characters]"
+            flags.append("oversized_output")
+            output = (output[:cap] + f"\n... [truncated: {len(output) - cap} more characters; read a line range "
+                      "(start_line/end_line), a narrower glob or fewer ids]")
+        self._count(name, flags)
         return output, is_error
 
+    def _key(self, name: Any, args: Any) -> str:
+        try:
+            text = json.dumps([name, args], sort_keys=True, default=str)
+        except (TypeError, ValueError, RecursionError):
+            text = repr((name, args))
+        revision = getattr(self.tools, "revision", 0)
+        return f"{revision}:{hashlib.sha256(text.encode('utf-8', 'replace')).hexdigest()}"
+
+    def _screen(self, name: Any, args: Any, flags: list[str]) -> str | None:
+        """Why the call cannot run (its flags appended), or None when it may."""
+        if not isinstance(name, str) or not name:
+            flags.append("malformed")
+            return f"a tool call needs a tool name; the tools are: {', '.join(self.names())}"
+        if name not in self.names() or name in ENDING_TOOLS or not hasattr(self, f"_t_{name}"):
+            flags.append("unknown_tool")
+            return f"unknown tool {name[:100]!r}; the tools are: {', '.join(self.names())}"
+        return self._shape(name, args, flags) or self._repeat(name, args, flags)
+
+    def _shape(self, name: str, args: Any, flags: list[str]) -> str | None:
+        """Why the input cannot be read at all (not an object, too large), or None."""
+        if args is not None and not isinstance(args, dict):
+            flags.append("malformed")
+            return f"bad input for {name}: the input must be a JSON object of named fields, not a {type(args).__name__}"
+        if json_size(args) > self.max_input_chars:
+            flags.append("oversized_input")
+            return (f"{name} refused: its input is {json_size(args)} characters, over the {self.max_input_chars} "
+                    "allowed; make smaller edits (edit_file with a short unique `old`)")
+        return None
+
+    def _repeat(self, name: str, args: Any, flags: list[str]) -> str | None:
+        key = self._key(name, args)
+        self._seen[key] += 1
+        n = self._repeats = self._seen[key]
+        if n >= 2:
+            flags.append("repeated")
+        if n >= self.max_repeated_calls:
+            shown = json.dumps(args, default=str)[:200] if args is not None else "{}"
+            self.ending = ("looping", f"the agent made the same call {name} {shown} {n} times with no file changed "
+                                      "in between")
+            return f"session ended by the harness: {self.ending[1]}"
+        return None
+
+    def _count(self, name: Any, flags: list[str]) -> None:
+        self.last_flags = flags
+        self.counts.update(flags)
+        if "malformed" in flags or "unknown_tool" in flags:
+            self._malformed_streak += 1
+            if self._malformed_streak >= self.max_malformed_calls and self.ending is None:
+                self.ending = ("malformed", f"{self._malformed_streak} malformed or unknown tool calls in a row "
+                                            f"(the last: {str(name)[:100]!r})")
+        else:
+            self._malformed_streak = 0
+
     def finish(self, name: str, args: Any) -> SubmitIn | GiveUpIn | str:
-        """The parsed ``submit``/``give_up``, or a string telling the agent why it was refused."""
+        """The parsed ``submit``/``give_up``, or a string telling the agent why it was refused (counted like
+        ``call``: a malformed or repeated refused ending counts toward ``malformed`` and ``looping``)."""
+        flags: list[str] = []
+        refused = self._finish(name, args, flags)
+        if isinstance(refused, str):
+            if not flags:
+                flags.append("refused_submit")
+            self._repeat(name, args, flags)  # counted only when refused: an accepted ending ends the session anyway
+            self._count(name, flags)
+        return refused
+
+    def _finish(self, name: str, args: Any, flags: list[str]) -> SubmitIn | GiveUpIn | str:
+        if self.ending is not None:
+            return f"{name} refused: the session was ended by the harness: {self.ending[1]}"
+        if shape := self._shape(name, args, flags):
+            return shape
         try:
             parsed = TOOL_SPECS[name][0].model_validate(args or {})
         except ValidationError as e:
+            flags.append("malformed")
             return f"{name} refused: {explain(e)}"
         if isinstance(parsed, GiveUpIn):
             return parsed
@@ -268,6 +399,16 @@ class AgentProposerConfig(BaseModel):
     api_key: str | None = Field(None, description="API key; default $ANTHROPIC_API_KEY, else a dummy for a gateway.")
     transcript_dir: str | None = Field(None, description="Folder for transcript.jsonl; `{candidate}` is replaced.")
     max_tool_output_chars: int = Field(20_000, ge=1000, description="Cap on one tool result sent to the agent.")
+    max_tool_input_chars: int = Field(
+        200_000, ge=1000, description="A tool call whose input is larger is refused (and not sent back to the agent).")
+    max_repeated_calls: int = Field(
+        4, ge=2, description="The same call (tool and input) this many times with no file changed in between ends "
+                             "the session (`looping`).")
+    max_malformed_calls: int = Field(
+        5, ge=1, description="Malformed or unknown tool calls in a row that end the session (`malformed`).")
+    max_idle_replies: int = Field(
+        3, ge=1, description="Replies in a row with no tool call (text only, empty or cut off) that end the "
+                             "session (`no_submit`).")
     system_template: str | None = Field(None, description="A Jinja2 file replacing templates/system.md.j2.")
     price_per_mtok: tuple[float, float] | None = Field(
         None, description="(input, output) dollars per million tokens of `model`; default: the price table."
@@ -285,12 +426,17 @@ class AgentSession:
 
     proposer_name = "agent"
 
-    def __init__(self, ctx: ProposalContext, *, model: str, transcript_dir: str | None, max_tool_output_chars: int):
+    def __init__(self, ctx: ProposalContext, *, model: str, transcript_dir: str | None, max_tool_output_chars: int,
+                 config: AgentProposerConfig | None = None):
         self.ctx = ctx
         self.model = model
         self.tools = ctx.tools
         self.budget: ProposerBudget = ctx.budget if ctx.budget is not None else ProposerBudget()
-        self.box = Toolbox(ctx, max_output_chars=max_tool_output_chars)
+        cfg = config or AgentProposerConfig()
+        self.box = Toolbox(ctx, max_output_chars=max_tool_output_chars, max_input_chars=cfg.max_tool_input_chars,
+                           max_repeated_calls=cfg.max_repeated_calls, max_malformed_calls=cfg.max_malformed_calls)
+        self.counts = self.box.counts
+        """The transcript's counters: the toolbox's (``FLAGS``) and the session's own (replies)."""
         self.train = self.box.train
         self.transcript: list[dict[str, Any]] = []
         self.transcript_path: Path | None = None
@@ -308,14 +454,23 @@ class AgentSession:
 
     def meta(self, outcome: str) -> dict[str, Any]:
         meta = {"proposer": self.proposer_name, "model": self.model, "outcome": outcome,
-                **{f"agent_{k}": v for k, v in self.budget.spent().items()}, "transcript": self.transcript}
+                **{f"agent_{k}": v for k, v in self.budget.spent().items()}, "agent_counters": dict(self.counts),
+                "transcript": self.transcript}
         if self.transcript_path is not None:
             meta["transcript_path"] = str(self.transcript_path)
         return meta
 
     def exhausted(self, reason: BudgetReason, message: str) -> ProposerBudgetExhausted:
-        self.record("end", outcome="budget_exhausted", reason=reason, message=message, spent=self.budget.spent())
+        self.record("end", outcome="budget_exhausted", reason=reason, message=message, spent=self.budget.spent(),
+                    counters=dict(self.counts))
         return ProposerBudgetExhausted(reason, message, self.meta("budget_exhausted"))
+
+    def ended(self, reason: EndReason, message: str) -> AgentSessionEnded:
+        """The harness's own ending of a session going nowhere (recorded, then raised by the caller)."""
+        self.record("end", outcome="ended", reason=reason, message=message, spent=self.budget.spent(),
+                    counters=dict(self.counts))
+        self.ctx.log(f"{self.proposer_name} proposer session ended ({reason}): {message}")
+        return AgentSessionEnded(reason, f"agent session ended ({reason}): {message}", self.meta("ended"))
 
     def _finish(self, name: str, args: Any) -> Proposal | None | str:
         """The session's result (a Proposal, or None for give_up), or a string telling the agent why its
@@ -324,11 +479,12 @@ class AgentSession:
         if isinstance(parsed, str):
             return parsed
         if isinstance(parsed, GiveUpIn):
-            self.record("end", outcome="gave_up", reason=parsed.reason, spent=self.budget.spent())
+            self.record("end", outcome="gave_up", reason=parsed.reason, spent=self.budget.spent(),
+                        counters=dict(self.counts))
             self.ctx.log(f"{self.proposer_name} proposer gave up: {parsed.reason}")
             return None
         self.record("end", outcome="submitted", rationale=parsed.rationale, rung=parsed.rung,
-                    spent=self.budget.spent())
+                    spent=self.budget.spent(), counters=dict(self.counts))
         meta = self.meta("submitted")
         meta["files_written"] = list(getattr(self.tools, "written", []))
         return Proposal(rationale=parsed.rationale.strip(), rung=parsed.rung, meta=meta)

@@ -15,10 +15,29 @@ submit, ``propose`` raises ``ProposerBudgetExhausted`` (reason ``turns``,
 loop records "budget exhausted" and discards the candidate. A submit in the
 response that crossed a limit still counts (that response is already paid).
 
-A reply cut short (``stop_reason == "max_tokens"``) is never acted on, nor is a
-malformed tool call (unknown tool, input that fails its schema, submit without
-rationale, submit with no change in the worktree): the agent is told and the
-session goes on.
+A weak model cannot crash a session. The reply is read from the JSON the
+server sent, never trusted: blocks that are no objects, tool calls without an
+id, a name or an object input, and inputs past ``max_tool_input_chars`` are
+refused, and what goes back in the next request is always well formed (unique
+ids, valid names, object inputs, the oversized ones dropped, an empty reply as
+``(empty reply)``); garbage ``usage`` counts nothing. A reply cut short
+(``stop_reason == "max_tokens"``) is never acted on, nor is a malformed tool
+call (unknown tool, input that fails its schema, submit without rationale,
+submit with no change in the worktree), nor an edit that breaks a Python file
+or a Jinja2 template (``tools.EditRejected``): the agent is told and the
+session goes on. Each of these is counted (``Toolbox.FLAGS`` and the session's
+``idle_replies``, ``truncated_replies``, ``malformed_block``,
+``malformed_reply``, ``oversized_text``): in the ``tool``/``response`` records'
+``flags``/``problems``, the ``end`` record's ``counters`` and
+``meta["agent_counters"]``.
+
+The harness ends a session going nowhere by raising ``AgentSessionEnded``
+(the loop refuses the candidate with reason ``proposer_ended`` and goes on):
+``looping`` (the same call ``max_repeated_calls`` times with no file changed
+in between), ``malformed`` (``max_malformed_calls`` malformed or unknown calls
+in a row), ``no_submit`` (``max_idle_replies`` replies in a row without a tool
+call run). The last turn is announced to the agent; a turn budget spent
+without a submit is ``ProposerBudgetExhausted("turns")``.
 
 Transcript: every request (the new messages), response, tool result and notice
 is a ``pipemend-transcript-1`` record, kept in ``Proposal.meta["transcript"]``
@@ -30,7 +49,9 @@ is a ``pipemend-transcript-1`` record, kept in ``Proposal.meta["transcript"]``
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +62,8 @@ from pydantic import Field
 
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
-from .agent_tools import ENDING_TOOLS, AgentProposerConfig, AgentSession
+from ..gateway.pricing import tokens_of
+from .agent_tools import ENDING_TOOLS, AgentProposerConfig, AgentSession, json_size
 from .budget import cost_usd
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -125,9 +147,11 @@ class _Session(AgentSession):
 
     def __init__(self, proposer: ClaudeProposer, ctx: ProposalContext):
         super().__init__(ctx, model=proposer.config.model, transcript_dir=proposer.config.transcript_dir,
-                         max_tool_output_chars=proposer.config.max_tool_output_chars)
+                         max_tool_output_chars=proposer.config.max_tool_output_chars, config=proposer.config)
         self.cfg = proposer.config
         self.proposer = proposer
+        self.idle = 0
+        """Replies in a row with no tool call run (text only, empty, cut off)."""
 
     # ----------------------------------------------------------------- the loop
 
@@ -136,17 +160,24 @@ class _Session(AgentSession):
         system = render_system_prompt(ctx, Path(self.cfg.system_template) if self.cfg.system_template else None)
         tools = self.box.defs()
         self.record("start", model=self.cfg.model, system=system, tools=[t["name"] for t in tools],
-                    budget=self.budget.model_dump())
-        messages: list[dict[str, Any]] = [{"role": "user", "content": (
+                    budget=self.budget.model_dump(),
+                    limits={k: getattr(self.cfg, k) for k in ("max_tool_input_chars", "max_tool_output_chars",
+                                                               "max_repeated_calls", "max_malformed_calls",
+                                                               "max_idle_replies")})
+        messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": (
             f"Propose one change for candidate {ctx.candidate_index}. There are {len(self.train)} train examples. "
             "Start from the diagnosis, read failing traces, make one scoped change, check it on train, then submit."
-        )}]
+        )}]}]
         client = self.proposer.client()
         sent = 0
         while True:
             reason = self.budget.exhausted()
             if reason:
-                raise self.exhausted(reason, f"proposer budget exhausted before submit ({reason}): {self.budget.describe()}")
+                raise self.exhausted(reason, f"proposer budget exhausted before submit ({reason}): {self.budget.describe()}"
+                                     + (": no submit within the turn limit" if reason == "turns" else ""))
+            if self.budget.max_turns - self.budget.turns == 1:
+                _tell(messages, "This is your last turn: call `submit` now if the worktree holds your change, "
+                                "else `give_up`.")
             self.turn += 1
             self.record("request", new_messages=messages[sent:])
             sent = len(messages)
@@ -154,74 +185,155 @@ class _Session(AgentSession):
                                       "system": system, "tools": tools, "messages": messages}
             if self.cfg.temperature is not None:
                 kwargs["temperature"] = self.cfg.temperature
-            try:
-                resp = client.messages.create(**kwargs)
-            except anthropic.APIStatusError as e:
-                body = str(getattr(e, "message", e))
-                if e.status_code in (402, 429) and "budget" in body.lower():
-                    raise self.exhausted("gateway", f"the agent gateway refused: {body}") from None
-                self.record("end", outcome="error", error=f"{type(e).__name__}: {body}", spent=self.budget.spent())
-                raise
-            except anthropic.APIError as e:
-                self.record("end", outcome="error", error=f"{type(e).__name__}: {e}", spent=self.budget.spent())
-                raise
-            usage = resp.usage
+            data = self._request(client, kwargs)
+            usage = _usage(data.get("usage"))
             dollars = cost_usd(self.cfg.model, usage, self.cfg.price_per_mtok)
-            in_tok = int(usage.input_tokens or 0) + int(getattr(usage, "cache_creation_input_tokens", 0) or 0) \
-                + int(getattr(usage, "cache_read_input_tokens", 0) or 0)
-            self.budget.charge(turns=1, input_tokens=in_tok, output_tokens=int(usage.output_tokens or 0), usd=dollars)
-            self.record("response", response=resp.model_dump(mode="json", exclude_none=True), cost_usd=dollars,
-                        spent=self.budget.spent())
-            content = [self._block(b) for b in resp.content]
+            in_tok, out_tok = tokens_of(usage)
+            self.budget.charge(turns=1, input_tokens=in_tok, output_tokens=out_tok, usd=dollars)
+            content, uses, problems = self._read_reply(data)
+            self.counts.update(problems)
+            self.record("response", response=self._recordable(data, content), cost_usd=dollars,
+                        spent=self.budget.spent(), **({"problems": problems} if problems else {}))
             messages.append({"role": "assistant", "content": content})
-            uses = [b for b in content if b.get("type") == "tool_use"]
 
-            if resp.stop_reason == "max_tokens":
+            if data.get("stop_reason") == "max_tokens" or not uses:
+                self.idle += 1
+                cut = data.get("stop_reason") == "max_tokens"
+                self.counts["truncated_replies" if cut else "idle_replies"] += 1
+                if self.idle >= self.cfg.max_idle_replies:
+                    raise self.ended("no_submit", f"{self.idle} replies in a row without a tool call run (text only, "
+                                                  "empty or cut off at max_tokens); nothing was submitted")
                 note = ("Your reply was cut off at max_tokens, so none of its tool calls were run. "
-                        "Send a shorter reply: smaller edits, one tool call at a time.")
+                        "Send a shorter reply: smaller edits, one tool call at a time." if cut else
+                        "Use the tools to work on the change, then call `submit` (or `give_up` if nothing is worth "
+                        "trying).")
                 self.record("notice", message=note)
                 messages.append({"role": "user", "content": [
                     *({"type": "tool_result", "tool_use_id": u["id"], "is_error": True, "content": note} for u in uses),
-                    *([] if uses else [{"type": "text", "text": note}]),
+                    {"type": "text", "text": note},
                 ]})
                 continue
-            if not uses:
-                note = "Use the tools to work on the change, then call `submit` (or `give_up` if nothing is worth trying)."
-                self.record("notice", message=note)
-                messages.append({"role": "user", "content": note})
-                continue
+            self.idle = 0
 
             results: list[dict[str, Any]] = []
             for use in uses:
-                name, args = use["name"], use.get("input") or {}
+                name, args = use["name"], use["input"]
                 if name in ENDING_TOOLS:
                     outcome = self._finish(name, args)
-                    if isinstance(outcome, str):
-                        results.append({"type": "tool_result", "tool_use_id": use["id"], "is_error": True,
-                                        "content": outcome})
-                        self.record("tool", name=name, input=args, output=outcome, is_error=True, tool_use_id=use["id"])
-                        continue
-                    return outcome
-                results.append(self._call(use))
+                    if not isinstance(outcome, str):
+                        return outcome
+                    results.append({"type": "tool_result", "tool_use_id": use["id"], "is_error": True,
+                                    "content": outcome})
+                    self.record("tool", name=name, input=self._shown(args), output=outcome, is_error=True,
+                                tool_use_id=use["id"], flags=self.box.last_flags)
+                else:
+                    results.append(self._call(use))
+                if self.box.ending is not None:
+                    raise self.ended(*self.box.ending)
             messages.append({"role": "user", "content": results})
 
-    @staticmethod
-    def _block(block: Any) -> dict[str, Any]:
-        if block.type == "text":
-            return {"type": "text", "text": block.text}
-        if block.type == "tool_use":
-            return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
-        return block.model_dump(mode="json", exclude_none=True)
+    def _request(self, client: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """One Messages request; the reply as the JSON the server sent (never the SDK's model of it, which a
+        malformed reply could break). API errors are recorded, then raised (a refused budget as ``gateway``)."""
+        try:
+            raw = client.messages.with_raw_response.create(**kwargs)
+        except anthropic.APIStatusError as e:
+            body = str(getattr(e, "message", e))
+            if e.status_code in (402, 429) and "budget" in body.lower():
+                raise self.exhausted("gateway", f"the agent gateway refused: {body}") from None
+            self.record("end", outcome="error", error=f"{type(e).__name__}: {body}", spent=self.budget.spent())
+            raise
+        except anthropic.APIError as e:
+            self.record("end", outcome="error", error=f"{type(e).__name__}: {e}", spent=self.budget.spent())
+            raise
+        try:
+            data = raw.http_response.json()
+        except ValueError:  # a body that is no JSON is a reply with no content (``malformed_reply``)
+            return {"content": None, "body": raw.http_response.text[:2000]}
+        return data if isinstance(data, dict) else {"content": None, "body": json.dumps(data)[:2000]}
+
+    def _read_reply(self, data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+        """The reply's content as it is sent back in the next request (well formed whatever came: an empty reply,
+        blocks that are no objects, tool calls without an id, a name or an object input, inputs past the cap),
+        the tool calls as the agent made them (their id is the echoed one) and what was wrong with it."""
+        blocks = data.get("content")
+        problems: list[str] = []
+        if not isinstance(blocks, list):
+            blocks = []
+            problems.append("malformed_reply")
+        content: list[dict[str, Any]] = []
+        uses: list[dict[str, Any]] = []
+        ids: set[str] = set()
+        cap = self.cfg.max_tool_input_chars
+        for i, block in enumerate(blocks):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                text = block.get("text")
+                if isinstance(text, str) and text.strip():
+                    if len(text) > cap:
+                        problems.append("oversized_text")
+                        text = text[:cap] + f"\n... [cut: {len(text) - cap} more characters]"
+                    content.append({"type": "text", "text": text})
+            elif kind == "tool_use":
+                uid = block.get("id")
+                if not isinstance(uid, str) or not _ID.fullmatch(uid) or uid in ids:
+                    uid = f"toolu_pipemend_{self.turn}_{i}"
+                ids.add(uid)
+                name, args = block.get("name"), block.get("input")
+                echo_name = name if isinstance(name, str) and _NAME.fullmatch(name) else "invalid_tool_name"
+                echo_args = args if isinstance(args, dict) and json_size(args) <= cap else {}
+                content.append({"type": "tool_use", "id": uid, "name": echo_name, "input": echo_args})
+                uses.append({"id": uid, "name": name, "input": args})
+            elif kind in ("thinking", "redacted_thinking") and json_size(block) <= cap:
+                content.append(block)
+            else:
+                problems.append("malformed_block")
+        if not content:
+            content.append({"type": "text", "text": "(empty reply)"})
+        return content, uses, problems
+
+    def _recordable(self, data: dict[str, Any], content: list[dict[str, Any]]) -> dict[str, Any]:
+        """The reply for the transcript: as it came, or with its content as echoed when it is too large."""
+        if json_size(data) <= 2 * self.cfg.max_tool_input_chars:
+            return data
+        return {**{k: v for k, v in data.items() if k != "content" and json_size(v) <= 10_000}, "content": content,
+                "clipped": f"the reply was {json_size(data)} characters; its content is recorded as it was sent back"}
 
     # ----------------------------------------------------------------- tools
 
+    def _shown(self, args: Any) -> Any:
+        """A call's input for the transcript (an oversized one is only named)."""
+        return args if json_size(args) <= self.cfg.max_tool_input_chars else "(oversized)"
+
     def _call(self, use: dict[str, Any]) -> dict[str, Any]:
-        name, args = use["name"], use.get("input") or {}
+        name, args = use["name"], use["input"]
         started = time.monotonic()
         output, is_error = self.box.call(name, args)
-        self.record("tool", name=name, input=args, output=output, is_error=is_error, tool_use_id=use["id"],
+        self.record("tool", name=name, input=self._shown(args), output=output, is_error=is_error, tool_use_id=use["id"], flags=self.box.last_flags,
                     duration_s=round(time.monotonic() - started, 3))
         result = {"type": "tool_result", "tool_use_id": use["id"], "content": output}
         if is_error:
             result["is_error"] = True
         return result
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _usage(usage: Any) -> dict[str, int]:
+    """A reply's ``usage`` with every count a non-negative int (whatever the server sent)."""
+    usage = usage if isinstance(usage, dict) else {}
+    out = {}
+    for key in ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
+        value = usage.get(key)
+        out[key] = int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0
+    return out
+
+
+def _tell(messages: list[dict[str, Any]], text: str) -> None:
+    """Add a text block to the last (user) message."""
+    last = messages[-1]
+    if isinstance(last["content"], str):
+        last["content"] = [{"type": "text", "text": last["content"]}]
+    last["content"].append({"type": "text", "text": text})

@@ -16,6 +16,11 @@ Calls into the rest of pipemend (``run_train``, ``read_trace``, ``diagnose``,
 the tool raises ``ToolTimeout`` and the agent is told so. The thread cannot be
 killed, so the callables should bound their own work too.
 
+A write that would break a Python file (it no longer compiles) or a Jinja2
+template (it no longer parses) is refused before it lands (``EditRejected``,
+naming the file, line and message; ``syntax.py``), so a broken file never
+reaches an evaluation; a file that did not parse before the edit is not held to it.
+
 Globs are ``pipemend.globs`` (the one matcher, shared with the manifest checks
 and the gate's editable check).
 
@@ -42,6 +47,7 @@ from ..errors import PipemendError
 from ..fsutil import atomic_write_text, read_regular_at
 from ..globs import MAX_GLOB_CHARS, glob_match, is_relative_glob, matches_any, walk_files
 from ..manifest import MANIFEST_NAME
+from .syntax import is_checked, syntax_error
 
 MAX_READ_CHARS = 60_000
 """A numbered read (what the agent sees) is cut here."""
@@ -63,7 +69,7 @@ SEARCH_MEMORY_BYTES = 1 << 30
 HIT_LINE_CHARS = 300
 
 __all__ = [
-    "MAX_FILE_BYTES", "MAX_PATTERN_CHARS", "MAX_WRITE_CHARS", "PathRefused", "ProposerTools", "ReadOnlyTree",
+    "EditRejected", "MAX_FILE_BYTES", "MAX_PATTERN_CHARS", "MAX_WRITE_CHARS", "PathRefused", "ProposerTools", "ReadOnlyTree",
     "ToolError", "ToolTimeout", "format_trace", "run_search",
 ]
 
@@ -78,6 +84,11 @@ class PathRefused(ToolError):
 
 class ToolTimeout(ToolError):
     """A tool call ran past its deadline."""
+
+
+class EditRejected(ToolError):
+    """A write that would leave a Python file that does not compile or a Jinja2 template that does not parse;
+    the file is left as it was."""
 
 
 # --------------------------------------------------------------------------- guarded folder
@@ -377,6 +388,8 @@ class ProposerTools(ReadOnlyTree):
         self.tool_timeout_s = float(tool_timeout_s)
         self.written: list[str] = []
         """Relative paths written so far, in order (duplicates removed)."""
+        self.revision = 0
+        """How many writes changed a file's content so far (a call repeated at the same revision sees the same files)."""
 
     # ----------------------------------------------------------------- write rules
 
@@ -407,13 +420,35 @@ class ProposerTools(ReadOnlyTree):
         if len(content) > MAX_WRITE_CHARS:
             raise ToolError(f"content is {len(content)} characters; a file written by a proposer is at most {MAX_WRITE_CHARS}")
         rel, full = self.check_writable(path)
+        before = self._current_text(full, rel)
+        if is_checked(rel) and before != content:
+            self._check_syntax(rel, content, before)
         mode = full.stat().st_mode & 0o777 if full.exists() else None
         atomic_write_text(full, content)
         if mode is not None:
             os.chmod(full, mode)
         if rel not in self.written:
             self.written.append(rel)
+        if before != content:
+            self.revision += 1
         return f"wrote {rel} ({len(content.splitlines())} lines)"
+
+    def _current_text(self, full: Path, rel: str) -> str | None:
+        """The file's text now (None: no file, or not a readable UTF-8 regular file)."""
+        if not full.exists():
+            return None
+        try:
+            return _read_regular(full, rel, self.label)
+        except ToolError:
+            return None
+
+    @staticmethod
+    def _check_syntax(rel: str, content: str, before: str | None) -> None:
+        """``EditRejected`` when ``content`` breaks a Python file or Jinja2 template that parsed before (or is new)."""
+        problem = syntax_error(rel, content)
+        if problem is None or (before is not None and syntax_error(rel, before) is not None):
+            return  # it parses, or it did not parse before this edit either: the edit broke nothing
+        raise EditRejected(f"{problem}. The edit was not applied; {rel} is unchanged. Fix the text and try again.")
 
     def edit_file(self, path: str, old: str, new: str) -> str:
         """Replace the one exact occurrence of ``old`` by ``new``."""
