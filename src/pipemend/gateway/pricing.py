@@ -33,8 +33,12 @@ def price_of(model: str) -> tuple[float, float]:
 
 
 def _usage_get(usage: Any, name: str) -> int:
+    """A token count of ``usage`` (a dict or an SDK ``Usage``); a count that is not a non-negative finite
+    number (a backend's garbage) is 0, never an exception."""
     value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
-    return int(value or 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        return 0
+    return int(value)
 
 
 def cost_usd(model: str, usage: Any, prices: tuple[float, float] | None = None) -> float:
@@ -52,6 +56,5 @@ def cost_usd(model: str, usage: Any, prices: tuple[float, float] | None = None) 
 
 def tokens_of(usage: dict[str, Any] | None) -> tuple[int, int]:
     """(input, output) tokens, input including prompt-cache writes and reads."""
-    usage = usage or {}
-    tokens_in = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-    return tokens_in, int(usage.get("output_tokens") or 0)
+    tokens_in = sum(_usage_get(usage, k) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    return tokens_in, _usage_get(usage, "output_tokens")

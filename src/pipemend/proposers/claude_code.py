@@ -94,7 +94,7 @@ class CodeSession(AgentSession):
 
     def __init__(self, cfg: ClaudeCodeProposerConfig, ctx: ProposalContext):
         super().__init__(ctx, model=cfg.model, transcript_dir=cfg.transcript_dir,
-                         max_tool_output_chars=cfg.max_tool_output_chars)
+                         max_tool_output_chars=cfg.max_tool_output_chars, config=cfg)
         self.cfg = cfg
         self.finished = False  # set by an accepted submit or give_up
         self.outcome: Proposal | None = None  # the submitted proposal (None after give_up)
@@ -155,7 +155,7 @@ class CodeSession(AgentSession):
 
     def handler(self, name: str) -> Any:
         async def handle(args: dict[str, Any]) -> dict[str, Any]:
-            if self.finished or self.spent_reason:
+            if self.finished or self.spent_reason or self.box.ending:
                 return _result("The session is over; end your turn now.", True)
             if name in ENDING_TOOLS:
                 outcome = self._finish(name, args)
@@ -200,11 +200,13 @@ class CodeSession(AgentSession):
                     result = None
                     async for message in client.receive_response():
                         result = self.on_message(message) or result
-                        if self.spent_reason and not self.finished:
+                        if (self.spent_reason or self.box.ending) and not self.finished:
                             await client.interrupt()
                             break
                     if self.finished:
                         return self.outcome
+                    if self.box.ending:  # the toolbox saw the agent looping or sending malformed calls
+                        raise self.ended(*self.box.ending)
                     if self.spent_reason:
                         raise self.exhausted(self.spent_reason, f"proposer budget exhausted before submit "
                                              f"({self.spent_reason}): {self.budget.describe()}")
