@@ -16,6 +16,7 @@ import pytest
 from support import SUBDIR, StubTrain, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
 from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
+from pipemend.proposers.agent_tools import AgentSessionEnded
 
 pytestmark = [pytest.mark.claude_code, pytest.mark.timeout(180)]
 
@@ -135,3 +136,20 @@ def test_a_cli_that_still_offers_its_own_tools_is_refused(wt):
     with pytest.raises(PipemendError, match="other than pipemend's \\(Bash\\)"):
         session.on_message(SystemMessage(subtype="init", data={"tools": [P + "read_file", "Bash"]}))
     assert session.transcript[-1]["event"] == "end" and session.transcript[-1]["outcome"] == "error"
+
+
+def test_the_same_call_in_a_loop_ends_the_claude_code_session(tmp_path, wt, sessions):
+    read = {"path": "prompts/answer.j2"}
+    s = start(tmp_path, sessions, [
+        (None, reply(use("read_file", read, "tu1"))),
+        ("Answer:", reply(use("read_file", read, "tu2"))),
+        ("the result is the same", reply(use("read_file", read, "tu3"))),
+        ("the result is the same", reply(use("read_file", read, "tu4"))),
+    ])
+    with pytest.raises(AgentSessionEnded) as info:
+        s.proposer("claude-code", max_repeated_calls=4).propose(make_ctx(wt))
+    # the fourth identical call ended the session: the harness interrupted the CLI, whatever it asked next
+    assert info.value.reason == "looping" and "read_file" in str(info.value)
+    end = next(r for r in transcript(s) if r["event"] == "end")
+    assert end["outcome"] == "ended" and end["reason"] == "looping" and end["counters"]["repeated"] == 3
+    assert git(wt, "status", "--porcelain") == ""
