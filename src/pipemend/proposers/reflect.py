@@ -53,8 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
+from .agent_call import send
 from .agent_tools import AgentSession
-from .budget import cost_usd
 from .tools import ToolError, format_trace
 from .transforms import TransformError, check_template, is_jinja, is_prompt_file
 
@@ -455,23 +455,6 @@ class _Reflection(AgentSession):
                                   "messages": messages}
         if self.cfg.temperature is not None:  # anthropic>=2 has no `temperature` argument; the API still reads it
             kwargs["extra_body"] = {"temperature": self.cfg.temperature}
-        try:
-            resp = client.messages.create(**kwargs)
-        except anthropic.APIStatusError as e:
-            body = str(getattr(e, "message", e))
-            if e.status_code in (402, 429) and "budget" in body.lower():
-                raise self.exhausted("gateway", f"the agent gateway refused: {body}") from None
-            self.record("end", outcome="error", error=f"{type(e).__name__}: {body}", spent=self.budget.spent())
-            raise
-        except anthropic.APIError as e:
-            self.record("end", outcome="error", error=f"{type(e).__name__}: {e}", spent=self.budget.spent())
-            raise
-        usage = resp.usage
-        dollars = cost_usd(self.cfg.model, usage, self.cfg.price_per_mtok)
-        in_tok = int(usage.input_tokens or 0) + int(getattr(usage, "cache_creation_input_tokens", 0) or 0) \
-            + int(getattr(usage, "cache_read_input_tokens", 0) or 0)
-        self.budget.charge(turns=1, input_tokens=in_tok, output_tokens=int(usage.output_tokens or 0), usd=dollars)
-        self.record("response", response=resp.model_dump(mode="json", exclude_none=True), cost_usd=dollars,
-                    spent=self.budget.spent())
+        resp = send(self, client, kwargs, prices=self.cfg.price_per_mtok)
         text = "".join(b.text for b in resp.content if getattr(b, "type", None) == "text")
         return text, resp.stop_reason
