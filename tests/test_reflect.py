@@ -65,7 +65,7 @@ def test_the_model_sees_failing_traces_and_the_prompt_and_its_rewrite_lands(tmp_
     s = start(tmp_path, sessions, [
         (["<current_prompt>\nYou answer questions from the passages below.", "{% for doc in docs %}",
           "### Example 1 (t1)", "### Example 3 (t3)", "Expected answer: River 2", "[2] answer (generation)",
-          "output: The answer is River 1.", "keep every template variable of the current one (docs, question)",
+          "output: The answer is River 1.", "fills in exactly these variables: docs, question.",
           "at the **prompt** rung"],
          answer_reply(GOOD)),
     ])
@@ -104,6 +104,9 @@ def test_a_rewrite_that_drops_a_variable_is_refused_then_repaired(tmp_path, wt, 
     s.check_complete()
     assert proposal is not None and "{{ question }}" in (wt / SUBDIR / ANSWER).read_text()
     assert proposal.meta["agent_turns"] == 2
+    s.gateway.flush()
+    sent = [r["request"] for r in read_jsonl(s.run_dir / "gateway" / "calls.jsonl")]
+    assert [r.get("temperature") for r in sent] == [0.0, 0.7]  # a greedy model would repeat its bad reply
     assert [r["message"] for r in transcript(s) if r["event"] == "notice"][0].startswith(
         "the new prompt drops the template variable(s) question")
 

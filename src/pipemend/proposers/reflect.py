@@ -97,6 +97,8 @@ class ReflectConfig(BaseModel):
         None, description="Take the failing examples of this rung (default: prompt, else the recommended one).")
     prompt_file: str | None = Field(None, description="The prompt file to rewrite (default: chosen from the traces).")
     temperature: float | None = Field(0.0, ge=0, le=1, description="Sampling temperature; None: the API default.")
+    repair_temperature: float | None = Field(
+        0.7, ge=0, le=1, description="Temperature of a repair request (a greedy small model repeats its bad reply).")
     max_tokens: int = Field(1_024, ge=64, description="max_tokens of the reply (the whole rewritten file).")
     repair_turns: int = Field(1, ge=0, le=3, description="Requests after a malformed reply, each told what was wrong.")
     max_retries: int = Field(2, ge=0, description="SDK retries of a failed request.")
@@ -353,8 +355,8 @@ class _Reflection(AgentSession):
         messages: list[dict[str, Any]] = [{"role": "user", "content": message}]
         client = self.proposer.client()
         problem = ""
-        for _ in range(1 + self.cfg.repair_turns):
-            reply, stop = self._ask(client, messages)
+        for attempt in range(1 + self.cfg.repair_turns):
+            reply, stop = self._ask(client, messages, self.cfg.temperature if attempt == 0 else self.cfg.repair_temperature)
             messages.append({"role": "assistant", "content": reply or "(empty)"})
             try:
                 if stop == "max_tokens":
@@ -444,7 +446,8 @@ class _Reflection(AgentSession):
             manifest=m, metric=m.metric, rung=rung, rung_hint=RUNG_HINTS.get(rung, ""), path=rel, text=text,
             syntax=syntax.describe(), variables=sorted(syntax.names), examples=examples, tried=tried)
 
-    def _ask(self, client: anthropic.Anthropic, messages: list[dict[str, Any]]) -> tuple[str, str | None]:
+    def _ask(self, client: anthropic.Anthropic, messages: list[dict[str, Any]],
+             temperature: float | None) -> tuple[str, str | None]:
         """One request: the reply's text and stop reason; the budget is checked before and charged after."""
         reason = self.budget.exhausted()
         if reason:
@@ -453,8 +456,8 @@ class _Reflection(AgentSession):
         self.record("request", new_messages=messages[-1:])
         kwargs: dict[str, Any] = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens, "system": SYSTEM,
                                   "messages": messages}
-        if self.cfg.temperature is not None:  # anthropic>=2 has no `temperature` argument; the API still reads it
-            kwargs["extra_body"] = {"temperature": self.cfg.temperature}
+        if temperature is not None:  # anthropic>=2 has no `temperature` argument; the API still reads it
+            kwargs["extra_body"] = {"temperature": temperature}
         resp = send(self, client, kwargs, prices=self.cfg.price_per_mtok)
         text = "".join(b.text for b in resp.content if getattr(b, "type", None) == "text")
         return text, resp.stop_reason
