@@ -176,7 +176,10 @@ def check_rewrite(old: str, new: str, rel: str) -> None:
     if missing:
         problems.append(f"drops the template variable(s) {', '.join(missing)}, which the pipeline fills in")
     if extra:
-        problems.append(f"adds the variable(s) {', '.join(extra)}, which the pipeline does not provide")
+        where = [line.strip() for line in new.splitlines()
+                 if any(re.search(rf"\{{[^{{}}]*\b{re.escape(n)}\b", line) for n in extra)][:3]
+        problems.append(f"adds the variable(s) {', '.join(extra)}, which the pipeline does not provide"
+                        + (f" (remove or rewrite the line(s) {' | '.join(where)})" if where else ""))
     if problems:
         raise ReflectError("the new prompt " + "; ".join(problems) + f"; keep exactly: {', '.join(sorted(before.names))}")
 
