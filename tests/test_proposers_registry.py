@@ -24,14 +24,14 @@ def _plugins_importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_short_names():
-    assert set(PROPOSERS) == {"claude", "claude-code", "ladder"}
+    assert set(PROPOSERS) == {"claude", "claude-code", "ladder", "reflect"}
     assert isinstance(get_proposer("ladder"), LadderProposer)
     claude = get_proposer("claude", model="claude-haiku-4-5", base_url="http://127.0.0.1:9")
     assert isinstance(claude, ClaudeProposer) and claude.config.model == "claude-haiku-4-5"
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(UsageError, match="unknown proposer 'gpt'; valid: claude, claude-code, ladder"):
+    with pytest.raises(UsageError, match="unknown proposer 'gpt'; valid: claude, claude-code, ladder, reflect"):
         get_proposer("gpt")
 
 

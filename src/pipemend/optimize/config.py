@@ -11,7 +11,7 @@ from ..proposers import get_proposer
 
 SUMMARY_FORMAT = "pipemend-optimize-summary-1"
 
-LLM_PROPOSERS = ("claude", "claude-code")
+LLM_PROPOSERS = ("claude", "claude-code", "reflect")
 """Proposers that call a model: they get an agent-side gateway, a transcript folder and ``--agent-model``."""
 
 
@@ -21,7 +21,7 @@ class OptimizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field(description="The target pipeline's folder (holding pipemend.yaml).")
-    proposer: str = Field("ladder", description="claude | claude-code | ladder | package.module:Class.")
+    proposer: str = Field("ladder", description="claude | claude-code | ladder | reflect | package.module:Class.")
     proposer_options: dict[str, Any] = Field(default_factory=dict, description="Keyword options for the proposer.")
     model: str | None = Field(None, description="Model the pipeline calls (PIPEMEND_MODEL); default the manifest's llm.model.")
     agent_model: str | None = Field(None, description="Model of an LLM proposer (passed to it as `model`).")

@@ -24,6 +24,7 @@ PROPOSERS: dict[str, str] = {
     "claude": "pipemend.proposers.claude:ClaudeProposer",
     "claude-code": "pipemend.proposers.claude_code:ClaudeCodeProposer",
     "ladder": "pipemend.proposers.ladder:LadderProposer",
+    "reflect": "pipemend.proposers.reflect:ReflectProposer",
 }
 
 __all__ = ["PROPOSERS", "ProposerBudget", "ProposerBudgetExhausted", "get_proposer", "parse_options"]
@@ -42,7 +43,7 @@ def parse_options(config_cls: type[Config], options: dict[str, Any], proposer: s
 
 
 def get_proposer(name: str, /, *, guard: Sequence[Path] = (), **options: Any) -> Proposer:
-    """A proposer by short name (claude, ladder, claude-code) or ``package.module:Class``.
+    """A proposer by short name (claude, claude-code, ladder, reflect) or ``package.module:Class``.
 
     A plugin (a dotted path) is code pipemend did not write: it is never imported here but runs in its
     own sandbox (``isolation.IsolatedProposer``), which refuses plugin code overlapping a ``guard`` folder
