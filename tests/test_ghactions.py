@@ -445,3 +445,22 @@ def test_a_job_stopped_mid_run_is_resumed_by_the_next_job_from_a_fresh_checkout(
     journal = (step.artifact / "run" / "journal.jsonl").read_text()
     assert journal.count('"run_resumed"') == 1 and journal.count('"candidate_done"') >= 1
     assert "+  style: short" in (step.artifact / "best.patch").read_text()
+
+
+def test_an_llm_proposer_needs_the_key_only_on_a_claude_agent_model(tmp_path):
+    from pipemend.errors import RunFailed
+    from pipemend.ghactions.optimize_job import check_api_key
+    from pipemend.ghactions.request import CiRequest
+
+    target = Path(__file__).parent / "fixtures" / "targets" / "tinyqa"  # its pipeline calls simulated/echo
+
+    def request(proposer: str, agent_model: str | None = None) -> CiRequest:
+        return CiRequest(target="tinyqa", proposer=proposer, agent_model=agent_model, trigger="workflow_dispatch")
+
+    check_api_key(request("reflect"), target, {})  # its default agent model is the local one
+    check_api_key(request("claude", "local/qwen2.5-coder-1.5b-instruct"), target, {})
+    check_api_key(request("ladder"), target, {})
+    for req in (request("claude"), request("reflect", "claude-sonnet-4-5")):
+        with pytest.raises(RunFailed, match=r"the (claude|reflect) proposer \(claude-sonnet-4-5\)"):
+            check_api_key(req, target, {})
+    check_api_key(request("claude"), target, {"ANTHROPIC_API_KEY": "sk-x"})

@@ -8,6 +8,8 @@ fails the test (``check_complete``).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from support import SUBDIR, StubTrain, git, make_ctx, reply, secret_labels, start, tool_use, transcript
@@ -153,3 +155,10 @@ def test_unexpected_extra_request_fails_loudly(tmp_path, wt, sessions):
         s.proposer().propose(make_ctx(wt))
     with pytest.raises(Exception, match="unmatched"):
         s.check_complete()
+
+
+def test_the_temperature_option_reaches_the_model(tmp_path, wt, sessions):
+    s = start(tmp_path, sessions, [(None, reply(tool_use("give_up", {"reason": "all tried"}, "tu1")))])
+    assert s.proposer(temperature=0.3).propose(make_ctx(wt)) is None
+    (call,) = [json.loads(line) for line in s.calls_text().splitlines()]
+    assert call["request"]["temperature"] == 0.3

@@ -24,7 +24,7 @@ TOKEN_HELP = "GitHub token (default $GITHUB_TOKEN); a GitHub App or PAT token ma
 
 def optimize_cmd(
     target: Optional[str] = typer.Option(None, help="Target folder when the event names none (schedule, blank input)."),
-    proposer: str = typer.Option("ladder", help="claude | claude-code | ladder."),
+    proposer: str = typer.Option("ladder", help="claude | claude-code | ladder | reflect."),
     model: Optional[str] = typer.Option(None, help="Model the pipeline calls (default the manifest's llm.model)."),
     agent_model: Optional[str] = typer.Option(None, help="Model of an LLM proposer."),
     budget: float = typer.Option(3.0, help="Dollars a run spends at most, unless the event asks for less or more."),

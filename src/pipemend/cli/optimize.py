@@ -56,7 +56,7 @@ DEADLINE_HELP = "Stop proposing at this time (ISO 8601 or epoch seconds), e.g. a
 
 def optimize(
     target: Path = typer.Argument(..., help="The target pipeline's folder (holding pipemend.yaml)."),
-    proposer: str = typer.Option("ladder", help="claude | claude-code | ladder | package.module:Class."),
+    proposer: str = typer.Option("ladder", help="claude | claude-code | ladder | reflect | package.module:Class."),
     model: Optional[str] = typer.Option(None, help="Model the pipeline calls (default: the manifest's llm.model)."),
     agent_model: Optional[str] = typer.Option(None, help="Model of an LLM proposer."),
     budget_usd: float = typer.Option(5.0, help="Dollars the gateway may spend on pipeline calls (test split included)."),

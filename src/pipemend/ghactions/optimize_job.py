@@ -25,6 +25,7 @@ from ..manifest import load_manifest
 from ..optimize import OptimizeConfig, OptimizeSummary, resume, run_optimize
 from ..optimize.config import LLM_PROPOSERS
 from ..protocols import Progress
+from ..proposers import get_proposer
 from ..journal import replay
 from ..rundir import new_run_id, read_run
 from .artifact import PATCH, REPORT, RUN, SUMMARY, CiResult, copy_run_dir, publish_branch, write_result
@@ -183,12 +184,15 @@ def _unfinished_run(state_file: Path, reports: Path, asked: dict[str, Any]) -> P
 
 
 def check_api_key(req: CiRequest, target: Path, environ: Mapping[str, str]) -> None:
-    """A run that needs Anthropic (a claude proposer, or a claude-* model the pipeline may call) fails
-    before it starts when ``ANTHROPIC_API_KEY`` is not set."""
+    """A run that needs Anthropic (an LLM proposer on a claude-* agent model, its own default when none is
+    given, or a claude-* model the pipeline may call) fails before it starts when ``ANTHROPIC_API_KEY`` is
+    not set. ``reflect`` on its default local model needs no key."""
     models = load_manifest(target).models(req.model)
     needs = [m for m in models if m.startswith("claude")]
     if req.proposer in LLM_PROPOSERS:
-        needs.append(f"the {req.proposer} proposer")
+        agent_model = req.agent_model or get_proposer(req.proposer).config.model
+        if agent_model.startswith("claude"):
+            needs.append(f"the {req.proposer} proposer ({agent_model})")
     if needs and not environ.get("ANTHROPIC_API_KEY", "").strip():
         raise RunFailed(f"ANTHROPIC_API_KEY is not set, and this run needs it for {', '.join(needs)}: add it as a "
                         "repository secret and pass it to the step's env (see docs/github-actions.md)")

@@ -39,7 +39,7 @@ class CiRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: str = Field(description="The target's folder, relative to the repository root.")
-    proposer: str = Field("ladder", description="claude | claude-code | ladder (a comment may name only these).")
+    proposer: str = Field("ladder", description="claude | claude-code | ladder | reflect (a comment may name only these).")
     model: str | None = Field(None, description="Model the pipeline calls (default the manifest's llm.model).")
     agent_model: str | None = Field(None, description="Model of an LLM proposer.")
     budget_usd: float = Field(3.0, gt=0, description="Dollars the run may spend on pipeline calls.")

@@ -1,30 +1,43 @@
 """One Messages request of an LLM proposer's session, through the ``anthropic`` SDK and the agent gateway.
 
-``send`` makes the request, maps a budget refusal of the gateway (402/429 naming
-the budget) to ``ProposerBudgetExhausted`` (reason ``gateway``), records any other
-API error as the session's end and re-raises it, charges the response's usage
-to the session's ``ProposerBudget`` at the price table (prompt-cache tokens
-counted as input), and records the response in the transcript. Checking the
-budget before the request is the caller's: it knows what the session was about to do.
+``request`` makes the request and returns the reply as the JSON the server sent
+(never the SDK's model of it, which a weak model's malformed reply could break).
+It maps a budget refusal of the gateway (402/429 naming the budget) to
+``ProposerBudgetExhausted`` (reason ``gateway``), and records any other API error
+as the session's end before re-raising it. ``charge`` books a reply's usage to
+the session's ``ProposerBudget`` at the price table (prompt-cache tokens counted
+as input), whatever the server put in it. ``send`` is both, plus the reply
+recorded in the transcript. Checking the budget before the request is the
+caller's: it knows what the session was about to do.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import anthropic
 
+from ..gateway.pricing import tokens_of
 from .budget import cost_usd
 
 if TYPE_CHECKING:
     from .agent_tools import AgentSession
 
 
-def send(session: AgentSession, client: anthropic.Anthropic, kwargs: dict[str, Any], *,
-         prices: tuple[float, float] | None = None) -> Any:
-    """``client.messages.create(**kwargs)`` for ``session``, charged and recorded; the SDK's response."""
+def with_temperature(kwargs: dict[str, Any], temperature: float | None) -> dict[str, Any]:
+    """``kwargs`` with the sampling temperature set, when one is given (anthropic>=2's ``create`` has no
+    ``temperature`` argument; the API still reads the field, so it goes in the body)."""
+    if temperature is not None:
+        kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "temperature": temperature}
+    return kwargs
+
+
+def request(session: AgentSession, client: anthropic.Anthropic, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``client.messages.create(**kwargs)`` for ``session``: the reply's JSON object (a body that is no JSON
+    object is a reply with ``"content": None`` and the body's start)."""
     try:
-        resp = client.messages.create(**kwargs)
+        raw = client.messages.with_raw_response.create(**kwargs)
     except anthropic.APIStatusError as e:
         body = str(getattr(e, "message", e))
         if e.status_code in (402, 429) and "budget" in body.lower():
@@ -34,11 +47,32 @@ def send(session: AgentSession, client: anthropic.Anthropic, kwargs: dict[str, A
     except anthropic.APIError as e:
         session.record("end", outcome="error", error=f"{type(e).__name__}: {e}", spent=session.budget.spent())
         raise
-    usage = resp.usage
-    dollars = cost_usd(str(kwargs.get("model")), usage, prices)
-    in_tok = int(usage.input_tokens or 0) + int(getattr(usage, "cache_creation_input_tokens", 0) or 0) \
-        + int(getattr(usage, "cache_read_input_tokens", 0) or 0)
-    session.budget.charge(turns=1, input_tokens=in_tok, output_tokens=int(usage.output_tokens or 0), usd=dollars)
-    session.record("response", response=resp.model_dump(mode="json", exclude_none=True), cost_usd=dollars,
-                   spent=session.budget.spent())
-    return resp
+    try:
+        data = raw.http_response.json()
+    except ValueError:
+        return {"content": None, "body": raw.http_response.text[:2000]}
+    return data if isinstance(data, dict) else {"content": None, "body": json.dumps(data)[:2000]}
+
+
+def charge(session: AgentSession, model: str, usage: Any, prices: tuple[float, float] | None = None) -> float:
+    """Book one turn and ``usage`` (any shape: garbage counts as 0) to the session's budget; the dollars."""
+    dollars = cost_usd(model, usage, prices)
+    tokens_in, tokens_out = tokens_of(usage)
+    session.budget.charge(turns=1, input_tokens=tokens_in, output_tokens=tokens_out, usd=dollars)
+    return dollars
+
+
+def send(session: AgentSession, client: anthropic.Anthropic, kwargs: dict[str, Any], *,
+         prices: tuple[float, float] | None = None) -> dict[str, Any]:
+    """``request``, charged and recorded: the reply's JSON object."""
+    data = request(session, client, kwargs)
+    dollars = charge(session, str(kwargs.get("model")), data.get("usage"), prices)
+    session.record("response", response=data, cost_usd=dollars, spent=session.budget.spent())
+    return data
+
+
+def reply_text(data: dict[str, Any]) -> str:
+    """The text blocks of a reply's JSON, joined (blocks of any other shape are skipped)."""
+    blocks = data.get("content")
+    return "".join(b["text"] for b in blocks or [] if isinstance(b, dict) and b.get("type") == "text"
+                   and isinstance(b.get("text"), str))

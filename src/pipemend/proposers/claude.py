@@ -49,7 +49,6 @@ is a ``pipemend-transcript-1`` record, kept in ``Proposal.meta["transcript"]``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -61,10 +60,9 @@ import jinja2
 from pydantic import Field
 
 from ..protocols import Proposal, ProposalContext
-from . import parse_options
-from ..gateway.pricing import tokens_of
+from . import agent_call, parse_options
+from .agent_call import with_temperature
 from .agent_tools import ENDING_TOOLS, AgentProposerConfig, AgentSession, json_size
-from .budget import cost_usd
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -183,13 +181,8 @@ class _Session(AgentSession):
             sent = len(messages)
             kwargs: dict[str, Any] = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
                                       "system": system, "tools": tools, "messages": messages}
-            if self.cfg.temperature is not None:
-                kwargs["temperature"] = self.cfg.temperature
-            data = self._request(client, kwargs)
-            usage = _usage(data.get("usage"))
-            dollars = cost_usd(self.cfg.model, usage, self.cfg.price_per_mtok)
-            in_tok, out_tok = tokens_of(usage)
-            self.budget.charge(turns=1, input_tokens=in_tok, output_tokens=out_tok, usd=dollars)
+            data = agent_call.request(self, client, with_temperature(kwargs, self.cfg.temperature))
+            dollars = agent_call.charge(self, self.cfg.model, data.get("usage"), self.cfg.price_per_mtok)
             content, uses, problems = self._read_reply(data)
             self.counts.update(problems)
             self.record("response", response=self._recordable(data, content), cost_usd=dollars,
@@ -231,26 +224,6 @@ class _Session(AgentSession):
                 if self.box.ending is not None:
                     raise self.ended(*self.box.ending)
             messages.append({"role": "user", "content": results})
-
-    def _request(self, client: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """One Messages request; the reply as the JSON the server sent (never the SDK's model of it, which a
-        malformed reply could break). API errors are recorded, then raised (a refused budget as ``gateway``)."""
-        try:
-            raw = client.messages.with_raw_response.create(**kwargs)
-        except anthropic.APIStatusError as e:
-            body = str(getattr(e, "message", e))
-            if e.status_code in (402, 429) and "budget" in body.lower():
-                raise self.exhausted("gateway", f"the agent gateway refused: {body}") from None
-            self.record("end", outcome="error", error=f"{type(e).__name__}: {body}", spent=self.budget.spent())
-            raise
-        except anthropic.APIError as e:
-            self.record("end", outcome="error", error=f"{type(e).__name__}: {e}", spent=self.budget.spent())
-            raise
-        try:
-            data = raw.http_response.json()
-        except ValueError:  # a body that is no JSON is a reply with no content (``malformed_reply``)
-            return {"content": None, "body": raw.http_response.text[:2000]}
-        return data if isinstance(data, dict) else {"content": None, "body": json.dumps(data)[:2000]}
 
     def _read_reply(self, data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
         """The reply's content as it is sent back in the next request (well formed whatever came: an empty reply,
@@ -319,16 +292,6 @@ class _Session(AgentSession):
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def _usage(usage: Any) -> dict[str, int]:
-    """A reply's ``usage`` with every count a non-negative int (whatever the server sent)."""
-    usage = usage if isinstance(usage, dict) else {}
-    out = {}
-    for key in ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
-        value = usage.get(key)
-        out[key] = int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0
-    return out
 
 
 def _tell(messages: list[dict[str, Any]], text: str) -> None:

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..protocols import Proposal, ProposalContext
 from . import parse_options
-from .agent_call import send
+from .agent_call import reply_text, send, with_temperature
 from .agent_tools import AgentSession
 from .tools import ToolError, format_trace
 from .transforms import TransformError, check_template, is_jinja, is_prompt_file
@@ -459,8 +459,6 @@ class _Reflection(AgentSession):
         self.record("request", new_messages=messages[-1:])
         kwargs: dict[str, Any] = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens, "system": SYSTEM,
                                   "messages": messages}
-        if temperature is not None:  # anthropic>=2 has no `temperature` argument; the API still reads it
-            kwargs["extra_body"] = {"temperature": temperature}
-        resp = send(self, client, kwargs, prices=self.cfg.price_per_mtok)
-        text = "".join(b.text for b in resp.content if getattr(b, "type", None) == "text")
-        return text, resp.stop_reason
+        data = send(self, client, with_temperature(kwargs, temperature), prices=self.cfg.price_per_mtok)
+        stop = data.get("stop_reason")
+        return reply_text(data), stop if isinstance(stop, str) else None
