@@ -187,7 +187,7 @@ def test_eval_serves_the_answer_steps_own_model(tmp_path):
 def test_model_failures_bring_the_model_rung_last():
     assert rungs_to_try(MODEL_FAILURES) == ["prompt", "retrieval", "context", "model"]
     mixed = {"counts": {"prompt": 0, "retrieval": 4, "context": 0, "model": 2}, "recommended": "retrieval"}
-    assert rungs_to_try(mixed) == ["retrieval", "context", "model"]
+    assert rungs_to_try(mixed) == ["retrieval", "context", "prompt", "model"], "offline last resorts come first"
     assert "model" not in rungs_to_try({"counts": {"prompt": 2, "retrieval": 0, "context": 0, "model": 0}})
     assert "model" not in rungs_to_try({}), "no diagnosis is no evidence against the model"
 
