@@ -346,7 +346,8 @@ def _unjudged_reason(trace: dict[str, Any] | None, texts: list[str]) -> str:
 
 STATUS_KEY = "http.response.status_code"
 _TIMEOUT_TYPE = re.compile(r"timeout|timed_?out", re.I)
-_GATEWAY_TYPE = re.compile(r"api|connect|ratelimit|server|status|overloaded|transport|protocol|network|http", re.I)
+_GATEWAY_TYPE = re.compile(r"api|connect|ratelimit|server|status|overloaded|unavailable|transport|protocol|network|http",
+                           re.I)
 """Exception type names of a model call that failed (the anthropic, openai and httpx families)."""
 
 
