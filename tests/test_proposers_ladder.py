@@ -10,7 +10,7 @@ import jinja2
 import pytest
 import yaml
 
-from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree
+from support import DIAGNOSIS, SUBDIR, climb, git, make_ctx, make_worktree
 
 from pipemend.configfile import ConfigFileError, set_config_value
 from pipemend.errors import UsageError
@@ -235,17 +235,9 @@ def test_instructions_are_not_applied_twice_and_go_before_the_cue():
 ZERO = {"prompt": 0, "retrieval": 0, "context": 0, "model": 0}
 
 
-def climb(wt: Path, diagnosis: dict, limit: int = 40) -> list:
-    """Every proposal a ladder makes on ``diagnosis`` until it is out of ideas (each one rejected)."""
-    ladder, history, proposals = LadderProposer(), [], []
-    for n in range(1, limit):
-        proposal = ladder.propose(make_ctx(wt, n=n, diagnosis=diagnosis, history=history))
-        if proposal is None:
-            return proposals
-        proposals.append(proposal)
-        git(wt, "checkout", "-q", "--", ".")
-        history.append({"n": n, "accepted": False, "rationale": proposal.rationale, "meta": proposal.meta})
-    pytest.fail("the ladder never ran out of options")
+def climb_all(wt: Path, diagnosis: dict) -> list:
+    """Every proposal a fresh ladder makes on ``diagnosis`` until it is out of ideas (each one rejected)."""
+    return climb(LadderProposer(), wt, diagnosis=diagnosis)
 
 
 def test_runner_errors_alone_make_the_ladder_try_every_offline_rung_before_it_gives_up(tmp_path):
@@ -255,7 +247,7 @@ def test_runner_errors_alone_make_the_ladder_try_every_offline_rung_before_it_gi
     assert rungs_to_try(only_errors) == ["prompt", "retrieval", "context"]
     assert rungs_to_try({**only_errors, "errors": 0, "error_ids": []}) == []
     wt = make_worktree(tmp_path)
-    proposals = climb(wt, only_errors)
+    proposals = climb_all(wt, only_errors)
     keys = [p.meta["ladder_key"] for p in proposals]
     assert {'knob:answer_style="short"', "knob:top_k=5", "knob:top_k=8", "knob:max_docs=4",
             "transform:entity_only", "transform:truncate_docs"} <= set(keys)
@@ -269,7 +261,7 @@ def test_a_ladder_past_its_diagnosed_rungs_tries_the_rest_before_none(tmp_path):
     """Failures on the retrieval rung only: once retrieval and context are spent, the prompt rung's options
     come too (last), each saying that no failure pointed there."""
     wt = make_worktree(tmp_path)
-    proposals = climb(wt, {"counts": {**ZERO, "retrieval": 2}, "recommended": "retrieval"})
+    proposals = climb_all(wt, {"counts": {**ZERO, "retrieval": 2}, "recommended": "retrieval"})
     rungs = [p.rung for p in proposals]
     assert rungs[0] == "retrieval" and rungs[-1] == "prompt" and "context" in rungs
     last = [p for p in proposals if p.rung == "prompt"]
@@ -300,7 +292,7 @@ def test_a_parse_step_that_raised_gets_the_output_format_rule_first(tmp_path):
     assert "no Markdown code fences" in answer.read_text() and "(diagnosis: 3 train failures" in first.rationale
     render(answer)
     git(wt, "checkout", "-q", "--", ".")
-    keys = [p.meta["ladder_key"] for p in climb(wt, parse_failures())]
+    keys = [p.meta["ladder_key"] for p in climb_all(wt, parse_failures())]
     assert keys[:2] == ["transform:bare_json", 'knob:answer_style="short"'], "the aimed transform, then the knobs"
     assert "transform:entity_only" not in keys and "transform:plain_output" not in keys
     assert {"knob:top_k=5", "knob:max_docs=4"} <= set(keys), "then the other rungs, before giving up"
