@@ -96,6 +96,15 @@ def test_a_generation_step_that_raised_after_the_model_answered_is_the_prompt():
     assert (d.rung, d.rule) == ("prompt", "generation_raised") and "after the model answered" in d.evidence
     assert judge(reads_answer_inline, evidence=None).rule == "generation_raised"
 
+    class CapitalAPIMismatch(Exception):  # the pipeline's own exception, whatever its name holds
+        pass
+
+    def own_check():
+        with trace.step("answer", kind="generation"):
+            model_call(200)
+            raise CapitalAPIMismatch("the reply names no city")
+    assert judge(own_check, evidence=None).rule == "generation_raised"
+
 
 def test_failed_model_calls_timeouts_and_errors_outside_any_step_stay_errors():
     class APIStatusError(Exception):

@@ -346,9 +346,15 @@ def _unjudged_reason(trace: dict[str, Any] | None, texts: list[str]) -> str:
 
 STATUS_KEY = "http.response.status_code"
 _TIMEOUT_TYPE = re.compile(r"timeout|timed_?out", re.I)
-_GATEWAY_TYPE = re.compile(r"api|connect|ratelimit|server|status|overloaded|unavailable|transport|protocol|network|http",
-                           re.I)
-"""Exception type names of a model call that failed (the anthropic, openai and httpx families)."""
+MODEL_CALL_ERRORS = frozenset({
+    "APIError", "APIStatusError", "APIConnectionError", "APITimeoutError", "APIResponseValidationError",
+    "RateLimitError", "InternalServerError", "ServiceUnavailableError", "OverloadedError",
+    "HTTPError", "HTTPStatusError", "RequestError", "TransportError", "NetworkError", "ConnectError",
+    "ReadError", "WriteError", "CloseError", "ProtocolError", "RemoteProtocolError", "LocalProtocolError",
+    "ProxyError", "ConnectionError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
+})
+"""Exception type names of a model call that got no usable answer (the anthropic, openai, LiteLLM and httpx
+families, and the socket errors under them): a step raising one failed at the gateway, not in its own code."""
 
 
 def error_line(err: Any) -> str | None:
@@ -391,7 +397,7 @@ def _model_call_failed(step: dict[str, Any]) -> bool:
     status = calls[-1].get(STATUS_KEY) if calls else None
     if not isinstance(status, int) or not 200 <= status < 300:
         return True
-    return bool(_GATEWAY_TYPE.search(str((step.get("error") or {}).get("type") or "")))
+    return str((step.get("error") or {}).get("type")) in MODEL_CALL_ERRORS
 
 
 def _raised_rule(step: dict[str, Any] | None, runner_error: str) -> ExampleDiagnosis | None:
