@@ -182,7 +182,7 @@ class LadderProposer:
                 proposal.meta.update({"proposer": self.name, "ladder_key": key, "rung_failures": counts.get(rung)})
                 if counts.get(rung) and not saving:
                     proposal.rationale += f" (diagnosis: {counts[rung]} train failures at the {rung} rung)"
-                elif not saving:
+                elif not saving and rung in counts:  # the diagnosis says so (without one, nothing is said)
                     proposal.rationale += (f" (no train failure is on the {rung} rung: tried before the ladder "
                                            "declares itself out of ideas)")
                 proposal.rationale += f" [ladder: {key}]"
