@@ -195,6 +195,11 @@ def test_a_trace_without_a_final_error_falls_back_to_the_runner_line():
     assert escaped_step(tr, error)["name"] == "parse"
     assert escaped_step(tr, "RuntimeError: something else") is None
     assert escaped_step(None, error) is None
+    # a trace is what a sandbox wrote: odd shapes mean no step, never a crash
+    for odd in ({"steps": 7}, {"steps": [{"error": "x"}, 3]}, {"steps": [{"kind": "generation", "llm_calls": 5,
+                                                                         "error": {"type": "E"}}], "error": 1}):
+        assert diagnose_example(output=None, expected="Paris", evidence=None, trace=odd,
+                                runner_error="E").rung == "error"
 
 
 def test_diagnose_counts_raised_steps_on_rungs_and_the_brief_says_what_is_on_none():

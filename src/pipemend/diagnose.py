@@ -365,6 +365,11 @@ def error_line(err: Any) -> str | None:
     return f"{err['type']}: {message}" if message else str(err["type"])
 
 
+def _list(value: Any) -> list[Any]:
+    """``value`` when it is a list, else [] (a trace is the sandbox's output: any shape may come)."""
+    return value if isinstance(value, list) else []
+
+
 def _bare(line: str | None) -> str:
     return (line or "").rstrip().rstrip(":")
 
@@ -373,7 +378,7 @@ def escaped_step(trace: dict[str, Any] | None, runner_error: str | None) -> dict
     """The innermost traced step the example's exception escaped from: a step whose recorded ``error`` is the
     trace's final error (or a cause or context in its chained traceback), else, with no final error in the
     trace, the runner's ``Type: message``. None when the exception arose outside every step."""
-    raised = [s for s in (trace or {}).get("steps") or [] if isinstance(s, dict) and error_line(s.get("error"))]
+    raised = [s for s in _list((trace or {}).get("steps")) if isinstance(s, dict) and error_line(s.get("error"))]
     if not raised:
         return None
     final = (trace or {}).get("error")
@@ -393,7 +398,7 @@ def escaped_step(trace: dict[str, Any] | None, runner_error: str | None) -> dict
 def _model_call_failed(step: dict[str, Any]) -> bool:
     """Whether a generation step's exception came from its model call: its last call got an error status, it
     got no answer at all, or the exception is an API, connection or HTTP error."""
-    calls = [c for c in step.get("llm_calls") or [] if isinstance(c, dict)]
+    calls = [c for c in _list(step.get("llm_calls")) if isinstance(c, dict)]
     status = calls[-1].get(STATUS_KEY) if calls else None
     if not isinstance(status, int) or not 200 <= status < 300:
         return True
