@@ -81,7 +81,8 @@ def test_eval_json_prints_one_object_of_the_documented_shape(tmp_path: Path) -> 
     want, n = val_expected_score(target)
     assert val["n"] == n and val["score"] == pytest.approx(want) and val["errors"] == 0
     assert 0.0 <= val["ci_low"] <= val["score"] <= val["ci_high"] <= 1.0
-    assert set(payload["diagnosis"]) == {"counts", "recommended"}
+    assert set(payload["diagnosis"]) == {"counts", "errors", "unattributed", "recommended"}
+    assert payload["diagnosis"]["errors"] == payload["diagnosis"]["unattributed"] == 0
     assert set(payload["diagnosis"]["counts"]) == {"prompt", "retrieval", "context", "model"}
     assert sum(payload["diagnosis"]["counts"].values()) == round(n * (1 - want))
 

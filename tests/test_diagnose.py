@@ -223,6 +223,8 @@ def test_diagnose_eval_dir_counts_ids_and_json(tmp_path):
     assert d.unattributed == 1 and d.unattributed_ids == ["q4"] and d.details["q4"].rung == "unattributed"
     assert d.details["q2"].rule in {"parse_error", "empty_output"}
     assert d.recommended == "prompt"
+    # the brief (eval --json, the journal's event) says what is on no rung too
+    assert d.brief() == {"counts": d.counts, "errors": 1, "unattributed": 1, "recommended": "prompt"}
 
     data = d.to_json()
     assert data["format"] == "pipemend-diagnosis-2"

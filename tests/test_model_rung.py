@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 from support import SUBDIR, git, make_ctx
+from support import climb as climb_ladder
 from typer.testing import CliRunner
 
 from pipemend.cli import app
@@ -79,19 +80,10 @@ def model_worktree(tmp_path: Path, values: list[str], current: str) -> Path:
 
 def climb(ladder: LadderProposer, wt: Path, *, diagnosis: dict, objective: str | None = None) -> list[Any]:
     """Every proposal the ladder makes in turn, each rejected (dropped from the worktree), until None."""
-    proposals: list[Any] = []
-    history: list[dict] = []
-    for n in range(1, 20):
-        ctx = make_ctx(wt, n=n, diagnosis=diagnosis, history=history)
+    def adjust(ctx: Any) -> None:
         if objective is not None:
             ctx.manifest = with_objective(ctx.manifest, objective)
-        proposal = ladder.propose(ctx)
-        if proposal is None:
-            return proposals
-        proposals.append(proposal)
-        git(wt, "checkout", "-q", "--", ".")
-        history.append({"n": n, "accepted": False, "rationale": proposal.rationale, "meta": proposal.meta})
-    pytest.fail("the ladder never ran out of options")
+    return climb_ladder(ladder, wt, diagnosis=diagnosis, limit=20, adjust=adjust)
 
 
 def answer_model(wt: Path) -> str:
@@ -187,7 +179,7 @@ def test_eval_serves_the_answer_steps_own_model(tmp_path):
 def test_model_failures_bring_the_model_rung_last():
     assert rungs_to_try(MODEL_FAILURES) == ["prompt", "retrieval", "context", "model"]
     mixed = {"counts": {"prompt": 0, "retrieval": 4, "context": 0, "model": 2}, "recommended": "retrieval"}
-    assert rungs_to_try(mixed) == ["retrieval", "context", "model"]
+    assert rungs_to_try(mixed) == ["retrieval", "context", "prompt", "model"], "offline last resorts come first"
     assert "model" not in rungs_to_try({"counts": {"prompt": 2, "retrieval": 0, "context": 0, "model": 0}})
     assert "model" not in rungs_to_try({}), "no diagnosis is no evidence against the model"
 

@@ -10,7 +10,7 @@ import jinja2
 import pytest
 import yaml
 
-from support import DIAGNOSIS, SUBDIR, git, make_ctx, make_worktree
+from support import DIAGNOSIS, SUBDIR, climb, git, make_ctx, make_worktree
 
 from pipemend.configfile import ConfigFileError, set_config_value
 from pipemend.errors import UsageError
@@ -114,10 +114,11 @@ def test_a_fresh_ladder_does_not_repeat_what_history_holds(tmp_path):
 def test_start_rung_follows_the_diagnosis(tmp_path):
     assert rungs_to_try(DIAGNOSIS) == ["prompt", "retrieval", "context"]
     only_retrieval = {"counts": {"prompt": 0, "retrieval": 2, "context": 0, "model": 0}}
-    assert rungs_to_try(only_retrieval) == ["retrieval", "context"]
+    # the rung no failure pointed at comes last: the ladder is out of ideas only after every offline rung
+    assert rungs_to_try(only_retrieval) == ["retrieval", "context", "prompt"]
     assert rungs_to_try({"counts": {"prompt": 0, "retrieval": 0, "context": 0, "model": 0}}) == []
     assert rungs_to_try({}) == ["prompt", "retrieval", "context"]
-    assert rungs_to_try({"ids": {"context": ["t1"]}}) == ["context"]
+    assert rungs_to_try({"ids": {"context": ["t1"]}}) == ["context", "prompt", "retrieval"]
     # the diagnosis recommends retrieval (1 prompt failure is below its min_share): start there,
     # climb, and come back to the cheaper rung it stepped over last
     mostly_retrieval = {"counts": {"prompt": 1, "retrieval": 26, "context": 0, "model": 0}, "recommended": "retrieval"}
@@ -202,14 +203,21 @@ def test_every_transform_keeps_a_jinja_template_rendering(tmp_path):
     src = (Path(__file__).parent / "fixtures/targets/proposer_qa/prompts/answer.j2").read_text()
     options = {"few_shot_k": 2, "max_docs": 2,
                "train_examples": [{"id": "t1", "inputs": {"question": "Q1?"}, "expected": "A1"}]}
+    json_src = src.replace("Answer:", 'Reply with a JSON object: {"answer": "..."}')
     tpl = tmp_path / "answer.j2"
     for transform in PROMPT_TRANSFORMS:
-        new = transform.apply(src, "prompts/answer.j2", options)
-        assert new is not None and new != src, transform.name
-        tpl.write_text(new)
-        out = render(tpl)
-        assert out, transform.name
-        assert transform.apply(new, "prompts/answer.j2", options) is None, f"{transform.name} applied twice"
+        applied = 0
+        for text in (src, json_src):  # the output-format rules apply to one of them each
+            new = transform.apply(text, "prompts/answer.j2", options)
+            if new is None:
+                continue
+            applied += 1
+            assert new != text, transform.name
+            tpl.write_text(new)
+            out = render(tpl)
+            assert out, transform.name
+            assert transform.apply(new, "prompts/answer.j2", options) is None, f"{transform.name} applied twice"
+        assert applied, f"{transform.name} applies to neither prompt"
     tpl.write_text(next(t for t in PROMPT_TRANSFORMS if t.name == "truncate_docs").apply(src, "a.j2", options))
     assert "passage 1" in render(tpl) and "passage 2" not in render(tpl)
 
@@ -220,3 +228,74 @@ def test_instructions_are_not_applied_twice_and_go_before_the_cue():
     assert once.endswith("\n\nAnswer:\n") and "Output format" in once
     assert entity.apply(once, "p.j2", {}) is None
     assert insert_instruction("no cue here", "X") == "no cue here\n\nX\n"
+
+
+# --------------------------------------------------------------------------- failures that raise (issue 14, item 4)
+
+ZERO = {"prompt": 0, "retrieval": 0, "context": 0, "model": 0}
+
+
+def climb_all(wt: Path, diagnosis: dict) -> list:
+    """Every proposal a fresh ladder makes on ``diagnosis`` until it is out of ideas (each one rejected)."""
+    return climb(LadderProposer(), wt, diagnosis=diagnosis)
+
+
+def test_runner_errors_alone_make_the_ladder_try_every_offline_rung_before_it_gives_up(tmp_path):
+    """A diagnosis whose failures are all runner errors (exceptions outside any step) is not "nothing to do":
+    the ladder tries each offline rung's knobs and transforms, and is out of ideas only after them."""
+    only_errors = {"counts": ZERO, "errors": 3, "error_ids": ["t1", "t2", "t3"], "recommended": None}
+    assert rungs_to_try(only_errors) == ["prompt", "retrieval", "context"]
+    assert rungs_to_try({**only_errors, "errors": 0, "error_ids": []}) == []
+    wt = make_worktree(tmp_path)
+    proposals = climb_all(wt, only_errors)
+    keys = [p.meta["ladder_key"] for p in proposals]
+    assert {'knob:answer_style="short"', "knob:top_k=5", "knob:top_k=8", "knob:max_docs=4",
+            "transform:entity_only", "transform:truncate_docs"} <= set(keys)
+    assert [p.rung for p in proposals] == sorted((p.rung for p in proposals), key=["prompt", "retrieval",
+                                                                                    "context"].index)
+    retrieval = next(p for p in proposals if p.meta["ladder_key"] == "knob:top_k=5")
+    assert "no train failure is on the retrieval rung" in retrieval.rationale
+
+
+def test_a_ladder_past_its_diagnosed_rungs_tries_the_rest_before_none(tmp_path):
+    """Failures on the retrieval rung only: once retrieval and context are spent, the prompt rung's options
+    come too (last), each saying that no failure pointed there."""
+    wt = make_worktree(tmp_path)
+    proposals = climb_all(wt, {"counts": {**ZERO, "retrieval": 2}, "recommended": "retrieval"})
+    rungs = [p.rung for p in proposals]
+    assert rungs[0] == "retrieval" and rungs[-1] == "prompt" and "context" in rungs
+    last = [p for p in proposals if p.rung == "prompt"]
+    assert last and all("tried before the ladder declares itself out of ideas" in p.rationale for p in last)
+
+
+def parse_failures(rule: str = "parse_error", n: int = 3) -> dict:
+    details = {f"t{i}": {"rung": "prompt", "rule": rule, "evidence": "parse step 'parse' raised JSONDecodeError"}
+               for i in range(1, n + 1)}
+    return {"counts": {**ZERO, "prompt": n}, "ids": {"prompt": list(details)}, "recommended": "prompt",
+            "details": details, "errors": 0}
+
+
+def test_a_parse_step_that_raised_gets_the_output_format_rule_first(tmp_path):
+    """The diagnosis says parse steps raised on the model's output: the transform aimed at that rule comes
+    before the rung's knobs and other transforms; a prompt asking for JSON gets the bare-JSON rule, and the
+    entity-only rule (which would break JSON) never applies to it."""
+    wt = make_worktree(tmp_path)
+    answer = wt / SUBDIR / "prompts" / "answer.j2"
+    plain = LadderProposer().propose(make_ctx(wt, diagnosis=parse_failures()))
+    assert plain.meta["ladder_key"] == "transform:plain_output", "a prompt without JSON: plain output, no fences"
+    git(wt, "checkout", "-q", "--", ".")
+
+    answer.write_text(answer.read_text().replace("Answer:", 'Reply with JSON: {"answer": "..."}'))
+    commit(wt, "the answer prompt asks for JSON")
+    first = LadderProposer().propose(make_ctx(wt, diagnosis=parse_failures("generation_raised")))
+    assert first.rung == "prompt" and first.meta["ladder_key"] == "transform:bare_json"
+    assert "no Markdown code fences" in answer.read_text() and "(diagnosis: 3 train failures" in first.rationale
+    render(answer)
+    git(wt, "checkout", "-q", "--", ".")
+    keys = [p.meta["ladder_key"] for p in climb_all(wt, parse_failures())]
+    assert keys[:2] == ["transform:bare_json", 'knob:answer_style="short"'], "the aimed transform, then the knobs"
+    assert "transform:entity_only" not in keys and "transform:plain_output" not in keys
+    assert {"knob:top_k=5", "knob:max_docs=4"} <= set(keys), "then the other rungs, before giving up"
+    # without the rule in the diagnosis, the library order holds: knobs first
+    unaimed = LadderProposer().propose(make_ctx(wt, diagnosis={"counts": {**ZERO, "prompt": 1}}))
+    assert unaimed.meta["ladder_key"] == 'knob:answer_style="short"'

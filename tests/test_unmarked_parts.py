@@ -209,7 +209,8 @@ def test_the_ladder_tries_the_offline_rungs_for_unattributed_failures_without_a_
     assert rungs_to_try({"counts": zero, "recommended": None, "unattributed": 0}) == []
     retrieval = {"counts": zero | {"retrieval": 2}, "recommended": "retrieval", "unattributed": 1}
     assert rungs_to_try(retrieval) == ["retrieval", "context", "prompt"]  # the named rung first, prompt last
-    assert rungs_to_try(retrieval | {"unattributed": 0}) == ["retrieval", "context"]
+    # without unattributed failures prompt still comes, as the last resort before the ladder gives up
+    assert rungs_to_try(retrieval | {"unattributed": 0}) == ["retrieval", "context", "prompt"]
 
 
 # --------------------------------------------------------------------------- the corpus's seal

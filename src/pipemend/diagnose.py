@@ -3,7 +3,17 @@
 For every example scoring below ``pass_threshold``, the rules run in this
 order and the first that fires names its rung:
 
-1. **error** (not a rung): the runner reported an error or timeout, or no result.
+1. **error** (not a rung): the example timed out (``timeout``), or ended in an exception raised outside any
+   traced step (``runner_error``: also a missing result, an output that is not JSON), from a model call that
+   failed (``gateway_error``: a generation step whose call got no answer or an error status, an API,
+   connection or timeout exception), or from a ``tool`` or ``other`` step (``step_raised``). An exception
+   that escaped from inside a traced step is otherwise a failure at that step (the innermost step whose
+   recorded ``error`` is the example's exception, or a cause in its chain):
+   - a ``retrieval`` step that raised: **retrieval**, rule ``retrieval_raised``, at once;
+   - a ``parse`` step that raised: an output-format failure, judged by the rules below like any other
+     (its ``parse_error`` fires unless retrieval explains the failure first);
+   - a ``generation`` step that raised after its model call answered (the code reading the answer failed
+     on it): **prompt**, rule ``generation_raised``, unless retrieval explains the failure first.
 2. **retrieval** (only with evidence labels), judged from either signal:
    - ids, when the trace declares any ``doc_ids``: some gold evidence id never
      reached a generation step — the union of the generation steps' ``doc_ids``
@@ -27,11 +37,11 @@ order and the first that fires names its rung:
    When the example has evidence labels but neither signal, retrieval cannot
    be judged: the example is **unattributed** (not a rung, like errors) unless
    a rule below shows that the answer itself was known or its format broke
-   (``parse_error``, ``form``, ``extra_text``, ``dropped_answer``), since
+   (``parse_error``, ``generation_raised``, ``form``, ``extra_text``, ``dropped_answer``), since
    missing evidence explains every other failure as well as the prompt,
    context or model would.
-3. **prompt**, first matching rule: ``parse_error`` (a ``parse`` step errored
-   or returned nothing), ``empty_output``, ``form`` (the output equals an
+3. **prompt**, first matching rule: ``generation_raised`` (above), ``parse_error`` (a ``parse`` step
+   errored, raised, or returned nothing), ``empty_output``, ``form`` (the output equals an
    expected answer once normalized, yet the metric failed it), ``extra_text``
    (the final output holds an expected answer wrapped in other words),
    ``dropped_answer`` (a generation step's output held an expected answer,
@@ -76,7 +86,7 @@ from .trace_join import prompt_texts
 DIAGNOSIS_FORMAT = "pipemend-diagnosis-2"
 READABLE_FORMATS = ("pipemend-diagnosis-1", DIAGNOSIS_FORMAT)
 SHINGLE = 3
-ANSWER_RULES = ("parse_error", "form", "extra_text", "dropped_answer")
+ANSWER_RULES = ("generation_raised", "parse_error", "form", "extra_text", "dropped_answer")
 """Prompt rules that hold whether or not the evidence reached the model (it knew the answer, or broke format)."""
 
 
@@ -125,7 +135,9 @@ class Diagnosis(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     counts: dict[str, int] = Field(default_factory=lambda: {r: 0 for r in RUNGS})
-    errors: int = Field(0, description="Failed examples with a runner error, timeout or no result (not a rung).")
+    errors: int = Field(0, description=(
+        "Failed examples with no rung: a timeout, an exception outside any step, a failed model call, a tool "
+        "or other step that raised, or no result."))
     n_examples: int = 0
     n_failed: int = Field(0, description="Examples below pass_threshold, errors included.")
     ids: dict[str, list[str]] = Field(default_factory=lambda: {r: [] for r in RUNGS})
@@ -147,8 +159,10 @@ class Diagnosis(BaseModel):
         return {"format": DIAGNOSIS_FORMAT, **self.model_dump(mode="json")}
 
     def brief(self) -> dict[str, Any]:
-        """Counts per rung and the recommendation (``eval --json``'s ``diagnosis``, the journal's event)."""
-        return {"counts": {r: int(self.counts.get(r, 0)) for r in RUNGS}, "recommended": self.recommended}
+        """Counts per rung, the failures on no rung (``errors``, ``unattributed``) and the recommendation
+        (``eval --json``'s ``diagnosis``, the journal's event)."""
+        return {"counts": {r: int(self.counts.get(r, 0)) for r in RUNGS}, "errors": int(self.errors),
+                "unattributed": int(self.unattributed), "recommended": self.recommended}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Diagnosis":
@@ -328,9 +342,112 @@ def _unjudged_reason(trace: dict[str, Any] | None, texts: list[str]) -> str:
     return "no retrieval step and no evidence text"
 
 
+# --------------------------------------------------------------------------- examples that ended in an exception
+
+STATUS_KEY = "http.response.status_code"
+_TIMEOUT_TYPE = re.compile(r"timeout|timed_?out", re.I)
+MODEL_CALL_ERRORS = frozenset({
+    "APIError", "APIStatusError", "APIConnectionError", "APITimeoutError", "APIResponseValidationError",
+    "RateLimitError", "InternalServerError", "ServiceUnavailableError", "OverloadedError",
+    "HTTPError", "HTTPStatusError", "RequestError", "TransportError", "NetworkError", "ConnectError",
+    "ReadError", "WriteError", "CloseError", "ProtocolError", "RemoteProtocolError", "LocalProtocolError",
+    "ProxyError", "ConnectionError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
+})
+"""Exception type names of a model call that got no usable answer (the anthropic, openai, LiteLLM and httpx
+families, and the socket errors under them): a step raising one failed at the gateway, not in its own code."""
+
+
+def error_line(err: Any) -> str | None:
+    """``Type: message`` of a recorded error dict (the form of the runner's row ``error``); None for no error."""
+    if not isinstance(err, dict) or not err.get("type"):
+        return None
+    message = str(err.get("message") or "")
+    return f"{err['type']}: {message}" if message else str(err["type"])
+
+
+def _list(value: Any) -> list[Any]:
+    """``value`` when it is a list, else [] (a trace is the sandbox's output: any shape may come)."""
+    return value if isinstance(value, list) else []
+
+
+def _bare(line: str | None) -> str:
+    return (line or "").rstrip().rstrip(":")
+
+
+def escaped_step(trace: dict[str, Any] | None, runner_error: str | None) -> dict[str, Any] | None:
+    """The innermost traced step the example's exception escaped from: a step whose recorded ``error`` is the
+    trace's final error (or a cause or context in its chained traceback), else, with no final error in the
+    trace, the runner's ``Type: message``. None when the exception arose outside every step."""
+    raised = [s for s in _list((trace or {}).get("steps")) if isinstance(s, dict) and error_line(s.get("error"))]
+    if not raised:
+        return None
+    final = (trace or {}).get("error")
+    final_line = error_line(final)
+    chain = str(final.get("traceback") or "") if isinstance(final, dict) else ""
+
+    def escaped(step: dict[str, Any]) -> bool:
+        line = error_line(step["error"]) or ""
+        if final_line is not None:
+            return line == final_line or (bool(chain) and line in chain)
+        return bool(runner_error) and _bare(line) == _bare(runner_error)
+
+    hits = [s for s in raised if escaped(s)]
+    return hits[-1] if hits else None  # steps are in start order: a nested step starts after its parent
+
+
+def _model_call_failed(step: dict[str, Any]) -> bool:
+    """Whether a generation step's exception came from its model call: its last call got an error status, it
+    got no answer at all, or the exception is an API, connection or HTTP error."""
+    calls = [c for c in _list(step.get("llm_calls")) if isinstance(c, dict)]
+    status = calls[-1].get(STATUS_KEY) if calls else None
+    if not isinstance(status, int) or not 200 <= status < 300:
+        return True
+    return str((step.get("error") or {}).get("type")) in MODEL_CALL_ERRORS
+
+
+def _raised_rule(step: dict[str, Any] | None, runner_error: str) -> ExampleDiagnosis | None:
+    """The diagnosis of an example that ended in an exception, given the step it escaped from; None when the
+    ladder's rules judge it (a parse step, or a generation step whose model call answered)."""
+    if step is None:
+        return ExampleDiagnosis(rung="error", rule="runner_error", evidence=_short(runner_error))
+    name, kind = step.get("name"), step.get("kind")
+    err = step["error"]
+    said = f"step {name!r} ({kind}) raised {_short(error_line(err))}"
+    if _TIMEOUT_TYPE.search(str(err.get("type"))):
+        return ExampleDiagnosis(rung="error", rule="timeout", evidence=f"{said}: a timeout, not a rung")
+    if kind == "retrieval":
+        return ExampleDiagnosis(rung="retrieval", rule="retrieval_raised",
+                                evidence=f"{said}; the example ended in it, so no evidence reached the model")
+    if kind == "parse":
+        return None
+    if kind == "generation":
+        if not _model_call_failed(step):
+            return None
+        return ExampleDiagnosis(rung="error", rule="gateway_error",
+                                evidence=f"{said}: its model call failed (no answer, an error status, or an API "
+                                         "error), not a rung")
+    return ExampleDiagnosis(rung="error", rule="step_raised", evidence=f"{said}; no rung judges a {kind} step")
+
+
+def _raised_in_step(escaped: dict[str, Any] | None) -> ExampleDiagnosis | None:
+    """The prompt rule of an exception that escaped from a parse step or from an answered generation step."""
+    if escaped is None:
+        return None
+    said = f"{escaped.get('kind')} step {escaped.get('name')!r} raised {_short(error_line(escaped.get('error')))}"
+    if escaped.get("kind") == "parse":
+        return ExampleDiagnosis(rung="prompt", rule="parse_error",
+                                evidence=f"{said} and the example ended in it: the model's output broke its format")
+    return ExampleDiagnosis(rung="prompt", rule="generation_raised",
+                            evidence=f"{said} after the model answered: the code reading the answer failed on it")
+
+
 def _prompt_rule(
-    output: Any, expected: Any, trace: dict[str, Any] | None, t: LadderThresholds
+    output: Any, expected: Any, trace: dict[str, Any] | None, t: LadderThresholds,
+    escaped: dict[str, Any] | None = None,
 ) -> ExampleDiagnosis | None:
+    found = _raised_in_step(escaped)
+    if found is not None:
+        return found
     for step in _steps(trace, "parse"):
         if step.get("error"):
             err = step["error"]
@@ -404,12 +521,20 @@ def diagnose_example(
     runner_error: str | None = None,
     thresholds: LadderThresholds | None = None,
     evidence_text: list[str] | None = None,
+    timed_out: bool = False,
 ) -> ExampleDiagnosis:
     """The rung of one failed example (the caller decides that it failed); ``unattributed`` when the example
-    has evidence labels but retrieval cannot be judged (module docstring)."""
+    has evidence labels but retrieval cannot be judged; an example that ended in an exception by the step it
+    escaped from (module docstring)."""
     t = thresholds or LadderThresholds()
+    escaped = None
+    if timed_out:
+        return ExampleDiagnosis(rung="error", rule="timeout", evidence=_short(runner_error or "timed out"))
     if runner_error:
-        return ExampleDiagnosis(rung="error", rule="runner_error", evidence=_short(runner_error))
+        escaped = escaped_step(trace, runner_error)
+        raised = _raised_rule(escaped, runner_error)
+        if raised is not None:
+            return raised
     gold = [str(g) for g in evidence or []]
     texts = [str(x) for x in evidence_text or []]
     judged = False
@@ -428,7 +553,7 @@ def diagnose_example(
     unjudged = [] if judged or not (gold or texts) else ["retrieval"]
     if _context_docs(trace, gold) is None:
         unjudged.append("context")
-    found = _prompt_rule(output, expected, trace, t)
+    found = _prompt_rule(output, expected, trace, t, escaped)
     if unjudged[:1] == ["retrieval"] and (found is None or found.rule not in ANSWER_RULES):
         return ExampleDiagnosis(
             rung="unattributed", rule="no_retrieval_signal", unjudged=unjudged,
@@ -487,6 +612,7 @@ def diagnose(
             runner_error=runner_error,
             thresholds=t,
             evidence_text=ex.evidence_text if ex else None,
+            timed_out=bool(row.get("timed_out")),
         )
         found.score = score
         d.details[example_id] = found

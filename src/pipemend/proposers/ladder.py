@@ -2,11 +2,16 @@
 
 From the diagnosis it starts at the recommended rung (the cheapest holding a real
 share of the failures, in the order prompt, retrieval, context), climbs from there,
-and makes one change per candidate: first the manifest's knobs for that rung
-(each declared value other than the current one, written into the knob's config file
-by a one-line edit that keeps comments), then the prompt transforms for that rung
-(``transforms.PROMPT_TRANSFORMS``) applied to the answer prompt. When a rung's
-options are spent it climbs to the next; when all are spent it returns None.
+and makes one change per candidate: first the prompt transforms that address the
+rules that fired on that rung (``PromptTransform.rules``: ``bare_json`` for a parse
+step that raised on the model's fenced JSON), most failures first, then the manifest's
+knobs for that rung (each declared value other than the current one, written into the
+knob's config file by a one-line edit that keeps comments), then its other prompt
+transforms (``transforms.PROMPT_TRANSFORMS``) applied to the answer prompt. When a
+rung's options are spent it climbs to the next. Before it returns None ("out of
+ideas") it tries, as a last resort, the knobs and transforms of the offline rungs no
+failure pointed at, whenever anything failed (runner errors and unattributed failures
+included): a diagnosis can be wrong, and the gate judges every try.
 
 The model rung comes last, and only when the diagnosis puts failures on it: its
 options are the values of the manifest's ``model`` knobs (a per-step model choice),
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from functools import partial
 from typing import Any, Iterator
 
@@ -81,10 +87,12 @@ def rungs_to_try(diagnosis: dict[str, Any]) -> list[str]:
 
     It starts at the diagnosis's ``recommended`` rung (the cheapest one holding at
     least ``min_share`` of the failures, DESIGN.md §5) and climbs from there; the
-    cheaper rungs it stepped over because they hold only a few failures come last.
-    Without a recommendation it starts at the cheapest rung with any failure. The
-    model rung (a stronger model costs more on every call) comes last, and only when
-    the diagnosis puts failures on it: "still wrong after the cheaper rungs".
+    cheaper rungs it stepped over because they hold only a few failures come next,
+    then the offline rungs no failure pointed at, whenever anything failed at all
+    (``last_resort_rungs``), so the ladder is out of ideas only once every offline
+    option was tried. Without a recommendation it starts at the cheapest rung with any
+    failure. The model rung (a stronger model costs more on every call) comes last, and
+    only when the diagnosis puts failures on it: "still wrong after the cheaper rungs".
     """
     counts = failing_rungs(diagnosis)
     if counts is None:
@@ -93,21 +101,42 @@ def rungs_to_try(diagnosis: dict[str, Any]) -> list[str]:
     failing = [r for r in OFFLINE_RUNGS if counts[r] > 0]
     # failures the diagnosis could put on no rung (``unattributed``: retrieval could not be judged) may lie on
     # any offline rung: they add the rungs no attributed failure named, after those, and never a recommendation
-    unknown = [r for r in OFFLINE_RUNGS if r not in failing] if _unattributed(diagnosis) else []
+    unknown = [r for r in OFFLINE_RUNGS if r not in failing] if _positive(diagnosis, "unattributed") else []
     if not failing:
         # only "model" (or unattributed) failures: the cheaper rungs may still not have been tried offline
-        return [*OFFLINE_RUNGS, *model] if model or unknown else []
-    start = diagnosis.get("recommended")
-    if start not in OFFLINE_RUNGS or counts[start] == 0:
-        start = failing[0]
-    i = OFFLINE_RUNGS.index(start)
-    return list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing or r in unknown] + model
+        ordered = list(OFFLINE_RUNGS) if model or unknown else []
+    else:
+        start = diagnosis.get("recommended")
+        if start not in OFFLINE_RUNGS or counts[start] == 0:
+            start = failing[0]
+        i = OFFLINE_RUNGS.index(start)
+        ordered = list(OFFLINE_RUNGS[i:]) + [r for r in OFFLINE_RUNGS[:i] if r in failing or r in unknown]
+    return ordered + last_resort_rungs(diagnosis, ordered) + model
 
 
-def _unattributed(diagnosis: dict[str, Any]) -> bool:
-    """The diagnosis (``pipemend-diagnosis-2``) holds failures it put on no rung."""
-    n = diagnosis.get("unattributed")
-    return (isinstance(n, int) and not isinstance(n, bool) and n > 0) or bool(diagnosis.get("unattributed_ids"))
+def last_resort_rungs(diagnosis: dict[str, Any], ordered: list[str]) -> list[str]:
+    """The offline rungs not in ``ordered`` when the diagnosis holds any failure (on a rung, unattributed, or
+    a runner ``error``: an exception outside any step, a timeout, a failed model call); [] when nothing failed."""
+    counts = failing_rungs(diagnosis) or {}
+    failed = (any(counts.values()) or _positive(diagnosis, "errors") or _positive(diagnosis, "unattributed")
+              or _positive(diagnosis, "n_failed"))
+    return [r for r in OFFLINE_RUNGS if r not in ordered] if failed else []
+
+
+def _positive(diagnosis: dict[str, Any], key: str) -> bool:
+    """The diagnosis's count ``key`` (``errors``, ``unattributed``, ``n_failed``) is over 0, or its id list
+    (``error_ids``, ``unattributed_ids``) is not empty."""
+    n = diagnosis.get(key)
+    ids = diagnosis.get({"errors": "error_ids", "unattributed": "unattributed_ids"}.get(key, ""))
+    return (isinstance(n, int) and not isinstance(n, bool) and n > 0) or bool(ids)
+
+
+def rule_counts(diagnosis: dict[str, Any], rung: str) -> Counter[str]:
+    """How many failed examples each rule named on ``rung`` (from the diagnosis's per-example ``details``)."""
+    details = diagnosis.get("details")
+    if not isinstance(details, dict):
+        return Counter()
+    return Counter(str(d.get("rule")) for d in details.values() if isinstance(d, dict) and d.get("rung") == rung)
 
 
 def run_objective(manifest: Any) -> str:
@@ -153,6 +182,9 @@ class LadderProposer:
                 proposal.meta.update({"proposer": self.name, "ladder_key": key, "rung_failures": counts.get(rung)})
                 if counts.get(rung) and not saving:
                     proposal.rationale += f" (diagnosis: {counts[rung]} train failures at the {rung} rung)"
+                elif not saving and rung in counts:  # the diagnosis says so (without one, nothing is said)
+                    proposal.rationale += (f" (no train failure is on the {rung} rung: tried before the ladder "
+                                           "declares itself out of ideas)")
                 proposal.rationale += f" [ladder: {key}]"
                 return proposal
         return None
@@ -172,17 +204,22 @@ class LadderProposer:
         if rung == "model":
             yield from self._model_options(ctx, "score")
             return
+        wanted = self.config.transforms
+        transforms = [t for t in PROMPT_TRANSFORMS if t.rung == rung and (wanted is None or t.name in wanted)]
+        fired = rule_counts(ctx.diagnosis or {}, rung)
+        aimed = sorted((t for t in transforms if any(fired[r] for r in t.rules)),
+                       key=lambda t: -sum(fired[r] for r in t.rules))  # stable: library order on a tie
+        for transform in aimed:
+            yield f"transform:{transform.name}", partial(self._transform, ctx, transform)
         knobs = getattr(ctx.manifest, "knobs", {}) or {}
         for name, knob in knobs.items():
             if knob.rung != rung:
                 continue
             for value in knob.values:
-                yield knob_key(name, value), (lambda n=name, k=knob, v=value: self._set_knob(ctx, n, k, v))
-        wanted = self.config.transforms
-        for transform in PROMPT_TRANSFORMS:
-            if transform.rung != rung or (wanted is not None and transform.name not in wanted):
-                continue
-            yield f"transform:{transform.name}", (lambda t=transform: self._transform(ctx, t))
+                yield knob_key(name, value), partial(self._set_knob, ctx, name, knob, value)
+        for transform in transforms:
+            if transform not in aimed:
+                yield f"transform:{transform.name}", partial(self._transform, ctx, transform)
 
     def _model_options(self, ctx: ProposalContext, objective: str) -> Iterator[tuple[str, Any]]:
         """The ``model`` knobs' values, ordered against each step's current model for ``objective``

@@ -2,7 +2,10 @@
 
 Prompt transforms take a template's text and return the new text, or None when
 the transform does not apply (already there, nothing to act on). Jinja2
-templates are checked to still parse and render (``check_template``).
+templates are checked to still parse and render (``check_template``). A
+transform's ``rules`` name the diagnosis rules it addresses (``bare_json`` and
+``plain_output``: a parse step that failed or raised on the model's output);
+the ladder tries those first when they fired on its rung.
 """
 
 from __future__ import annotations
@@ -70,11 +73,22 @@ class PromptTransform:
     describe: str
     apply: Callable[[str, str, dict[str, Any]], str | None]
     """(text, relative path, options) -> new text, or None when it does not apply."""
+    rules: tuple[str, ...] = ()
+    """The diagnosis rules (``pipemend.diagnose``) it addresses: the ladder tries it first when they fired."""
 
 
-def _instruction(marker: str, block: str) -> Callable[[str, str, dict[str, Any]], str | None]:
+_JSON_WORD = re.compile(r"\bjson\b", re.I)
+
+
+def asks_for_json(text: str) -> bool:
+    """Whether a prompt asks for JSON output (it names JSON)."""
+    return _JSON_WORD.search(text) is not None
+
+
+def _instruction(marker: str, block: str, *, when: Callable[[str], bool] | None = None
+                 ) -> Callable[[str, str, dict[str, Any]], str | None]:
     def apply(text: str, rel: str, options: dict[str, Any]) -> str | None:
-        if marker in text:
+        if marker in text or (when is not None and not when(text)):
             return None
         return insert_instruction(text, block)
 
@@ -95,6 +109,16 @@ CONTEXT_FOCUS = (
     "mention the entities in the question, and answer from those."
 )
 FEW_SHOT_HEADING = "Examples of questions and their expected answers:"
+BARE_JSON = (
+    "Output format: reply with the JSON object only, as plain text: no Markdown code fences (no ```), "
+    "no text before or after it."
+)
+PLAIN_OUTPUT = (
+    "Output format: reply in exactly the format asked for above, as plain text: no Markdown, no code "
+    "fences (no ```), no text before or after it."
+)
+FORMAT_RULES = ("parse_error", "generation_raised")
+"""Diagnosis rules of an output the pipeline's code could not read (a parse step that failed or raised)."""
 
 
 def _question_text(inputs: dict[str, Any]) -> str | None:
@@ -149,7 +173,16 @@ def _question_last(text: str, rel: str, options: dict[str, Any]) -> str | None:
 
 PROMPT_TRANSFORMS: list[PromptTransform] = [
     PromptTransform("entity_only", "prompt", "add an output-format rule: the entity only, no sentence",
-                    _instruction("Output format: answer with the entity", ENTITY_ONLY)),
+                    _instruction("Output format: answer with the entity", ENTITY_ONLY,
+                                 when=lambda text: not asks_for_json(text))),
+    PromptTransform("bare_json", "prompt", "add an output-format rule: bare JSON, no code fences or other text",
+                    _instruction("Output format: reply with the JSON object only", BARE_JSON, when=asks_for_json),
+                    rules=FORMAT_RULES),
+    PromptTransform("plain_output", "prompt",
+                    "add an output-format rule: the asked format as plain text, no Markdown or code fences",
+                    _instruction("Output format: reply in exactly the format asked for", PLAIN_OUTPUT,
+                                 when=lambda text: not asks_for_json(text)),
+                    rules=FORMAT_RULES),
     PromptTransform("few_shot", "prompt", "append few-shot examples drawn from train examples", _few_shot),
     PromptTransform("ground_in_evidence", "prompt", "tell the model to find the supporting sentence first",
                     _instruction("find the sentence in the passages that", GROUND_RULE)),
