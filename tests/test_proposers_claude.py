@@ -162,3 +162,16 @@ def test_the_temperature_option_reaches_the_model(tmp_path, wt, sessions):
     assert s.proposer(temperature=0.3).propose(make_ctx(wt)) is None
     (call,) = [json.loads(line) for line in s.calls_text().splitlines()]
     assert call["request"]["temperature"] == 0.3
+
+
+def test_the_system_prompt_names_errors_and_unattributed_failures(wt):
+    from pipemend.proposers.claude import render_system_prompt
+
+    diagnosis = {"counts": {"prompt": 1, "retrieval": 0, "context": 0, "model": 0}, "recommended": "prompt",
+                 "ids": {"prompt": ["t1"]}, "errors": 2, "error_ids": ["t2", "t3"], "unattributed": 1,
+                 "unattributed_ids": ["t4"]}
+    text = render_system_prompt(make_ctx(wt, diagnosis=diagnosis))
+    assert "Runner errors, timeouts and failed model calls (no rung): 2 (t2, t3)" in text
+    assert "Failures no rung could be judged for (no retrieval step and no evidence text): 1 (t4)" in text
+    quiet = render_system_prompt(make_ctx(wt, diagnosis={**diagnosis, "errors": 0, "unattributed": 0}))
+    assert "Runner errors" not in quiet and "no rung could be judged" not in quiet
