@@ -14,6 +14,7 @@ caller's: it knows what the session was about to do.
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import anthropic
@@ -23,6 +24,15 @@ from .budget import cost_usd
 
 if TYPE_CHECKING:
     from .agent_tools import AgentSession
+
+
+def client(cfg: Any) -> anthropic.Anthropic:
+    """The SDK client of an LLM proposer's config (``api_key``, ``base_url``, ``max_retries``,
+    ``request_timeout_s``): the agent gateway's URL when the loop set it; the key, when none is given, is the
+    user's (a real API) or a placeholder (the gateway holds the real one)."""
+    key = cfg.api_key or os.environ.get("ANTHROPIC_API_KEY") or "pipemend-gateway"
+    return anthropic.Anthropic(base_url=cfg.base_url, api_key=key, max_retries=cfg.max_retries,
+                               timeout=cfg.request_timeout_s)
 
 
 def with_temperature(kwargs: dict[str, Any], temperature: float | None) -> dict[str, Any]:

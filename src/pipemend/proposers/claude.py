@@ -49,7 +49,6 @@ is a ``pipemend-transcript-1`` record, kept in ``Proposal.meta["transcript"]``
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -130,10 +129,8 @@ class ClaudeProposer:
     def __init__(self, **options: Any):
         self.config = parse_options(ClaudeProposerConfig, options, "claude")
 
-    def client(self) -> Any:
-        key = self.config.api_key or os.environ.get("ANTHROPIC_API_KEY") or "pipemend-gateway"
-        return anthropic.Anthropic(base_url=self.config.base_url, api_key=key,
-                                   max_retries=self.config.max_retries, timeout=self.config.request_timeout_s)
+    def client(self) -> anthropic.Anthropic:
+        return agent_call.client(self.config)
 
     def propose(self, ctx: ProposalContext) -> Proposal | None:
         return _Session(self, ctx).run()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import string
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import jinja2.meta
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..protocols import Proposal, ProposalContext
-from . import parse_options
+from . import agent_call, parse_options
 from .agent_call import reply_text, send, with_temperature
 from .agent_tools import AgentSession
 from .tools import ToolError, format_trace
@@ -311,9 +310,7 @@ class ReflectProposer:
         self._tried: set[str] = set()
 
     def client(self) -> anthropic.Anthropic:
-        key = self.config.api_key or os.environ.get("ANTHROPIC_API_KEY") or "pipemend-gateway"
-        return anthropic.Anthropic(base_url=self.config.base_url, api_key=key,
-                                   max_retries=self.config.max_retries, timeout=self.config.request_timeout_s)
+        return agent_call.client(self.config)
 
     def propose(self, ctx: ProposalContext) -> Proposal | None:
         return _Reflection(self, ctx).run()
