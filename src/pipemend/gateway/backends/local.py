@@ -37,6 +37,8 @@ from typing import Any, Iterator
 from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import BackendError, message_response, text_of
+from .local_llama import LlamaSession
+from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
 MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
 SEED = 0
@@ -109,7 +111,10 @@ def _close() -> None:
 
 
 def to_chat_messages(request: dict[str, Any]) -> list[dict[str, str]]:
-    """Anthropic system + messages → chat-completion messages (text only; tool blocks as text)."""
+    """Anthropic system + messages → chat-completion messages (text only; tool blocks as text).
+
+    For a request without ``tools``; one with tools is rendered by ``local_tools.render_prompt``.
+    """
     out: list[dict[str, str]] = []
     system = text_of(request.get("system") or "")
     if system:
@@ -135,7 +140,8 @@ def to_chat_messages(request: dict[str, Any]) -> list[dict[str, str]]:
 
 
 class LocalBackend:
-    cache_namespace = "local-qwen2.5-coder-1.5b-q4km-2"  # -2: answers from a fresh KV cache
+    # -2: answers from a fresh KV cache; -3: requests with tools get tool_use blocks (local_tools)
+    cache_namespace = "local-qwen2.5-coder-1.5b-q4km-3"
     deterministic = False
     default_temperature = 0.0
 
@@ -151,8 +157,10 @@ class LocalBackend:
         self.calls = 0
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        messages = to_chat_messages(request)
         temperature = float(request.get("temperature", self.default_temperature))
+        if request.get("tools"):
+            return self._complete_with_tools(request, temperature)
+        messages = to_chat_messages(request)
         kwargs: dict[str, Any] = {
             "messages": messages,
             "max_tokens": int(request.get("max_tokens", 256)),
@@ -183,3 +191,19 @@ class LocalBackend:
             output_tokens=int(usage.get("completion_tokens", 0)),
             id_prefix="msg_local_",
         )
+
+    def _complete_with_tools(self, request: dict[str, Any], temperature: float) -> dict[str, Any]:
+        """A reply that may call the request's tools (``local_tools``): text, then ``tool_use`` blocks."""
+        tools = request_tools(request)
+        choice = tool_choice(request, tools)
+        sampling = Sampling(temperature=temperature, top_k=1 if temperature == 0 else int(request.get("top_k", 40)),
+                            top_p=float(request.get("top_p", 0.95)), seed=SEED)
+        stops = [str(s) for s in request.get("stop_sequences") or []]
+        with _lock:
+            llama = load_llama(self.model_path, self.n_ctx, self.n_threads)
+            self.calls += 1
+            reply = ToolDecoder(LlamaSession(llama), sampling, reset=not self.prefix_reuse).decode(
+                request, tools, choice, int(request.get("max_tokens", 256)), stops)
+        return message_response(MODEL_NAME, reply.content, stop_reason=reply.stop_reason,
+                                stop_sequence=reply.stop_sequence, input_tokens=reply.input_tokens,
+                                output_tokens=reply.output_tokens, id_prefix="msg_local_")
