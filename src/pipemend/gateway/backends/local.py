@@ -42,6 +42,10 @@ from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
 MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
 SEED = 0
+# Context of the one model (``PIPEMEND_LOCAL_N_CTX``): an agent session's system prompt and 16 tools
+# take ~3.5k tokens before its first tool result (the model's own limit is 32k; the KV cache costs
+# ~28 KiB a token, ~450 MiB here). A prompt over it is a 400.
+DEFAULT_N_CTX = 16384
 
 _lock = threading.Lock()
 _llama: Any = None  # the one llama_cpp.Llama of this process
@@ -152,7 +156,7 @@ class LocalBackend:
             prefix_reuse = os.environ.get("PIPEMEND_LOCAL_PREFIX_REUSE", "") not in ("", "0")
         self.prefix_reuse = prefix_reuse
         self.model_path = model_path
-        self.n_ctx = n_ctx or int(os.environ.get("PIPEMEND_LOCAL_N_CTX", "4096"))
+        self.n_ctx = n_ctx or int(os.environ.get("PIPEMEND_LOCAL_N_CTX", str(DEFAULT_N_CTX)))
         self.n_threads = n_threads or os.cpu_count() or 1
         self.calls = 0
 
