@@ -80,8 +80,9 @@ class ScriptedQwenAtTheModelBoundary:
     def token_eos(self) -> int:
         return self.EOS
 
-    def reset(self) -> None:
-        self.events.append("reset")
+    def prefill(self, prompt: Sequence[int]) -> None:
+        self.events.append("prefill")
+        self.sequences.append(list(prompt))
 
     def generate(self, sequence: Sequence[int], **sampling: Any) -> Iterator[int]:
         assert self.script, f"the model was asked for free text after {self.detokenize(sequence)[-80:]!r}"
@@ -252,12 +253,13 @@ def test_a_tool_call_after_text_is_decoded_under_the_grammar():
     assert reply.stop_reason == "tool_use"
     assert reply.content[0] == {"type": "text", "text": "I will read it."}
     assert reply.content[1]["name"] == "read_file" and reply.content[1]["input"] == {"path": "app.py"}
-    assert model.events == ["reset", "free", "call", "free"]  # one KV reset, at the start of the reply
+    assert model.events == ["prefill", "free", "call", "free"]  # the prompt evaluated once, as from scratch
     prompt = render_prompt({"messages": ASK}, TOOLS)
-    assert model.detokenize(model.sequences[1]) == prompt + "I will read it.\n<tool_call>\n"
+    assert model.detokenize(model.sequences[0]) == model.detokenize(model.sequences[1]) == prompt
+    assert model.detokenize(model.sequences[2]) == prompt + "I will read it.\n<tool_call>\n"
     assert model.grammars == [call_grammar(TOOLS)]
     # after the call, the model may start another; here it ends its turn
-    assert model.detokenize(model.sequences[2]).endswith('{"path": "app.py"}}\n</tool_call>')
+    assert model.detokenize(model.sequences[3]).endswith('{"path": "app.py"}}\n</tool_call>')
     assert reply.input_tokens == len(model.tokenize(prompt))
 
 
@@ -270,14 +272,14 @@ def test_a_call_written_as_fenced_json_is_redone_under_the_grammar():
     assert [b["type"] for b in reply.content] == ["text", "tool_use"]
     assert reply.content[0]["text"] == "Reading." and reply.content[1]["input"] == {"path": "app.py", "start_line": 1}
     # the constrained phase continues from the text only, not from the malformed JSON
-    assert model.detokenize(model.sequences[1]).endswith("<|im_start|>assistant\nReading.\n<tool_call>\n")
+    assert model.detokenize(model.sequences[2]).endswith("<|im_start|>assistant\nReading.\n<tool_call>\n")
 
 
 def test_a_plain_answer_has_no_call_and_ends_the_turn():
     model = ScriptedQwenAtTheModelBoundary(script=["app.py sets x to 1."])
     reply = decode(model)
     assert (reply.content, reply.stop_reason) == ([{"type": "text", "text": "app.py sets x to 1."}], "end_turn")
-    assert model.events == ["reset", "free"]
+    assert model.events == ["prefill", "free"]
 
 
 def test_several_calls_in_one_reply_unless_parallel_use_is_off():
@@ -297,9 +299,9 @@ def test_a_forced_tool_skips_the_free_text_and_constrains_to_that_tool():
     model = ScriptedQwenAtTheModelBoundary(calls=['{"name": "submit", "arguments": {"rationale": "r", "rung": "prompt"}}'])
     reply = decode(model, tool_choice={"type": "tool", "name": "submit"})
     assert [(b["type"], b["name"]) for b in reply.content] == [("tool_use", "submit")]
-    assert model.events == ["reset", "call"]
+    assert model.events == ["prefill", "call"]
     assert model.grammars == [call_grammar(TOOLS, "submit")]
-    assert model.detokenize(model.sequences[0]).endswith("<|im_start|>assistant\n<tool_call>\n")
+    assert model.detokenize(model.sequences[1]).endswith("<|im_start|>assistant\n<tool_call>\n")
 
 
 def test_tool_choice_none_never_calls():

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import BackendError, message_response, text_of
-from .local_llama import LlamaSession
+from .local_llama import LlamaSession, forget_prefix
 from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
 MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
@@ -180,6 +180,7 @@ class LocalBackend:
             self.calls += 1
             if not self.prefix_reuse:
                 llama.reset()  # evaluate the whole prompt afresh: the answer depends on this request only
+            forget_prefix(llama)
             try:
                 result = llama.create_chat_completion(**kwargs)
             except ValueError as e:  # e.g. prompt longer than n_ctx
@@ -206,7 +207,7 @@ class LocalBackend:
         with _lock:
             llama = load_llama(self.model_path, self.n_ctx, self.n_threads)
             self.calls += 1
-            reply = ToolDecoder(LlamaSession(llama), sampling, reset=not self.prefix_reuse).decode(
+            reply = ToolDecoder(LlamaSession(llama), sampling, prefill=not self.prefix_reuse).decode(
                 request, tools, choice, int(request.get("max_tokens", 256)), stops)
         return message_response(MODEL_NAME, reply.content, stop_reason=reply.stop_reason,
                                 stop_sequence=reply.stop_sequence, input_tokens=reply.input_tokens,

@@ -17,6 +17,9 @@ import numpy as np
 
 from .base import BackendError
 
+# Per loaded model (by id): how many leading tokens of its KV cache hold whole prompt batches counted from
+# position 0, i.e. values computed exactly as a fresh evaluation of any prompt sharing those tokens computes them.
+_aligned: dict[int, int] = {}
 TOP_FIRST = (1, 64)  # candidates checked against the grammar before the whole vocabulary
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 
@@ -39,8 +42,27 @@ class LlamaSession:
     def token_eos(self) -> int:
         return int(self.llama.token_eos())
 
-    def reset(self) -> None:
-        self.llama.reset()
+    def prefill(self, prompt: Sequence[int]) -> None:
+        """Evaluate a reply's prompt so that the reply depends on this request alone.
+
+        The KV cache keeps only the whole ``n_batch`` blocks that the previous prompt shares with this
+        one: a fresh evaluation splits a prompt into the same blocks from position 0, and a block's keys
+        and values depend on nothing but the tokens up to its end, so they are the very values a fresh
+        evaluation computes. Tokens after the last whole block (generated ones included) are recomputed.
+        An agent session's next request repeats the last one, so most of its prompt is kept.
+        """
+        llama = self.llama
+        prompt = list(prompt)
+        block = max(1, int(llama.n_batch))
+        keep = min(_common_prefix(llama.input_ids[: llama.n_tokens], prompt), _aligned.pop(id(llama), 0),
+                   len(prompt) - 1)
+        keep -= keep % block
+        if keep <= 0:
+            llama.reset()
+        else:
+            llama.n_tokens = keep
+        llama.eval(prompt[keep:])
+        _aligned[id(llama)] = len(prompt) - len(prompt) % block
 
     def generate(self, sequence: Sequence[int], *, temperature: float, top_k: int, top_p: float,
                  seed: int) -> Iterator[int]:
@@ -88,14 +110,22 @@ class LlamaSession:
         """Evaluate ``sequence`` into the KV cache, keeping the prefix already there (at least one token is
         evaluated, so the last token's logits are fresh)."""
         llama = self.llama
-        done = llama.input_ids[: llama.n_tokens]
-        common = 0
-        for a, b in zip(done, sequence):
-            if a != b:
-                break
-            common += 1
-        llama.n_tokens = min(common, len(sequence) - 1)
+        llama.n_tokens = min(_common_prefix(llama.input_ids[: llama.n_tokens], sequence), len(sequence) - 1)
         llama.eval(sequence[llama.n_tokens:])
+
+
+def forget_prefix(llama: Any) -> None:
+    """After ``llama`` ran outside ``LlamaSession.prefill`` (a plain completion), keep none of its KV cache."""
+    _aligned.pop(id(llama), None)
+
+
+def _common_prefix(done: Any, sequence: Sequence[int]) -> int:
+    n = 0
+    for a, b in zip(done, sequence):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _best_allowed(llama_cpp: Any, sampler: Any, logits: np.ndarray) -> int | None:

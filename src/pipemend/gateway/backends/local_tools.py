@@ -16,8 +16,9 @@ Decoding (``ToolDecoder``) runs in phases on one token sequence:
 3. after ``</tool_call>``, a few free tokens: another ``<tool_call>`` starts another
    call (unless parallel calls are off), anything else ends the turn.
 
-The answer is a function of the request alone: one KV reset at the start (unless
-prefix reuse is on), then each phase extends the same sequence. Calls become
+The answer is a function of the request alone: the prompt is evaluated as from scratch
+(``LlamaSession.prefill`` keeps only what a fresh evaluation would compute the same way),
+then each phase extends the same sequence. Calls become
 ``tool_use`` blocks (ids ``toolu_local_…``, ``stop_reason: tool_use``); a call cut off by
 ``max_tokens`` is dropped (``stop_reason: max_tokens``). llama.cpp's converter does not
 enforce numeric bounds (``minimum``/``maximum``), so the tool's own validation still applies.
@@ -130,24 +131,22 @@ def _assistant_body(content: Any) -> str:
     return "\n".join([t for t in ("".join(texts).strip(),) if t] + calls)
 
 
+def _user_part(block: dict[str, Any]) -> str | None:
+    """One block of a user turn as Qwen reads it: text, or a ``<tool_response>`` (errors marked)."""
+    kind = block.get("type")
+    if kind in ("image", "document"):
+        raise BackendError(400, f"the local model takes text only, got a {kind} block")
+    if kind == "tool_result":
+        result = (ERROR_PREFIX if block.get("is_error") else "") + text_of(block.get("content", ""))
+        return f"<tool_response>\n{result}\n</tool_response>"
+    return str(block.get("text", "")) if kind == "text" else None
+
+
 def _user_body(content: Any) -> str:
     if isinstance(content, str):
         return content
-    parts: list[str] = []
-    for block in content or []:
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind == "text":
-            parts.append(str(block.get("text", "")))
-        elif kind == "tool_result":
-            result = text_of(block.get("content", ""))
-            if block.get("is_error"):
-                result = ERROR_PREFIX + result
-            parts.append(f"<tool_response>\n{result}\n</tool_response>")
-        elif kind in ("image", "document"):
-            raise BackendError(400, f"the local model takes text only, got a {kind} block")
-    return "\n".join(parts)
+    parts = (_user_part(block) for block in content or [] if isinstance(block, dict))
+    return "\n".join(part for part in parts if part is not None)
 
 
 def render_prompt(request: dict[str, Any], tools: list[dict[str, Any]]) -> str:
@@ -308,11 +307,10 @@ class _Phase:
 class ToolDecoder:
     """Runs the phases of one reply on a model session (``local_llama.LlamaSession``)."""
 
-    def __init__(self, session: Any, sampling: Sampling, *, reset: bool = True):
+    def __init__(self, session: Any, sampling: Sampling, *, prefill: bool = True):
         self.session = session
         self.sampling = sampling
-        self.reset = reset
-        self.started = False  # the first phase of a reply resets the KV cache (unless reset is off)
+        self.prefill = prefill  # False: llama-cpp-python's own prefix reuse (PIPEMEND_LOCAL_PREFIX_REUSE)
         self.open_id = self._single(TOOL_CALL_OPEN)
         self.end_ids = {self._single(t) for t in END_TOKENS} | {session.token_eos()}
 
@@ -340,9 +338,6 @@ class ToolDecoder:
         if budget <= 0:
             return phase
         s = self.sampling
-        if self.reset and not self.started:
-            self.session.reset()  # the answer depends on this request only
-        self.started = True
         stops = [x for x in stops if x]
         options = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed}
         tokens = (self.session.generate(sequence, **options) if grammar is None
@@ -378,6 +373,8 @@ class ToolDecoder:
             raise BackendError(400, f"the prompt is {len(prompt)} tokens, more than the local model's context "
                                     f"({self.session.n_ctx()} tokens; set PIPEMEND_LOCAL_N_CTX)")
         budget = min(max_tokens, room)
+        if self.prefill:
+            self.session.prefill(prompt)  # the answer depends on this request only
         sequence = list(prompt)
         content: list[dict[str, Any]] = []
         used = 0
