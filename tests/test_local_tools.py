@@ -426,3 +426,36 @@ def test_the_real_local_model_calls_a_tool_that_the_anthropic_sdk_parses(tmp_pat
                                            "max_tokens": 150})
         assert [b.type for b in forced.content] == ["tool_use"] and forced.content[0].name == "submit"
         assert forced.content[0].input["rung"] in ("prompt", "retrieval") and forced.content[0].input["rationale"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_prefilled_prompt_gives_the_very_logits_of_a_fresh_evaluation():
+    """An agent's next request repeats its last one: the kept n_batch blocks change nothing, bit for bit."""
+    _local_model_or_skip()
+    import numpy as np
+
+    from pipemend.gateway.backends.local_llama import LlamaSession, forget_prefix
+
+    backend = local.LocalBackend()
+    llama = local.load_llama(None, backend.n_ctx, backend.n_threads)
+    session = LlamaSession(llama)
+    first = {"system": "You fix pipelines. " + "Read traces before you edit. " * 80, "messages": ASK}
+    then = {**first, "messages": [*ASK, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "read_file", "input": {"path": "app.py"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "1: x = 1\n" * 60}]}]}
+    one, two = (session.tokenize(render_prompt(r, [READ_FILE])) for r in (first, then))
+    assert two[:len(one)] == one and len(one) > llama.n_batch
+
+    def last_logits() -> Any:
+        return np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),)).copy()
+
+    forget_prefix(llama)
+    session.prefill(two)
+    fresh = last_logits()
+    session.prefill(one)
+    for i, _ in enumerate(session.generate(one, temperature=0, top_k=1, top_p=1, seed=0)):
+        if i >= 4:  # a few generated tokens in the KV cache too, as after a real reply
+            break
+    session.prefill(two)
+    assert np.array_equal(last_logits(), fresh)

@@ -10,6 +10,13 @@ on which example ran before which. The reset costs about a fifth more time;
 ``PIPEMEND_LOCAL_PREFIX_REUSE=1`` trades the determinism back for the speed.
 Needs the ``local`` extra.
 
+A request with ``tools`` gets real ``tool_use`` blocks (``local_tools``: Qwen2.5's
+``<tool_call>`` format, each call decoded under a grammar of the tools' input schemas;
+``local_llama``: the llama.cpp side). Its prompt keeps the KV cache's whole ``n_batch``
+blocks shared with the previous prompt, which are bit for bit what a fresh evaluation
+computes (``LlamaSession.prefill``), so an agent session's growing prompt is not
+re-read from the start each turn and the answer still depends on the request alone.
+
 Portable across x86-64 CPUs: the model loads with llama.cpp's extra buffer
 types off (``use_extra_bufts``, the runtime weight repacking): on a CPU that
 advertises AMX, the AMX repacking ran ``tilezero`` in an OpenMP worker and died
