@@ -1,7 +1,8 @@
 """End to end on the bundled multihop_qa target with the real local model (slow).
 
-These run the README's commands as a user would: `pipemend eval ... --json` and
-`pipemend optimize ... --proposer ladder`, in subprocesses, through the real
+These run the README's commands as a user would: `pipemend eval ... --json`,
+`pipemend optimize ... --proposer ladder` and `--proposer claude --agent-model local/...`
+(the agent on the local model's tool calls), in subprocesses, through the real
 gateway (llama.cpp serving Qwen2.5-Coder-1.5B), the real runner and sandbox.
 The target is copied into a fresh git repo so the run's branches land there.
 """
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from local_model_support import local_model_or_skip
+
+from pipemend.gateway.backends.local import MODEL_NAME as LOCAL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "target_pipelines" / "multihop_qa"
@@ -93,3 +96,32 @@ def test_optimize_with_the_ladder_raises_val(user_repo: Path, tmp_path: Path) ->
     assert diag.returncode == 0, diag.stderr[-3000:]
     counts = json.loads(diag.stdout)["diagnosis"]["counts"]
     assert sum(1 for n in counts.values() if n) >= 2, counts
+
+
+@pytest.mark.agent_e2e  # hours on two cores (each agent turn reads a ~4k-token prompt): not in CI's run
+@pytest.mark.timeout(7200)
+def test_optimize_with_the_claude_proposer_on_the_local_model(user_repo: Path, tmp_path: Path) -> None:
+    """`--proposer claude --agent-model local/...`: a whole agent session offline, on real tool calls."""
+    res = _pipemend("optimize", "multihop_qa", "--proposer", "claude", "--agent-model", LOCAL_MODEL,
+                    "--max-candidates", "2", "--limit", "8", "--run-id", "agent",
+                    "--reports-dir", str(tmp_path / "reports"), "--json", cwd=user_repo, timeout=7000)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    run_dir = tmp_path / "reports" / "agent"
+    records = [json.loads(line) for path in sorted((run_dir / "candidates").glob("*/transcript.jsonl"))
+               for line in path.read_text().splitlines() if line.strip()]
+    assert records and all(r["format"] == "pipemend-transcript-1" for r in records)
+    responses = [r["response"] for r in records if r["event"] == "response"]
+    assert responses and all(r["model"] == LOCAL_MODEL for r in responses)
+    assert any(b.get("type") == "tool_use" and b["id"].startswith("toolu_local_")
+               for r in responses for b in r.get("content", [])), "the model never called a tool"
+    tools = [r for r in records if r["event"] == "tool" and not r.get("is_error")]
+    assert any(t["name"] == "read_trace" for t in tools), f"no trace read: {[t['name'] for t in tools]}"
+    assert any(t["name"] in ("edit_file", "write_file") for t in tools), f"no edit: {[t['name'] for t in tools]}"
+    judged = [c for c in summary["candidates"] if c["val_evaluated"]]
+    assert judged, f"the gate evaluated no candidate on val: {[c['reasons'] for c in summary['candidates']]}"
+    for c in judged:
+        verdict = json.loads((run_dir / "candidates" / str(c["n"]) / "verdict.json").read_text())
+        assert verdict["accepted"] == c["accepted"]
+    assert _git(user_repo, "branch", "--show-current") == "mine"
+    assert _git(user_repo, "status", "--porcelain") == ""

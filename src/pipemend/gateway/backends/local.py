@@ -10,6 +10,13 @@ on which example ran before which. The reset costs about a fifth more time;
 ``PIPEMEND_LOCAL_PREFIX_REUSE=1`` trades the determinism back for the speed.
 Needs the ``local`` extra.
 
+A request with ``tools`` gets real ``tool_use`` blocks (``local_tools``: Qwen2.5's
+``<tool_call>`` format, each call decoded under a grammar of the tools' input schemas;
+``local_llama``: the llama.cpp side). Its prompt keeps the KV cache's whole ``n_batch``
+blocks shared with the previous prompt, which are bit for bit what a fresh evaluation
+computes (``LlamaSession.prefill``), so an agent session's growing prompt is not
+re-read from the start each turn and the answer still depends on the request alone.
+
 Portable across x86-64 CPUs: the model loads with llama.cpp's extra buffer
 types off (``use_extra_bufts``, the runtime weight repacking): on a CPU that
 advertises AMX, the AMX repacking ran ``tilezero`` in an OpenMP worker and died
@@ -37,9 +44,15 @@ from typing import Any, Iterator
 from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import BackendError, message_response, text_of
+from .local_llama import LlamaSession, forget_prefix
+from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
 MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
 SEED = 0
+# Context of the one model (``PIPEMEND_LOCAL_N_CTX``): an agent session's system prompt and 16 tools
+# take ~3.5k tokens before its first tool result (the model's own limit is 32k; the KV cache costs
+# ~28 KiB a token, ~450 MiB here). A prompt over it is a 400.
+DEFAULT_N_CTX = 16384
 
 _lock = threading.Lock()
 _llama: Any = None  # the one llama_cpp.Llama of this process
@@ -109,7 +122,10 @@ def _close() -> None:
 
 
 def to_chat_messages(request: dict[str, Any]) -> list[dict[str, str]]:
-    """Anthropic system + messages → chat-completion messages (text only; tool blocks as text)."""
+    """Anthropic system + messages → chat-completion messages (text only; tool blocks as text).
+
+    For a request without ``tools``; one with tools is rendered by ``local_tools.render_prompt``.
+    """
     out: list[dict[str, str]] = []
     system = text_of(request.get("system") or "")
     if system:
@@ -135,7 +151,8 @@ def to_chat_messages(request: dict[str, Any]) -> list[dict[str, str]]:
 
 
 class LocalBackend:
-    cache_namespace = "local-qwen2.5-coder-1.5b-q4km-2"  # -2: answers from a fresh KV cache
+    # -2: answers from a fresh KV cache; -3: requests with tools get tool_use blocks (local_tools)
+    cache_namespace = "local-qwen2.5-coder-1.5b-q4km-3"
     deterministic = False
     default_temperature = 0.0
 
@@ -146,13 +163,15 @@ class LocalBackend:
             prefix_reuse = os.environ.get("PIPEMEND_LOCAL_PREFIX_REUSE", "") not in ("", "0")
         self.prefix_reuse = prefix_reuse
         self.model_path = model_path
-        self.n_ctx = n_ctx or int(os.environ.get("PIPEMEND_LOCAL_N_CTX", "4096"))
+        self.n_ctx = n_ctx or int(os.environ.get("PIPEMEND_LOCAL_N_CTX", str(DEFAULT_N_CTX)))
         self.n_threads = n_threads or os.cpu_count() or 1
         self.calls = 0
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        messages = to_chat_messages(request)
         temperature = float(request.get("temperature", self.default_temperature))
+        if request.get("tools"):
+            return self._complete_with_tools(request, temperature)
+        messages = to_chat_messages(request)
         kwargs: dict[str, Any] = {
             "messages": messages,
             "max_tokens": int(request.get("max_tokens", 256)),
@@ -168,6 +187,7 @@ class LocalBackend:
             self.calls += 1
             if not self.prefix_reuse:
                 llama.reset()  # evaluate the whole prompt afresh: the answer depends on this request only
+            forget_prefix(llama)
             try:
                 result = llama.create_chat_completion(**kwargs)
             except ValueError as e:  # e.g. prompt longer than n_ctx
@@ -183,3 +203,19 @@ class LocalBackend:
             output_tokens=int(usage.get("completion_tokens", 0)),
             id_prefix="msg_local_",
         )
+
+    def _complete_with_tools(self, request: dict[str, Any], temperature: float) -> dict[str, Any]:
+        """A reply that may call the request's tools (``local_tools``): text, then ``tool_use`` blocks."""
+        tools = request_tools(request)
+        choice = tool_choice(request, tools)
+        sampling = Sampling(temperature=temperature, top_k=1 if temperature == 0 else int(request.get("top_k", 40)),
+                            top_p=float(request.get("top_p", 0.95)), seed=SEED)
+        stops = [str(s) for s in request.get("stop_sequences") or []]
+        with _lock:
+            llama = load_llama(self.model_path, self.n_ctx, self.n_threads)
+            self.calls += 1
+            reply = ToolDecoder(LlamaSession(llama), sampling, prefill=not self.prefix_reuse).decode(
+                request, tools, choice, int(request.get("max_tokens", 256)), stops)
+        return message_response(MODEL_NAME, reply.content, stop_reason=reply.stop_reason,
+                                stop_sequence=reply.stop_sequence, input_tokens=reply.input_tokens,
+                                output_tokens=reply.output_tokens, id_prefix="msg_local_")
