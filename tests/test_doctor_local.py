@@ -88,6 +88,10 @@ def test_the_local_model_loads_without_extra_buffer_types():
     assert llama.model_params.use_extra_bufts is False
     # the library's own default is left as it was
     assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True
+    # the first caller does not cap the process: a larger context loads the model again, a smaller one reuses it
+    larger = local.load_llama(None, 2048, 2)
+    assert larger is not llama and larger.n_ctx() >= 2048 and larger.model_params.use_extra_bufts is False
+    assert local.load_llama(None, 1024, 2) is larger
 
 
 # --------------------------------------------------------------------------- the gateway's own guard

@@ -431,11 +431,12 @@ def test_the_real_local_model_calls_a_tool_that_the_anthropic_sdk_parses(tmp_pat
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_a_prefilled_prompt_gives_the_very_logits_of_a_fresh_evaluation():
-    """An agent's next request repeats its last one: the kept n_batch blocks change nothing, bit for bit."""
+    """An agent's next request repeats its last one and adds to it: read after other work (a shorter prompt and
+    a few generated tokens in the KV cache), its prompt gives the logits of a fresh evaluation, bit for bit."""
     _local_model_or_skip()
     import numpy as np
 
-    from pipemend.gateway.backends.local_llama import LlamaSession, forget_prefix
+    from pipemend.gateway.backends.local_llama import LlamaSession
 
     backend = local.LocalBackend()
     llama = local.load_llama(None, backend.n_ctx, backend.n_threads)
@@ -450,7 +451,6 @@ def test_a_prefilled_prompt_gives_the_very_logits_of_a_fresh_evaluation():
     def last_logits() -> Any:
         return np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),)).copy()
 
-    forget_prefix(llama)
     session.prefill(two)
     fresh = last_logits()
     session.prefill(one)

@@ -12,10 +12,9 @@ Needs the ``local`` extra.
 
 A request with ``tools`` gets real ``tool_use`` blocks (``local_tools``: Qwen2.5's
 ``<tool_call>`` format, each call decoded under a grammar of the tools' input schemas;
-``local_llama``: the llama.cpp side). Its prompt keeps the KV cache's whole ``n_batch``
-blocks shared with the previous prompt, which are bit for bit what a fresh evaluation
-computes (``LlamaSession.prefill``), so an agent session's growing prompt is not
-re-read from the start each turn and the answer still depends on the request alone.
+``local_llama``: the llama.cpp side). Its prompt, too, is read from an empty KV cache
+(``LlamaSession.prefill``): keeping the blocks shared with the previous prompt was not bit
+for bit a fresh evaluation once other completions had run.
 
 Portable across x86-64 CPUs: the model loads with llama.cpp's extra buffer
 types off (``use_extra_bufts``, the runtime weight repacking): on a CPU that
@@ -44,7 +43,7 @@ from typing import Any, Iterator
 from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import BackendError, message_response, text_of
-from .local_llama import LlamaSession, forget_prefix
+from .local_llama import LlamaSession
 from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
 MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
@@ -60,10 +59,16 @@ _llama_path: Path | None = None
 
 
 def load_llama(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
-    """The process's one ``llama_cpp.Llama`` over ``model_path`` (default: the assembled model), loaded once."""
+    """The process's one ``llama_cpp.Llama`` over ``model_path`` (default: the assembled model), loaded once.
+
+    A caller that needs a larger context than the loaded model's gets the model loaded again with it (a
+    smaller one is served by the larger context): the first caller in a process must not cap every later one.
+    """
     global _llama, _llama_path
     if _llama is not None:
-        return _llama
+        if int(_llama.n_ctx()) >= n_ctx:
+            return _llama
+        _close()
     try:
         import llama_cpp
     except ImportError as e:
@@ -187,7 +192,6 @@ class LocalBackend:
             self.calls += 1
             if not self.prefix_reuse:
                 llama.reset()  # evaluate the whole prompt afresh: the answer depends on this request only
-            forget_prefix(llama)
             try:
                 result = llama.create_chat_completion(**kwargs)
             except ValueError as e:  # e.g. prompt longer than n_ctx

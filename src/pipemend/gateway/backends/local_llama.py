@@ -17,9 +17,6 @@ import numpy as np
 
 from .base import BackendError
 
-# Per loaded model (by id): how many leading tokens of its KV cache hold whole prompt batches counted from
-# position 0, i.e. values computed exactly as a fresh evaluation of any prompt sharing those tokens computes them.
-_aligned: dict[int, int] = {}
 TOP_FIRST = (1, 64)  # candidates checked against the grammar before the whole vocabulary
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 
@@ -43,26 +40,16 @@ class LlamaSession:
         return int(self.llama.token_eos())
 
     def prefill(self, prompt: Sequence[int]) -> None:
-        """Evaluate a reply's prompt so that the reply depends on this request alone.
+        """Evaluate a reply's prompt from an empty KV cache, so that the reply depends on this request alone.
 
-        The KV cache keeps only the whole ``n_batch`` blocks that the previous prompt shares with this
-        one: a fresh evaluation splits a prompt into the same blocks from position 0, and a block's keys
-        and values depend on nothing but the tokens up to its end, so they are the very values a fresh
-        evaluation computes. Tokens after the last whole block (generated ones included) are recomputed.
-        An agent session's next request repeats the last one, so most of its prompt is kept.
+        Keeping the whole ``n_batch`` blocks shared with the previous prompt looked exact on paper (a block's
+        keys and values depend only on the tokens up to its end) and matched a fresh evaluation bit for bit
+        in one process, but not in CI's, after other completions had run: the logits of the last token
+        differed. A greedy reply that depends on which request came before breaks the cache's premise, so
+        every prompt is read afresh (``PIPEMEND_LOCAL_PREFIX_REUSE=1`` trades this back for speed).
         """
-        llama = self.llama
-        prompt = list(prompt)
-        block = max(1, int(llama.n_batch))
-        keep = min(_common_prefix(llama.input_ids[: llama.n_tokens], prompt), _aligned.pop(id(llama), 0),
-                   len(prompt) - 1)
-        keep -= keep % block
-        if keep <= 0:
-            llama.reset()
-        else:
-            llama.n_tokens = keep
-        llama.eval(prompt[keep:])
-        _aligned[id(llama)] = len(prompt) - len(prompt) % block
+        self.llama.reset()
+        self.llama.eval(list(prompt))
 
     def generate(self, sequence: Sequence[int], *, temperature: float, top_k: int, top_p: float,
                  seed: int) -> Iterator[int]:
@@ -112,11 +99,6 @@ class LlamaSession:
         llama = self.llama
         llama.n_tokens = min(_common_prefix(llama.input_ids[: llama.n_tokens], sequence), len(sequence) - 1)
         llama.eval(sequence[llama.n_tokens:])
-
-
-def forget_prefix(llama: Any) -> None:
-    """After ``llama`` ran outside ``LlamaSession.prefill`` (a plain completion), keep none of its KV cache."""
-    _aligned.pop(id(llama), None)
 
 
 def _common_prefix(done: Any, sequence: Sequence[int]) -> int:

@@ -17,7 +17,7 @@ Decoding (``ToolDecoder``) runs in phases on one token sequence:
    call (unless parallel calls are off), anything else ends the turn.
 
 The answer is a function of the request alone: the prompt is evaluated as from scratch
-(``LlamaSession.prefill`` keeps only what a fresh evaluation would compute the same way),
+(``LlamaSession.prefill`` reads it from an empty KV cache),
 then each phase extends the same sequence. Calls become
 ``tool_use`` blocks (ids ``toolu_local_…``, ``stop_reason: tool_use``); a call cut off by
 ``max_tokens`` is dropped (``stop_reason: max_tokens``). llama.cpp's converter does not
