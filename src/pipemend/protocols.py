@@ -176,3 +176,22 @@ class NullProgress:
 
     def event(self, name: str, **fields: Any) -> None:
         pass
+
+
+@runtime_checkable
+class RunObserver(Protocol):
+    """Something outside the run that follows it as it goes (an OTLP collector, an MLflow server).
+
+    The optimize loop calls it after the baseline is journaled, after each candidate is journaled and
+    after the test split; each call gets the run directory and reads what it needs from there (the journal,
+    ``evals/``, ``candidates/<n>/``). A resumed run calls it again for what it redoes or replays, so an
+    observer makes each call idempotent (keyed by run id and candidate). A raising observer is a warning,
+    never a failed run; it must not write inside the run directory except under ``observers/<name>/``."""
+
+    name: str
+
+    def baseline_done(self, run_dir: Path) -> None: ...
+
+    def candidate_done(self, run_dir: Path, n: int) -> None: ...
+
+    def run_done(self, run_dir: Path) -> None: ...

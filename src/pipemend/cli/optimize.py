@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +53,17 @@ def parse_deadline(text: str | None) -> float | None:
     return value
 
 
+def mlflow_from_env() -> str | None:
+    """``MLFLOW_TRACKING_URI`` turns MLflow logging on when the mlflow package is there to do it; a user who set
+    it for other tools and has no mlflow gets a note, not a refused run (``--mlflow`` given and no package is an error)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri and importlib.util.find_spec("mlflow") is None:
+        err.print(f"MLFLOW_TRACKING_URI is set ({escape(uri)}) but mlflow is not installed: not logging to MLflow "
+                  "(pip install 'pipemend[mlflow]')")
+        return None
+    return uri
+
+
 DEADLINE_HELP = "Stop proposing at this time (ISO 8601 or epoch seconds), e.g. a CI job's end; the test split still runs."
 
 
@@ -69,6 +82,12 @@ def optimize(
     reports_dir: Path = typer.Option(Path("reports"), help="Folder holding run directories."),
     cache_dir: Optional[Path] = typer.Option(
         None, help="LLM response cache to share across runs (default: one per run, RUN_DIR/gateway/cache)."),
+    otlp_endpoint: Optional[str] = typer.Option(
+        None, help="Send each evaluated example as OpenTelemetry spans to this OTLP/HTTP traces URL as the run goes "
+                   "(headers from OTEL_EXPORTER_OTLP_HEADERS)."),
+    mlflow: Optional[str] = typer.Option(
+        None, help="MLflow tracking URI: a run per candidate, prompts registered, traces sent "
+                   "(default: MLFLOW_TRACKING_URI when set and mlflow is installed)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
@@ -77,7 +96,8 @@ def optimize(
                              budget_usd=budget_usd, max_candidates=max_candidates, hours=hours,
                              deadline=parse_deadline(deadline), limit=limit,
                              sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
-                             cache_dir=str(cache_dir) if cache_dir else None)
+                             cache_dir=str(cache_dir) if cache_dir else None, otlp_endpoint=otlp_endpoint,
+                             mlflow=mlflow or mlflow_from_env())
     except ValidationError as e:
         raise options_error(e) from None
     with RichProgress(err) as progress:

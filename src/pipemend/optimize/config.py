@@ -41,6 +41,11 @@ class OptimizeConfig(BaseModel):
     max_agent_usd: float = Field(2.0, ge=0, description="Dollars of an LLM proposer's own calls per candidate.")
     per_tool_timeout_s: float = Field(300.0, gt=0, description="Time limit of one proposer tool call.")
     seed: int = Field(0, description="Seed of the racing order of val and of the gate's bootstrap.")
+    otlp_endpoint: str | None = Field(None, description=(
+        "OTLP/HTTP traces endpoint (http://host:4318/v1/traces) that each evaluated example is sent to as it "
+        "is judged; headers from OTEL_EXPORTER_OTLP_HEADERS."))
+    mlflow: str | None = Field(None, description=(
+        "MLflow tracking URI: an experiment per target, a run per candidate, prompts registered, traces sent."))
 
 
 class CandidateSummary(BaseModel):

@@ -26,7 +26,7 @@ from ..gateway import Gateway, GatewayConfig
 from ..journal import RunState, record, replay
 from ..manifest import Manifest, load_manifest
 from ..metrics import metric_fingerprint
-from ..protocols import Progress, Proposer
+from ..protocols import Progress, Proposer, RunObserver
 from ..proposers import get_proposer
 from ..report import render_report
 from ..rundir import read_run
@@ -34,6 +34,7 @@ from ..sandbox import get_sandbox
 from ..sandbox.reap import reap
 from ..sandbox.worktrees import Snapshot, snapshot_target
 from .config import LLM_PROPOSERS, OptimizeConfig, proposer_options
+from .observers import build_observers, notify
 
 
 class RunEnv:
@@ -41,7 +42,8 @@ class RunEnv:
 
     def __init__(self, *, run_dir: Path, cfg: OptimizeConfig, frozen: FrozenTarget, splits: dict[str, list[Example]],
                  snap: Snapshot, gateway: Gateway, agent_gateway: Gateway | None, ectx: EvalContext,
-                 proposer: Proposer, progress: Progress, started_at: float, sealed: list[str]):
+                 proposer: Proposer, progress: Progress, started_at: float, sealed: list[str],
+                 observers: list[RunObserver] | None = None):
         self.run_dir = run_dir
         self.cfg = cfg
         self.run_id: str = cfg.run_id or run_dir.name
@@ -55,6 +57,8 @@ class RunEnv:
         self.proposer = proposer
         self.progress = progress
         self.started_at = started_at
+        self.observers: list[RunObserver] = list(observers or [])
+        """Outside tools following the run (``observers.py``): told after the baseline, each candidate, the end."""
         self.failures: dict[str, str] = {}
         """Evaluations whose sandbox or runner died (rel dir -> why); their examples scored 0."""
         self.spent_usd = 0.0
@@ -136,6 +140,10 @@ class RunEnv:
 
     # ------------------------------------------------------------------ spend and progress
 
+    def notify(self, event: str, *args: Any) -> None:
+        """Tell the observers (baseline_done, candidate_done n, run_done); their faults are warnings."""
+        notify(self.observers, event, self.progress, self.run_dir, *args)
+
     def gateway_stats(self) -> dict[str, Any]:
         """Spend and call counts from the call log (valid with the gateway stopped, across resumes)."""
         if self.gateway.service is not None:
@@ -186,6 +194,7 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
     snap.prune()
     restore_refs(snap, cfg.run_id or run_dir.name, st)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "gateway" / "cache"
+    observers = build_observers(cfg, run_dir)  # before any gateway: a missing extra fails fast
     gateways: list[Gateway] = []
     try:
         model = cfg.model or frozen.manifest.llm.model
@@ -215,7 +224,7 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
     return RunEnv(run_dir=run_dir, cfg=cfg, frozen=frozen, splits=limit_splits(frozen.splits(), cfg.limit),
                   snap=snap, gateway=gateway, agent_gateway=agent_gateway, ectx=ectx, proposer=proposer,
                   progress=progress, started_at=float(read_run(run_dir).get("started_at") or time.time()),
-                  sealed=sealed)
+                  sealed=sealed, observers=observers)
 
 
 SEALED_FILE = "frozen/sealed.json"

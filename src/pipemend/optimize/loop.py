@@ -23,6 +23,7 @@ from .stops import StopRun, check_limits
 
 def run(env: RunEnv) -> RunState:
     st = env.track(baseline(env))
+    env.notify("baseline_done")
     diagnosis = base_diagnosis(env, st)
     env.progress.log(f"baseline: train {st.baseline['train_score']:.3f}, val {st.baseline['val_score']:.3f}")
     env.progress.event("diagnosis", split="train", diagnosis=diagnosis)
@@ -38,6 +39,7 @@ def run(env: RunEnv) -> RunState:
                     judged = candidate.judge(env, st, n, wt, base_sha, base_val_dir, proposed)
                     sha, ref = candidate.keep(env, n, judged, proposed.rationale)
                     st = env.track(candidate.journal(env, n, judged.verdict, sha, ref, proposed.rationale))
+                env.notify("candidate_done", n)
                 if proposed.stop or judged.stop:
                     raise proposed.stop or judged.stop
                 if st.best is not None and st.best.n == n:  # rebase: the accepted candidate is the new base
@@ -49,7 +51,9 @@ def run(env: RunEnv) -> RunState:
             reason, code = StopRun.from_budget(e).message, "budget"
         record(env.run_dir, "loop_stopped", reason=reason, code=code)
         env.progress.log(f"loop stopped: {reason}")
-    return final_test(env, st)
+    st = final_test(env, st)
+    env.notify("run_done")
+    return st
 
 
 def step_limits(env: RunEnv, st: RunState) -> None:
