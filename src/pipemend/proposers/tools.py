@@ -571,11 +571,11 @@ def format_trace(trace: dict, *, max_chars: int = 20_000, field_chars: int = 1_5
             block.append(f"{pad}    log[{_short(log.get('source'), 20)}]: {_short(log.get('message'), 300)}")
         for call in _dicts(step.get("llm_calls"), 50):
             block.append(
-                f"{pad}    llm call: provider={_short(call_provider(call), 50)} "
-                f"model={_short(call.get('gen_ai.request.model'), 100)} "
+                f"{pad}    llm call: model={_short(call.get('gen_ai.request.model'), 100)} "
                 f"in={_short(call.get('gen_ai.usage.input_tokens'), 20)} "
                 f"out={_short(call.get('gen_ai.usage.output_tokens'), 20)} "
                 f"cache_hit={_short(call.get('pipemend.cache_hit'), 10)}"
+                + (f" provider={_short(call_provider(call), 50)}" if call_provider(call) else "")
             )
         lines += block
         size += sum(len(line) + 1 for line in block)
