@@ -19,9 +19,10 @@ import optimize_harness
 
 from pipemend.cli import app
 from pipemend.errors import ExportFailed, UsageError
-from pipemend.export.otlp import evaluation_request, finished_evaluations, run_requests, trace_id_of
+from pipemend.export.otlp import (MAX_MESSAGES_CHARS, evaluation_request, finished_evaluations, input_messages,
+                                  run_requests, trace_id_of)
 from pipemend.export.otlp_observer import SENT_FILE, SENT_FORMAT, OtlpObserver
-from pipemend.export.otlp_push import otlp_headers_from_env, post_traces
+from pipemend.export.otlp_push import otlp_encoding_from_env, otlp_headers_from_env, post_traces
 from pipemend.fsutil import read_json, read_jsonl
 from pipemend.optimize import OptimizeConfig, run_optimize
 from pipemend.runtime.trace import TRACE_FORMAT, call_provider
@@ -347,5 +348,25 @@ def test_post_traces_says_which_url_refused_and_why(tmp_path):
         post_traces("file:///etc/passwd", {"resourceSpans": []})
     assert otlp_headers_from_env({"OTEL_EXPORTER_OTLP_HEADERS": "a=1, b = x%3Dy ,junk,=v",
                                   "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "a=2"}) == {"a": "2", "b": "x=y"}
+    assert otlp_encoding_from_env({}) == "json"
+    assert otlp_encoding_from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+                                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}) == "protobuf"
+    with pytest.raises(UsageError, match="grpc"):
+        otlp_encoding_from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     r = _invoke("export", str(tmp_path))
     assert r.exit_code == 2 and "--otlp" in r.output
+
+
+def test_messages_stay_valid_json_within_their_cap():
+    request = {"system": "be brief", "messages": [{"role": "user", "content": f"question {i} " + "x" * 20_000}
+                                                  for i in range(40)]
+               + [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "look", "input": {"q": 1}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "found"}]}]}
+    messages, system = input_messages(request)
+    assert len(messages) <= MAX_MESSAGES_CHARS
+    parsed = json.loads(messages)
+    assert 1 < len(parsed) < 42 and parsed[-1] == {"role": "user", "parts": [
+        {"type": "tool_call_response", "id": "t1", "response": "found"}]}
+    assert parsed[-2]["parts"] == [{"type": "tool_call", "id": "t1", "name": "look", "arguments": {"q": 1}}]
+    assert all(len(p["content"]) < 17_000 for m in parsed[:-2] for p in m["parts"])  # each text cut
+    assert json.loads(system) == [{"type": "text", "content": "be brief"}]

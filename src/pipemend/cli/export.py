@@ -11,7 +11,7 @@ import typer
 
 from ..errors import UsageError
 from ..export.otlp import request_traces, run_requests, split_request
-from ..export.otlp_push import ENCODINGS, check_url, otlp_headers_from_env, post_traces
+from ..export.otlp_push import ENCODINGS, check_url, otlp_encoding_from_env, otlp_headers_from_env, post_traces
 from ..fsutil import atomic_writer
 from ..report.load import resolve_run_dir
 from .common import out
@@ -31,8 +31,10 @@ def export_cmd(
     otlp_endpoint: Optional[str] = typer.Option(
         None, "--otlp-endpoint", help="Also POST them to this OTLP/HTTP traces URL (http://host:4318/v1/traces; "
                                       "headers from OTEL_EXPORTER_OTLP_HEADERS)."),
-    otlp_encoding: str = typer.Option("json", "--otlp-encoding", help="json or protobuf (needs opentelemetry-proto; "
-                                                                      "MLflow's /v1/traces takes only protobuf)."),
+    otlp_encoding: Optional[str] = typer.Option(
+        None, "--otlp-encoding", help="json or protobuf (needs opentelemetry-proto; MLflow's /v1/traces takes only "
+                                      "protobuf); default: OTEL_EXPORTER_OTLP_PROTOCOL (http/json, http/protobuf), "
+                                      "else json."),
     include_messages: bool = typer.Option(
         False, "--include-messages", help="Add each LLM call's prompt and answer (gen_ai.input.messages / "
                                           "gen_ai.output.messages) from the gateway's call log."),
@@ -41,6 +43,7 @@ def export_cmd(
     """Export every evaluated example of a run (baseline and each candidate) as OpenTelemetry traces."""
     if otlp is None and otlp_endpoint is None:
         raise UsageError("export: give --otlp FILE.jsonl and/or --otlp-endpoint URL")
+    otlp_encoding = otlp_encoding or otlp_encoding_from_env()
     if otlp_encoding not in ENCODINGS:
         raise UsageError(f"--otlp-encoding {otlp_encoding!r}: expected one of {', '.join(ENCODINGS)}")
     if otlp_endpoint is not None:

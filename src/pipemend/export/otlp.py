@@ -28,7 +28,6 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,8 @@ MAX_PART_CHARS = 16_384
 """One message part's text (``include_messages``): cut here."""
 MAX_MESSAGES = 200
 """Messages of one call kept (``include_messages``): the last ones."""
+MAX_MESSAGES_CHARS = 256 * 1024
+"""``gen_ai.input.messages`` of one call: the oldest messages are dropped until its JSON fits."""
 MAX_LOG_EVENTS = 50
 """Log lines of one step (or example) kept as span events."""
 MAX_STEPS = 2_000
@@ -113,6 +114,8 @@ def any_value(value: Any) -> dict[str, Any]:
         return {"doubleValue": value} if _num(value) is not None else {"stringValue": repr(value)}
     if isinstance(value, (list, tuple)):
         return {"arrayValue": {"values": [any_value(v) for v in value]}}
+    if isinstance(value, str):  # callers cut their texts; this only bounds what they did not
+        return {"stringValue": _cut(value, MAX_MESSAGES_CHARS)}
     return {"stringValue": _text(value)}
 
 
@@ -199,16 +202,30 @@ def input_messages(request: Any) -> tuple[str | None, str | None]:
            for m in messages[-MAX_MESSAGES:] if isinstance(m, dict)]
     system = request.get("system")
     sys_parts = _parts(system) if system else []
-    return (json.dumps(out, ensure_ascii=False) if out else None,
-            json.dumps(sys_parts, ensure_ascii=False) if sys_parts else None)
+    return _fitting(out), _fitting(sys_parts)
+
+
+def _fitting(items: list[Any]) -> str | None:
+    """``items`` as JSON text within ``MAX_MESSAGES_CHARS``: the oldest dropped until it fits (valid JSON, never
+    cut mid-way); None when empty."""
+    items = list(items)
+    while items:
+        text = json.dumps(items, ensure_ascii=False)
+        if len(text) <= MAX_MESSAGES_CHARS:
+            return text
+        if len(items) == 1 and isinstance(items[0], dict) and len(items[0].get("parts") or []) > 1:
+            items[0] = {**items[0], "parts": items[0]["parts"][1:]}
+        else:
+            items.pop(0)
+    return None
 
 
 def output_messages(response: Any) -> str | None:
     """``gen_ai.output.messages`` as JSON text, from a Messages response."""
     if not isinstance(response, dict) or not isinstance(response.get("content"), list):
         return None
-    return json.dumps([{"role": "assistant", "parts": _parts(response["content"]),
-                        "finish_reason": _text(response.get("stop_reason") or "", 50)}], ensure_ascii=False)
+    return _fitting([{"role": "assistant", "parts": _parts(response["content"]),
+                      "finish_reason": _text(response.get("stop_reason") or "", 50)}])
 
 
 def _logged_call(row: dict[str, Any], include_messages: bool) -> dict[str, Any]:
@@ -253,25 +270,33 @@ def read_call_log(run_dir: Path, *, include_messages: bool = False) -> dict[str,
 # --------------------------------------------------------------------------- a run's context
 
 
-@dataclass
 class RunContext:
-    """What every request of one run shares: its id, target, metric and call log."""
+    """What every request of one run shares: its id, target and metric, and its call log (read when first
+    needed, once)."""
 
-    run_id: str
-    target: str | None = None
-    metric: str = "score"
-    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
-    include_messages: bool = False
+    def __init__(self, run_id: str, *, run_dir: Path | None = None, target: str | None = None,
+                 metric: str = "score", include_messages: bool = False):
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.target = target
+        self.metric = metric
+        self.include_messages = include_messages
+        self._calls: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def calls(self) -> dict[str, dict[str, Any]]:
+        if self._calls is None:
+            self._calls = read_call_log(self.run_dir, include_messages=self.include_messages) if self.run_dir else {}
+        return self._calls
 
     @classmethod
     def of(cls, run_dir: Path | None, *, run_id: str | None = None, include_messages: bool = False) -> RunContext:
         run = _json_object(run_dir / "run.json") if run_dir else None
         manifest = _frozen_manifest(run_dir) if run_dir else {}
         metric = manifest.get("metric")
-        return cls(run_id=run_id or str((run or {}).get("run_id") or (run_dir.name if run_dir else "run")),
+        return cls(run_id or str((run or {}).get("run_id") or (run_dir.name if run_dir else "run")), run_dir=run_dir,
                    target=manifest.get("name") if isinstance(manifest.get("name"), str) else None,
                    metric=metric if isinstance(metric, str) else json.dumps(metric, sort_keys=True) if metric else "score",
-                   calls=read_call_log(run_dir, include_messages=include_messages) if run_dir else {},
                    include_messages=include_messages)
 
 

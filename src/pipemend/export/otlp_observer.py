@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..fsutil import atomic_write_json, read_json_object
 from .otlp import BASELINE, RunContext, example_traces, finished_evaluations, request_of, run_id_of, split_request
-from .otlp_push import Encoding, check_url, otlp_headers_from_env, post_traces
+from .otlp_push import Encoding, check_url, otlp_encoding_from_env, otlp_headers_from_env, post_traces
 
 if TYPE_CHECKING:
     from ..optimize.config import OptimizeConfig
@@ -38,9 +38,10 @@ class OtlpObserver:
 
     @classmethod
     def from_config(cls, cfg: OptimizeConfig, run_dir: Path) -> OtlpObserver:
-        """The run's ``otlp_endpoint``, with headers from ``OTEL_EXPORTER_OTLP_HEADERS``."""
+        """The run's ``otlp_endpoint``, with headers from ``OTEL_EXPORTER_OTLP_HEADERS`` and the encoding from
+        ``OTEL_EXPORTER_OTLP_PROTOCOL`` (JSON when unset)."""
         assert cfg.otlp_endpoint is not None
-        return cls(cfg.otlp_endpoint, headers=otlp_headers_from_env())
+        return cls(cfg.otlp_endpoint, headers=otlp_headers_from_env(), encoding=otlp_encoding_from_env())
 
     def baseline_done(self, run_dir: Path) -> None:
         self.send(run_dir, {BASELINE})

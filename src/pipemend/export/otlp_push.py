@@ -45,6 +45,23 @@ def otlp_headers_from_env(environ: Mapping[str, str] | None = None) -> dict[str,
     return headers
 
 
+PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+PROTOCOLS: dict[str, Encoding] = {"http/json": "json", "http/protobuf": "protobuf"}
+
+
+def otlp_encoding_from_env(environ: Mapping[str, str] | None = None) -> Encoding:
+    """The encoding ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` (else ``OTEL_EXPORTER_OTLP_PROTOCOL``) names:
+    ``http/json`` or ``http/protobuf``; JSON when neither is set. ``grpc`` or anything else is a UsageError."""
+    env = os.environ if environ is None else environ
+    for var in PROTOCOL_VARS:
+        value = (env.get(var) or "").strip()
+        if value:
+            if value not in PROTOCOLS:
+                raise UsageError(f"{var}={value!r}: pipemend sends OTLP over HTTP; expected one of {', '.join(PROTOCOLS)}")
+            return PROTOCOLS[value]
+    return "json"
+
+
 def check_url(url: str) -> str:
     """An http(s) URL with a host, else a UsageError naming it."""
     parts = urlsplit(url)
