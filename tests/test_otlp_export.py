@@ -6,7 +6,6 @@ collector (``http.server`` in a thread) that refuses its first request with a 50
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,6 @@ SPAN_KIND_INTERNAL = 1
 SPAN_KIND_CLIENT = 3
 STATUS_ERROR = 2
 EVALUATION_EVENT = "gen_ai.evaluation.result"
-ID_RE = re.compile(r"^[0-9a-f]+$")
 
 
 # --------------------------------------------------------------------------- ids, times, attributes
@@ -600,10 +598,6 @@ def request_traces(request: dict[str, Any]) -> list[str]:
             for span in ss.get("spans") or []:
                 seen.setdefault(span.get("traceId"), None)
     return list(seen)
-
-
-def is_hex_id(value: Any, length: int) -> bool:
-    return isinstance(value, str) and len(value) == length and bool(ID_RE.match(value)) and set(value) != {"0"}
 
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024

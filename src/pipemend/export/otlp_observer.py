@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..fsutil import atomic_write_json, read_json_object
 from .otlp import BASELINE, RunContext, example_traces, finished_evaluations, request_of, run_id_of, split_request
-from .otlp_push import Encoding, check_url, otlp_encoding_from_env, otlp_headers_from_env, post_traces
+from .otlp_push import (Encoding, check_url, otlp_encoding_from_env, otlp_headers_from_env, post_traces,
+                        to_protobuf)
 
 if TYPE_CHECKING:
     from ..optimize.config import OptimizeConfig
@@ -31,6 +32,8 @@ class OtlpObserver:
     def __init__(self, endpoint: str, *, headers: Mapping[str, str] | None = None, encoding: Encoding = "json",
                  include_messages: bool = False, timeout_s: float = 10.0):
         self.endpoint = check_url(endpoint)
+        if encoding == "protobuf":
+            to_protobuf({"resourceSpans": []})  # a missing opentelemetry-proto fails the run's start, not each send
         self.headers = dict(headers or {})
         self.encoding: Encoding = encoding
         self.include_messages = include_messages
