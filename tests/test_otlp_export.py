@@ -354,6 +354,8 @@ def test_post_traces_says_which_url_refused_and_why(tmp_path):
         otlp_encoding_from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     r = _invoke("export", str(tmp_path))
     assert r.exit_code == 2 and "--otlp" in r.output
+    r = _invoke("export", "no-such-run", "--otlp", str(tmp_path / "x.jsonl"), "--reports-dir", str(tmp_path))
+    assert r.exit_code == 2 and "not a pipemend run directory" in r.output and not (tmp_path / "x.jsonl").exists()
 
 
 def test_messages_stay_valid_json_within_their_cap():

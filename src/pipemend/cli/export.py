@@ -19,9 +19,10 @@ from .common import out
 
 def find_run(run: Path, reports_dir: Path) -> Path:
     """A run directory given as a path, or as a run id under ``reports_dir``."""
-    if (run / "run.json").is_file() or not (reports_dir / run / "run.json").is_file():
-        return resolve_run_dir(run)
-    return resolve_run_dir(reports_dir / run)
+    for path in (run, reports_dir / run):
+        if (path / "run.json").is_file():
+            return resolve_run_dir(path)
+    raise UsageError(f"{run}: not a pipemend run directory (no run.json there or under {reports_dir}/)")
 
 
 def export_cmd(
