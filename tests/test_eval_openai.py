@@ -109,7 +109,7 @@ def test_an_openai_sdk_pipeline_runs_unchanged_and_its_calls_are_tied_to_example
     # no markers: the host joined the call into a generation step, carrying the runner's record of it
     step_calls = [c for st in trace["steps"] for c in st["llm_calls"]]
     assert [st["source"] for st in trace["steps"]] == ["call_log"] and trace["llm_calls"] == []
-    assert [c["gen_ai.system"] for c in step_calls] == ["openai"]
+    assert [c["gen_ai.provider.name"] for c in step_calls] == ["openai"]
 
 
 LITELLM_SCRIPT = [

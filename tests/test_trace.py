@@ -46,7 +46,7 @@ def test_context_manager_records_inputs_output_and_retrieval_doc_ids():
 
     out, t = run_example("e1", pipeline)
     assert out == "ok"
-    assert t["trace_format"] == "pipemend-1" and t["example_id"] == "e1" and t["output"] == "ok"
+    assert t["trace_format"] == "pipemend-2" and t["example_id"] == "e1" and t["output"] == "ok"
     [st] = t["steps"]
     assert st["id"] == "s1" and st["parent"] is None and st["name"] == "retrieve" and st["kind"] == "retrieval"
     assert st["inputs"] == {"query": "q?", "k": 2}
@@ -289,7 +289,7 @@ def test_llm_calls_attach_to_innermost_step_with_otel_names():
     _, t = run_example("llm", pipeline)
     outer, inner = t["steps"]
     [c1] = inner["llm_calls"]
-    assert c1 == {"gen_ai.system": "anthropic", "gen_ai.operation.name": "chat", "call_id": "c1",
+    assert c1 == {"gen_ai.provider.name": "anthropic", "gen_ai.operation.name": "chat", "call_id": "c1",
                   "gen_ai.request.model": "claude-x", "gen_ai.usage.input_tokens": 10,
                   "gen_ai.usage.output_tokens": 5, "pipemend.cache_hit": True, "duration_s": 0.4}
     assert [c["call_id"] for c in outer["llm_calls"]] == ["c2"] and outer["llm_calls"][0]["pipemend.cache_hit"] is False

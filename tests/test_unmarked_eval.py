@@ -73,7 +73,7 @@ def test_model_calls_become_generation_steps_and_retrieval_misses_are_found_by_e
     calls = {c["example_id"]: c for c in read_jsonl(run.run_dir / "gateway" / "calls.jsonl")}
     for example_id in scored:
         trace = read_json(val / "traces" / f"{example_id}.json")
-        assert trace["trace_format"] == "pipemend-1" and trace["llm_calls"] == []
+        assert trace["trace_format"] == "pipemend-2" and trace["llm_calls"] == []
         [step] = trace["steps"]
         assert (step["kind"], step["source"], step["name"]) == ("generation", JOINED_SOURCE, "model call 1")
         assert step["inputs"]["system"] == "Answer with the name of the city only, using the context."

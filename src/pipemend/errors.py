@@ -66,3 +66,8 @@ class BudgetExhausted(PipemendError):
 
 class SandboxUnavailable(PipemendError):
     """A sandbox kind cannot run here; the message says why and how to fix it."""
+
+
+class ExportFailed(RunFailed):
+    """Sending a run's traces or results to an outside tool failed (an OTLP collector, MLflow); the message
+    names the URL and what it answered."""

@@ -30,7 +30,7 @@ import json
 from typing import Any
 
 from .runtime.frameworks import SOURCES as HOOK_SOURCES
-from .runtime.trace import CUT_MARK
+from .runtime.trace import CUT_MARK, PROVIDER_KEY
 
 JOINED_SOURCE = "call_log"
 MAX_JOINED_CHARS = 4_000_000
@@ -112,11 +112,16 @@ def call_answer(response: Any, limit: int = MAX_JOINED_CHARS) -> Any:
     return {"text": text, "tool_calls": tool_calls} if tool_calls else text
 
 
+API_PROVIDERS = {"anthropic-messages": "anthropic", "openai-chat": "openai", "None": "anthropic"}
+"""A call-log row's ``api`` -> the provider its client spoke to (rows older than ``api`` are Messages calls)."""
+
+
 def _call_record(row: dict[str, Any], recorded: dict[str, Any] | None) -> dict[str, Any]:
     """The step's ``llm_calls`` entry: what the trace recorded for the call, else one from the call log."""
     if recorded is not None:
         return recorded
-    return {"call_id": row.get("call_id"), "gen_ai.operation.name": "chat",
+    return {"call_id": row.get("call_id"), PROVIDER_KEY: API_PROVIDERS.get(str(row.get("api"))),
+            "gen_ai.operation.name": "chat",
             "gen_ai.request.model": row.get("model"), "gen_ai.usage.input_tokens": row.get("input_tokens"),
             "gen_ai.usage.output_tokens": row.get("output_tokens"), "pipemend.cache_hit": row.get("cache") == "hit",
             "duration_s": row.get("latency_s")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from . import ci, evaluate, optimize, review, system
+from . import ci, evaluate, export, optimize, review, system
 from .common import cli_command, exit_code
 
 __all__ = ["app", "cli_command", "exit_code", "main"]
@@ -37,6 +37,7 @@ for _name, _command in (
     ("report", review.report),
     ("branches", review.branches),
     ("apply", review.apply),
+    ("export", export.export_cmd),
 ):
     app.command(_name)(cli_command(_command))
 app.add_typer(ci.app, name="ci")

@@ -47,6 +47,7 @@ from ..errors import PipemendError
 from ..fsutil import atomic_write_text, read_regular_at
 from ..globs import MAX_GLOB_CHARS, glob_match, is_relative_glob, matches_any, walk_files
 from ..manifest import MANIFEST_NAME
+from ..runtime.trace import call_provider
 from .syntax import is_checked, syntax_error
 
 MAX_READ_CHARS = 60_000
@@ -574,6 +575,7 @@ def format_trace(trace: dict, *, max_chars: int = 20_000, field_chars: int = 1_5
                 f"in={_short(call.get('gen_ai.usage.input_tokens'), 20)} "
                 f"out={_short(call.get('gen_ai.usage.output_tokens'), 20)} "
                 f"cache_hit={_short(call.get('pipemend.cache_hit'), 10)}"
+                + (f" provider={_short(call_provider(call), 50)}" if call_provider(call) else "")
             )
         lines += block
         size += sum(len(line) + 1 for line in block)

@@ -228,7 +228,7 @@ def _record(request: Any, response: Any, duration_s: float) -> None:
         return
     call: dict[str, Any] = {"call_id": call_id, "model": _request_model(request)}
     if _is_openai(request):
-        call["gen_ai.system"] = "openai"  # the trace's default is anthropic
+        call[trace.PROVIDER_KEY] = "openai"  # the trace's default is anthropic
     call["input_tokens"] = _int(h.get("x-pipemend-input-tokens"))
     call["output_tokens"] = _int(h.get("x-pipemend-output-tokens"))
     cache = h.get("x-pipemend-cache")

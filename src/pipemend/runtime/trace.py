@@ -39,7 +39,12 @@ import time
 import traceback
 from typing import Any, Callable, TextIO
 
-TRACE_FORMAT = "pipemend-1"
+TRACE_FORMAT = "pipemend-2"
+"""``pipemend-2``: an LLM call's provider is ``gen_ai.provider.name``; ``pipemend-1`` traces wrote ``gen_ai.system``
+(read either with ``call_provider``)."""
+PROVIDER_KEY = "gen_ai.provider.name"
+OLD_PROVIDER_KEY = "gen_ai.system"
+"""The provider's key in ``pipemend-1`` traces (the GenAI conventions' name before ``gen_ai.provider.name``)."""
 KINDS = ("retrieval", "generation", "parse", "tool", "other")
 MAX_STR = 20_000
 """Longer strings in inputs, outputs and logs are cut here, with a marker saying how much was cut."""
@@ -197,7 +202,7 @@ class ExampleTrace:
                 self._add_log(step, {"t": time.time(), "source": source, "message": _cut(rest)})
 
     def finish(self, output: Any = None, error: BaseException | dict[str, Any] | str | None = None) -> dict[str, Any]:
-        """Close the trace and return it as a ``pipemend-1`` JSON-safe dict.
+        """Close the trace and return it as a ``TRACE_FORMAT`` JSON-safe dict.
 
         Safe to call from another thread (the runner does, on timeout); steps
         still open then keep ``"end": null``. Later recording is ignored.
@@ -285,6 +290,15 @@ _OTEL_KEYS = {
 }
 
 
+def call_provider(call: Any) -> str | None:
+    """The provider of a trace's LLM call record, in either trace format (``gen_ai.provider.name``, or
+    ``pipemend-1``'s ``gen_ai.system``); None when the record names none."""
+    if not isinstance(call, dict):
+        return None
+    value = call.get(PROVIDER_KEY, call.get(OLD_PROVIDER_KEY))
+    return value if isinstance(value, str) and value else None
+
+
 def record_llm_call(call: dict[str, Any]) -> None:
     """Attach one LLM call to the current step (or to the example, outside any step).
 
@@ -296,7 +310,7 @@ def record_llm_call(call: dict[str, Any]) -> None:
     if ex is None:
         return
     try:
-        rec: dict[str, Any] = {"gen_ai.system": "anthropic", "gen_ai.operation.name": "chat"}
+        rec: dict[str, Any] = {PROVIDER_KEY: "anthropic", "gen_ai.operation.name": "chat"}
         for k, v in call.items():
             if k == "cache":
                 rec["pipemend.cache_hit"] = v == "hit" if isinstance(v, str) else bool(v)
@@ -657,6 +671,9 @@ __all__ = [
     "CUT_MARK",
     "KINDS",
     "TRACE_FORMAT",
+    "PROVIDER_KEY",
+    "OLD_PROVIDER_KEY",
+    "call_provider",
     "ExampleTrace",
     "Step",
     "current_example_id",
