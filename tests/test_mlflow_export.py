@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,9 @@ import pytest
 
 import optimize_harness
 import runbuilder
+from typer.testing import CliRunner
 
+from pipemend.cli import app
 from pipemend.errors import UsageError
 from pipemend.fsutil import read_jsonl
 from pipemend.journal import replay
@@ -34,7 +37,10 @@ from mlflow import MlflowClient  # noqa: E402 - after the skip: the extra may be
 
 from pipemend.export.mlflow_observer import MlflowObserver  # noqa: E402
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
+SERVER_TESTS = pytest.mark.slow
+"""The tests with a server: starting ``mlflow server`` alone took 20-36 s on the two shared cores they were
+measured on, and the built run's test 75-100 s in all (over a minute), the whole optimize 3-4 minutes."""
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 """Neither the server nor the client this test drives phones home."""
 PROMPT_QA = Path(__file__).resolve().parent / "fixtures" / "targets" / "prompt_qa"
@@ -76,6 +82,8 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
+        if server.poll() is not None:  # it died under the tests: say how (pytest shows this with the failure)
+            print(f"mlflow server exited {server.returncode}:\n{(tmp / 'server.log').read_text()[-5000:]}")
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
@@ -115,6 +123,7 @@ def notify_all(observer: MlflowObserver, run_dir: Path, numbers: list[int]) -> N
 # --------------------------------------------------------------------------- a built run, told twice
 
 
+@SERVER_TESTS
 def test_a_run_logs_one_mlflow_run_per_candidate_and_again_nothing_twice(mlflow_server, tmp_path):
     built = runbuilder.build_run(tmp_path, run_id="optimize-mlf")
     run_dir = built.run_dir
@@ -169,15 +178,26 @@ def test_a_run_logs_one_mlflow_run_per_candidate_and_again_nothing_twice(mlflow_
     exp_id = client.get_experiment_by_name("pipemend/fixture-qa").experiment_id
     assert client.get_prompt("fixture-qa.prompt.txt").tags["_mlflow_experiment_ids"] == f",{exp_id},"
 
+    # each MLflow run's val evaluation as traces, one per example, linked to the run
+    assert by["cand-1"].data.tags["pipemend.traces"] == "6"
+    traces = client.search_traces(locations=[exp_id], run_id=by["cand-1"].info.run_id)
+    assert len(traces) == 6
+    names = {s.name for t in traces for s in t.data.spans}
+    assert {"retrieve", "answer", "chat claude-haiku-4-5"} <= names, names
+    assert len(client.search_traces(locations=[exp_id], run_id=by["baseline"].info.run_id)) == 6
+    assert "pipemend.traces" not in c4.tags, "no val evaluation, no traces"
+
     # told again, by a new observer (a resumed process): the same MLflow runs, nothing logged twice
     [again] = build_observers(cfg, run_dir)
-    notify_all(again, run_dir, [1, 2, 3, 4])
+    notify_all(again, run_dir, [4])
     by2 = runs_by_candidate(client, "pipemend/fixture-qa", "optimize-mlf")
     assert {k: r.info.run_id for k, r in by2.items()} == {k: r.info.run_id for k, r in by.items()}
     assert len(prompt_versions(client, "fixture-qa.prompt.txt")) == 3
     assert len(client.get_metric_history(by["cand-1"].info.run_id, "val_score")) == 1
     assert len(client.get_metric_history(by["baseline"].info.run_id, "test_score")) == 1
     assert len(client.search_experiments(filter_string="name = 'pipemend/fixture-qa'")) == 1
+    assert len(client.search_traces(locations=[exp_id], run_id=by["cand-1"].info.run_id)) == 6
+    assert len(client.search_traces(locations=[exp_id])) == 6 * 4, "baseline, cand-1, cand-2, cand-3"
 
 
 def test_an_unreachable_server_is_a_usage_error_at_start_and_a_warning_mid_run(tmp_path):
@@ -189,3 +209,88 @@ def test_an_unreachable_server_is_a_usage_error_at_start_and_a_warning_mid_run(t
     notify([MlflowObserver(dead)], "candidate_done", progress, built.run_dir, 1)
     [warning] = progress.events("warning")
     assert warning["text"].startswith(f"mlflow: candidate_done not sent: UsageError: --mlflow {dead}")
+
+
+def test_optimize_refuses_an_mlflow_server_that_does_not_answer(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    target = prompt_repo(tmp_path / "repo")
+    result = CliRunner().invoke(app, ["optimize", str(target), "--sandbox", "process", "--reports-dir",
+                                      str(tmp_path / "reports"), "--mlflow", dead])
+    assert result.exit_code == 2, result.output
+    assert f"--mlflow {dead}: the MLflow server does not answer" in " ".join(result.output.split())
+
+
+# --------------------------------------------------------------------------- a whole optimize, killed and resumed
+
+
+def prompt_repo(root: Path) -> Path:
+    """A git repo at ``root`` with the prompt_qa target committed under ``targets/prompt_qa``; returns the target."""
+    target = root / "targets" / "prompt_qa"
+    shutil.copytree(PROMPT_QA, target, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "-C", str(root)]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    return target
+
+
+def journal_has(run_dir: Path, event: str, **match) -> bool:
+    try:
+        return any(e.get("event") == event and all(e.get(k) == v for k, v in match.items())
+                   for e in read_jsonl(run_dir / "journal.jsonl"))
+    except (OSError, ValueError):
+        return False
+
+
+@SERVER_TESTS
+def test_optimize_with_mlflow_killed_and_resumed_logs_each_candidate_once(mlflow_server, tmp_path):
+    target = prompt_repo(tmp_path / "repo")
+    run_dir = tmp_path / "reports" / "mlf-e2e"
+    cli = [sys.executable, "-m", "pipemend.cli"]
+    env = {**os.environ, **QUIET}
+    started = subprocess.Popen(
+        [*cli, "optimize", str(target), "--model", f"scripted:{target / 'model.yaml'}", "--max-candidates", "2",
+         "--sandbox", "process", "--run-id", "mlf-e2e", "--reports-dir", str(tmp_path / "reports"),
+         "--mlflow", mlflow_server, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    # kill -9 once candidate 1 started: the loop told the observers about the baseline before it went on
+    deadline = time.time() + 400
+    while not journal_has(run_dir, "candidate_started", n=1):
+        assert started.poll() is None, started.communicate()[1][-3000:]
+        assert time.time() < deadline, "candidate 1 never started"
+        time.sleep(0.05)
+    os.killpg(started.pid, signal.SIGKILL)
+    started.communicate()
+    client = MlflowClient(mlflow_server)
+    assert sorted(runs_by_candidate(client, "pipemend/prompt-qa", "mlf-e2e")) == ["baseline"]
+
+    done = subprocess.run([*cli, "resume", str(run_dir), "--json"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # one object: MLflow printed nothing on stdout
+    assert summary["status"] == "done" and summary["candidates"][0]["accepted"]
+
+    by = runs_by_candidate(client, "pipemend/prompt-qa", "mlf-e2e")
+    assert sorted(by) == ["baseline"] + [f"cand-{c['n']}" for c in summary["candidates"]], "each once, after the resume"
+    base, c1 = by["baseline"].data, by["cand-1"].data
+    assert base.metrics["val_score"] == summary["baseline"]["val"] and base.params["proposer"] == "ladder"
+    assert c1.params["git_sha"] == summary["best"]["sha"] and c1.params["branch"] == "pipemend/mlf-e2e/cand-1"
+    assert c1.params["rung"] == "prompt" and c1.params["proposer"] == "ladder"
+    assert c1.params["files_changed"] == "targets/prompt_qa/prompts/answer.txt"
+    assert c1.metrics["accepted"] == 1.0 and c1.metrics["val_score"] == summary["candidates"][0]["val_score"]
+    assert c1.metrics["delta"] == summary["candidates"][0]["delta"] and c1.metrics["test_score"] == summary["best"]["test"]
+    assert c1.tags["pipemend.verdict"] == "accepted"
+    for c in summary["candidates"][1:]:
+        assert by[f"cand-{c['n']}"].data.metrics["accepted"] == (1.0 if c["accepted"] else 0.0)
+
+    # the prompt file at the baseline and as candidate 1 rewrote it, each tagged with its commit
+    versions = prompt_versions(client, "prompt-qa.prompts.answer.txt")
+    assert [v.tags["pipemend.git_sha"] for v in versions] == [base.params["git_sha"], summary["best"]["sha"]]
+    assert "answer with the entity or short phrase only" in versions[1].template
+    assert "answer with the entity" not in versions[0].template
+
+    # the traces of each val evaluation, under the MLflow run of its candidate
+    exp_id = client.get_experiment_by_name("pipemend/prompt-qa").experiment_id
+    n_val = len((PROMPT_QA / "data" / "val.jsonl").read_text().splitlines())
+    assert len(client.search_traces(locations=[exp_id], run_id=by["baseline"].info.run_id)) == n_val
+    assert len(client.search_traces(locations=[exp_id], run_id=by["cand-1"].info.run_id)) == n_val

@@ -42,6 +42,8 @@ from ..report.load import load_run
 from ..rundir import read_run
 from ..sandbox.worktrees import Snapshot
 from .mlflow_prompts import prompt_files, prompt_name, register
+from .otlp import evaluation_request, request_traces, split_request
+from .otlp_push import post_traces
 
 if TYPE_CHECKING:
     from ..optimize.config import OptimizeConfig
@@ -64,6 +66,7 @@ CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_
 waits on it: fewer, shorter tries. It prints each finished run's URL on stdout, where ``--json`` prints one
 object: not that."""
 TRACES_PATH = "/v1/traces"
+TRACES_TIMEOUT_S = 30.0
 BASELINE = "baseline"
 ALL_PROMPTS = "all"
 """A run's ``prompts`` field: register every prompt file (the baseline), these changed files (a kept candidate),
@@ -202,8 +205,7 @@ class MlflowObserver:
         sent = send_traces(self.uri + TRACES_PATH, eval_dir, run_id=run_id, candidate=key,
                            headers={**auth_headers(), "x-mlflow-experiment-id": exp_id,
                                     "x-mlflow-run-id": run.info.run_id})
-        if sent is not None:
-            self.client.set_tag(run.info.run_id, TAG_TRACES, str(sent))
+        self.client.set_tag(run.info.run_id, TAG_TRACES, str(sent))
 
 
 # --------------------------------------------------------------------------- what each MLflow run holds
@@ -309,15 +311,10 @@ def auth_headers() -> dict[str, str]:
     return {}
 
 
-def send_traces(url: str, eval_dir: Path, *, run_id: str, candidate: str, headers: dict[str, str]) -> int | None:
-    """Send evaluation ``eval_dir`` as OTLP traces (``export.otlp``) to ``url``: the number of examples sent,
-    or None when pipemend's OTLP exporter is not installed here."""
-    try:
-        from .otlp import evaluation_request
-        from .otlp_push import post_traces
-    except ImportError:
-        return None
+def send_traces(url: str, eval_dir: Path, *, run_id: str, candidate: str, headers: dict[str, str]) -> int:
+    """Send evaluation ``eval_dir`` to ``url`` as OTLP traces (``otlp.evaluation_request``, in protobuf, which every
+    MLflow 3.6+ takes; split by whole traces); returns how many traces (examples) were sent."""
     request = evaluation_request(eval_dir, run_id=run_id, candidate=candidate)
-    post_traces(url, request, headers=headers)
-    return sum(1 for rs in request.get("resourceSpans", []) for ss in rs.get("scopeSpans", [])
-               for s in ss.get("spans", []) if not s.get("parentSpanId"))
+    for part in split_request(request):
+        post_traces(url, part, headers=headers, encoding="protobuf", timeout_s=TRACES_TIMEOUT_S)
+    return len(request_traces(request))
