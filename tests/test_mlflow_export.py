@@ -84,12 +84,14 @@ def mlflow_server(tmp_path_factory):
     finally:
         if server.poll() is not None:  # it died under the tests: say how (pytest shows this with the failure)
             print(f"mlflow server exited {server.returncode}:\n{(tmp / 'server.log').read_text()[-5000:]}")
-        os.killpg(server.pid, signal.SIGTERM)
         try:
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        except ProcessLookupError:
+            pass
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
