@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,7 @@ waits on it: fewer, shorter tries. It prints each finished run's URL on stdout, 
 object: not that."""
 TRACES_PATH = "/v1/traces"
 TRACES_TIMEOUT_S = 30.0
+RUN_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 BASELINE = "baseline"
 ALL_PROMPTS = "all"
 """A run's ``prompts`` field: register every prompt file (the baseline), these changed files (a kept candidate),
@@ -165,7 +167,9 @@ class MlflowObserver:
         return self._experiment_id
 
     def runs_of(self, exp_id: str, run_id: str) -> dict[str, Run]:
-        """The MLflow runs of pipemend run ``run_id``, by candidate key (run ids are ``[A-Za-z0-9._-]``)."""
+        """The MLflow runs of pipemend run ``run_id``, by candidate key (the oldest, should there be two)."""
+        if not RUN_ID_CHARS.fullmatch(run_id):  # rundir.create_run_dir allows no other: quoting needs none
+            raise ValueError(f"run id {run_id!r} has characters outside [A-Za-z0-9._-]")
         runs = self.client.search_runs([exp_id], filter_string=f"tags.`{TAG_RUN}` = '{run_id}'", max_results=1000)
         out: dict[str, Run] = {}
         for r in sorted(runs, key=lambda r: r.info.start_time or 0):
