@@ -71,7 +71,8 @@ def _runner_error(result: dict[str, Any]) -> str | None:
     return None
 
 
-def _trace_call_ids(trace: dict[str, Any]) -> list[str]:
+def trace_call_ids(trace: dict[str, Any]) -> list[str]:
+    """The ``call_id``s a trace records (the example's and its steps'), in order, once each."""
     ids: list[str] = []
     calls = list(trace.get("llm_calls") or [])
     for step in trace.get("steps") or []:
@@ -196,7 +197,7 @@ def score_results(
             row["error"] = _runner_error(result)
 
         trace = _read_trace(traces_dir, ex.id)
-        call_ids = _trace_call_ids(trace) if trace else []
+        call_ids = trace_call_ids(trace) if trace else []
         if call_ids:
             calls = [by_call.get(cid) or _call_from_trace(trace, cid) for cid in call_ids]
         else:
