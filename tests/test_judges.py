@@ -17,8 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
+import optimize_harness
 import pytest
 import yaml
+from local_model_support import local_model_or_skip
 from typer.testing import CliRunner
 
 from pipemend.cli import app
@@ -31,9 +33,13 @@ from pipemend.judges.agreement import cohen_kappa, verdict_line
 from pipemend.judges.client import JudgeClient
 from pipemend.judges.verdict import VerdictError, parse_verdict
 from pipemend.manifest import load_manifest
-from pipemend.metric_specs import fingerprint
+from pipemend.metric_specs import fingerprint, load_metric_spec
+from pipemend.metrics import ScoreContext
+from pipemend.optimize import OptimizeConfig, run_optimize
 
 TARGETS = Path(__file__).parent / "fixtures" / "targets"
+EASY_QA = Path(__file__).parent / "fixtures" / "judges" / "hotpot_easy.jsonl"
+LOCAL_MODEL = "local/qwen2.5-coder-1.5b-instruct"
 OUTPUTS = {"q1": "Paris", "q2": "Tokyo", "q3": "Tokyo", "q4": "Tokyo", "q5": "The capital of Italy is Rome."}
 CORRECTNESS, FAITHFULNESS, RELEVANCE = ("pipemend's correctness judge", "pipemend's faithfulness judge",
                                         "pipemend's relevance judge")
@@ -347,3 +353,66 @@ def test_an_unknown_judge_for_agreement_is_a_usage_error_before_anything_runs(tm
                                    str(tmp_path / "reports"), "--judge-agreement", "--judge", "judge:vibes"])
     assert res.exit_code == 2 and "judge:correctness, judge:faithfulness, judge:relevance" in res.output
     assert not (tmp_path / "reports").exists()
+
+
+# --------------------------------------------------------------------------- the gate and the report on judged scores
+
+
+@pytest.mark.timeout(600)
+def test_an_optimize_run_gates_and_reports_a_weighted_judge_metric(tmp_path):
+    """The raising_parse target (every val example raises until the prompt asks for bare JSON), scored by
+    exact_match and a judge that gives every answer 0.5: a fixed example scores 0.75, not 1; the gate keeps
+    the fix on those scores, the pipeline's spend leaves the judge out, and the report renders."""
+    target = tmp_path / "raising_parse"
+    shutil.copytree(TARGETS / "raising_parse", target, ignore=shutil.ignore_patterns("__pycache__"))
+    script = tmp_path / "judge.yaml"
+    script.write_text(yaml.safe_dump({"entries": [{"match": {"last_user_contains": RELEVANCE},
+                                                   "text": verdict(0.5, "on topic, half an answer")}]}))
+    manifest = yaml.safe_load((target / "pipemend.yaml").read_text())
+    manifest["metric"] = {"weights": {"exact_match": 0.5, "judge:relevance": 0.5}}
+    manifest["judge"] = {"model": f"scripted:{script}"}
+    (target / "pipemend.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    cfg = OptimizeConfig(target=str(target), proposer="ladder", model=f"scripted:{target / 'model.yaml'}",
+                         sandbox="process", run_id="judged", reports_dir=str(tmp_path / "reports"), budget_usd=1.0,
+                         max_candidates=1)
+    s = run_optimize(cfg, optimize_harness.RecordingProgress())
+    run_dir = Path(s.run_dir)
+    [first] = s.candidates
+    assert s.baseline["val"] == 0.0 and first.accepted and first.val_score == pytest.approx(0.75), first.reasons
+    val = list(read_jsonl(run_dir / "candidates" / "1" / "evals" / "val" / "scored.jsonl"))
+    assert all(r["metric_parts"] == {"exact_match": 1.0, "judge:relevance": 0.5} for r in val)
+    summary = read_json(run_dir / "candidates" / "1" / "evals" / "val" / "summary.json")
+    assert summary["judge_calls"] == len(val) and summary["cost_usd"] == 0.0
+    judged = list(read_jsonl(run_dir / "judge" / "gateway" / "calls.jsonl"))
+    assert judged and {c["step"] for c in judged} == {"judge:relevance"}
+    assert not any(c.get("step") == "judge:relevance" for c in read_jsonl(run_dir / "gateway" / "calls.jsonl"))
+    assert (run_dir / "report.html").is_file() and "0.750" in (run_dir / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- the real local model as the judge
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_local_model_judges_easy_multihop_answers(tmp_path):
+    """Qwen2.5-Coder 1.5B through the judge's gateway, on four easy HotpotQA-style judgments (a right and a
+    wrong answer for correctness; a supported and an invented answer for faithfulness): the verdict tool's
+    grammar makes every reply a verdict, and each lands on the right side of 0.5."""
+    local_model_or_skip()
+    rows = [json.loads(line) for line in EASY_QA.read_text().splitlines() if line.strip()]
+    client = JudgeClient.start(tmp_path / "run", LOCAL_MODEL, concurrency=1)
+    try:
+        got = {}
+        for row in rows:
+            metric = load_metric_spec(row["judge"], tmp_path, judge=client)
+            calls = [{"t": 1.0, "request": {"messages": [{"role": "user", "content": row["context"]}]}}] \
+                if "context" in row else []
+            got[row["id"]] = metric.score(row["output"], row.get("expected"), {"id": row["id"], "inputs": {
+                "question": row["question"]}}, ScoreContext(calls=tuple(calls), eval_token="local"))
+        usage = client.usage("local")
+    finally:
+        client.close()
+    assert all(g.error is None for g in got.values()), {i: g.error for i, g in got.items()}
+    assert {i: g.score >= 0.5 for i, g in got.items()} == {r["id"]: r["passes"] for r in rows}, \
+        {i: g.judgments for i, g in got.items()}
+    assert usage["judge_calls"] == 4 and usage["judge_errors"] == 0 and usage["judge_model"] == LOCAL_MODEL
