@@ -10,6 +10,7 @@ answers, the context) are the pipeline's and the dataset's: they are rendered as
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ FROZEN_SUBDIR = "judges"
 MAX_FIELD_CHARS = 24_000
 """One rendered value (question, answer, context); a longer one keeps its end (the answering call's prompt is
 last) and says how much was cut."""
+
+_OUR_TAGS = re.compile(r"<(/?)\s*(question|reference_answers|system_answer|context)\s*>", re.IGNORECASE)
+"""The tags the templates put around data: a value that writes one is defanged, so an answer cannot close its
+own tag and speak as the prompt."""
 
 _ENV = Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
@@ -80,10 +85,15 @@ def inputs_text(inputs: Any) -> str:
     return as_text(inputs)
 
 
+def defang(text: str) -> str:
+    """``text`` with the templates' own data tags written as ``[question]``, ``[/system_answer]``, ..."""
+    return _OUR_TAGS.sub(lambda m: f"[{m.group(1)}{m.group(2)}]", text)
+
+
 def render(template: str, spec: str, **fields: Any) -> str:
-    """The judge's prompt: ``template`` rendered with ``fields`` (each text clipped); a broken template is a
-    ``ConfigError`` naming the judge."""
-    values = {k: ([clip(as_text(x)) for x in v] if isinstance(v, list) else clip(as_text(v)))
+    """The judge's prompt: ``template`` rendered with ``fields`` (each text clipped, its data tags defanged); a
+    broken template is a ``ConfigError`` naming the judge."""
+    values = {k: ([defang(clip(as_text(x))) for x in v] if isinstance(v, list) else defang(clip(as_text(v))))
               for k, v in fields.items()}
     try:
         return _ENV.from_string(template).render(**values)
