@@ -7,8 +7,9 @@ optionally, as text: a row's own ``evidence_text`` (a list of strings), or,
 when the manifest names a corpus (``dataset.corpus``: JSONL rows ``{"id",
 "text"}``), the corpus text of each ``evidence`` id, which ``load_splits`` puts
 into ``Example.evidence_text`` of the rows that carry none (``load_corpus``).
-``freeze_target`` copies the manifest, the data (the corpus too) and a custom metric into ``RUN_DIR/frozen/`` at the run's start: every
-score of the run comes from that copy, never from a candidate's files.
+``freeze_target`` copies the manifest, the data (the corpus too), a custom metric and the prompts of the
+judge metrics (``frozen/judges/<name>.md.j2``) into ``RUN_DIR/frozen/`` at the run's start: every
+score of the run comes from that copy, never from a candidate's files or a later pipemend's prompts.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, UsageError
 from .fsutil import atomic_write_json, read_json
 from .manifest import MANIFEST_NAME, load_manifest
-from .metrics import load_metric
+from .judges.client import JudgeClient
+from .judges.prompts import FROZEN_SUBDIR as JUDGES_SUBDIR, frozen_template_paths, packaged_template
+from .metric_specs import load_metric_spec
 
 SPLITS = ("train", "val", "test")
 ROW_KEYS = ("id", "inputs", "expected", "evidence", "evidence_text")
@@ -250,8 +253,7 @@ def frozen_files(manifest: Any) -> list[str]:
         files += [ds.files.train, ds.files.val, ds.files.test]
     if ds.corpus:
         files.append(ds.corpus)
-    if ":" in manifest.metric and manifest.metric.split(":", 1)[0].endswith(".py"):
-        files.append(manifest.metric.split(":", 1)[0])
+    files += manifest.metric_files()
     must_pass = manifest.gates.must_pass
     if isinstance(must_pass, str) and must_pass != "learned":
         files.append(must_pass)
@@ -266,7 +268,7 @@ class FrozenTarget:
     manifest: Any
     source: str = ""
     _splits: dict[str, list[Example]] | None = field(default=None, repr=False)
-    _metric: Callable[..., Any] | None = field(default=None, repr=False)
+    _metrics: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, run_dir: str | Path) -> "FrozenTarget":
@@ -289,11 +291,14 @@ class FrozenTarget:
     def examples_by_id(self) -> dict[str, Example]:
         return {ex.id: ex for rows in self.splits().values() for ex in rows}
 
-    def metric(self) -> Callable[..., Any]:
-        if self._metric is None:
-
-            self._metric = load_metric(self.manifest.metric, self.dir)
-        return self._metric
+    def metric(self, judge: JudgeClient | None = None) -> Any:
+        """The run's ``Metric`` (``metric_specs.load_metric_spec``): custom files and judge prompts from this
+        frozen copy; ``judge`` answers its judge metrics (one load per judge, kept)."""
+        key = id(judge)
+        if key not in self._metrics:
+            self._metrics[key] = load_metric_spec(self.manifest.metric, self.dir, judge=judge,
+                                                  templates_dir=self.dir / JUDGES_SUBDIR)
+        return self._metrics[key]
 
 
 def freeze_target(target_dir: str | Path, manifest: Any, run_dir: str | Path) -> FrozenTarget:
@@ -308,6 +313,15 @@ def freeze_target(target_dir: str | Path, manifest: Any, run_dir: str | Path) ->
         dst = fdir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
+        dst.chmod(0o444)
+        hashes[rel] = _sha256(dst)
+    for spec, rel in zip(manifest.judge_specs(), frozen_template_paths(manifest.judge_specs())):
+        if rel in hashes:
+            raise ConfigError(target_dir / "pipemend.yaml", "metric", f"{rel} is both a file of the target the run "
+                              f"freezes and the frozen prompt of {spec}", f"no frozen file under {JUDGES_SUBDIR}/")
+        dst = fdir / rel  # the judge's prompt as this pipemend has it: the run keeps it, whatever upgrades come
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(packaged_template(spec), dst)
         dst.chmod(0o444)
         hashes[rel] = _sha256(dst)
     frozen = FrozenTarget(dir=fdir, manifest=manifest, source=str(target_dir.resolve()))

@@ -32,6 +32,7 @@ from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
 from .fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .gateway import Gateway, GatewayConfig
+from .judges.client import JudgeClient
 from .manifest import MANIFEST_NAME, load_manifest
 from .protocols import NullProgress, Progress, Sandbox, SandboxJob, SandboxOutcome
 from .rundir import create_run_dir, finish_run, journal, new_run_id
@@ -57,6 +58,8 @@ class EvalContext:
     """``PIPEMEND_MODEL`` for the pipeline."""
     sealed: list[str] = field(default_factory=list)
     """Target-relative files the pipeline must never read (``Manifest.sealed_paths``, fixed when the run began)."""
+    judge: JudgeClient | None = None
+    """The run's judge (its own gateway, ``RUN_DIR/judge/``) when the metric has ``judge:*`` parts."""
 
 
 @dataclass
@@ -212,10 +215,12 @@ def evaluate(
     # accounts for -- model calls at import time, say -- are charged to it, as is the pipeline's start-up;
     # the trace of a pipeline that marks no steps gets its model calls as generation steps (trace_join)
     rows, summary = score_results(
-        out_dir / "results.jsonl", labelled, ctx.frozen.metric(), split=split,
+        out_dir / "results.jsonl", labelled, ctx.frozen.metric(judge=ctx.judge), split=split,
         call_log=Path(ctx.run_dir) / "gateway" / "calls.jsonl", traces_dir=out_dir / "traces",
         eval_token=token, window=window, join_traces=True,
     )
+    if ctx.judge is not None and manifest.judge_specs():
+        summary |= ctx.judge.usage(token)  # the judges' spend, apart from the pipeline's cost_usd
     write_eval(out_dir, rows, summary)
     boundary = inspect(out_dir, summary)
     atomic_write_json(out_dir / "outcome.json", {
@@ -323,7 +328,8 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 def run_eval(target: Path, *, split: str = "val", limit: int | None = None, model: str | None = None,
              sandbox: str = "auto", run_id: str | None = None, reports_dir: Path = Path("reports"),
-             thresholds: LadderThresholds | None = None, progress: Progress | None = None) -> EvalRun:
+             thresholds: LadderThresholds | None = None, progress: Progress | None = None,
+             judge_model: str | None = None) -> EvalRun:
     """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
 
     Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
@@ -339,12 +345,14 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
     manifest = load_manifest(target)
     load_splits(manifest, target)  # bad data is a usage error before any run directory exists
     model = model or manifest.llm.model
+    judge_model = manifest.judge_model(judge_model) if manifest.judge_specs() else None
     target, reports_dir = Path(target).resolve(), Path(reports_dir).resolve()  # sandboxes run elsewhere
     run_dir = create_run_dir(reports_dir, run_id or new_run_id("eval"), kind="eval", target=target, config={
-        "split": split, "limit": limit, "model": model, "sandbox": sandbox})
+        "split": split, "limit": limit, "model": model, "sandbox": sandbox,
+        **({"judge_model": judge_model} if judge_model else {})})
     try:
         result = _eval_splits(target, manifest, run_dir, split=split, limit=limit, model=model,
-                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress)
+                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model)
     except BaseException as e:
         finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -355,7 +363,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
 
 
 def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: int | None, model: str,
-                 sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress) -> EvalRun:
+                 sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress,
+                 judge_model: str | None = None) -> EvalRun:
     frozen = freeze_target(target, manifest, run_dir)
     splits_all = frozen.splits()
     journal(run_dir, "frozen", dir=str(frozen.dir), sizes={k: len(v) for k, v in splits_all.items()})
@@ -371,9 +380,13 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     evals: dict[str, Path] = {}
     dead: list[str] = []
     warnings: list[str] = []
+    judge = None
     try:
+        if judge_model:
+            judge = JudgeClient.start(run_dir, judge_model, concurrency=manifest.runner.concurrency)
+            progress.log(f"judge: {judge_model} ({', '.join(manifest.judge_specs())})")
         ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model,
-                          sealed=manifest.sealed_paths(target))
+                          sealed=manifest.sealed_paths(target), judge=judge)
         for s in wanted:
             examples = splits[s]
             journal(run_dir, "eval_started", split=s, n=len(examples))
@@ -395,6 +408,8 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
                 dead.append(f"{s}: {why}")
     finally:
         gateway.stop()
+        if judge is not None:
+            judge.close()
     primary, per_split = diagnose_run(run_dir, evals, frozen, thresholds)
     journal(run_dir, "diagnosis", split=primary_split(list(evals)), **primary.brief())
     return EvalRun(run_dir=run_dir, summaries=summaries, diagnosis=primary, per_split=per_split, dead=dead,

@@ -6,6 +6,7 @@ problem into a ``ConfigError`` that names the file, the key and what was expecte
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .globs import is_relative_glob
+from .judges.names import JUDGE_PREFIX, JUDGES
 from .manifest_checks import check_manifest_files
 from .sealing import Seal, plan_seals
 
@@ -114,6 +116,68 @@ class LLMConfig(_Strict):
     model: str = Field(description="Model the pipeline calls by default (PIPEMEND_MODEL overrides).")
 
 
+class JudgeConfig(_Strict):
+    """The model that answers the `judge:*` metrics (through the run's own judge gateway, `RUN_DIR/judge/`)."""
+
+    model: str | None = Field(None, description=(
+        "Model of the judge metrics (`judge:correctness`, `judge:faithfulness`, `judge:relevance`); default the "
+        "manifest's `llm.model` (never `--model`: the judge stays fixed while the pipeline's model changes). "
+        "`pipemend eval --judge-model` overrides it."))
+
+
+CUSTOM_METRIC_SUFFIX = ".py"
+
+
+def custom_metric_file(spec: str) -> str | None:
+    """The file of a `file.py:function` metric spec; None for a built-in or a judge."""
+    file, sep, func = spec.partition(":")
+    return file if sep and file.endswith(CUSTOM_METRIC_SUFFIX) and func else None
+
+
+def check_metric_name(spec: Any, where: str) -> str:
+    """One metric spec (not a weighted one): a string naming a built-in, a known judge or `file.py:function`;
+    the syntax only (``manifest_checks`` checks built-in names and files). Raises ValueError naming ``where``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{where}: {spec!r} is not a metric name; expected a built-in name, `judge:<name>` or "
+                         "`file.py:function`")
+    spec = spec.strip()
+    if spec.startswith(JUDGE_PREFIX) and spec not in JUDGES:
+        raise ValueError(f"{where}: unknown judge {spec!r}; expected one of {', '.join(JUDGES)}")
+    return spec
+
+
+class WeightedMetric(_Strict):
+    """A composite metric: the weighted mean of other metrics' scores (weights normalized to sum to 1)."""
+
+    weights: dict[str, float] = Field(min_length=1, description=(
+        "Metric name -> positive weight, e.g. `{exact_match: 0.7, \"judge:faithfulness\": 0.3}`. Each name is a "
+        "built-in, a `judge:*` or `file.py:function`; the weights are divided by their sum, so `{a: 7, b: 3}` is "
+        "`{a: 0.7, b: 0.3}`. Each scored row keeps every part's score (`metric_parts`)."))
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if not isinstance(v, dict) or not v:
+            raise ValueError("expected a mapping of metric name -> positive weight, e.g. {exact_match: 0.7, "
+                             "\"judge:faithfulness\": 0.3}")
+        out: dict[str, float] = {}
+        for name, w in v.items():
+            spec = check_metric_name(name, f"metric.weights.{name}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise ValueError(f"metric.weights.{name}: weight {w!r}; expected a positive number")
+            if spec in out:
+                raise ValueError(f"metric.weights.{name}: named twice")
+            out[spec] = float(w)
+        return out
+
+    def normalized(self) -> dict[str, float]:
+        total = sum(self.weights.values())
+        return {k: w / total for k, w in self.weights.items()}
+
+    def label(self) -> str:
+        return " + ".join(f"{w:.2g}·{k}" for k, w in self.normalized().items())
+
+
 class Gates(_Strict):
     """Acceptance rules for a candidate against its base on val (``pipemend.evidence`` applies them)."""
 
@@ -199,11 +263,15 @@ class Manifest(_Strict):
     description: str = ""
     entrypoint: str = Field(description="`module:function`, called once per example with its `inputs` dict.")
     dataset: DatasetConfig
-    metric: str = Field(description="Built-in name (exact_match, f1, contains, json_match) or `file.py:function`.")
+    metric: str | WeightedMetric = Field(description=(
+        "Built-in name (exact_match, f1, contains, json_match), an LLM judge (`judge:correctness`, "
+        "`judge:faithfulness`, `judge:relevance`), `file.py:function`, or `{weights: {name: weight, ...}}`: the "
+        "weighted mean of such metrics (weights positive, normalized to sum to 1)."))
     editable: list[str] = Field(min_length=1, description="Globs (relative to the target) the proposer may change.")
     protected: list[str] = Field(default_factory=list, description="Globs it may never change.")
     knobs: dict[str, Knob] = Field(default_factory=dict)
     llm: LLMConfig
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge metrics' model (`judge: {model: ...}`).")
     requirements: str | None = Field(None, description="pip requirements file of the target's own dependencies.")
     gates: Gates = Field(default_factory=Gates)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
@@ -244,6 +312,40 @@ class Manifest(_Strict):
         files, and symlinks by their own path (never followed). Compute it once from the baseline target."""
         return [s.path for s in self.seal_plan(target_dir)]
 
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_shape(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            try:
+                return WeightedMetric.model_validate(v)
+            except ValidationError as e:  # one clean message naming the key, not one per branch of the union
+                err = e.errors()[0]
+                if err.get("type") == "extra_forbidden":
+                    raise ValueError(f"metric.{_loc(err)}: unknown key; expected `weights`") from None
+                msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+                raise ValueError(msg if msg.startswith("metric.") else f"metric.{_loc(err)}: {msg}") from None
+        return check_metric_name(v, "metric")
+
+    def metric_specs(self) -> list[str]:
+        """Every single metric the score is made of: the one name, or a weighted metric's names."""
+        return list(self.metric.weights) if isinstance(self.metric, WeightedMetric) else [self.metric]
+
+    def metric_files(self) -> list[str]:
+        """Target-relative files of the custom (`file.py:function`) metrics among ``metric_specs``."""
+        return list(dict.fromkeys(f for f in map(custom_metric_file, self.metric_specs()) if f))
+
+    def judge_specs(self) -> list[str]:
+        """The `judge:*` metrics the score asks (each one model call per example)."""
+        return [s for s in self.metric_specs() if s.startswith(JUDGE_PREFIX)]
+
+    def metric_label(self) -> str:
+        """The metric as one line of text (a weighted one as `0.7·exact_match + 0.3·judge:faithfulness`)."""
+        return self.metric.label() if isinstance(self.metric, WeightedMetric) else self.metric
+
+    def judge_model(self, override: str | None = None) -> str:
+        """The judge's model: ``override`` (`--judge-model`), else `judge.model`, else `llm.model`."""
+        return override or self.judge.model or self.llm.model
+
     @field_validator("entrypoint")
     @classmethod
     def _entrypoint_shape(cls, v: str) -> str:
@@ -263,8 +365,7 @@ class Manifest(_Strict):
             globs += [self.dataset.files.train, self.dataset.files.val, self.dataset.files.test]
         if self.dataset.corpus:
             globs.append(self.dataset.corpus)
-        if ":" in self.metric and self.metric.split(":", 1)[0].endswith(".py"):
-            globs.append(self.metric.split(":", 1)[0])
+        globs += self.metric_files()
         if self.requirements:
             globs.append(self.requirements)
         if isinstance(self.gates.must_pass, str) and self.gates.must_pass != "learned":

@@ -23,6 +23,7 @@ from .configfile import ConfigFileError, lookup, read_config_file
 from .errors import ConfigError
 from .gateway.backends import BackendError, backend_kind
 from .globs import is_relative_glob, walk_files
+from .judges.names import JUDGE_PREFIX, JUDGES
 from .metrics import BUILTINS, load_metric
 
 if TYPE_CHECKING:
@@ -115,19 +116,27 @@ def is_custom_metric(spec: str) -> bool:
 
 
 def _check_metric(manifest: Manifest, target_dir: Path, mp: Path) -> None:
-    spec = manifest.metric
+    for spec in manifest.metric_specs():
+        key = "metric" if isinstance(manifest.metric, str) else f"metric.weights.{spec}"
+        _check_one_metric(spec, key, target_dir, mp)
+
+
+def _check_one_metric(spec: str, key: str, target_dir: Path, mp: Path) -> None:
+    if spec.startswith(JUDGE_PREFIX):
+        return  # the manifest's schema knows the judges
     if not is_custom_metric(spec):
         names = builtin_metric_names()
         if spec not in names:
-            raise ConfigError(mp, "metric", f"unknown metric {spec!r}", f"one of {', '.join(names)}, or `file.py:function`")
+            raise ConfigError(mp, key, f"unknown metric {spec!r}",
+                              f"one of {', '.join(names)}, {', '.join(JUDGES)}, or `file.py:function`")
         return
     rel, fn = spec.split(":", 1)
-    path = _require_file(target_dir, rel, mp, "metric", f"a Python file defining {fn}(output, expected, ...)")
+    path = _require_file(target_dir, rel, mp, key, f"a Python file defining {fn}(output, expected, ...)")
     if not fn.isidentifier():
-        raise ConfigError(mp, "metric", f"{fn!r} is not a function name", "`file.py:function`")
-    defined = _top_level_names(path, mp, "metric")
+        raise ConfigError(mp, key, f"{fn!r} is not a function name", "`file.py:function`")
+    defined = _top_level_names(path, mp, key)
     if fn not in defined:
-        raise ConfigError(mp, "metric", f"{path.name} defines no top-level {fn!r}", f"a function {fn} in {rel}")
+        raise ConfigError(mp, key, f"{path.name} defines no top-level {fn!r}", f"a function {fn} in {rel}")
     load_metric(spec, target_dir)  # imports it (scoring does so on the host too) and checks its signature
 
 

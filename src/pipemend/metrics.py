@@ -38,8 +38,9 @@ import re
 import string
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .errors import ConfigError
 
@@ -186,8 +187,39 @@ BUILTINS: dict[str, Callable[..., float]] = {
 # --------------------------------------------------------------------------- the Metric wrapper
 
 
+@dataclass(frozen=True)
+class ScoreContext:
+    """What the host knows of an example besides its output, for metrics that read more (the judges)."""
+
+    trace: dict[str, Any] | None = None
+    """The example's trace (joined with its model calls when the pipeline marked no step)."""
+    calls: Sequence[dict[str, Any]] = ()
+    """The pipeline gateway's call-log rows charged to the example (``request``/``response`` included)."""
+    eval_token: str | None = None
+    """The evaluation's token (``x-pipemend-eval``): a judge's calls are logged under it."""
+
+
+@dataclass
+class Scored:
+    """One example's score as scoring stores it."""
+
+    score: float
+    error: str | None = None
+    parts: dict[str, float] | None = None
+    """A weighted metric's parts: each metric's own score (``metric_parts`` of the scored row)."""
+    judgments: dict[str, dict[str, Any]] | None = None
+    """Per judge: ``{"score", "reason", "call_id", "cache", "error"}`` (``judgments`` of the scored row)."""
+
+
 class Metric:
-    """A loaded metric with one calling convention: ``metric(output, expected, example)``."""
+    """A loaded metric with one calling convention: ``metric(output, expected, example)``.
+
+    ``score`` is what scoring calls: ``Scored`` from ``safe`` here; the judges and weighted metrics override
+    it (they read the ``ScoreContext``). ``concurrency``: how many examples scoring may score at once (1 for a
+    Python function, which need not be thread-safe; a judge's calls run side by side).
+    """
+
+    concurrency = 1
 
     def __init__(self, spec: str, fn: Callable[..., float], *, takes_example: bool | None = None):
         self.spec = spec
@@ -216,6 +248,12 @@ class Metric:
         if not (0.0 <= score <= 1.0):  # also catches NaN
             return 0.0, f"{METRIC_ERROR_PREFIX}returned {score!r}, outside [0, 1]"
         return score, None
+
+    def score(self, output: Any, expected: Any, example: dict[str, Any] | None = None,
+              ctx: ScoreContext | None = None) -> Scored:
+        """``Scored`` of one example (``safe``: never raises)."""
+        value, error = self.safe(output, expected, example)
+        return Scored(value, error)
 
     def __repr__(self) -> str:
         return f"Metric({self.spec!r})"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from .dataset import Example
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
-from .metrics import Metric
+from .metrics import METRIC_ERROR_PREFIX, Metric, ScoreContext, Scored
 from .trace_join import joined_trace_bytes
 
 EVAL_FORMAT = "pipemend-eval-1"
@@ -70,7 +71,8 @@ def _runner_error(result: dict[str, Any]) -> str | None:
     return None
 
 
-def _trace_call_ids(trace: dict[str, Any]) -> list[str]:
+def trace_call_ids(trace: dict[str, Any]) -> list[str]:
+    """The ``call_id``s a trace records (the example's and its steps'), in order, once each."""
     ids: list[str] = []
     calls = list(trace.get("llm_calls") or [])
     for step in trace.get("steps") or []:
@@ -147,7 +149,9 @@ def score_results(
 
     An example the runner reported as failed or timed out scores 0 with its
     error; one missing from ``results_jsonl`` scores 0 with error ``"no result"``;
-    one whose metric fails scores 0 with ``"metric error: ..."``. ``latency_s`` is
+    one whose metric fails scores 0 with ``"metric error: ..."``. The metric scores after the traces are
+    joined: a judge reads the example's trace and the model calls charged to it (``metrics.ScoreContext``),
+    and its calls go to the judge's own gateway, never this call log. ``latency_s`` is
     the runner's wall time plus what the LLM cache saved the example, plus its
     share of the evaluation's start-up and unaccounted calls (module docstring).
 
@@ -170,11 +174,13 @@ def score_results(
     runner = read_runner_json(Path(runner_json) if runner_json is not None else Path(results_jsonl).parent / RUNNER_JSON)
     log_rows = [r for r in read_jsonl(call_log) if isinstance(r, dict)] if call_log is not None else []
     by_call = {str(r["call_id"]): r for r in log_rows if r.get("call_id")}
-    ours = _eval_calls(log_rows, eval_token or runner["eval"], window)
+    token = eval_token or runner["eval"]
+    ours = _eval_calls(log_rows, token, window)
     by_example: dict[str, list[dict[str, Any]]] = {}
     for r in ours if ours else log_rows:
         by_example.setdefault(str(r.get("example_id")), []).append(r)
     accounted: set[int] = set()
+    pending: list[tuple[dict[str, Any], Example, ScoreContext]] = []
 
     rows: list[dict[str, Any]] = []
     for ex in examples:
@@ -189,11 +195,9 @@ def score_results(
             duration = result.get("duration_s")
             row["latency_s"] = _num(duration) if duration is not None else None
             row["error"] = _runner_error(result)
-            if row["error"] is None:
-                row["score"], row["error"] = metric.safe(row["output"], ex.expected, ex.model_dump())
 
         trace = _read_trace(traces_dir, ex.id)
-        call_ids = _trace_call_ids(trace) if trace else []
+        call_ids = trace_call_ids(trace) if trace else []
         if call_ids:
             calls = [by_call.get(cid) or _call_from_trace(trace, cid) for cid in call_ids]
         else:
@@ -203,15 +207,45 @@ def score_results(
             joined = joined_trace_bytes(trace, [c for c in calls if "request" in c or "response" in c])
             if joined is not None:
                 atomic_write_bytes(Path(traces_dir) / f"{ex.id}.json", joined)
+                trace = json.loads(joined)
+        if result is not None and row["error"] is None:
+            pending.append((row, ex, ScoreContext(trace=trace, calls=tuple(calls), eval_token=token)))
         row.update(_usage(calls))
         if row["latency_s"] is not None:
             row["latency_s"] += _cache_savings(calls)
         rows.append(row)
+    score_rows(metric, pending)
     overhead = _charge_overhead(rows, [r for r in ours if id(r) not in accounted], runner["startup_s"])
     summary = summarize(rows, split=split) | overhead
     summary["input_tokens"] += overhead["unattributed_input_tokens"]
     summary["output_tokens"] += overhead["unattributed_output_tokens"]
     return rows, summary
+
+
+def score_rows(metric: Metric, pending: Sequence[tuple[dict[str, Any], Example, ScoreContext]]) -> None:
+    """Score each ``(row, example, context)`` with ``metric`` into its row: ``score``, ``error``, and a weighted
+    metric's ``metric_parts`` and the judges' ``judgments`` when there are any. ``metric.concurrency`` rows at
+    once (a judge's model calls run side by side; a Python metric one row at a time)."""
+
+    def one(item: tuple[dict[str, Any], Example, ScoreContext]) -> None:
+        row, ex, ctx = item
+        try:
+            got = metric.score(row["output"], ex.expected, ex.model_dump(), ctx)
+        except Exception as e:  # noqa: BLE001 - one example's scoring fault is data (a judge's bug included)
+            got = Scored(0.0, f"{METRIC_ERROR_PREFIX}{type(e).__name__}: {e}")
+        row["score"], row["error"] = got.score, got.error
+        if got.parts is not None:
+            row["metric_parts"] = got.parts
+        if got.judgments:
+            row["judgments"] = got.judgments
+
+    workers = min(max(1, int(getattr(metric, "concurrency", 1))), len(pending))
+    if workers <= 1:
+        for item in pending:
+            one(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipemend-judge") as pool:
+        list(pool.map(one, pending))
 
 
 def _eval_calls(log_rows: list[dict[str, Any]], token: str | None, window: tuple[float, float] | None) -> list[dict[str, Any]]:

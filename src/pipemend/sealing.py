@@ -168,11 +168,9 @@ def dataset_files(manifest: Any) -> list[str]:
     return list(dict.fromkeys(n for n in map(_norm, raw) if n))
 
 
-def metric_file(manifest: Any) -> str | None:
-    spec = manifest.metric
-    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
-        return _norm(spec.split(":", 1)[0])
-    return None
+def metric_files(manifest: Any) -> list[str]:
+    """The custom metric files (a weighted metric may name several), target-relative, normalized."""
+    return [n for n in map(_norm, manifest.metric_files()) if n]
 
 
 class _Planner:
@@ -232,8 +230,7 @@ class _Planner:
         ds = dataset_files(self.m)
         for rel in ds:
             self.seal(rel, "the dataset (labels)", True, overrides_runtime=True)
-        metric = metric_file(self.m)
-        if metric:
+        for metric in metric_files(self.m):
             self.seal(metric, "the custom metric", True, overrides_runtime=True)
         corpus = _norm(self.m.dataset.corpus or "")
         if corpus:

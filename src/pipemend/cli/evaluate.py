@@ -13,9 +13,10 @@ from rich.markup import escape
 from ..diagnose import Diagnosis, LadderThresholds, load_thresholds, rediagnose
 from ..errors import RunFailed
 from ..evaluate import run_eval
+from ..judges.agreement import Agreement, check_judge, judge_agreement
 from .common import err, out
 from .progress import RichProgress
-from .render import render_diagnosis, scores_table
+from .render import agreement_lines, judge_line, render_diagnosis, scores_table
 
 # The ladder's thresholds, shared by `eval` and `diagnose`.
 ThresholdsFile = Annotated[Optional[Path], typer.Option(
@@ -52,24 +53,51 @@ def eval_cmd(
     thresholds: ThresholdsFile = None,
     pass_threshold: PassThreshold = None,
     min_share: MinShare = None,
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help=(
+        "Model of the judge metrics (default: the manifest's judge.model, else its llm.model).")),
+    agreement: bool = typer.Option(False, "--judge-agreement", help=(
+        "Also judge the labelled examples with --judge and print its agreement with the exact metric "
+        "(share agreeing, Cohen's kappa, confusion counts) and whether to trust it.")),
+    judge: str = typer.Option("judge:correctness", "--judge", help=(
+        "The judge --judge-agreement checks: judge:correctness, judge:faithfulness or judge:relevance.")),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout, nothing else."),
 ) -> None:
     """Evaluate a target on a split (default val): scores, CI, cost, latency and the failure diagnosis."""
     ladder = _thresholds(thresholds, pass_threshold, min_share)
+    if agreement:
+        check_judge(judge)
     # stdout stays clean for --json: progress and notes go to stderr
     with RichProgress(err, counts="off" if as_json else "bars", timestamps=False) as progress:
         result = run_eval(target, split=split, limit=limit, model=model, sandbox=sandbox, run_id=run_id,
-                          reports_dir=reports_dir, thresholds=ladder, progress=progress)
+                          reports_dir=reports_dir, thresholds=ladder, progress=progress, judge_model=judge_model)
+        checked: Agreement | None = None
+        if agreement and not result.dead:
+            progress.log(f"judging the labelled examples with {judge} for --judge-agreement")
+            checked = judge_agreement(result.run_dir, judge=judge, model=judge_model)
     if as_json:
-        sys.stdout.write(json.dumps({
+        payload: dict[str, Any] = {
             "run_dir": str(result.run_dir),
             "splits": {s: _split_json(v) for s, v in result.summaries.items()},
             "diagnosis": result.diagnosis.brief(),
             "warnings": result.warnings,
-        }) + "\n")
+        }
+        judged = {s: {k: v for k, v in summary.items() if k.startswith("judge_")}
+                  for s, summary in result.summaries.items() if "judge_calls" in summary}
+        if judged:
+            payload["judge"] = judged
+        if checked is not None:
+            payload["judge_agreement"] = checked.to_json()
+        sys.stdout.write(json.dumps(payload) + "\n")
     else:
         out.print(scores_table(result.summaries))
+        for s, summary in result.summaries.items():
+            if "judge_calls" in summary:
+                out.print(escape(f"{s}: {judge_line(summary)}"))
         _print_diagnoses(result.per_split)
+        if checked is not None:
+            out.rule(f"judge agreement: {checked.judge} vs {checked.reference}")
+            for line in agreement_lines(checked.to_json()):
+                out.print(escape(line))
         err.print(escape(f"run directory: {result.run_dir}"))
     if result.dead:
         raise RunFailed("the sandbox failed on " + "; ".join(result.dead)

@@ -65,6 +65,31 @@ def scores_table(summaries: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+def judge_line(summary: Mapping[str, Any]) -> str:
+    """The judges' spend of an evaluation, apart from the pipeline's cost (``judge_*`` summary fields)."""
+    return (f"judge {summary.get('judge_model')}: {summary.get('judge_calls', 0)} calls "
+            f"({summary.get('judge_cache_hits', 0)} cached, {summary.get('judge_errors', 0)} failed), "
+            f"${summary.get('judge_cost_usd') or 0:.4f} (not in the pipeline's cost)")
+
+
+def agreement_lines(a: Mapping[str, Any]) -> list[str]:
+    """``--judge-agreement`` as plain lines: agreement, kappa, confusion counts, the verdict."""
+    kappa = "undefined" if a.get("kappa") is None else f"{a['kappa']:.3f}"
+    lines = [
+        f"{a['judge']} ({a['model']}) against {a['reference']} on {a['n']} labelled examples, pass at score >= 0.5",
+        f"agreement {a['agreement']:.1%} ({a['agree']}/{a['n']}), Cohen's kappa {kappa}",
+        f"both pass {a['both_pass']}, both fail {a['both_fail']}, only the judge passes {a['judge_only_pass']}, "
+        f"only {a['reference']} passes {a['reference_only_pass']}",
+    ]
+    if a.get("errors"):
+        lines.append(f"{a['errors']} judgment(s) failed (left out); see the run's judge/gateway/calls.jsonl")
+    if a.get("disagreements"):
+        shown = ", ".join(a["disagreements"][:10])
+        lines.append(f"disagree on: {shown}{' …' if len(a['disagreements']) > 10 else ''}")
+    lines.append(f"verdict: {a['verdict']}")
+    return lines
+
+
 def _verdict_markup(why: str) -> str:
     """A why-sentence with its first word (kept / refused) in colour (markup)."""
     head, sep, rest = why.partition(":")

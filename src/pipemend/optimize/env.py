@@ -25,7 +25,9 @@ from ..globs import matches_any
 from ..gateway import Gateway, GatewayConfig
 from ..journal import RunState, record, replay
 from ..manifest import Manifest, load_manifest
-from ..metrics import metric_fingerprint
+from ..judges.client import JudgeClient
+from ..judges.prompts import FROZEN_SUBDIR as JUDGES_SUBDIR
+from ..metric_specs import fingerprint
 from ..protocols import Progress, Proposer, RunObserver
 from ..proposers import get_proposer
 from ..report import render_report
@@ -72,8 +74,8 @@ class RunEnv:
         """The same, repo-relative: what candidate and evaluation worktrees are checked out without."""
         self.label_check = gate.Sealed.from_splits(frozen.splits())
         """The val/test answers and ids a candidate's diff must not add (all of each split, not ``--limit``'s)."""
-        self.metric_lines = metric_fingerprint(self.manifest.metric, frozen.dir)
-        """The frozen metric's fingerprint lines, which a diff must not copy."""
+        self.metric_lines = fingerprint(self.manifest.metric, frozen.dir, frozen.dir / JUDGES_SUBDIR)
+        """The frozen metric's fingerprint lines (a judge's: its frozen prompt's), which a diff must not copy."""
 
     def is_editable(self, repo_path: str) -> bool:
         """May a candidate change this repo-relative path (inside the target, editable, not protected)?"""
@@ -90,7 +92,7 @@ class RunEnv:
         return self.snap.add_worktree(name, sha, without=self.sealed_in_repo)
 
     def close(self) -> None:
-        for gw in (self.gateway, self.agent_gateway):
+        for gw in (self.gateway, self.agent_gateway, self.ectx.judge and self.ectx.judge.gateway):
             if gw is not None:
                 gw.stop()
 
@@ -203,7 +205,14 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
         gateway.start()
         gateways.append(gateway)
         sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
-        ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed)
+        judge = None
+        if frozen.manifest.judge_specs():
+            # the judge metrics' own gateway (RUN_DIR/judge/): cached in the run's cache, logged and costed
+            # apart from the pipeline (whose budget and spend it never touches)
+            judge = JudgeClient.start(run_dir, frozen.manifest.judge_model(), cache_dir=cache,
+                                      concurrency=frozen.manifest.runner.concurrency)
+            gateways.append(judge.gateway)
+        ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed, judge=judge)
         options = proposer_options(cfg)
         agent_gateway = None
         if cfg.proposer in LLM_PROPOSERS:

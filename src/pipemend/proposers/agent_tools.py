@@ -345,7 +345,7 @@ class Toolbox:
         if not rows:
             return "no results"
         scores = [float(r.get("score") or 0.0) for r in rows]
-        lines = [f"mean {self.ctx.manifest.metric} = {sum(scores) / len(scores):.3f} over {len(rows)} train examples"]
+        lines = [f"mean {self.ctx.manifest.metric_label()} = {sum(scores) / len(scores):.3f} over {len(rows)} train examples"]
         for r in rows:
             out = json.dumps(r.get("output"), ensure_ascii=False, default=str)
             line = f"- {r.get('id')}: score={float(r.get('score') or 0.0):.3f} output={out[:200]}"

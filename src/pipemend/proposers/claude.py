@@ -111,7 +111,7 @@ def render_system_prompt(ctx: ProposalContext, template_path: Path | None = None
     diagnosis = ctx.diagnosis or {}
     return env.get_template(path.name).render(
         manifest=m,
-        metric=m.metric,
+        metric=m.metric_label(),
         editable=m.editable,
         protected=m.all_protected(),
         knobs={name: k.model_dump() for name, k in (m.knobs or {}).items()},

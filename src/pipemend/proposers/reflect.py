@@ -443,7 +443,7 @@ class _Reflection(AgentSession):
                  for h in earlier if (h.get("meta") or {}).get("file") == rel]
         m = self.ctx.manifest
         return env.get_template(path.name).render(
-            manifest=m, metric=m.metric, rung=rung, rung_hint=RUNG_HINTS.get(rung, ""), path=rel, text=text,
+            manifest=m, metric=m.metric_label(), rung=rung, rung_hint=RUNG_HINTS.get(rung, ""), path=rel, text=text,
             syntax=syntax.describe(), variables=sorted(syntax.names), examples=examples, tried=tried)
 
     def _ask(self, client: anthropic.Anthropic, messages: list[dict[str, Any]],
