@@ -3,6 +3,7 @@
     common.py    consoles; the one mapping from errors to exit codes (0 done, 1 failed, 2 bad usage)
     evaluate.py  eval, diagnose          optimize.py  optimize, resume
     review.py    report, branches, apply system.py    init, gateway, doctor
+    export.py    export (OTLP file or endpoint)
     progress.py  RichProgress (the library's ``Progress``)   render.py  tables and lines
 
 Progress and tables go to stderr/stdout for people; ``--json`` prints exactly
