@@ -138,7 +138,11 @@ def test_a_run_logs_one_mlflow_run_per_candidate_and_again_nothing_twice(mlflow_
     cfg = OptimizeConfig(target=str(built.target), mlflow=mlflow_server)
     [observer] = build_observers(cfg, run_dir)
     assert isinstance(observer, MlflowObserver) and observer.name == "mlflow"
+    tracking_before = os.environ.get("MLFLOW_TRACKING_URI")
     notify_all(observer, run_dir, [1, 2, 3, 4])
+    # MLflow's process-wide URI is pointed at the server only while a sync runs: a later run in this process
+    # (the next test's optimize) is not sent to it
+    assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_before
 
     client = client_of(mlflow_server)
     by = runs_by_candidate(client, "pipemend/fixture-qa", "optimize-mlf")

@@ -26,6 +26,8 @@ import base64
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,9 @@ import httpx
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.tracking import fluent as mlflow_fluent
+from mlflow.tracking._model_registry import utils as mlflow_registry_utils
+from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
 
 from ..errors import UsageError
 from ..fsutil import read_json
@@ -61,9 +66,11 @@ MAX_PARAM_CHARS = 6000
 """MLflow's limit on a param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)."""
 MAX_TAG_CHARS = 8000
 HEALTH_TIMEOUT_S = 5.0
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+"""The environment variables MLflow's setters write (``pointed_at`` puts them back)."""
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-"""Set unless the user set them. MLflow's client retries a failing server for minutes by default and the run
+"""Set during a sync unless the user set them. MLflow's client retries a failing server for minutes by default and the run
 waits on it: fewer, shorter tries. It prints each finished run's URL on stdout, where ``--json`` prints one
 object: not that."""
 TRACES_PATH = "/v1/traces"
@@ -89,15 +96,8 @@ class MlflowObserver:
     name = "mlflow"
 
     def __init__(self, uri: str, client: MlflowClient | None = None):
-        for key, value in CLIENT_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         self.uri = uri.rstrip("/")
         self.client = client or MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        # Parts of MlflowClient's prompt registry go through MLflow's process-wide state (the tracking store of
-        # link_prompt_version_to_run, the active experiment a new prompt version is listed under): point it
-        # here too. A pipemend process talks to one MLflow server.
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         self._experiment_id: str | None = None
 
     @classmethod
@@ -125,7 +125,10 @@ class MlflowObserver:
 
     def sync(self, run_dir: Path) -> None:
         """Log what the run directory holds and the server lacks; raise one error listing what failed."""
-        run_dir = Path(run_dir)
+        with pointed_at(self.uri):
+            self._sync(Path(run_dir))
+
+    def _sync(self, run_dir: Path) -> None:
         if is_http(self.uri):
             check_server(self.uri)  # fail in seconds, not after the client's retries, when it is down
         view = load_run(run_dir)
@@ -158,12 +161,13 @@ class MlflowObserver:
             raise RuntimeError("MLflow at " + self.uri + ": " + "; ".join(failed))
 
     def experiment_id(self, view: dict[str, Any]) -> str:
+        """The target's experiment (made the first time), also MLflow's active one for this sync."""
         if self._experiment_id is None:
             name = EXPERIMENT_PREFIX + (view.get("name") or Path(str(view.get("target") or "target")).name)
             exp = self.client.get_experiment_by_name(name)
             self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 name, tags={"pipemend.target": str(view.get("target") or "")})
-            mlflow.set_experiment(experiment_id=self._experiment_id)
+        mlflow.set_experiment(experiment_id=self._experiment_id)
         return self._experiment_id
 
     def runs_of(self, exp_id: str, run_id: str) -> dict[str, Run]:
@@ -210,6 +214,34 @@ class MlflowObserver:
                            headers={**auth_headers(), "x-mlflow-experiment-id": exp_id,
                                     "x-mlflow-run-id": run.info.run_id})
         self.client.set_tag(run.info.run_id, TAG_TRACES, str(sent))
+
+
+@contextmanager
+def pointed_at(uri: str) -> Iterator[None]:
+    """MLflow's process-wide state pointed at ``uri`` for one sync, then put back as it was.
+
+    Parts of MlflowClient's prompt registry go through that state (the tracking store of
+    ``link_prompt_version_to_run``, the active experiment a new prompt version is listed under), and MLflow
+    keeps it in module globals and environment variables (``MLFLOW_TRACKING_URI``...). Left set, it would
+    point the caller's later MLflow use, and a later ``optimize`` in the same process, at this server."""
+    env = {k: os.environ.get(k) for k in (*MLFLOW_ENV, *CLIENT_DEFAULTS)}
+    tracking, registry = mlflow_tracking_utils._tracking_uri, mlflow_registry_utils._registry_uri
+    experiment = mlflow_fluent._active_experiment_id
+    try:
+        for key, value in CLIENT_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking)  # None unsets MLFLOW_TRACKING_URI too
+        mlflow_registry_utils._registry_uri = registry
+        mlflow_fluent._active_experiment_id = experiment
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --------------------------------------------------------------------------- what each MLflow run holds
