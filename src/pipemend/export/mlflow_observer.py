@@ -23,6 +23,7 @@ the same MLflow runs and nothing twice. A failure is raised to the loop, which m
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
 import time
@@ -225,11 +226,13 @@ def pointed_at(uri: str) -> Iterator[None]:
     keeps it in module globals and environment variables (``MLFLOW_TRACKING_URI``...). Left set, it would
     point the caller's later MLflow use, and a later ``optimize`` in the same process, at this server."""
     env = {k: os.environ.get(k) for k in (*MLFLOW_ENV, *CLIENT_DEFAULTS)}
+    log, level = logging.getLogger("mlflow"), logging.getLogger("mlflow").level
     tracking, registry = mlflow_tracking_utils._tracking_uri, mlflow_registry_utils._registry_uri
     experiment = mlflow_fluent._active_experiment_id
     try:
         for key, value in CLIENT_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        log.setLevel(max(level, logging.WARNING))  # its INFO lines ("Waiting up to 300 seconds...") are noise here
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         yield
@@ -237,6 +240,7 @@ def pointed_at(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(tracking)  # None unsets MLFLOW_TRACKING_URI too
         mlflow_registry_utils._registry_uri = registry
         mlflow_fluent._active_experiment_id = experiment
+        log.setLevel(level)
         for key, value in env.items():
             if value is None:
                 os.environ.pop(key, None)
