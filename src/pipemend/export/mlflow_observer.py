@@ -49,7 +49,7 @@ from ..report.load import load_run
 from ..rundir import read_run
 from ..sandbox.worktrees import Snapshot
 from .mlflow_prompts import prompt_files, prompt_name, register
-from .otlp import evaluation_request, request_traces, split_request
+from .otlp import candidate_label, evaluation_request, request_traces, split_request
 from .otlp_push import post_traces
 
 if TYPE_CHECKING:
@@ -77,14 +77,9 @@ object: not that."""
 TRACES_PATH = "/v1/traces"
 TRACES_TIMEOUT_S = 30.0
 RUN_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-BASELINE = "baseline"
 ALL_PROMPTS = "all"
 """A run's ``prompts`` field: register every prompt file (the baseline), these changed files (a kept candidate),
 or None (nothing)."""
-
-
-def candidate_key(n: int) -> str:
-    return BASELINE if n == 0 else f"cand-{n}"
 
 
 def clip(text: str, limit: int) -> str:
@@ -143,7 +138,7 @@ class MlflowObserver:
         items += [(c["n"], candidate_fields(run_dir, view, c, ctx)) for c in view["candidates"] if c["n"] in st.candidates]
         failed: list[str] = []
         for n, fields in items:
-            key = candidate_key(n)
+            key = candidate_label(n)
             try:
                 run = have.get(key) or self.client.get_run(self.client.create_run(
                     exp_id, run_name=f"{view['run_id']} {key}",

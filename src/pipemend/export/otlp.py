@@ -39,6 +39,13 @@ from ..trace_join import API_PROVIDERS, content_text
 
 SPLITS = ("train", "val", "test")
 BASELINE = "baseline"
+
+
+def candidate_label(n: int) -> str:
+    """What an export calls candidate ``n`` (0: the baseline): part of every trace id, and MLflow's run tag."""
+    return BASELINE if n == 0 else f"cand-{n}"
+
+
 MAX_ATTR_CHARS = 8_192
 """A step's inputs or output, an example's inputs or output: cut here (with a marker)."""
 MAX_PART_CHARS = 16_384
@@ -566,10 +573,10 @@ def finished_evaluations(run_dir: Path) -> list[tuple[str, Path]]:
             continue
         for split in SPLITS:
             if _finished(evals / split):
-                out.append((f"cand-{n}", evals / split))
+                out.append((candidate_label(n), evals / split))
             elif split == "val":
                 looks = sorted((p for p in evals.glob("val-look*") if _look_number(p) and _finished(p)), key=_look_number)
-                out += [(f"cand-{n}", p) for p in looks]
+                out += [(candidate_label(n), p) for p in looks]
     return out
 
 

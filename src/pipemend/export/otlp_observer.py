@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..fsutil import atomic_write_json, read_json_object
-from .otlp import BASELINE, RunContext, example_traces, finished_evaluations, request_of, run_id_of, split_request
+from .otlp import BASELINE, RunContext, candidate_label, example_traces, finished_evaluations, request_of, run_id_of, split_request
 from .otlp_push import (Encoding, check_url, otlp_encoding_from_env, otlp_headers_from_env, post_traces,
                         to_protobuf)
 
@@ -50,7 +50,7 @@ class OtlpObserver:
         self.send(run_dir, {BASELINE})
 
     def candidate_done(self, run_dir: Path, n: int) -> None:
-        self.send(run_dir, {f"cand-{n}"})
+        self.send(run_dir, {candidate_label(n)})
 
     def run_done(self, run_dir: Path) -> None:
         self.send(run_dir, None)
