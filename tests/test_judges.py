@@ -363,15 +363,7 @@ def test_an_optimize_run_gates_and_reports_a_weighted_judge_metric(tmp_path):
     """The raising_parse target (every val example raises until the prompt asks for bare JSON), scored by
     exact_match and a judge that gives every answer 0.5: a fixed example scores 0.75, not 1; the gate keeps
     the fix on those scores, the pipeline's spend leaves the judge out, and the report renders."""
-    target = tmp_path / "raising_parse"
-    shutil.copytree(TARGETS / "raising_parse", target, ignore=shutil.ignore_patterns("__pycache__"))
-    script = tmp_path / "judge.yaml"
-    script.write_text(yaml.safe_dump({"entries": [{"match": {"last_user_contains": RELEVANCE},
-                                                   "text": verdict(0.5, "on topic, half an answer")}]}))
-    manifest = yaml.safe_load((target / "pipemend.yaml").read_text())
-    manifest["metric"] = {"weights": {"exact_match": 0.5, "judge:relevance": 0.5}}
-    manifest["judge"] = {"model": f"scripted:{script}"}
-    (target / "pipemend.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    target = _judged_raising_parse(tmp_path, judge_budget=None)
     cfg = OptimizeConfig(target=str(target), proposer="ladder", model=f"scripted:{target / 'model.yaml'}",
                          sandbox="process", run_id="judged", reports_dir=str(tmp_path / "reports"), budget_usd=1.0,
                          max_candidates=1)
@@ -387,6 +379,58 @@ def test_an_optimize_run_gates_and_reports_a_weighted_judge_metric(tmp_path):
     assert judged and {c["step"] for c in judged} == {"judge:relevance"}
     assert not any(c.get("step") == "judge:relevance" for c in read_jsonl(run_dir / "gateway" / "calls.jsonl"))
     assert (run_dir / "report.html").is_file() and "0.750" in (run_dir / "report.md").read_text()
+
+
+def _judged_raising_parse(tmp_path: Path, *, judge_budget: float | None) -> Path:
+    """raising_parse scored by exact_match and a scripted relevance judge (0.5 for every answer), with the
+    judge's dollar limit ``judge_budget``."""
+    target = tmp_path / "raising_parse"
+    if not target.exists():
+        shutil.copytree(TARGETS / "raising_parse", target, ignore=shutil.ignore_patterns("__pycache__"))
+    script = tmp_path / "judge.yaml"
+    script.write_text(yaml.safe_dump({"entries": [{"match": {"last_user_contains": RELEVANCE},
+                                                   "text": verdict(0.5, "on topic, half an answer")}]}))
+    manifest = yaml.safe_load((target / "pipemend.yaml").read_text())
+    manifest["metric"] = {"weights": {"exact_match": 0.5, "judge:relevance": 0.5}}
+    manifest["judge"] = {"model": f"scripted:{script}", **({} if judge_budget is None else {"budget_usd": judge_budget})}
+    (target / "pipemend.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return target
+
+
+def test_the_judges_budget_refuses_new_judgments_scoring_them_as_errors_that_name_it(tmp_path):
+    target = copy_target(tmp_path, "judge:correctness")
+    manifest = yaml.safe_load((target / "pipemend.yaml").read_text())
+    manifest["judge"]["budget_usd"] = 0
+    (target / "pipemend.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    run = evaluate(target, tmp_path, "spent")
+    rows = scored(run)
+    assert {r["score"] for r in rows.values()} == {0.0}
+    assert all("judge:correctness" in r["error"] and "budget exhausted" in r["error"] for r in rows.values())
+    assert run.summaries["val"]["judge_errors"] == 5
+    # the pipeline's own calls are not the judge's budget's business
+    assert all(c["error"] is None for c in read_jsonl(run.run_dir / "gateway" / "calls.jsonl"))
+
+
+def test_a_spent_judge_budget_stops_the_loop_and_the_test_split_still_runs(tmp_path):
+    """raising_parse's baseline raises before any answer (nothing to judge); its first candidate answers, and
+    the judge, at a budget of $0, refuses to judge it: the candidate is refused for the judge's budget, the
+    loop stops on it, and the test split still runs."""
+    target = _judged_raising_parse(tmp_path, judge_budget=0.0)
+    cfg = OptimizeConfig(target=str(target), proposer="ladder", model=f"scripted:{target / 'model.yaml'}",
+                         sandbox="process", reports_dir=str(tmp_path / "reports"), budget_usd=1.0, run_id="capped",
+                         max_candidates=3)
+    s = run_optimize(cfg, optimize_harness.RecordingProgress())
+    run_dir = Path(s.run_dir)
+    assert s.status == "done" and s.baseline["val"] == 0.0
+    [cand] = s.candidates  # the loop stopped after the first candidate
+    assert not cand.accepted and any("judge's $0.00 budget (judge.budget_usd)" in r for r in cand.reasons), cand.reasons
+    stopped = [e for e in read_jsonl(run_dir / "journal.jsonl") if e["event"] == "loop_stopped"]
+    assert stopped and stopped[0]["code"] == "budget" and "judge.budget_usd" in stopped[0]["reason"]
+    judged = list(read_jsonl(run_dir / "judge" / "gateway" / "calls.jsonl"))
+    assert judged and all("budget exhausted" in str(c["error"]) for c in judged)
+    assert not any("budget exhausted" in str(c["error"]) for c in read_jsonl(run_dir / "gateway" / "calls.jsonl")), \
+        "the pipeline's own budget is untouched"
+    assert s.baseline["test"] == 0.0 and "test_done" in [e["event"] for e in read_jsonl(run_dir / "journal.jsonl")]
 
 
 # --------------------------------------------------------------------------- the real local model as the judge

@@ -383,7 +383,8 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     judge = None
     try:
         if judge_model:
-            judge = JudgeClient.start(run_dir, judge_model, concurrency=manifest.runner.concurrency)
+            judge = JudgeClient.start(run_dir, judge_model, concurrency=manifest.runner.concurrency,
+                                     budget_usd=manifest.judge.budget_usd)
             progress.log(f"judge: {judge_model} ({', '.join(manifest.judge_specs())})")
         ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model,
                           sealed=manifest.sealed_paths(target), judge=judge)

@@ -123,6 +123,10 @@ class JudgeConfig(_Strict):
         "Model of the judge metrics (`judge:correctness`, `judge:faithfulness`, `judge:relevance`); default the "
         "manifest's `llm.model` (never `--model`: the judge stays fixed while the pipeline's model changes). "
         "`pipemend eval --judge-model` overrides it."))
+    budget_usd: float | None = Field(None, ge=0, description=(
+        "Dollars the judge's calls may spend in one run (eval or optimize, resumes included); None: no limit. "
+        "Judgments the cache answers cost nothing. Apart from `--budget-usd`, which caps the pipeline's calls; "
+        "when it runs out, an optimize run stops proposing and an eval scores the unjudged examples as metric errors."))
 
 
 CUSTOM_METRIC_SUFFIX = ".py"

@@ -118,7 +118,8 @@ def judge_agreement(run_dir: Path, *, judge: str = "judge:correctness", model: s
     reference = load_metric_spec(ref_spec, frozen.dir)
     model = manifest.judge_model(model)
     by_id = frozen.examples_by_id()
-    client = JudgeClient.start(run_dir, model, concurrency=concurrency or manifest.runner.concurrency)
+    client = JudgeClient.start(run_dir, model, concurrency=concurrency or manifest.runner.concurrency,
+                                budget_usd=manifest.judge.budget_usd)
     try:
         # the judge's prompt: the run's frozen copy when the run froze one, else this pipemend's
         templates = frozen.dir / "judges" if (frozen.dir / "judges").is_dir() else None

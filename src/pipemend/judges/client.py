@@ -50,10 +50,12 @@ class JudgeClient:
 
     @classmethod
     def start(cls, run_dir: Path, model: str, *, cache_dir: Path | None = None,
-              concurrency: int = DEFAULT_CONCURRENCY) -> "JudgeClient":
+              concurrency: int = DEFAULT_CONCURRENCY, budget_usd: float | None = None) -> "JudgeClient":
         """The judge of the run in ``run_dir``: a gateway serving only ``model`` (its call log in
-        ``RUN_DIR/judge/``, its cache ``cache_dir``: the run's LLM cache), started."""
-        gateway = Gateway(GatewayConfig(run_dir=Path(run_dir) / JUDGE_DIR, cache_dir=cache_dir, models=[model]))
+        ``RUN_DIR/judge/``, its cache ``cache_dir``: the run's LLM cache, its dollar limit ``budget_usd``:
+        the manifest's ``judge.budget_usd``, counting what the run's judge already spent), started."""
+        gateway = Gateway(GatewayConfig(run_dir=Path(run_dir) / JUDGE_DIR, cache_dir=cache_dir, models=[model],
+                                        budget_usd=budget_usd))
         return cls(gateway.start(), model, concurrency=concurrency)
 
     @property

@@ -25,7 +25,7 @@ from ..globs import matches_any
 from ..gateway import Gateway, GatewayConfig
 from ..journal import RunState, record, replay
 from ..manifest import Manifest, load_manifest
-from ..judges.client import JudgeClient
+from ..judges.client import JUDGE_DIR, JudgeClient
 from ..judges.prompts import FROZEN_SUBDIR as JUDGES_SUBDIR
 from ..metric_specs import fingerprint
 from ..protocols import Progress, Proposer, RunObserver
@@ -122,7 +122,7 @@ class RunEnv:
         if rows is not None:
             return rows
         wt = self.worktree_of(f"eval-{out.name}", sha) if worktree is None else worktree
-        refused_before = self.gateway_stats()["budget_refusals"]
+        refused_before = self.gateway_stats()["budget_refusals"], self.judge_refusals()
         try:
             res = evaluate(self.ectx, name=name, worktree=wt, target_subdir=self.snap.target_subdir, split=split,
                            examples=examples, out_dir=out, writable=writable, sample=sample,
@@ -130,8 +130,11 @@ class RunEnv:
         finally:
             if worktree is None:
                 self.snap.remove_worktree(wt)
-        if self.gateway_stats()["budget_refusals"] > refused_before:
+        if self.gateway_stats()["budget_refusals"] > refused_before[0]:
             raise BudgetExhausted(f"the gateway's ${self.cfg.budget_usd:.2f} budget ran out during {name}", reason="run")
+        if self.judge_refusals() > refused_before[1]:
+            raise BudgetExhausted(f"the judge's ${self.manifest.judge.budget_usd:.2f} budget (judge.budget_usd) ran out "
+                                  f"during {name}", reason="run")
         if res.failed_systemically:
             o = res.outcome
             self.failures[rel_dir] = res.boundary.unrouted or o.error or (
@@ -153,6 +156,14 @@ class RunEnv:
         stats = call_log_stats(self.run_dir)
         self.spent_usd = stats["spent_usd"]
         return stats
+
+    def judge_refusals(self) -> int:
+        """Judgments the judge's gateway refused for its budget (``judge.budget_usd``), from its call log."""
+        judge = self.ectx.judge
+        if judge is None:
+            return 0
+        judge.gateway.flush()
+        return call_log_stats(self.run_dir / JUDGE_DIR)["budget_refusals"]
 
     def track(self, st: RunState) -> RunState:
         """Note the journal's latest state for the status line; returns it."""
@@ -210,7 +221,8 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
             # the judge metrics' own gateway (RUN_DIR/judge/): cached in the run's cache, logged and costed
             # apart from the pipeline (whose budget and spend it never touches)
             judge = JudgeClient.start(run_dir, frozen.manifest.judge_model(), cache_dir=cache,
-                                      concurrency=frozen.manifest.runner.concurrency)
+                                      concurrency=frozen.manifest.runner.concurrency,
+                                      budget_usd=frozen.manifest.judge.budget_usd)
             gateways.append(judge.gateway)
         ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed, judge=judge)
         options = proposer_options(cfg)
