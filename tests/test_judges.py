@@ -379,6 +379,20 @@ def test_an_optimize_run_gates_and_reports_a_weighted_judge_metric(tmp_path):
     assert judged and {c["step"] for c in judged} == {"judge:relevance"}
     assert not any(c.get("step") == "judge:relevance" for c in read_jsonl(run_dir / "gateway" / "calls.jsonl"))
     assert (run_dir / "report.html").is_file() and "0.750" in (run_dir / "report.md").read_text()
+    # the candidate's page shows each fixed example's parts, with the judge's reason
+    page = (run_dir / "candidates" / "1" / "index.html").read_text()
+    assert "judge:relevance" in page and "on topic, half an answer" in page and "exact_match" in page
+
+
+def test_the_report_shows_a_rows_parts_and_reasons_and_nothing_misshapen():
+    from pipemend.report.render import score_parts
+    row = {"metric_parts": {"exact_match": 1.0, "judge:faithfulness": 0.5, "bad": "x", "flag": True},
+           "judgments": {"judge:faithfulness": {"score": 0.5, "reason": "<b>half</b> " + "x" * 5000},
+                         "exact_match": "not a judgment"}}
+    parts = score_parts(row)
+    assert [(p["name"], p["score"]) for p in parts] == [("exact_match", 1.0), ("judge:faithfulness", 0.5)]
+    assert parts[0]["reason"] == "" and parts[1]["reason"].startswith("<b>half</b>") and len(parts[1]["reason"]) < 5000
+    assert score_parts({"score": 1.0}) == [] and score_parts(None) == [] and score_parts({"metric_parts": [1]}) == []
 
 
 def _judged_raising_parse(tmp_path: Path, *, judge_budget: float | None) -> Path:

@@ -32,6 +32,8 @@ MAX_DIFF_CHARS = 300_000
 """A longer diff is cut (the page says so); the full one stays in diff.patch."""
 MAX_EXAMPLES = 25
 """Fixed or broken examples shown with traces per candidate page (each kind)."""
+MAX_PARTS = 16
+"""Parts of a weighted metric shown per example and side."""
 MAX_FIELD_CHARS = 2_000
 
 
@@ -206,6 +208,26 @@ def _trace_head(trace: dict[str, Any] | None) -> dict[str, Any] | None:
             "error": (f"{err.get('type')}: {err.get('message')}" if isinstance(err, dict) else str(err)) if err else ""}
 
 
+def score_parts(row: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A weighted metric's parts of one scored row, each with its judge's verdict reason when a judge gave it:
+    ``[{name, score, reason}]`` (empty for a plain metric). The row comes from the run directory; anything
+    not shaped as the scorer writes it is left out."""
+    parts = (row or {}).get("metric_parts")
+    judgments = (row or {}).get("judgments")
+    if not isinstance(parts, dict):
+        parts = {k: v.get("score") for k, v in judgments.items() if isinstance(v, dict)} \
+            if isinstance(judgments, dict) else {}
+    judgments = judgments if isinstance(judgments, dict) else {}
+    out = []
+    for name, score in list(parts.items())[:MAX_PARTS]:
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            continue
+        j = judgments.get(name)
+        reason = j.get("reason") if isinstance(j, dict) and isinstance(j.get("reason"), str) else ""
+        out.append({"name": str(name)[:80], "score": float(score), "reason": _clip(reason)})
+    return out
+
+
 def example_views(run_dir: Path, cand: dict[str, Any], ids: list[str]) -> list[dict[str, Any]]:
     base_rows, cand_rows = scored_rows(run_dir, cand.get("base_val_dir")), scored_rows(run_dir, cand.get("val_dir"))
     out = []
@@ -213,6 +235,7 @@ def example_views(run_dir: Path, cand: dict[str, Any], ids: list[str]) -> list[d
         bt, ct = read_trace(run_dir, cand.get("base_val_dir"), i), read_trace(run_dir, cand.get("val_dir"), i)
         out.append({"id": i, "base_score": (base_rows.get(i) or {}).get("score"),
                     "cand_score": (cand_rows.get(i) or {}).get("score"),
+                    "base_parts": score_parts(base_rows.get(i)), "cand_parts": score_parts(cand_rows.get(i)),
                     "base": _trace_head(bt), "cand": _trace_head(ct), "steps": align_steps(bt, ct)})
     return out
 
