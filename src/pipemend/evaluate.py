@@ -30,6 +30,7 @@ from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_s
 from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
 from .executors.base import TaskOutput, trace_name
+from .executors import check_executor, gateway_token, get_executor
 from .executors.local import LocalExecutor
 from .fsutil import append_jsonl_many, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .gateway import Gateway, GatewayConfig
@@ -251,7 +252,9 @@ def evaluate(
     for ex in labelled:  # a stale trace would pass for this run's
         if trace_name(ex.id) is not None:
             (out_dir / "traces" / trace_name(ex.id)).unlink(missing_ok=True)
-    outcome = _run_job(ctx.executor, job, candidate=name, total=len(labelled), progress=progress) if labelled else \
+    # a writable job (a proposer's train run) writes into the worktree on this machine: never shipped away
+    executor = LocalExecutor(ctx.sandbox) if writable or ctx.executor is None else ctx.executor
+    outcome = _run_job(executor, job, candidate=name, total=len(labelled), progress=progress) if labelled else \
         SandboxOutcome(sandbox=getattr(ctx.sandbox, "name", "?"), returncode=0)
     window = (t0, time.time())
     if hasattr(ctx.gateway, "flush") and getattr(ctx.gateway, "service", None) is not None:
@@ -375,7 +378,7 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 def run_eval(target: Path, *, split: str = "val", limit: int | None = None, model: str | None = None,
              sandbox: str = "auto", run_id: str | None = None, reports_dir: Path = Path("reports"),
              thresholds: LadderThresholds | None = None, progress: Progress | None = None,
-             judge_model: str | None = None) -> EvalRun:
+             judge_model: str | None = None, executor: str = "local", ray_address: str | None = None) -> EvalRun:
     """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
 
     Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
@@ -388,6 +391,7 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
         check_choice(sandbox, SANDBOX_CHOICES, "--sandbox")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: expected a positive number of examples")
+    check_executor(executor)
     manifest = load_manifest(target)
     load_splits(manifest, target)  # bad data is a usage error before any run directory exists
     model = model or manifest.llm.model
@@ -398,7 +402,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
         **({"judge_model": judge_model} if judge_model else {})})
     try:
         result = _eval_splits(target, manifest, run_dir, split=split, limit=limit, model=model,
-                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model)
+                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model,
+                              executor_kind=executor, ray_address=ray_address)
     except BaseException as e:
         finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -410,7 +415,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
 
 def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: int | None, model: str,
                  sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress,
-                 judge_model: str | None = None) -> EvalRun:
+                 judge_model: str | None = None, executor_kind: str = "local",
+                 ray_address: str | None = None) -> EvalRun:
     frozen = freeze_target(target, manifest, run_dir)
     splits_all = frozen.splits()
     journal(run_dir, "frozen", dir=str(frozen.dir), sizes={k: len(v) for k, v in splits_all.items()})
@@ -419,20 +425,23 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
     progress.log(f"model: {model} (sandbox {box.name})")
     gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir),
-                                    models=manifest.models(model)))
+                                    models=manifest.models(model), token=gateway_token(executor_kind)))
     gateway.start()
-    journal(run_dir, "gateway_started", url=gateway.url)
+    journal(run_dir, "gateway_started", url=gateway.address)
     summaries: dict[str, dict[str, Any]] = {}
     evals: dict[str, Path] = {}
     dead: list[str] = []
     warnings: list[str] = []
     judge = None
+    executor = None
     try:
+        executor = get_executor(executor_kind, box, sandbox_kind=sandbox_kind, ray_address=ray_address,
+                                announce=lambda msg: progress.event("announce", text=str(msg)))
         if judge_model:
             judge = JudgeClient.start(run_dir, judge_model, concurrency=manifest.runner.concurrency)
             progress.log(f"judge: {judge_model} ({', '.join(manifest.judge_specs())})")
         ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model,
-                          sealed=manifest.sealed_paths(target), judge=judge)
+                          sealed=manifest.sealed_paths(target), judge=judge, executor=executor)
         for s in wanted:
             examples = splits[s]
             journal(run_dir, "eval_started", split=s, n=len(examples))
@@ -453,6 +462,8 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
                 why = o.error or (o.stderr_tail.strip().splitlines() or [f"exit code {o.returncode}"])[-1]
                 dead.append(f"{s}: {why}")
     finally:
+        if executor is not None:
+            executor.close()
         gateway.stop()
         if judge is not None:
             judge.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 
 from ..errors import UsageError
 from ..protocols import Executor, Sandbox
@@ -37,6 +38,12 @@ def check_executor(name: str) -> str:
     return name
 
 
+def gateway_token(executor: str) -> str | None:
+    """A fresh per-run gateway token for an executor whose sandboxes may dial the gateway over the network
+    (``ray``); None for ``local`` (loopback and the unix socket only)."""
+    return secrets.token_urlsafe(32) if executor == "ray" else None
+
+
 def get_executor(name: str, sandbox: Sandbox, *, sandbox_kind: str = "auto", ray_address: str | None = None,
                  announce=print) -> Executor:
     """The named executor running jobs in ``sandbox`` (``local``) or, on Ray, in the sandbox ``sandbox_kind``
@@ -49,4 +56,5 @@ def get_executor(name: str, sandbox: Sandbox, *, sandbox_kind: str = "auto", ray
     return RayExecutor(sandbox_kind=sandbox_kind, address=ray_address, announce=announce)
 
 
-__all__ = ["EXECUTORS", "LocalExecutor", "check_executor", "executor_from_env", "get_executor", "ray_available"]
+__all__ = ["EXECUTORS", "LocalExecutor", "check_executor", "executor_from_env", "gateway_token", "get_executor",
+           "ray_available"]
