@@ -5,12 +5,15 @@ candidate and example), a finished one never runs again, and a task past its tim
 from __future__ import annotations
 
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 
 from executor_support import ran, shared_dir, toy_job
-from pipemend.executors import LocalExecutor, check_executor
+from pipemend.executors import LocalExecutor, check_executor, gateway_token
 from pipemend.errors import UsageError
+from pipemend.gateway import Gateway, GatewayConfig
 from pipemend.sandbox.process import ProcessSandbox
 
 
@@ -69,3 +72,24 @@ def test_a_hung_task_is_ended_at_its_timeout_and_its_examples_time_out(tmp_path,
 def test_an_unknown_executor_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="expected one of local, ray"):
         check_executor("dask")
+
+
+def test_a_gateway_with_a_token_refuses_requests_without_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    token = gateway_token("ray")
+    assert token and gateway_token("local") is None
+    with Gateway(GatewayConfig(run_dir=tmp_path / "run", token=token, models=["simulated/echo"])) as gw:
+        assert gw.url.endswith(f"/t/{token}") and token not in gw.address
+        assert _get(gw.url + "/health") == 200  # the token in the path, as the runner's base URL carries it
+        assert _get(gw.address + "/health", {"x-pipemend-token": token}) == 200
+        assert _get(gw.address + "/health") == 401
+        assert _get(gw.address + "/t/" + "x" * len(token) + "/health") == 401
+        assert _get(gw.address + "/health", {"x-pipemend-token": token[:-1]}) == 401
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code

@@ -29,7 +29,7 @@ from .boundary import Boundary, inspect
 from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_splits, load_splits
 from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
-from .executors.base import TaskOutput, trace_name
+from .executors.base import TaskOutput, task_timeout, trace_name
 from .executors import check_executor, gateway_token, get_executor
 from .executors.local import LocalExecutor
 from .fsutil import append_jsonl_many, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -44,7 +44,6 @@ from .scoring import score_results, write_eval
 
 OUTCOME_FORMAT = "pipemend-outcome-1"
 POLL_S = 0.25
-WALL_SLACK_S = 300.0
 
 
 @dataclass
@@ -92,10 +91,6 @@ class EvalResult:
         """The sandbox or runner died (as opposed to examples failing one by one)."""
         o = self.outcome
         return bool(o.error) or o.timed_out or o.returncode != 0
-
-
-def _wall_timeout(n: int, concurrency: int, example_timeout_s: float) -> float:
-    return math.ceil(max(n, 1) / max(concurrency, 1)) * example_timeout_s + WALL_SLACK_S
 
 
 def hidden_paths(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequence[str]) -> list[str]:
@@ -240,7 +235,7 @@ def evaluate(
         model=ctx.model,
         concurrency=manifest.runner.concurrency,
         example_timeout_s=manifest.runner.example_timeout_s,
-        wall_timeout_s=_wall_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
+        wall_timeout_s=task_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
         writable=writable,
         requirements=(target_dir / manifest.requirements) if manifest.requirements else None,
         hidden=hidden_paths(manifest, target_dir, Path(ctx.run_dir), ctx.sealed),
