@@ -405,6 +405,30 @@ class ShardedBatch:
         return ExampleResult(ex_id, row, trace, self._attempts.get((self.candidate, ex_id), 1))
 
 
+class ShardedExecutor:
+    """An ``Executor`` over a ``TaskRunner``: ``shard_size`` examples per task (None: the whole batch in one),
+    at most ``max_running`` tasks at once (None: all), ``max_retries`` per example whose task died."""
+
+    name = "?"
+
+    def __init__(self, tasks: TaskRunner, *, shard_size: int | None, max_retries: int, max_running: int | None):
+        self.tasks = tasks
+        self.shard_size, self.max_retries, self.max_running = shard_size, max_retries, max_running
+        self._batches: list[ShardedBatch] = []
+
+    def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ShardedBatch:
+        batch = ShardedBatch(self.tasks, dataclasses.replace(job), candidate=candidate, shard_size=self.shard_size,
+                             max_retries=self.max_retries, timeout_s=timeout_s, max_running=self.max_running)
+        self._batches = [b for b in self._batches if not b.done] + [batch]
+        return batch
+
+    def close(self) -> None:
+        for batch in self._batches:
+            if not batch.done:
+                batch.cancel()
+        self._batches = []
+
+
 def _timeout_row(ex_id: str, why: str) -> dict[str, Any]:
     return {"id": ex_id, "output": None, "error": why, "timed_out": True, "duration_s": None}
 

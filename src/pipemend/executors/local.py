@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..fsutil import atomic_write_text
 from ..protocols import Sandbox, SandboxJob, SandboxOutcome
-from .base import ShardedBatch, Task, TaskOutput, read_task_output
+from .base import ShardedExecutor, Task, TaskOutput, read_task_output
 
 TASKS_DIR = "tasks"
 POLL_S = 0.05
@@ -103,26 +103,12 @@ class LocalTasks:
         return count_lines(handle.out_dir / "results.jsonl")
 
 
-class LocalExecutor:
-    """``Executor`` on this machine: ``shard_size`` examples per task (None: the whole batch in one),
-    at most ``max_running`` tasks at once (None: all), ``max_retries`` per example whose task died."""
+class LocalExecutor(ShardedExecutor):
+    """``Executor`` on this machine (``ShardedExecutor``); by default one task per batch and no retries: exactly
+    the one sandbox job ``evaluate`` always ran (a pipeline that crashes its runner would crash it again)."""
 
     name = "local"
 
     def __init__(self, sandbox: Sandbox, *, shard_size: int | None = None, max_retries: int = 0,
                  max_running: int | None = None):
-        self.tasks = LocalTasks(sandbox)
-        self.shard_size, self.max_retries, self.max_running = shard_size, max_retries, max_running
-        self._batches: list[ShardedBatch] = []
-
-    def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ShardedBatch:
-        batch = ShardedBatch(self.tasks, job, candidate=candidate, shard_size=self.shard_size,
-                             max_retries=self.max_retries, timeout_s=timeout_s, max_running=self.max_running)
-        self._batches = [b for b in self._batches if not b.done] + [batch]
-        return batch
-
-    def close(self) -> None:
-        for batch in self._batches:
-            if not batch.done:
-                batch.cancel()
-        self._batches = []
+        super().__init__(LocalTasks(sandbox), shard_size=shard_size, max_retries=max_retries, max_running=max_running)

@@ -23,7 +23,6 @@ run's gateway token (``GatewayConfig.token``): see docs/distributed.md.
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import io
 import os
@@ -44,7 +43,7 @@ from ..globs import walk_files
 from ..protocols import SandboxJob
 from ..sandbox import get_sandbox
 from ..sandbox.common import masked_paths, target_dir
-from .base import ShardedBatch, Task, TaskOutput, read_task_output
+from .base import ShardedExecutor, Task, TaskOutput, read_task_output
 from .local import run_never_raising
 
 DOCKER_RESOURCE = "pipemend_docker"
@@ -55,6 +54,8 @@ SKIP_PARTS = frozenset({".git", ".venv", "venv", "__pycache__", "node_modules"})
 TAR_CAP = 512 * 1024 * 1024
 """Largest target folder shipped to the nodes (bytes, uncompressed)."""
 RELAY_BODY_CAP = 32 * 1024 * 1024
+TARS_KEPT = 16
+"""Batches whose target tar the driver keeps in the object store for their tasks and retries."""
 
 
 def target_tar(job: SandboxJob) -> bytes:
@@ -216,16 +217,24 @@ class RayTasks:
 
     def __init__(self, sandbox_kind: str, num_cpus: float = 1.0):
         self.sandbox_kind, self.num_cpus = sandbox_kind, num_cpus
-        self._tars: dict[int, Any] = {}
+        self._tars: dict[int, tuple[SandboxJob, Any]] = {}
+        """id(batch job) -> (the job, kept so its id is not reused; its tar's object ref)."""
+        self._lock = threading.Lock()
+
+    def _tar(self, job: SandboxJob) -> Any:
+        """The object ref of ``job``'s target tar, put once per batch (several batches may run at once)."""
+        with self._lock:
+            if id(job) not in self._tars:
+                self._tars[id(job)] = (job, ray.put(target_tar(job)))
+                while len(self._tars) > TARS_KEPT:
+                    self._tars.pop(next(iter(self._tars)))
+            return self._tars[id(job)][1]
 
     def start(self, task: Task) -> _Ref:
-        key = id(task.job)
-        if key not in self._tars:
-            self._tars = {key: ray.put(target_tar(task.job))}  # one batch's tar at a time
         resources = {DOCKER_RESOURCE: 0.001} if self.sandbox_kind == "docker" else {}
         spec = job_spec(task.job, self.sandbox_kind, task.timeout_s + INNER_GRACE_S)
         ref = _remote_run_shard.options(num_cpus=self.num_cpus, resources=resources, max_retries=0).remote(
-            self._tars[key], task.lines, task.ids, spec)
+            self._tar(task.job), task.lines, task.ids, spec)
         return _Ref(task, ref)
 
     def ready(self, handles: list[_Ref], timeout: float) -> list[_Ref]:
@@ -249,9 +258,9 @@ class RayTasks:
         return 0
 
 
-class RayExecutor:
-    """``Executor`` on a Ray cluster: ``shard_size`` examples per task (None: the whole batch in one),
-    ``max_retries`` per example whose task died (a lost node, a killed worker)."""
+class RayExecutor(ShardedExecutor):
+    """``Executor`` on a Ray cluster (``ShardedExecutor``): ``max_retries`` per example whose task died (a lost
+    node, a killed worker); connects with ``ray.init(address)`` unless Ray is already initialised."""
 
     name = "ray"
 
@@ -266,22 +275,11 @@ class RayExecutor:
         announce(f"executor: ray ({len(nodes)} node(s), {docker} with {DOCKER_RESOURCE}; sandbox {sandbox_kind})")
         if sandbox_kind == "docker" and not docker:
             announce(f"executor: no Ray node has the resource {DOCKER_RESOURCE}: docker tasks wait for one")
-        self.tasks = RayTasks(sandbox_kind, num_cpus)
-        self.shard_size, self.max_retries = shard_size, max_retries
-        self._batches: list[ShardedBatch] = []
-
-    def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ShardedBatch:
-        job = dataclasses.replace(job)  # a fresh object: the tar is keyed by it
-        batch = ShardedBatch(self.tasks, job, candidate=candidate, shard_size=self.shard_size,
-                             max_retries=self.max_retries, timeout_s=timeout_s)
-        self._batches = [b for b in self._batches if not b.done] + [batch]
-        return batch
+        super().__init__(RayTasks(sandbox_kind, num_cpus), shard_size=shard_size, max_retries=max_retries,
+                         max_running=None)
 
     def close(self) -> None:
-        for batch in self._batches:
-            if not batch.done:
-                batch.cancel()
-        self._batches = []
+        super().close()
         if self._started:
             ray.shutdown()
             self._started = False
