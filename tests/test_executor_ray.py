@@ -6,16 +6,20 @@ Skipped when Ray is not installed, except in CI (`PIPEMEND_REQUIRE_SANDBOXES=1`)
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
 from executor_support import ran, shared_dir, toy_job
 from pipemend.evaluate import run_eval
+from pipemend.executors import gateway_token
 from pipemend.fsutil import read_jsonl
+from pipemend.gateway import Gateway, GatewayConfig
 
 TARGETS = Path(__file__).parent / "fixtures" / "targets"
 PLUGINS = Path(__file__).parent / "fixtures" / "executor"
@@ -101,3 +105,33 @@ def test_a_hung_task_is_cancelled_and_times_out(local_ray, tmp_path) -> None:
     assert got["h"]["timed_out"] is True and "cancelled" in got["h"]["error"]
     outcome = batch.outcome()
     assert outcome.timed_out and "cancelled" in (outcome.error or "")
+
+
+def test_the_node_relay_carries_the_gateway_token(local_ray, tmp_path, monkeypatch) -> None:
+    # a Docker or bubblewrap sandbox on another node gets a unix socket served by the task, which forwards to
+    # the gateway's URL (its token in the path); without the token the gateway refuses
+    from pipemend.executors.ray import GatewayRelay  # needs ray: imported once the fixture found it
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with Gateway(GatewayConfig(run_dir=tmp_path / "run", token=gateway_token("ray"), models=["simulated/echo"])) as gw:
+        good, bad = GatewayRelay(tmp_path / "good.sock", gw.url), GatewayRelay(tmp_path / "bad.sock", gw.address)
+        try:
+            assert _unix_get(good.path, "/health") == 200
+            assert _unix_get(bad.path, "/health") == 401
+        finally:
+            good.close()
+            bad.close()
+
+
+def _unix_get(path: Path, route: str) -> int:
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(path))
+
+    conn = Conn("localhost", timeout=30)
+    try:
+        conn.request("GET", route)
+        return conn.getresponse().status
+    finally:
+        conn.close()

@@ -43,7 +43,7 @@ from ..globs import walk_files
 from ..protocols import SandboxJob
 from ..sandbox import get_sandbox
 from ..sandbox.common import masked_paths, target_dir
-from .base import ShardedExecutor, Task, TaskOutput, read_task_output
+from .base import ShardedBatch, ShardedExecutor, Task, TaskOutput, read_task_output
 from .local import run_never_raising
 
 DOCKER_RESOURCE = "pipemend_docker"
@@ -54,6 +54,7 @@ SKIP_PARTS = frozenset({".git", ".venv", "venv", "__pycache__", "node_modules"})
 TAR_CAP = 512 * 1024 * 1024
 """Largest target folder shipped to the nodes (bytes, uncompressed)."""
 RELAY_BODY_CAP = 32 * 1024 * 1024
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 TARS_KEPT = 16
 """Batches whose target tar the driver keeps in the object store for their tasks and retries."""
 
@@ -272,11 +273,24 @@ class RayExecutor(ShardedExecutor):
             self._started = True
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         docker = sum(1 for n in nodes if n.get("Resources", {}).get(DOCKER_RESOURCE))
+        here = ray.util.get_node_ip_address()
+        self.remote_nodes = sum(1 for n in nodes if n.get("NodeManagerAddress") != here)
+        """Live nodes other than this machine: they reach the gateway only over the network."""
         announce(f"executor: ray ({len(nodes)} node(s), {docker} with {DOCKER_RESOURCE}; sandbox {sandbox_kind})")
         if sandbox_kind == "docker" and not docker:
             announce(f"executor: no Ray node has the resource {DOCKER_RESOURCE}: docker tasks wait for one")
         super().__init__(RayTasks(sandbox_kind, num_cpus), shard_size=shard_size, max_retries=max_retries,
                          max_running=None)
+        self.announce, self._warned = announce, False
+
+    def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ShardedBatch:
+        host = urlsplit(job.gateway_url).hostname or ""
+        if self.remote_nodes and host in LOOPBACK and not self._warned:
+            self._warned = True
+            self.announce(f"executor: the gateway listens on {host}, which the cluster's {self.remote_nodes} other "
+                          "node(s) cannot reach: their tasks' model calls fail (pass --gateway-host, "
+                          "docs/distributed.md)")
+        return super().submit(job, candidate=candidate, timeout_s=timeout_s)
 
     def close(self) -> None:
         super().close()
