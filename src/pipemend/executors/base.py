@@ -415,18 +415,21 @@ class ShardedExecutor:
         self.tasks = tasks
         self.shard_size, self.max_retries, self.max_running = shard_size, max_retries, max_running
         self._batches: list[ShardedBatch] = []
+        self._lock = threading.Lock()  # batches may be submitted from several threads (candidates in parallel)
 
     def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ShardedBatch:
         batch = ShardedBatch(self.tasks, dataclasses.replace(job), candidate=candidate, shard_size=self.shard_size,
                              max_retries=self.max_retries, timeout_s=timeout_s, max_running=self.max_running)
-        self._batches = [b for b in self._batches if not b.done] + [batch]
+        with self._lock:
+            self._batches = [b for b in self._batches if not b.done] + [batch]
         return batch
 
     def close(self) -> None:
-        for batch in self._batches:
+        with self._lock:
+            batches, self._batches = self._batches, []
+        for batch in batches:
             if not batch.done:
                 batch.cancel()
-        self._batches = []
 
 
 def _timeout_row(ex_id: str, why: str) -> dict[str, Any]:
