@@ -206,7 +206,8 @@ class TaskRunner(Protocol):
 
     def start(self, task: Task) -> Any: ...
 
-    def ready(self, handles: list[Any], timeout: float) -> list[Any]: ...
+    def ready(self, handles: list[Any], timeout: float) -> list[Any]:
+        """The finished ones of ``handles`` (waiting up to ``timeout`` seconds for one), first finished first."""
 
     def output(self, handle: Any) -> TaskOutput: ...
 
@@ -349,18 +350,19 @@ class ShardedBatch:
         now = time.monotonic()
         nearest = min(r.deadline for r in self._running)
         wait_s = max(0.0, min(nearest, end if end is not None else nearest) - now)
-        ready = set(map(id, self.runner.ready([r.handle for r in self._running], min(wait_s, 1.0))))
+        by_handle = {id(r.handle): r for r in self._running}
+        ready = [by_handle[id(h)] for h in self.runner.ready(list(r.handle for r in self._running), min(wait_s, 1.0))]
+        for r in ready:  # in the order they finished
+            self._running.remove(r)
+            try:
+                output = self.runner.output(r.handle)
+            except Exception as e:  # noqa: BLE001 - a dead worker is a crashed task
+                output = TaskOutput(SandboxOutcome(sandbox=self.runner.name, returncode=None,
+                                                   error=f"task failed: {type(e).__name__}: {e}"))
+            self._after(r.task, output)
         now = time.monotonic()
         for r in list(self._running):
-            if id(r.handle) in ready:
-                self._running.remove(r)
-                try:
-                    output = self.runner.output(r.handle)
-                except Exception as e:  # noqa: BLE001 - a dead worker is a crashed task
-                    output = TaskOutput(SandboxOutcome(sandbox=self.runner.name, returncode=None,
-                                                       error=f"task failed: {type(e).__name__}: {e}"))
-                self._after(r.task, output)
-            elif now >= r.deadline:
+            if now >= r.deadline:
                 self._running.remove(r)
                 self.runner.cancel(r.handle)
                 self._outcomes.append(SandboxOutcome(sandbox=self.runner.name, returncode=None, timed_out=True,

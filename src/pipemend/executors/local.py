@@ -14,6 +14,7 @@ once: the sandbox still ends the job at its wall clock.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import threading
 import time
@@ -43,6 +44,8 @@ class _Thread:
     out_dir: Path
     thread: threading.Thread | None = None
     box: dict[str, SandboxOutcome] = field(default_factory=dict)
+    finished_at: int = 0
+    """The task's place in the order tasks finished (``LocalTasks.ready`` sorts by it)."""
 
 
 def run_never_raising(sandbox: Sandbox, job: SandboxJob) -> SandboxOutcome:
@@ -62,6 +65,8 @@ class LocalTasks:
     def __init__(self, sandbox: Sandbox):
         self.sandbox = sandbox
         self.name = getattr(sandbox, "name", "?")
+        self._lock = threading.Lock()
+        self._finish_order = itertools.count(1)
 
     def start(self, task: Task) -> _Thread:
         out_dir = task.job.out_dir / TASKS_DIR / str(task.index)
@@ -71,15 +76,22 @@ class LocalTasks:
         atomic_write_text(inputs, "".join(line + "\n" for line in task.lines))
         job = dataclasses.replace(task.job, inputs_file=inputs, out_dir=out_dir, wall_timeout_s=task.timeout_s)
         h = _Thread(task, out_dir)
-        h.thread = threading.Thread(target=lambda: h.box.setdefault("outcome", run_never_raising(self.sandbox, job)),
-                                    name=f"pipemend-task-{task.index}", daemon=True)
+
+        def run() -> None:
+            outcome = run_never_raising(self.sandbox, job)
+            with self._lock:
+                h.finished_at = next(self._finish_order)
+                h.box["outcome"] = outcome
+
+        h.thread = threading.Thread(target=run, name=f"pipemend-task-{task.index}", daemon=True)
         h.thread.start()
         return h
 
     def ready(self, handles: list[_Thread], timeout: float) -> list[_Thread]:
         end = time.monotonic() + timeout
         while True:
-            done = [h for h in handles if "outcome" in h.box]
+            with self._lock:
+                done = sorted((h for h in handles if "outcome" in h.box), key=lambda h: h.finished_at)
             if done or time.monotonic() >= end:
                 return done
             time.sleep(min(POLL_S, max(0.0, end - time.monotonic())))

@@ -240,11 +240,13 @@ class RayTasks:
 
     def ready(self, handles: list[_Ref], timeout: float) -> list[_Ref]:
         refs = [h.ref for h in handles]
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if done:
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        ids = {r.hex() for r in done}
-        return [h for h in handles if h.ref.hex() in ids]
+        first, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not first:
+            return []
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        order = list(dict.fromkeys(r.hex() for r in [*first, *done]))  # Ray tells only which came first
+        by_hex = {h.ref.hex(): h for h in handles}
+        return [by_hex[x] for x in order if x in by_hex]
 
     def output(self, handle: _Ref) -> TaskOutput:
         return TaskOutput.checked(ray.get(handle.ref), handle.task.ids, sandbox=self.sandbox_kind)
