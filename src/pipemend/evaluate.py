@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,11 +29,14 @@ from .boundary import Boundary, inspect
 from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_splits, load_splits
 from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
-from .fsutil import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .executors.base import TaskOutput, task_timeout, trace_name
+from .executors import check_executor, gateway_token, get_executor
+from .executors.local import LocalExecutor
+from .fsutil import append_jsonl_many, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .gateway import Gateway, GatewayConfig
 from .judges.client import JudgeClient
 from .manifest import MANIFEST_NAME, load_manifest
-from .protocols import NullProgress, Progress, Sandbox, SandboxJob, SandboxOutcome
+from .protocols import Executor, ExecutorBatch, NullProgress, Progress, Sandbox, SandboxJob, SandboxOutcome
 from .rundir import create_run_dir, finish_run, journal, new_run_id
 from .runtime.sampling import MAX_SAMPLE_INDEX, SAMPLE_ENV
 from .sandbox import get_sandbox
@@ -42,7 +44,6 @@ from .scoring import score_results, write_eval
 
 OUTCOME_FORMAT = "pipemend-outcome-1"
 POLL_S = 0.25
-WALL_SLACK_S = 300.0
 
 
 @dataclass
@@ -60,6 +61,12 @@ class EvalContext:
     """Target-relative files the pipeline must never read (``Manifest.sealed_paths``, fixed when the run began)."""
     judge: JudgeClient | None = None
     """The run's judge (its own gateway, ``RUN_DIR/judge/``) when the metric has ``judge:*`` parts."""
+    executor: Executor | None = None
+    """Where the sandbox jobs run (``pipemend.executors``); None: ``LocalExecutor(sandbox)``, one task per batch."""
+
+    def __post_init__(self) -> None:
+        if self.executor is None:
+            self.executor = LocalExecutor(self.sandbox)
 
 
 @dataclass
@@ -86,18 +93,6 @@ class EvalResult:
         return bool(o.error) or o.timed_out or o.returncode != 0
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for line in f if line.endswith(b"\n"))
-    except FileNotFoundError:
-        return 0
-
-
-def _wall_timeout(n: int, concurrency: int, example_timeout_s: float) -> float:
-    return math.ceil(max(n, 1) / max(concurrency, 1)) * example_timeout_s + WALL_SLACK_S
-
-
 def hidden_paths(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequence[str]) -> list[str]:
     """Target-relative paths no pipeline may read (the label seal, ``SandboxJob.hidden``).
 
@@ -119,31 +114,73 @@ def hidden_paths(manifest: Any, target_dir: Path, run_dir: Path, sealed: Sequenc
     return hidden
 
 
-def _run_sandbox(sandbox: Sandbox, job: SandboxJob, total: int, progress: Callable[[int, int], None] | None) -> SandboxOutcome:
-    """Run the sandbox in a thread, polling ``results.jsonl`` for progress; never raises."""
-    box: dict[str, SandboxOutcome] = {}
+def _run_job(executor: Executor, job: SandboxJob, *, candidate: str, total: int,
+             progress: Callable[[int, int], None] | None) -> SandboxOutcome:
+    """Run ``job`` through ``executor``; what its tasks bring back is written into ``job.out_dir`` as it comes
+    (``results.jsonl`` rows, ``traces/<id>.json``; then one ``runner.json`` and ``egress.json``). Never raises
+    for a dead sandbox or task: that is the outcome."""
+    try:
+        batch = executor.submit(job, candidate=candidate)
+    except Exception as e:  # noqa: BLE001 - an executor that cannot start the job is a dead sandbox
+        return SandboxOutcome(sandbox=getattr(executor, "name", "?"), returncode=None,
+                              error=f"executor {getattr(executor, 'name', '?')} raised {type(e).__name__}: {e}")
+    try:
+        _collect(batch, job.out_dir, total, progress)
+    finally:
+        if not batch.done:
+            batch.cancel()
+    outputs = getattr(batch, "outputs", lambda: [])()
+    _write_task_files(job.out_dir, outputs)
+    return batch.outcome()
 
-    def target() -> None:
-        try:
-            box["outcome"] = sandbox.run(job)
-        except BaseException as e:  # noqa: BLE001 - a dead sandbox is data, not a dead run
-            box["outcome"] = SandboxOutcome(sandbox=getattr(sandbox, "name", "?"), returncode=None,
-                                            error=f"sandbox raised {type(e).__name__}: {e}")
 
-    thread = threading.Thread(target=target, name="pipemend-sandbox", daemon=True)
-    thread.start()
-    results = job.out_dir / "results.jsonl"
+def _collect(batch: ExecutorBatch, out_dir: Path, total: int, progress: Callable[[int, int], None] | None) -> None:
     last = -1
-    while thread.is_alive():
-        thread.join(POLL_S)
+    while not batch.done:
+        got = batch.wait(POLL_S)
+        rows = [r.row for r in got if r.row is not None]
+        if rows:
+            append_jsonl_many(out_dir / "results.jsonl", rows)
+        for r in got:
+            name = trace_name(r.example_id)
+            if r.trace is not None and name is not None:
+                atomic_write_bytes(out_dir / "traces" / name, r.trace)
         if progress is not None:
-            done = min(_count_lines(results), total)
+            done = min(batch.finished(), total)
             if done != last:
                 progress(done, total)
                 last = done
     if progress is not None:
-        progress(min(_count_lines(results), total), total)
-    return box["outcome"]
+        progress(min(batch.finished(), total), total)
+
+
+def _write_task_files(out_dir: Path, outputs: list[TaskOutput]) -> None:
+    """``runner.json`` and ``egress.json`` of the batch: one task's as it wrote them; of several, the start-up
+    times summed (each task paid its own) and the egress report that names an unrouted call, else the first."""
+    runners = [o.runner_json for o in outputs if o.runner_json is not None]
+    if len(runners) == 1:
+        atomic_write_bytes(out_dir / "runner.json", runners[0])
+    elif runners:
+        parsed = [p for p in (_json_object(b) for b in runners) if p]
+        if parsed:
+            merged = {**parsed[0], "startup_s": sum(_number(p.get("startup_s")) for p in parsed)}
+            atomic_write_json(out_dir / "runner.json", merged)
+    egress = [o.egress_json for o in outputs if o.egress_json is not None]
+    if egress:
+        unrouted = [b for b in egress if (_json_object(b) or {}).get("unrouted")]
+        atomic_write_bytes(out_dir / "egress.json", (unrouted or egress)[0])
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0.0
 
 
 def evaluate(
@@ -198,15 +235,22 @@ def evaluate(
         model=ctx.model,
         concurrency=manifest.runner.concurrency,
         example_timeout_s=manifest.runner.example_timeout_s,
-        wall_timeout_s=_wall_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
+        wall_timeout_s=task_timeout(len(labelled), manifest.runner.concurrency, manifest.runner.example_timeout_s),
         writable=writable,
         requirements=(target_dir / manifest.requirements) if manifest.requirements else None,
         hidden=hidden_paths(manifest, target_dir, Path(ctx.run_dir), ctx.sealed),
         env={"PIPEMEND_EVAL": token, SAMPLE_ENV: str(sample)},
     )
     t0 = time.time()
-    outcome = _run_sandbox(ctx.sandbox, job, len(labelled), progress) if labelled else SandboxOutcome(
-        sandbox=getattr(ctx.sandbox, "name", "?"), returncode=0)
+    for stale in ("runner.json", "egress.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    for ex in labelled:  # a stale trace would pass for this run's
+        if trace_name(ex.id) is not None:
+            (out_dir / "traces" / trace_name(ex.id)).unlink(missing_ok=True)
+    # a writable job (a proposer's train run) writes into the worktree on this machine: never shipped away
+    executor = LocalExecutor(ctx.sandbox) if writable or ctx.executor is None else ctx.executor
+    outcome = _run_job(executor, job, candidate=name, total=len(labelled), progress=progress) if labelled else \
+        SandboxOutcome(sandbox=getattr(ctx.sandbox, "name", "?"), returncode=0)
     window = (t0, time.time())
     if hasattr(ctx.gateway, "flush") and getattr(ctx.gateway, "service", None) is not None:
         ctx.gateway.flush()  # every call of this evaluation is in the log before it is charged
@@ -329,7 +373,7 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 def run_eval(target: Path, *, split: str = "val", limit: int | None = None, model: str | None = None,
              sandbox: str = "auto", run_id: str | None = None, reports_dir: Path = Path("reports"),
              thresholds: LadderThresholds | None = None, progress: Progress | None = None,
-             judge_model: str | None = None) -> EvalRun:
+             judge_model: str | None = None, executor: str = "local", ray_address: str | None = None) -> EvalRun:
     """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
 
     Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
@@ -342,6 +386,7 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
         check_choice(sandbox, SANDBOX_CHOICES, "--sandbox")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: expected a positive number of examples")
+    check_executor(executor)
     manifest = load_manifest(target)
     load_splits(manifest, target)  # bad data is a usage error before any run directory exists
     model = model or manifest.llm.model
@@ -352,7 +397,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
         **({"judge_model": judge_model} if judge_model else {})})
     try:
         result = _eval_splits(target, manifest, run_dir, split=split, limit=limit, model=model,
-                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model)
+                              sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model,
+                              executor_kind=executor, ray_address=ray_address)
     except BaseException as e:
         finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -364,7 +410,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
 
 def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: int | None, model: str,
                  sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress,
-                 judge_model: str | None = None) -> EvalRun:
+                 judge_model: str | None = None, executor_kind: str = "local",
+                 ray_address: str | None = None) -> EvalRun:
     frozen = freeze_target(target, manifest, run_dir)
     splits_all = frozen.splits()
     journal(run_dir, "frozen", dir=str(frozen.dir), sizes={k: len(v) for k, v in splits_all.items()})
@@ -373,21 +420,24 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
     progress.log(f"model: {model} (sandbox {box.name})")
     gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir),
-                                    models=manifest.models(model)))
+                                    models=manifest.models(model), token=gateway_token(executor_kind)))
     gateway.start()
-    journal(run_dir, "gateway_started", url=gateway.url)
+    journal(run_dir, "gateway_started", url=gateway.address)
     summaries: dict[str, dict[str, Any]] = {}
     evals: dict[str, Path] = {}
     dead: list[str] = []
     warnings: list[str] = []
     judge = None
+    executor = None
     try:
+        executor = get_executor(executor_kind, box, sandbox_kind=sandbox_kind, ray_address=ray_address,
+                                announce=lambda msg: progress.event("announce", text=str(msg)))
         if judge_model:
             judge = JudgeClient.start(run_dir, judge_model, concurrency=manifest.runner.concurrency,
                                      budget_usd=manifest.judge.budget_usd)
             progress.log(f"judge: {judge_model} ({', '.join(manifest.judge_specs())})")
         ctx = EvalContext(run_dir=run_dir, frozen=frozen, sandbox=box, gateway=gateway, model=model,
-                          sealed=manifest.sealed_paths(target), judge=judge)
+                          sealed=manifest.sealed_paths(target), judge=judge, executor=executor)
         for s in wanted:
             examples = splits[s]
             journal(run_dir, "eval_started", split=s, n=len(examples))
@@ -408,6 +458,8 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
                 why = o.error or (o.stderr_tail.strip().splitlines() or [f"exit code {o.returncode}"])[-1]
                 dead.append(f"{s}: {why}")
     finally:
+        if executor is not None:
+            executor.close()
         gateway.stop()
         if judge is not None:
             judge.close()

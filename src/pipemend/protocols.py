@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the manifest and the tools import this module; these names are for annotations only
     from .manifest import Manifest
@@ -96,6 +96,74 @@ class Sandbox(Protocol):
     name: str
 
     def run(self, job: SandboxJob) -> SandboxOutcome: ...
+
+
+# --------------------------------------------------------------------------- executors
+
+
+@dataclass
+class ExampleResult:
+    """One example of a submitted batch, as it came back from the task that ran it."""
+
+    example_id: str
+    row: dict[str, Any] | None
+    """The runner's ``results.jsonl`` row (``id``, ``output``, ``error``, ``timed_out``, ``duration_s``), or one
+    the executor wrote (``timed_out`` true, an ``error``) when its task ran past the task timeout or was
+    cancelled; None when its task died without a row for it more often than the retries allow (it scores
+    "no result", as an example of a dead sandbox always has)."""
+    trace: bytes | None = None
+    """``traces/<id>.json`` as the runner wrote it (checked: a regular file, under the trace cap), or None."""
+    attempts: int = 1
+    """How many tasks this example was part of (1 + retries)."""
+
+
+class ExecutorBatch(Protocol):
+    """A submitted batch (``Executor.submit``): a ``concurrent.futures``-like handle on its tasks."""
+
+    total: int
+    """Examples in the batch."""
+
+    def wait(self, timeout: float | None = None) -> list[ExampleResult]:
+        """Results of the examples whose tasks finished since the last call, in completion order; waits up to
+        ``timeout`` seconds for the next one (None: until one finishes); an empty list once ``done``."""
+
+    def results(self) -> Iterator[ExampleResult]:
+        """Every example's result once, in completion order, as tasks finish (``wait`` in a loop)."""
+
+    @property
+    def done(self) -> bool:
+        """Every example has a result (ran, timed out, or failed past its retries)."""
+
+    def finished(self) -> int:
+        """Examples that came back with a row so far (an executor that sees a running task's rows counts those
+        too): what a progress bar shows."""
+
+    def cancel(self) -> None:
+        """Stop every task still running (forcibly); their unfinished examples come back timed out."""
+
+    def outcome(self) -> SandboxOutcome:
+        """The batch's tasks as one outcome (``returncode`` the worst, tails joined, ``wall_s`` of the batch)."""
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Where sandbox jobs run: this machine's threads (``local``) or a Ray cluster (``ray``).
+
+    ``submit`` splits a job (a batch of examples of one candidate) into tasks, each a shard of examples run as
+    ONE sandbox job, and streams the examples' results back as tasks finish. Retries are keyed by
+    ``(candidate, example id)``: an example whose task died without a row for it is run again in a new task,
+    up to ``max_retries`` times; an example with a row is never run again. A task past its timeout is
+    cancelled and its unfinished examples come back timed out (scored as errors, like the runner's own)."""
+
+    name: str
+
+    def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ExecutorBatch:
+        """Start running ``job`` (its ``inputs_file`` rows, in shards); ``timeout_s`` per task (None: the
+        job's ``wall_timeout_s`` for the shard's size). The tasks write only into folders of their own:
+        ``job.out_dir`` is the caller's, and it writes what comes back there."""
+
+    def close(self) -> None:
+        """Cancel what still runs and release the executor's resources."""
 
 
 # --------------------------------------------------------------------------- proposers

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import PipemendError, SandboxUnavailable, UsageError
+from ..executors import check_executor, executor_from_env
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -53,3 +54,16 @@ def options_error(e: ValidationError) -> UsageError:
     first = e.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ())) or "options"
     return UsageError(f"--{where.replace('_', '-')}: {first.get('msg', 'invalid value')}")
+
+
+EXECUTOR_HELP = "local | ray: where evaluations run (default: ray when RAY_ADDRESS is set and ray is installed)."
+RAY_ADDRESS_HELP = "The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray)."
+
+
+def executor_options(executor: str | None, ray_address: str | None) -> dict[str, Any]:
+    """``executor`` and ``ray_address`` for a flow: the named executor (checked: ``ray`` needs the package), else
+    ``ray`` when ``RAY_ADDRESS`` is set and Ray is installed, else ``local``."""
+    name = check_executor(executor) if executor is not None else executor_from_env()
+    if ray_address is not None and name != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    return {"executor": name, "ray_address": ray_address}

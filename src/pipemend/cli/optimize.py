@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from ..optimize import OptimizeConfig, OptimizeSummary, ladder_change, resume, run_optimize
-from .common import err, options_error
+from .common import EXECUTOR_HELP, RAY_ADDRESS_HELP, err, executor_options, options_error
 from .progress import RichProgress
 from .render import summary_table, summary_footer
 
@@ -88,6 +88,10 @@ def optimize(
     mlflow: Optional[str] = typer.Option(
         None, help="MLflow tracking URI: a run per candidate, prompts registered, traces sent "
                    "(default: MLFLOW_TRACKING_URI when set and mlflow is installed)."),
+    executor: Optional[str] = typer.Option(None, help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    gateway_host: str = typer.Option("127.0.0.1", help="Interface the pipeline gateway listens on (with --executor "
+                                     "ray on other machines: an address the nodes reach; docs/distributed.md)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
@@ -97,7 +101,8 @@ def optimize(
                              deadline=parse_deadline(deadline), limit=limit,
                              sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
                              cache_dir=str(cache_dir) if cache_dir else None, otlp_endpoint=otlp_endpoint,
-                             mlflow=mlflow or mlflow_from_env())
+                             mlflow=mlflow or mlflow_from_env(),
+                             **executor_options(executor, ray_address), gateway_host=gateway_host)
     except ValidationError as e:
         raise options_error(e) from None
     with RichProgress(err) as progress:

@@ -28,6 +28,13 @@ class GatewayConfig(BaseModel):
     api_key_file: Path | None = Field(
         None, description="File holding the Anthropic API key; default: ANTHROPIC_API_KEY at gateway start."
     )
+    token: str | None = Field(
+        None, min_length=16, pattern=r"^[A-Za-z0-9_-]+$",
+        description="A per-run secret every TCP request must carry, as the path prefix `/t/TOKEN` (`Gateway.url` "
+        "includes it) or the header `x-pipemend-token`; without it the gateway answers 401. Set it whenever the "
+        "gateway listens beyond loopback (the Ray executor): see docs/distributed.md. None: no token (loopback only). "
+        "The unix socket needs none: its file mode guards it.",
+    )
     models: list[str] | None = Field(
         None,
         description="The model names this gateway serves, set on the host (a request never chooses code here): "

@@ -7,6 +7,7 @@ Routes: ``POST /v1/messages`` (any query string, e.g. ``?beta=true``),
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import re
@@ -59,6 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT_S
     service: GatewayService
     connections: set[socket.socket]
+    token: str | None = None
+    """``GatewayConfig.token`` on TCP (the unix socket's file mode guards it instead)."""
 
     def setup(self) -> None:
         super().setup()
@@ -153,8 +156,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(reply.body)
 
-    def do_POST(self) -> None:
+    def _path(self) -> str | None:
+        """The request's path without its query and without the token's ``/t/<token>`` prefix; None (and a 401
+        sent, the connection closed) when the gateway has a token and the request carries neither it there nor in
+        ``x-pipemend-token``."""
         path = self.path.split("?", 1)[0].rstrip("/")
+        if self.token is None:
+            return path
+        prefix = f"/t/{self.token}"
+        if hmac.compare_digest(path[:len(prefix)].encode(), prefix.encode()) and path[len(prefix):][:1] in ("", "/"):
+            return path[len(prefix):]
+        if hmac.compare_digest(self.headers.get("x-pipemend-token", "").encode(), self.token.encode()):
+            return path
+        self.close_connection = True
+        self._send(error_reply(BackendError(401, "this gateway needs its run's token (GatewayConfig.token)")))
+        return None
+
+    def do_POST(self) -> None:
+        path = self._path()
+        if path is None:
+            return
         openai = path == CHAT_PATH
         try:
             raw = self._body()
@@ -173,7 +194,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(reply)
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path = self._path()
+        if path is None:
+            return
         if path == "/pipemend/stats":
             self._send(json_reply(200, self.service.stats()))
         elif path == "/health":
@@ -255,7 +278,7 @@ class Gateway:
                                       models)
         attrs = {"service": self.service, "connections": self._connections}
         try:
-            tcp = _TCPServer((cfg.host, cfg.port), type("Handler", (_Handler,), attrs))
+            tcp = _TCPServer((cfg.host, cfg.port), type("Handler", (_Handler,), {**attrs, "token": cfg.token}))
         except OSError as e:
             calls.close()
             raise UsageError(f"gateway cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from e
@@ -285,7 +308,16 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        """``http://HOST:PORT``, and ``/t/<token>`` after it when the gateway has a token (the runner makes it
+        ``ANTHROPIC_BASE_URL``, so every request of the pipeline carries it)."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        token = f"/t/{self.config.token}" if self.config.token else ""
+        return f"http://{host}:{self.port}{token}"
+
+    @property
+    def address(self) -> str:
+        """``http://HOST:PORT`` without the token: for logs and journals."""
+        return self.url.split("/t/", 1)[0]
 
     @property
     def socket_path(self) -> Path | None:

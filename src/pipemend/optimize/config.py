@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,6 +34,14 @@ class OptimizeConfig(BaseModel):
         "`resume(..., deadline=)` gives a resumed drive its own."))
     limit: int | None = Field(None, ge=1, description="Use only the first N examples of each split.")
     sandbox: str = Field("auto", description="docker | bwrap | process | auto.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where evaluations run: local (this machine) or ray (a Ray cluster, pipemend[ray]).")
+    ray_address: str | None = Field(
+        None, description="The Ray cluster (`ray://HOST:10001`, `HOST:6379`, `auto`); None: $RAY_ADDRESS, else a "
+        "local Ray. Only with executor ray.")
+    gateway_host: str = Field(
+        "127.0.0.1", description="Interface the pipeline gateway listens on; with executor ray on other machines, "
+        "an address the Ray nodes reach (the gateway then needs its per-run token: set for every ray run).")
     run_id: str | None = Field(None, description="Run id (default optimize-<date>-<time>-<hex>).")
     reports_dir: str = Field("reports", description="Folder holding run directories.")
     cache_dir: str | None = Field(None, description="LLM response cache (default RUN_DIR/gateway/cache).")

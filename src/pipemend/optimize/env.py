@@ -32,6 +32,7 @@ from ..protocols import Progress, Proposer, RunObserver
 from ..proposers import get_proposer
 from ..report import render_report
 from ..rundir import read_run
+from ..executors import gateway_token, get_executor
 from ..sandbox import get_sandbox
 from ..sandbox.reap import reap
 from ..sandbox.worktrees import Snapshot, snapshot_target
@@ -92,6 +93,8 @@ class RunEnv:
         return self.snap.add_worktree(name, sha, without=self.sealed_in_repo)
 
     def close(self) -> None:
+        if self.ectx.executor is not None:
+            self.ectx.executor.close()
         for gw in (self.gateway, self.agent_gateway, self.ectx.judge and self.ectx.judge.gateway):
             if gw is not None:
                 gw.stop()
@@ -212,7 +215,8 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
     try:
         model = cfg.model or frozen.manifest.llm.model
         gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
-                                        socket_path=gateway_socket_path(run_dir), models=frozen.manifest.models(model)))
+                                        socket_path=gateway_socket_path(run_dir), models=frozen.manifest.models(model),
+                                        host=cfg.gateway_host, token=gateway_token(cfg.executor)))
         gateway.start()
         gateways.append(gateway)
         sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
@@ -224,7 +228,10 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
                                       concurrency=frozen.manifest.runner.concurrency,
                                       budget_usd=frozen.manifest.judge.budget_usd)
             gateways.append(judge.gateway)
-        ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed, judge=judge)
+        ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed, judge=judge,
+                           executor=get_executor(cfg.executor, sandbox, sandbox_kind=cfg.sandbox,
+                                                 ray_address=cfg.ray_address,
+                                                 announce=lambda msg: progress.event("announce", text=str(msg))))
         options = proposer_options(cfg)
         agent_gateway = None
         if cfg.proposer in LLM_PROPOSERS:

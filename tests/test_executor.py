@@ -1,0 +1,95 @@
+"""The local executor (`pipemend.executors.local`): tasks are shards of a batch, each one sandbox job (the
+process sandbox here); results stream back as tasks finish, an example whose task died is retried (keyed by
+candidate and example), a finished one never runs again, and a task past its timeout comes back timed out."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+
+from executor_support import ran, shared_dir, toy_job
+from pipemend.executors import LocalExecutor, check_executor, gateway_token
+from pipemend.errors import UsageError
+from pipemend.gateway import Gateway, GatewayConfig
+from pipemend.sandbox.process import ProcessSandbox
+
+
+@pytest.fixture
+def shared():
+    d = shared_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_results_stream_back_in_completion_order(tmp_path, shared) -> None:
+    # "slow" can only finish after "fast" ran (it waits for fast's marker): its shard must come back second
+    rows = [{"id": "slow", "mode": "wait_for", "path": str(shared / "fast-ran")},
+            {"id": "fast", "mode": "ok", "marker": str(shared / "fast-ran")}]
+    executor = LocalExecutor(ProcessSandbox(announce=lambda m: None), shard_size=1)
+    batch = executor.submit(toy_job(tmp_path, rows), candidate="c1")
+    got = list(batch.results())
+    assert [r.example_id for r in got] == ["fast", "slow"]
+    assert [r.row["output"] for r in got] == ["fast", "slow"] and batch.done
+    assert batch.outcome().returncode == 0 and not batch.outcome().timed_out
+
+
+def test_a_crashed_task_is_retried_for_its_unfinished_examples_only(tmp_path, shared) -> None:
+    log = str(shared / "log")
+    rows = [{"id": "a", "mode": "ok", "log": log},
+            {"id": "b", "mode": "crash_once", "marker": str(shared / "crashed"), "log": log},
+            {"id": "c", "mode": "ok", "log": log}]
+    executor = LocalExecutor(ProcessSandbox(announce=lambda m: None), max_retries=1)
+    batch = executor.submit(toy_job(tmp_path, rows, concurrency=1), candidate="c1")
+    got = {r.example_id: r for r in batch.results()}
+    assert {k: r.row["output"] for k, r in got.items()} == {"a": "a", "b": "b", "c": "c"}
+    assert ran(shared / "log") == ["a", "b", "b", "c"]  # a finished before the crash: never run again
+    assert (got["a"].attempts, got["b"].attempts, got["c"].attempts) == (1, 2, 2)
+
+
+def test_without_retries_a_crashed_example_has_no_row(tmp_path, shared) -> None:
+    rows = [{"id": "a", "mode": "ok"}, {"id": "b", "mode": "crash_once", "marker": str(shared / "crashed")}]
+    executor = LocalExecutor(ProcessSandbox(announce=lambda m: None))
+    batch = executor.submit(toy_job(tmp_path, rows), candidate="c1")
+    got = {r.example_id: r.row for r in batch.results()}
+    assert got["a"]["output"] == "a" and got["b"] is None  # scored "no result", as a dead sandbox's always was
+    assert batch.outcome().returncode != 0
+
+
+def test_a_hung_task_is_ended_at_its_timeout_and_its_examples_time_out(tmp_path, shared) -> None:
+    rows = [{"id": "a", "mode": "ok"}, {"id": "h", "mode": "hang"}]
+    executor = LocalExecutor(ProcessSandbox(announce=lambda m: None), max_retries=2)
+    batch = executor.submit(toy_job(tmp_path, rows, concurrency=2, example_timeout_s=3600), candidate="c1",
+                            timeout_s=4)
+    got = {r.example_id: r.row for r in batch.results()}
+    assert got["a"]["output"] == "a" and got["a"]["timed_out"] is False
+    assert got["h"]["timed_out"] is True and got["h"]["output"] is None  # not retried: timed out is a result
+    assert batch.outcome().timed_out
+
+
+def test_an_unknown_executor_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="expected one of local, ray"):
+        check_executor("dask")
+
+
+def test_a_gateway_with_a_token_refuses_requests_without_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    token = gateway_token("ray")
+    assert token and gateway_token("local") is None
+    with Gateway(GatewayConfig(run_dir=tmp_path / "run", token=token, models=["simulated/echo"])) as gw:
+        assert gw.url.endswith(f"/t/{token}") and token not in gw.address
+        assert _get(gw.url + "/health") == 200  # the token in the path, as the runner's base URL carries it
+        assert _get(gw.address + "/health", {"x-pipemend-token": token}) == 200
+        assert _get(gw.address + "/health") == 401
+        assert _get(gw.address + "/t/" + "x" * len(token) + "/health") == 401
+        assert _get(gw.address + "/health", {"x-pipemend-token": token[:-1]}) == 401
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
