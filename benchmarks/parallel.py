@@ -1,9 +1,12 @@
 """Parallel candidates on a latency-bound model: examples per second and candidates per hour for K = 1, 2, 4.
 
-    .venv/bin/python benchmarks/parallel.py [--ks 1 2 4] [--candidates 8] [--sandbox process] [--executor local]
+    .venv/bin/python benchmarks/parallel.py [--ks 1 2 4] [--candidates 8] [--val 40] [--sandbox process]
+                                            [--executor local]
 
 Runs ``pipemend optimize --parallel K`` once per K on a copy of the tinyqa test target whose model is
-``simulated/slow-echo`` (every uncached call takes 0.3 s: the night is spent waiting on latency). The
+``simulated/slow-echo`` (every uncached call takes 0.3 s: the night is spent waiting on latency), with
+``--val`` made-up countries in its corpus and val split (each prompt distinct, so none is a cache hit) and
+one full look per judgement (``racing: [1.0]``, ``confirm_runs: 0``: every K pays the same per candidate). The
 proposer (``PromptWords`` below) makes one distinct change per candidate to the answer prompt (a new word,
 so no call is a cache hit), which changes no score: each candidate is raced on val and refused, so every
 K does the same kind of work. Each run has its own LLM cache. Prints, per K, the loop's wall time
@@ -47,9 +50,25 @@ class PromptWords:
         return Proposal(rationale=f"say {WORDS[i]}", rung="prompt")
 
 
+def widen(target: Path, n_val: int) -> None:
+    """``n_val`` made-up countries in the corpus and the val split; one look per judgement, no re-runs."""
+    corpus = json.loads((target / "corpus.json").read_text(encoding="utf-8"))
+    rows = []
+    for i in range(n_val):
+        corpus[f"land{i:03d}"] = f"City{i:03d}"
+        rows.append(json.dumps({"id": f"val-land{i:03d}", "inputs": {"country": f"land{i:03d}"},
+                                "expected": f"City{i:03d}"}) + "\n")
+    (target / "corpus.json").write_text(json.dumps(corpus, indent=1), encoding="utf-8")
+    (target / "data" / "val.jsonl").write_text("".join(rows), encoding="utf-8")
+    manifest = target / "pipemend.yaml"
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace(
+        "gates:\n", "gates:\n  racing: [1.0]\n  confirm_runs: 0\n"), encoding="utf-8")
+
+
 def run_one(k: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     target = work / f"target-k{k}"
     shutil.copytree(TARGET, target, ignore=shutil.ignore_patterns("__pycache__"))
+    widen(target, args.val)
     fields: dict[str, Any] = dict(target=str(target), proposer="__main__:PromptWords", model="simulated/slow-echo",
                                   budget_usd=5.0, max_candidates=args.candidates, sandbox=args.sandbox,
                                   run_id=f"bench-k{k}", reports_dir=str(work / "reports"), parallel=k)
@@ -74,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--candidates", type=int, default=8, help="Candidates per run (a multiple of every K is fairest).")
+    p.add_argument("--val", type=int, default=40, help="Val examples (made-up countries).")
     p.add_argument("--sandbox", default="process")
     p.add_argument("--executor", default=None, help="local | ray (when the run's config has the field).")
     p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
