@@ -69,7 +69,8 @@ def parallel_step(env: RunEnv, st: RunState, diagnosis: dict) -> tuple[RunState,
     if st.round is None:
         step_limits(env, st)
         st = parallel.open_round(env, st)
-    base_before = st.current_base[1]
+    assert st.round is not None
+    base_before = st.round.base_sha  # resumed mid-round, the base may have moved already
     st, stop, finished = parallel.run_round(env, st, diagnosis)
     st = env.track(st)
     for n in finished:
