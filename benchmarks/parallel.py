@@ -69,9 +69,9 @@ def run_one(k: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     target = work / f"target-k{k}"
     shutil.copytree(TARGET, target, ignore=shutil.ignore_patterns("__pycache__"))
     widen(target, args.val)
-    fields: dict[str, Any] = dict(target=str(target), proposer="__main__:PromptWords", model="simulated/slow-echo",
-                                  budget_usd=5.0, max_candidates=args.candidates, sandbox=args.sandbox,
-                                  run_id=f"bench-k{k}", reports_dir=str(work / "reports"), parallel=k)
+    fields: dict[str, Any] = dict(target=str(target), proposer=f"{Path(__file__).stem}:PromptWords",
+                                  model="simulated/slow-echo", budget_usd=5.0, max_candidates=args.candidates,
+                                  sandbox=args.sandbox, run_id=f"bench-k{k}", reports_dir=str(work / "reports"), parallel=k)
     if args.executor and "executor" in OptimizeConfig.model_fields:
         fields["executor"] = args.executor
     cfg = OptimizeConfig(**fields)

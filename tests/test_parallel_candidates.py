@@ -87,7 +87,8 @@ def test_a_round_keeps_the_best_and_rejudges_the_others_against_it(reference):
     assert any("min_delta" in r or "delta" in r for r in by_n[2]["reasons"]), by_n[2]["reasons"]
     # 3 edits the line 1 changed: its diff does not apply onto the new base
     assert not by_n[3]["accepted"] and any("does not apply onto the new base" in r for r in by_n[3]["reasons"])
-    assert set(refs) == {"refs/heads/pipemend/RUN/base", "refs/heads/pipemend/RUN/cand-1", "refs/heads/pipemend/RUN/best",
+    assert set(refs) == {"refs/heads/pipemend/RUN/base", "refs/heads/pipemend/RUN/cand-1",
+                         "refs/heads/pipemend/RUN/best",
                          "refs/pipemend/RUN/rejected/2", "refs/pipemend/RUN/rejected/3"}
     assert refs["refs/heads/pipemend/RUN/best"] == refs["refs/heads/pipemend/RUN/cand-1"]
     repo = tmp / "repo"
@@ -97,7 +98,8 @@ def test_a_round_keeps_the_best_and_rejudges_the_others_against_it(reference):
     assert parent == subprocess.run(["git", "-C", str(repo), "rev-parse", "pipemend/ref/cand-1"],
                                     capture_output=True, text=True, check=True).stdout.strip()
     changed = subprocess.run(["git", "-C", str(repo), "diff", "--name-only", "refs/pipemend/ref/rejected/2^",
-                              "refs/pipemend/ref/rejected/2"], capture_output=True, text=True, check=True).stdout.split()
+                              "refs/pipemend/ref/rejected/2"], capture_output=True, text=True,
+                             check=True).stdout.split()
     assert changed == ["targets/tinyqa/pipeline.py"]
     # the journal: one round, 2 and 3 judged then re-judged, each in its own slot of the error budget
     events = list(read_jsonl(run_dir / "journal.jsonl"))

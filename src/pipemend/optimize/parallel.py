@@ -132,7 +132,8 @@ def in_flight(env: RunEnv, rnd: RoundState, n: int) -> list[dict[str, Any]]:
         meta = read_json(cdir / "proposal.json") if (cdir / "proposal.json").is_file() else {}
         meta = dict(meta) if isinstance(meta, dict) else {}
         meta.pop("format", None)
-        rationale = (cdir / "rationale.md").read_text(encoding="utf-8").strip() if (cdir / "rationale.md").is_file() else ""
+        why = cdir / "rationale.md"
+        rationale = why.read_text(encoding="utf-8").strip() if why.is_file() else ""
         out.append({"n": m, "rung": meta.pop("rung", None), "rationale": rationale, "meta": meta})
     return out
 
@@ -153,7 +154,8 @@ def _judge_first(env: RunEnv, st: RunState, rnd: RoundState, n: int, wt: Path, p
                                      alpha=slot_alpha(env, st, rnd, n))
         except Exception as e:  # noqa: BLE001 - a crashing candidate costs itself, not the round
             atomic_write_text(env.run_dir / "candidates" / str(n) / "error.txt", traceback.format_exc())
-            judged = _refused(env, n, None, gate.Reason("candidate_crashed", f"judging crashed: {type(e).__name__}: {e}"))
+            reason = gate.Reason("candidate_crashed", f"judging crashed: {type(e).__name__}: {e}")
+            judged = _refused(env, n, None, reason)
     finally:
         env.snap.remove_worktree(wt)
     if judged.verdict.accepted:
