@@ -19,6 +19,20 @@ Events of an optimize run (besides ``run_started``/``run_done``/``run_failed``):
 - ``loop_stopped`` ``{reason, code}``; ``test_done`` ``{baseline, best, error?}``.
 - ``loop_reopened`` ``{deadline}``: a run stopped at its drive's deadline goes on (``resume(..., deadline=)``).
 
+A run with ``parallel`` K > 1 works in rounds (``optimize/parallel.py``), each adding:
+
+- ``round_started`` ``{round, base_n, base_sha, base_val_dir, first, k}``: candidates ``first .. first+k-1``
+  are proposed from that base. It reserves k slots of the run's error budget (``RunState.tests``), one per
+  candidate by position, whatever becomes of them.
+- ``candidate_started`` ``{n, base_sha, round}`` as above; ``candidate_abandoned`` ``{n, reason, round}``: the
+  proposer had no more ideas, and the round has no candidate from ``n`` on.
+- ``candidate_judged`` ``{n, round, sha, delta, val_score, rationale}``: the candidate commit ``sha`` passed the
+  gate against the round's base (its ``verdict.json`` is on disk, no ref yet); it waits for the selection.
+- ``candidate_done`` with ``{round, rejudged}``: a candidate that failed against the round's base
+  (``rejudged`` false), the selected one (the best delta, accepted as judged), or one re-judged against the
+  new base (``rejudged`` true: rebased, raced again, one more slot of the error budget when it was tested).
+- ``round_done`` ``{round}``: every candidate of the round has its ``candidate_done`` or was abandoned.
+
 A crash mid-append can leave a torn last line: ``replay`` ignores it, and the
 next append (or ``repair``) cuts it off, so the run stays resumable.
 """
@@ -33,7 +47,7 @@ from typing import Any
 from .fsutil import read_jsonl, repair_jsonl_tail
 from .rundir import JOURNAL, journal
 
-__all__ = ["CandidateRecord", "RunState", "fold", "record", "repair", "replay"]
+__all__ = ["CandidateRecord", "RoundState", "RunState", "fold", "record", "repair", "replay"]
 
 
 def record(run_dir: Path, event: str, **data: Any) -> None:
@@ -62,6 +76,31 @@ class CandidateRecord:
 
 
 @dataclass
+class RoundState:
+    """A round of a parallel run in flight (``round_started`` without ``round_done``)."""
+
+    id: int
+    base_n: int
+    base_sha: str
+    base_val_dir: str
+    first: int
+    k: int
+    tests_before: int
+    """Val tests of the run before the round (its slots of the error budget start after them)."""
+    judged: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Candidates that passed against the round's base: their ``candidate_judged`` events."""
+    done: set[int] = field(default_factory=set)
+    """Candidates with their ``candidate_done``."""
+    abandoned: int | None = None
+    """The first index the proposer had no idea for (the round ends before it)."""
+
+    @property
+    def members(self) -> list[int]:
+        end = self.first + self.k if self.abandoned is None else self.abandoned
+        return list(range(self.first, end))
+
+
+@dataclass
 class RunState:
     """What the journal says is done."""
 
@@ -87,6 +126,15 @@ class RunState:
     """Events folded (a report shows how far a run got)."""
     last_t: float | None = None
     """Time of the last event."""
+    round: RoundState | None = None
+    """A parallel round in flight (``optimize/parallel.py``)."""
+    rounds: int = 0
+    """Rounds started."""
+    tests: list[bool] = field(default_factory=list)
+    """Each val test's slot of the error budget, in order, and whether it led to a kept candidate (a round's
+    first judgements reserve theirs as not kept); read only when the run had rounds (``kept_before``)."""
+    accept_order: list[int] = field(default_factory=list)
+    """Accepted candidates in the order they were accepted (a round may accept a lower index last)."""
 
     @property
     def accepted(self) -> list[CandidateRecord]:
@@ -94,6 +142,10 @@ class RunState:
 
     @property
     def best(self) -> CandidateRecord | None:
+        """The last accepted candidate (the current base)."""
+        order = [n for n in self.accept_order if n in self.candidates and self.candidates[n].accepted]
+        if order:
+            return self.candidates[order[-1]]
         acc = self.accepted
         return acc[-1] if acc else None
 
@@ -108,6 +160,8 @@ class RunState:
     @property
     def kept_before(self) -> list[bool]:
         """Whether each candidate that reached a val test was kept, in order (the error budget's history)."""
+        if self.rounds:
+            return list(self.tests)
         return [c.accepted for _, c in sorted(self.candidates.items()) if c.tested]
 
     @property
@@ -150,6 +204,17 @@ def fold(events: Iterable[Any]) -> RunState:
             st.baseline = {k: ev.get(k) for k in ("train_dir", "val_dir", "train_score", "val_score")}
         elif kind == "candidate_started" and n is not None:
             st.started = n
+        elif kind == "round_started" and _int(ev.get("first")) is not None and _int(ev.get("k")):
+            st.rounds += 1
+            st.round = RoundState(id=_int(ev.get("round")) or st.rounds, base_n=_int(ev.get("base_n")) or 0,
+                                  base_sha=str(ev.get("base_sha")), base_val_dir=str(ev.get("base_val_dir")),
+                                  first=_int(ev.get("first")) or 0, k=_int(ev.get("k")) or 0,
+                                  tests_before=len(st.tests))
+            st.tests += [False] * st.round.k
+        elif kind == "candidate_judged" and n is not None and st.round is not None:
+            st.round.judged[n] = ev
+        elif kind == "round_done":
+            st.round = None
         elif kind == "candidate_done" and n is not None:
             st.candidates[n] = CandidateRecord(
                 n=n, accepted=bool(ev.get("accepted")), sha=ev.get("sha"), ref=ev.get("ref"),
@@ -159,8 +224,21 @@ def fold(events: Iterable[Any]) -> RunState:
                 evaluated=_int(ev.get("evaluated")), saved=_int(ev.get("saved")))
             if st.started == n:
                 st.started = None
-        elif kind == "candidate_abandoned" and n is not None and st.started == n:
-            st.started = None
+            if ev.get("accepted"):
+                st.accept_order = [m for m in st.accept_order if m != n] + [n]
+            if ev.get("round") is None:
+                if st.candidates[n].tested:
+                    st.tests.append(st.candidates[n].accepted)
+            else:
+                if st.round is not None:
+                    st.round.done.add(n)
+                if ev.get("rejudged") and st.candidates[n].tested:
+                    st.tests.append(st.candidates[n].accepted)
+        elif kind == "candidate_abandoned" and n is not None:
+            if st.started == n:
+                st.started = None
+            if st.round is not None and ev.get("round") is not None:
+                st.round.abandoned = n
         elif kind == "base_ready" and n is not None:
             st.ready.add(n)
         elif kind == "loop_stopped":

@@ -203,6 +203,9 @@ class ProposalContext:
     train_examples: list[dict[str, Any]] = field(default_factory=list)
     """Train rows (id, inputs, expected, evidence) for few-shot or inspection."""
     log: Callable[[str], None] = print
+    in_flight: list[dict[str, Any]] = field(default_factory=list)
+    """What the other candidates of this parallel round (``optimize --parallel``) are working on, proposed before
+    this one from the same base: ``{n, rung, rationale, meta}`` each; do not propose the same change again."""
 
 
 class Proposer(Protocol):

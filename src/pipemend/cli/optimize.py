@@ -74,6 +74,7 @@ def optimize(
     agent_model: Optional[str] = typer.Option(None, help="Model of an LLM proposer."),
     budget_usd: float = typer.Option(5.0, help="Dollars the gateway may spend on pipeline calls (test split included)."),
     max_candidates: int = typer.Option(10, help="Candidates to propose at most."),
+    parallel: int = typer.Option(1, help="Candidates proposed from the same base and evaluated at once (1..16)."),
     hours: Optional[float] = typer.Option(None, help="Stop proposing after this many hours."),
     deadline: Optional[str] = typer.Option(None, help=DEADLINE_HELP),
     limit: Optional[int] = typer.Option(None, help="Use only the first N examples of each split."),
@@ -97,7 +98,7 @@ def optimize(
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
     try:
         cfg = OptimizeConfig(target=str(target), proposer=proposer, model=model, agent_model=agent_model,
-                             budget_usd=budget_usd, max_candidates=max_candidates, hours=hours,
+                             budget_usd=budget_usd, max_candidates=max_candidates, parallel=parallel, hours=hours,
                              deadline=parse_deadline(deadline), limit=limit,
                              sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
                              cache_dir=str(cache_dir) if cache_dir else None, otlp_endpoint=otlp_endpoint,

@@ -66,10 +66,10 @@ class Judged:
     stop: StopRun | None = None
 
 
-def start(env: RunEnv, n: int, base_sha: str) -> Path:
-    """Journal ``candidate_started``; a fresh ``candidates/<n>`` (finished evaluations of a redone candidate stay,
-    reused when their key matches)."""
-    record(env.run_dir, "candidate_started", n=n, base_sha=base_sha)
+def start(env: RunEnv, n: int, base_sha: str, **extra: Any) -> Path:
+    """Journal ``candidate_started`` (``extra``: a parallel run's ``round``); a fresh ``candidates/<n>`` (finished
+    evaluations of a redone candidate stay, reused when their key matches)."""
+    record(env.run_dir, "candidate_started", n=n, base_sha=base_sha, **extra)
     cdir = env.run_dir / "candidates" / str(n)
     cdir.mkdir(parents=True, exist_ok=True)
     for child in cdir.iterdir():
@@ -90,10 +90,13 @@ def worktree(env: RunEnv, n: int, base_sha: str) -> Iterator[Path]:
         env.snap.remove_worktree(wt)
 
 
-def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosis: dict[str, Any]) -> Proposed:
+def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosis: dict[str, Any], *,
+            in_flight: list[dict[str, Any]] | None = None, **extra: Any) -> Proposed:
+    """Ask the proposer for candidate ``n``; ``in_flight``: what its siblings of a parallel round are working on
+    (``extra``: the round, journaled with an abandonment)."""
     cdir = env.run_dir / "candidates" / str(n)
     try:
-        proposal = env.proposer.propose(context(env, st, n, wt, base_sha, diagnosis))
+        proposal = env.proposer.propose(context(env, st, n, wt, base_sha, diagnosis, in_flight=in_flight))
     except BudgetExhausted as e:
         _save_meta(cdir, e.meta)
         stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
@@ -109,16 +112,16 @@ def propose(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
         return Proposed(None, [gate.Reason("proposer_crashed", f"proposer crashed: {type(e).__name__}: {e}")])
     if proposal is None:
         shutil.rmtree(cdir, ignore_errors=True)
-        record(env.run_dir, "candidate_abandoned", n=n, reason="out of ideas")
+        record(env.run_dir, "candidate_abandoned", n=n, reason="out of ideas", **extra)
         raise StopRun("ideas", "the proposer is out of ideas")
     _save_meta(cdir, {"rung": proposal.rung, **proposal.meta})
     return Proposed(proposal, [])
 
 
 def judge(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, base_val_dir: str,
-          proposed: Proposed) -> Judged:
+          proposed: Proposed, *, alpha: float | None = None, evals: str | None = None) -> Judged:
     """Build the candidate commit, check its diff, evaluate a clean checkout of it on val (only when clean),
-    then the verdict (``candidates/<n>/verdict.json``)."""
+    then the verdict (``candidates/<n>/verdict.json``). ``alpha`` and ``evals``: ``race.gate_val``'s."""
     cdir = env.run_dir / "candidates" / str(n)
     tree = env.snap.build_candidate(wt, base_sha, message=f"pipemend {env.run_id} cand-{n} (being judged)\n",
                                     is_editable=env.is_editable, sealed=env.sealed_in_repo)
@@ -131,7 +134,7 @@ def judge(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, base_val_d
     stats, stop = None, None
     if not problems and not static and tree.sha:
         try:
-            stats = race.gate_val(env, st, n, tree.sha, base_sha, base_val_dir)
+            stats = race.gate_val(env, st, n, tree.sha, base_sha, base_val_dir, alpha=alpha, evals=evals)
         except BudgetExhausted as e:
             problems.append(gate.Reason("budget", str(e)))
             stop = StopRun.from_budget(e) if on_budget(e) == "stop_run" else None
@@ -174,17 +177,21 @@ def keep(env: RunEnv, n: int, judged: Judged, rationale: str) -> tuple[str | Non
     return sha, env.rejected_ref(n)
 
 
-def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: str | None, rationale: str) -> RunState:
-    """``history/<n>`` for later proposers, then ``candidate_done``; returns the journal's new state."""
+def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: str | None, rationale: str, *,
+            evals: str | None = None, **extra: Any) -> RunState:
+    """``history/<n>`` for later proposers, then ``candidate_done`` (``evals``: where its val evaluations are,
+    default ``candidates/<n>/evals``; ``extra``: a parallel run's ``round``, ``rejudged``); returns the journal's
+    new state."""
     cdir = env.run_dir / "candidates" / str(n)
+    evals = evals or f"candidates/{n}/evals"
     write_history(env.run_dir / "history" / str(n), cdir, verdict, [ex.id for ex in env.splits["train"]])
     stats = verdict.stats
     record(env.run_dir, "candidate_done", n=n, accepted=verdict.accepted, sha=sha, ref=ref,
            reasons=gate.texts(verdict.reasons), rationale=rationale[:4000],
-           val_dir=f"candidates/{n}/evals/val" if stats and stats.evaluated == stats.n else None,
+           val_dir=f"{evals}/val" if stats and stats.evaluated == stats.n else None,
            val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None,
            tested=stats is not None, alpha=stats.alpha if stats else None,
-           evaluated=stats.evaluated if stats else None, saved=stats.racing["saved"] if stats else None)
+           evaluated=stats.evaluated if stats else None, saved=stats.racing["saved"] if stats else None, **extra)
     env.progress.event("candidate_done", n=n, accepted=verdict.accepted,
                        val_score=stats.cand_mean if stats else None, delta=stats.delta if stats else None,
                        reasons=gate.texts(verdict.reasons), verdict=verdict.to_json())
@@ -194,7 +201,8 @@ def journal(env: RunEnv, n: int, verdict: gate.Verdict, sha: str | None, ref: st
 # --------------------------------------------------------------------------- what the proposer gets
 
 
-def context(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosis: dict[str, Any]) -> ProposalContext:
+def context(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosis: dict[str, Any], *,
+            in_flight: list[dict[str, Any]] | None = None) -> ProposalContext:
     base_n, _, _ = st.current_base
     bench = TrainBench(env, n=n, worktree=wt, base_sha=base_sha, base_train_dir=env.run_dir / base_train_dir(base_n),
                        base_diagnosis=diagnosis)
@@ -212,7 +220,8 @@ def context(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, diagnosi
     return ProposalContext(candidate_index=n, worktree=wt, target_subdir=env.snap.target_subdir,
                            manifest=env.manifest, diagnosis=diagnosis, history=history,
                            history_dir=env.run_dir / "history", tools=tools, budget=budget,
-                           train_examples=[ex.model_dump() for ex in env.splits["train"]], log=env.progress.log)
+                           train_examples=[ex.model_dump() for ex in env.splits["train"]], log=env.progress.log,
+                           in_flight=list(in_flight or []))
 
 
 def _save_meta(cdir: Path, meta: dict[str, Any]) -> None:

@@ -48,6 +48,9 @@ class OptimizeConfig(BaseModel):
     max_turns: int = Field(40, ge=1, description="Turns of an LLM proposer per candidate.")
     max_agent_usd: float = Field(2.0, ge=0, description="Dollars of an LLM proposer's own calls per candidate.")
     per_tool_timeout_s: float = Field(300.0, gt=0, description="Time limit of one proposer tool call.")
+    parallel: int = Field(1, ge=1, le=16, description=(
+        "Candidates proposed from the same base and evaluated at once; the best that passes is kept and each "
+        "other that passed is rebased onto the new base and judged again (1: one at a time)."))
     seed: int = Field(0, description="Seed of the racing order of val and of the gate's bootstrap.")
     otlp_endpoint: str | None = Field(None, description=(
         "OTLP/HTTP traces endpoint (http://host:4318/v1/traces) that each evaluated example is sent to as it "

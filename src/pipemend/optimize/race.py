@@ -112,11 +112,15 @@ def race(gates: Gates, order: list[str], base_by_id: dict[str, dict[str, Any]], 
                             stopped=stop, seed=seed)
 
 
-def gate_val(env: RunEnv, st: RunState, n: int, sha: str, base_sha: str, base_val_dir: str) -> evidence.Comparison:
+def gate_val(env: RunEnv, st: RunState, n: int, sha: str, base_sha: str, base_val_dir: str, *,
+             alpha: float | None = None, evals: str | None = None) -> evidence.Comparison:
     """The candidate commit ``sha`` (clean checkouts of it) against its base on val, raced at its share of the
-    run's error budget; a dead evaluation is a reason to refuse."""
+    run's error budget (``alpha``: a slot a parallel round reserved, else the next one); a dead evaluation is a
+    reason to refuse. ``evals``: its evaluations' folder (default ``candidates/<n>/evals``)."""
     gates = env.manifest.gates
-    _, alpha = evidence.alpha_for(gates.confidence, st.kept_before)
+    if alpha is None:
+        _, alpha = evidence.alpha_for(gates.confidence, st.kept_before)
+    evals = evals or f"candidates/{n}/evals"
     val = env.splits["val"]
     by_id = {ex.id: ex for ex in val}
     order = [ex.id for ex in race_order(val, env.cfg.seed)]
@@ -124,10 +128,10 @@ def gate_val(env: RunEnv, st: RunState, n: int, sha: str, base_sha: str, base_va
 
     def run(side: str, k: int, ids: list[str], sample: int) -> list[dict[str, Any]]:
         if side == "cand" and sample == 0:
-            rel = f"candidates/{n}/evals/val" if looks == 1 else f"candidates/{n}/evals/val-look{k}"
+            rel = f"{evals}/val" if looks == 1 else f"{evals}/val-look{k}"
             env.show(f"candidate {n}: val look {k}/{looks}")
         else:
-            rel = f"candidates/{n}/evals/confirm-look{k}-{side}-r{sample}"
+            rel = f"{evals}/confirm-look{k}-{side}-r{sample}"
             env.show(f"candidate {n}: confirming {len(ids)} flip(s) on the {side}, run {sample}")
         return env.evaluate(f"cand-{n}-{Path(rel).name}", rel, sha if side == "cand" else base_sha, "val",
                             examples=[by_id[i] for i in ids], sample=sample)
@@ -136,9 +140,9 @@ def gate_val(env: RunEnv, st: RunState, n: int, sha: str, base_sha: str, base_va
     must_pass = must_pass_ids(gates.must_pass, frozen_dir=env.frozen.dir, run_dir=env.run_dir, st=st)
     stats = race(gates, order, base_by_id, run, alpha=alpha, must_pass=must_pass, seed=env.cfg.seed + n)
     if looks > 1 and stats.evaluated == stats.n:
-        merge_looks(env.run_dir / f"candidates/{n}/evals", looks, val)
+        merge_looks(env.run_dir / evals, looks, val)
     died = [Reason("eval_failed", f"the candidate's evaluation failed: {why}")
-            for rel, why in env.failures.items() if rel.startswith(f"candidates/{n}/evals/")]
+            for rel, why in dict(env.failures).items() if rel.startswith(f"{evals}/")]
     if died:
         stats.reasons = died + stats.reasons
         stats.accepted_as = None

@@ -118,6 +118,8 @@ def render_system_prompt(ctx: ProposalContext, template_path: Path | None = None
         diagnosis={k: diagnosis.get(k) for k in ("counts", "recommended", "ids", "errors", "error_ids", "unattributed",
                                                    "unattributed_ids")} if diagnosis else {},
         history=history,
+        in_flight=[{"n": f.get("n"), "rung": f.get("rung"), "rationale": str(f.get("rationale") or "")}
+                   for f in ctx.in_flight or []],
         history_dir=ctx.history_dir,
         candidate_index=ctx.candidate_index,
     )

@@ -143,6 +143,7 @@ class IsolatedProposer:
                 "candidate_index": ctx.candidate_index, "target_subdir": ctx.target_subdir,
                 "manifest": ctx.manifest.model_dump(mode="json"), "diagnosis": ctx.diagnosis,
                 "history": ctx.history, "train_examples": ctx.train_examples, "budget": budget,
+                "in_flight": ctx.in_flight,
             },
         }
 

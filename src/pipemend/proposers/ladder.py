@@ -24,7 +24,9 @@ What it tried is read back from ``ctx.history`` (``meta["ladder_key"]`` of each
 earlier candidate, accepted or not, or the ``[ladder: KEY]`` tag that ends each of
 its rationales, for a loop that keeps only rationales), so it never repeats a change across
 candidates or after a resume; it always edits the current base, which already
-holds the accepted changes.
+holds the accepted changes In a parallel round (``optimize --parallel K``) it
+also skips what ``ctx.in_flight`` says its siblings are working on, so the round's K
+candidates are its K next options.
 
 Options (``get_proposer("ladder", few_shot_k=3, max_docs=5)``): see ``LadderConfig``.
 """
@@ -160,7 +162,7 @@ class LadderProposer:
 
     def propose(self, ctx: ProposalContext) -> Proposal | None:
         tried = set(self._tried)
-        for entry in ctx.history or []:
+        for entry in [*(ctx.history or []), *(ctx.in_flight or [])]:
             key = (entry.get("meta") or {}).get("ladder_key")
             if key:
                 tried.add(key)

@@ -115,6 +115,7 @@ def main() -> int:
     ctx = ProposalContext(
         candidate_index=int(c["candidate_index"]), worktree=worktree, target_subdir=c["target_subdir"],
         manifest=Manifest.model_validate(c["manifest"]), diagnosis=c["diagnosis"], history=c["history"],
+        in_flight=list(c.get("in_flight") or []),
         history_dir=Path(hello["history_dir"]) if hello.get("history_dir") else None,
         tools=RemoteTools(channel, root), budget=ProposerBudget.model_validate(c["budget"]),
         train_examples=c["train_examples"], log=lambda text: channel.send({"log": str(text)}),
