@@ -18,7 +18,7 @@ import pytest
 from executor_support import ran, shared_dir, toy_job
 from pipemend.evaluate import run_eval
 from pipemend.executors import gateway_token
-from pipemend.fsutil import read_jsonl
+from pipemend.fsutil import read_json, read_jsonl
 from pipemend.gateway import Gateway, GatewayConfig
 
 TARGETS = Path(__file__).parent / "fixtures" / "targets"
@@ -135,3 +135,28 @@ def _unix_get(path: Path, route: str) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
+
+
+def test_an_optimize_round_of_three_on_ray_ends_as_the_local_one_does(local_ray, tmp_path, monkeypatch) -> None:
+    """``optimize --executor ray --parallel 3`` on tinyqa: every evaluation runs as Ray tasks, and the round
+    ends in the verdicts and refs that ``test_parallel_candidates`` asserts of the local executor (1 kept,
+    2 re-judged against it and refused, 3 not applying onto the new base)."""
+    from parallel_support import ROUND, config, make_repo, ref_trees
+
+    from pipemend.optimize import OptimizeConfig, run_optimize
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    target = make_repo(tmp_path / "repo")
+    summary = run_optimize(OptimizeConfig.model_validate({**config(tmp_path, target, "ray", ROUND),
+                                                          "executor": "ray"}))
+    by_n = {c.n: c for c in summary.candidates}
+    assert summary.status == "done" and by_n[1].accepted and summary.best["n"] == 1
+    assert not by_n[2].accepted and by_n[2].delta == 0.0
+    assert not by_n[3].accepted and any("does not apply onto the new base" in r for r in by_n[3].reasons)
+    assert set(ref_trees(tmp_path / "repo", "ray")) == {
+        "refs/heads/pipemend/RUN/base", "refs/heads/pipemend/RUN/cand-1", "refs/heads/pipemend/RUN/best",
+        "refs/pipemend/RUN/rejected/2", "refs/pipemend/RUN/rejected/3"}
+    run_dir = Path(summary.run_dir)
+    outcomes = [read_json(p) for p in run_dir.glob("**/evals/*/outcome.json")]
+    vals = [o for o in outcomes if o["split"] == "val"]
+    assert len(vals) >= 4 and {o["executor"] for o in vals} == {"ray"}, "val evaluations ran as Ray tasks"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import optimize_harness
 from drive import drive
+from parallel_support import ROUND, config, make_repo, ref_trees
 
 from pipemend.fsutil import read_json, read_jsonl
 from pipemend.journal import replay
@@ -27,35 +27,6 @@ from pipemend.proposers import get_proposer
 from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.timeout(600)
-ROUND = ["short", "parse", "short_noted"]
-GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-
-
-def make_repo(root: Path) -> Path:
-    """tinyqa in a git repo, judged in one look without confirmation re-runs (the echo model is deterministic):
-    one val evaluation per judgement keeps these runs short; racing and confirmations are ``race``'s, the same
-    for every K."""
-    target = optimize_harness.make_repo(root)
-    manifest = target / "pipemend.yaml"
-    manifest.write_text(manifest.read_text().replace("gates:\n", "gates:\n  racing: [1.0]\n  confirm_runs: 0\n"))
-    subprocess.run(GIT + ["-C", str(root), "commit", "-qam", "one look"], check=True)
-    return target
-
-
-def config(tmp_path: Path, target: Path, run_id: str, steps: list[str], **more) -> dict:
-    return {"target": str(target), "proposer": "parallel_plugins:Round", "proposer_options": {"steps": steps, **more},
-            "sandbox": "process", "run_id": run_id, "reports_dir": str(tmp_path / "reports"), "budget_usd": 1.0,
-            "parallel": 3, "max_candidates": 3}
-
-
-def ref_trees(repo: Path, run_id: str) -> dict[str, str]:
-    """Run-relative ref name -> tree of the commit it names."""
-    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)",
-                          f"refs/heads/pipemend/{run_id}", f"refs/pipemend/{run_id}"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    return {name.replace(f"/{run_id}/", "/RUN/"): subprocess.run(
-                ["git", "-C", str(repo), "rev-parse", f"{sha}^{{tree}}"], capture_output=True, text=True,
-                check=True).stdout.strip() for name, sha in zip(out[::2], out[1::2])}
 
 
 def summary_of(done: subprocess.CompletedProcess) -> dict:

@@ -269,6 +269,7 @@ def evaluate(
     boundary = inspect(out_dir, summary)
     atomic_write_json(out_dir / "outcome.json", {
         "format": OUTCOME_FORMAT, "name": name, "split": split, "sandbox": outcome.sandbox,
+        "executor": getattr(executor, "name", "?"),
         "returncode": outcome.returncode, "timed_out": outcome.timed_out, "error": outcome.error,
         "startup_s": outcome.startup_s, "wall_s": outcome.wall_s,
         "stdout_tail": outcome.stdout_tail[-4000:], "stderr_tail": outcome.stderr_tail[-4000:],
