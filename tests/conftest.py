@@ -8,6 +8,13 @@ broken install step cannot hide behind a green run.
 Toy targets live in ``fixtures/targets/<name>``; the helper modules of the tests (``optimize_harness``,
 ``drive``, ``optimize_plugins``, ``support``, ``runbuilder``) are importable by name through the
 ``pythonpath`` option in pyproject.toml. Fixtures shared by several test files are defined here.
+
+`.ci/run` spreads the tests over pytest-xdist workers with ``--dist loadgroup``: each test goes to any
+worker, except that tests marked ``xdist_group(NAME)`` share one. A module whose module-scoped fixture is a
+whole optimize run (or a server) is one group, so the run is built once; the ``reap`` group holds the tests
+that leave orphans on purpose and count what ``reap`` removed, with ``doctor --clean`` (``reap(None)`` takes
+every dead owner's containers and scratch folders on the machine). Everything else a test makes is its own:
+``tmp_path``, run ids, scratch folders (``$PIPEMEND_SCRATCH`` per test where it counts them), free ports.
 """
 
 from __future__ import annotations

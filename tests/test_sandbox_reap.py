@@ -24,6 +24,10 @@ from sandbox_support import SANDBOXES, sandbox_or_skip, scratch_base  # noqa: F4
 from pipemend.sandbox.ingest import SCRATCH_PREFIX, owner_token
 from pipemend.sandbox.reap import reap
 
+# `reap(None)` (doctor --clean) removes every dead owner's containers and scratch folders on the machine, so the
+# tests that leave orphans on purpose and count what reap took share one xdist worker with it (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("reap")
+
 PIPELINE = r'''
 import os, subprocess, sys, time
 from pathlib import Path
