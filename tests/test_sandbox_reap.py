@@ -132,7 +132,9 @@ def test_a_run_killed_mid_evaluation_is_reaped(name: str, tmp_path: Path, scratc
     assert reap(run_id).total() == 0  # nothing left to do
 
 
-def test_reap_leaves_other_runs_and_live_owners_alone(tmp_path: Path, scratch_base: Path) -> None:
+def test_reap_leaves_other_runs_and_live_owners_alone(tmp_path: Path, scratch_base: Path, monkeypatch) -> None:
+    # no engine: `reap(None)` would take every dead owner's containers, orphans other tests count included
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     dead = subprocess.Popen(["true"])
     dead.wait()
     gone = scratch_base / f"{SCRATCH_PREFIX}runA-{dead.pid}.1-abc"
