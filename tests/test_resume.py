@@ -24,7 +24,7 @@ from pipemend.fsutil import read_json, read_jsonl
 from pipemend.sandbox.docker import RUN_LABEL, docker_client
 from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
-# one xdist worker runs this module (.ci/run: --dist loadgroup), so its module-scoped reference run is built once
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so its module-scoped reference run is built once
 pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("resume")]
 STEPS = ["comment", "short", "sentence"]
 
