@@ -299,8 +299,8 @@ def test_help_lists_the_core_commands() -> None:
         assert opt in eval_help
 
 
-# `reap(None)` (doctor --clean) removes every dead owner's containers and scratch folders on the machine, so the
-# tests that leave orphans on purpose and count what reap took share one xdist worker with it (tests/conftest.py)
+# `reap(None)` (doctor --clean) removes every dead owner's orphans on the machine: its tests see no Docker engine,
+# and under --dist loadgroup this mark keeps them on one worker with the tests that count orphans (tests/conftest.py)
 @pytest.mark.xdist_group("reap")
 def test_doctor_clean_removes_what_a_dead_run_left_behind(monkeypatch, tmp_path) -> None:
     from pipemend.sandbox.ingest import SCRATCH_PREFIX

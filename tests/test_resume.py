@@ -218,8 +218,8 @@ def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, r
     assert _refs(tmp_path / "repo", "kill") == ref_refs
 
 
-# `reap(None)` (doctor --clean) removes every dead owner's containers and scratch folders on the machine, so the
-# tests that leave orphans on purpose and count what reap took share one xdist worker with it (tests/conftest.py)
+# `reap(None)` (doctor --clean) removes every dead owner's orphans on the machine: its tests see no Docker engine,
+# and under --dist loadgroup this mark keeps them on one worker with the tests that count orphans (tests/conftest.py)
 @pytest.mark.xdist_group("reap")
 @pytest.mark.docker
 def test_a_docker_run_killed_mid_evaluation_leaves_nothing_after_resume(tmp_path, monkeypatch):

@@ -24,8 +24,8 @@ from sandbox_support import SANDBOXES, sandbox_or_skip, scratch_base  # noqa: F4
 from pipemend.sandbox.ingest import SCRATCH_PREFIX, owner_token
 from pipemend.sandbox.reap import reap
 
-# `reap(None)` (doctor --clean) removes every dead owner's containers and scratch folders on the machine, so the
-# tests that leave orphans on purpose and count what reap took share one xdist worker with it (tests/conftest.py)
+# `reap(None)` (doctor --clean) removes every dead owner's orphans on the machine: its tests see no Docker engine,
+# and under --dist loadgroup this mark keeps them on one worker with the tests that count orphans (tests/conftest.py)
 pytestmark = pytest.mark.xdist_group("reap")
 
 PIPELINE = r'''
