@@ -8,6 +8,13 @@ broken install step cannot hide behind a green run.
 Toy targets live in ``fixtures/targets/<name>``; the helper modules of the tests (``optimize_harness``,
 ``drive``, ``optimize_plugins``, ``support``, ``runbuilder``) are importable by name through the
 ``pythonpath`` option in pyproject.toml. Fixtures shared by several test files are defined here.
+
+`.ci/run` spreads the tests over pytest-xdist workers with ``--dist loadfile``: a module's tests share one
+worker, so a module-scoped optimize run (or server) is built once. The ``xdist_group`` marks say the same for
+``--dist loadgroup``, which pytest 9 with xdist 3.8 does not honour yet (the group suffix is lost). ``reap(None)``
+(``doctor --clean``) takes every dead owner's containers on the machine, so its tests run with no Docker engine
+in reach and never take an orphan another test counts. Everything else a test makes is its own: ``tmp_path``,
+run ids, scratch folders (``$PIPEMEND_SCRATCH`` per test where it counts them), free ports.
 """
 
 from __future__ import annotations

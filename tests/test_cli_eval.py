@@ -299,10 +299,15 @@ def test_help_lists_the_core_commands() -> None:
         assert opt in eval_help
 
 
+# `reap(None)` (doctor --clean) removes every dead owner's orphans on the machine: its tests see no Docker engine,
+# and under --dist loadgroup this mark keeps them on one worker with the tests that count orphans (tests/conftest.py)
+@pytest.mark.xdist_group("reap")
 def test_doctor_clean_removes_what_a_dead_run_left_behind(monkeypatch, tmp_path) -> None:
     from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
     monkeypatch.setenv("PIPEMEND_SCRATCH", str(tmp_path))
+    # no engine: `reap(None)` would take every dead owner's containers, orphans other tests count included
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_owner = f"{child.stdout.strip()}.1"  # a pid that has exited (and a start time no live process has)
     orphan = tmp_path / f"{SCRATCH_PREFIX}deadrun-{dead_owner}-x1y2"

@@ -23,7 +23,8 @@ import pytest
 import optimize_harness
 from fixtures.github_server import FakeGitHub
 
-pytestmark = pytest.mark.timeout(600)
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so its module-scoped runs are built once
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("ghactions")]
 
 TOKEN = "ghs_fake_token"
 REPO = "acme/widgets"

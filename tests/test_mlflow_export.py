@@ -37,7 +37,8 @@ from mlflow import MlflowClient  # noqa: E402 - after the skip: the extra may be
 
 from pipemend.export.mlflow_observer import MlflowObserver  # noqa: E402
 
-pytestmark = pytest.mark.timeout(900)
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so its module-scoped MLflow server starts once
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("mlflow_export")]
 WHOLE_OPTIMIZE = pytest.mark.slow
 """The whole optimize, killed and resumed, with its server: 2-3.5 minutes on two shared cores. The built run's test
 with its server took 30-45 s there (the server's start 12-20 s of it) when the cores were not swamped: the

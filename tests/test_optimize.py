@@ -26,7 +26,8 @@ from pipemend.optimize import OptimizeConfig, ladder_change, resume, run_optimiz
 from pipemend.optimize.stops import ON_BUDGET, StopRun, check_limits, on_budget
 from pipemend.proposers.budget import ProposerBudgetExhausted
 
-pytestmark = pytest.mark.timeout(300)
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so its module-scoped runs are built once
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("optimize")]
 
 
 @pytest.fixture()

@@ -26,7 +26,8 @@ from pipemend.fsutil import read_json, read_jsonl
 from pipemend.optimize import OptimizeConfig, run_optimize
 from pipemend.runtime.trace import TRACE_FORMAT, call_provider
 
-pytestmark = pytest.mark.timeout(300)
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so its module-scoped runs are built once
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("otlp_export")]
 RUN_ID = "otlp1"
 
 

@@ -24,7 +24,8 @@ from pipemend.fsutil import read_json, read_jsonl
 from pipemend.sandbox.docker import RUN_LABEL, docker_client
 from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
-pytestmark = pytest.mark.timeout(600)
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so its module-scoped reference run is built once
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("resume")]
 STEPS = ["comment", "short", "sentence"]
 
 
@@ -217,6 +218,9 @@ def test_a_redone_candidate_reuses_its_finished_evaluation_from_disk(tmp_path, r
     assert _refs(tmp_path / "repo", "kill") == ref_refs
 
 
+# `reap(None)` (doctor --clean) removes every dead owner's orphans on the machine: its tests see no Docker engine,
+# and under --dist loadgroup this mark keeps them on one worker with the tests that count orphans (tests/conftest.py)
+@pytest.mark.xdist_group("reap")
 @pytest.mark.docker
 def test_a_docker_run_killed_mid_evaluation_leaves_nothing_after_resume(tmp_path, monkeypatch):
     """kill -9 of pipemend while a container evaluates, then ``resume``: no container, process or scratch

@@ -20,6 +20,8 @@ from pipemend.dataset import Example
 from pipemend.runtime.forwarder import Forwarder
 from pipemend.runtime.runner import header_value, install_httpx_hook, uninstall_httpx_hook, write_trace
 
+# one xdist worker runs this module (.ci/run: --dist loadfile; the mark keeps it so under loadgroup), so the mixed run (a hang included) is made once
+pytestmark = pytest.mark.xdist_group("runner")
 PIPELINES = Path(__file__).parent / "fixtures" / "targets"
 REAL_KEY = "sk-ant-REAL-SECRET-must-not-leak"
 

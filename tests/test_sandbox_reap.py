@@ -24,6 +24,10 @@ from sandbox_support import SANDBOXES, sandbox_or_skip, scratch_base  # noqa: F4
 from pipemend.sandbox.ingest import SCRATCH_PREFIX, owner_token
 from pipemend.sandbox.reap import reap
 
+# `reap(None)` (doctor --clean) removes every dead owner's orphans on the machine: its tests see no Docker engine,
+# and under --dist loadgroup this mark keeps them on one worker with the tests that count orphans (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("reap")
+
 PIPELINE = r'''
 import os, subprocess, sys, time
 from pathlib import Path
@@ -128,7 +132,9 @@ def test_a_run_killed_mid_evaluation_is_reaped(name: str, tmp_path: Path, scratc
     assert reap(run_id).total() == 0  # nothing left to do
 
 
-def test_reap_leaves_other_runs_and_live_owners_alone(tmp_path: Path, scratch_base: Path) -> None:
+def test_reap_leaves_other_runs_and_live_owners_alone(tmp_path: Path, scratch_base: Path, monkeypatch) -> None:
+    # no engine: `reap(None)` would take every dead owner's containers, orphans other tests count included
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     dead = subprocess.Popen(["true"])
     dead.wait()
     gone = scratch_base / f"{SCRATCH_PREFIX}runA-{dead.pid}.1-abc"
