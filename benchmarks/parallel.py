@@ -1,7 +1,7 @@
 """Parallel candidates on a latency-bound model: examples per second and candidates per hour for K = 1, 2, 4.
 
     .venv/bin/python benchmarks/parallel.py [--ks 1 2 4] [--candidates 8] [--val 40] [--sandbox process]
-                                            [--executor local]
+                                            [--executors local ray]
 
 Runs ``pipemend optimize --parallel K`` once per K on a copy of the tinyqa test target whose model is
 ``simulated/slow-echo`` (every uncached call takes 0.3 s: the night is spent waiting on latency), with
@@ -12,8 +12,9 @@ so no call is a cache hit), which changes no score: each candidate is raced on v
 K does the same kind of work. Each run has its own LLM cache. Prints, per K, the loop's wall time
 (from the baseline's end to the loop's stop), candidates per hour, example evaluations per second (rows
 scored in the candidates' evaluations), and both as ratios to K = 1 of the same run (target: 3x
-candidates per hour at K = 4). ``--executor`` is passed to the run's config when it has an ``executor``
-field (the Ray executor of issue 16), else ignored with a note.
+candidates per hour at K = 4). With ``--executors local ray`` every K runs on each executor (Ray: a local
+Ray started in this process, ``pipemend[ray]``), and the table adds Ray's time per example over the local
+executor's at the same K (target: within 1.2).
 """
 
 from __future__ import annotations
@@ -65,15 +66,14 @@ def widen(target: Path, n_val: int) -> None:
         "gates:\n", "gates:\n  racing: [1.0]\n  confirm_runs: 0\n"), encoding="utf-8")
 
 
-def run_one(k: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    target = work / f"target-k{k}"
+def run_one(k: int, executor: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    target = work / f"target-{executor}-k{k}"
     shutil.copytree(TARGET, target, ignore=shutil.ignore_patterns("__pycache__"))
     widen(target, args.val)
     fields: dict[str, Any] = dict(target=str(target), proposer=f"{Path(__file__).stem}:PromptWords",
                                   model="simulated/slow-echo", budget_usd=5.0, max_candidates=args.candidates,
-                                  sandbox=args.sandbox, run_id=f"bench-k{k}", reports_dir=str(work / "reports"), parallel=k)
-    if args.executor and "executor" in OptimizeConfig.model_fields:
-        fields["executor"] = args.executor
+                                  sandbox=args.sandbox, run_id=f"bench-{executor}-k{k}", reports_dir=str(work / "reports"),
+                                  parallel=k, executor=executor)
     cfg = OptimizeConfig(**fields)
     t0 = time.perf_counter()
     summary = run_optimize(cfg)
@@ -85,7 +85,7 @@ def run_one(k: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                if f.parent.name != "val" or not any(f.parent.parent.glob("val-look*"))
                for _ in read_jsonl(f))
     loop_s = max(stop - start, 1e-9)
-    return {"k": k, "candidates": len(summary.candidates), "loop_s": loop_s, "wall_s": time.perf_counter() - t0,
+    return {"k": k, "executor": executor, "candidates": len(summary.candidates), "loop_s": loop_s, "wall_s": time.perf_counter() - t0,
             "rows": rows, "cand_per_h": len(summary.candidates) * 3600 / loop_s, "ex_per_s": rows / loop_s}
 
 
@@ -95,25 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=8, help="Candidates per run (a multiple of every K is fairest).")
     p.add_argument("--val", type=int, default=40, help="Val examples (made-up countries).")
     p.add_argument("--sandbox", default="process")
-    p.add_argument("--executor", default=None, help="local | ray (when the run's config has the field).")
+    p.add_argument("--executors", nargs="+", default=["local"], choices=["local", "ray"])
     p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
     args = p.parse_args(argv)
-    if args.executor and "executor" not in OptimizeConfig.model_fields:
-        print(f"note: this pipemend has no executor option; --executor {args.executor} ignored (local)")
     with tempfile.TemporaryDirectory(prefix="pipemend-bench-parallel-") as tmp:
-        results = [run_one(k, args, Path(tmp)) for k in args.ks]
-    base = results[0]
+        results = [run_one(k, ex, args, Path(tmp)) for ex in args.executors for k in args.ks]
+    by = {(r["executor"], r["k"]): r for r in results}
     for r in results:
+        base = by[(r["executor"], args.ks[0])]
         r["cand_per_h_ratio"] = r["cand_per_h"] / base["cand_per_h"]
         r["ex_per_s_ratio"] = r["ex_per_s"] / base["ex_per_s"]
+        local = by.get(("local", r["k"]))
+        r["s_per_example_vs_local"] = (local["ex_per_s"] / r["ex_per_s"]) if local and r["ex_per_s"] else None
     if args.json:
         print(json.dumps({"results": results}))
         return 0
-    print(f"{'K':>3} {'cands':>5} {'loop s':>8} {'cand/h':>8} {'x K=' + str(base['k']):>7} {'ex/s':>7} "
-          f"{'x K=' + str(base['k']):>7}")
+    k0 = f"x K={args.ks[0]}"
+    print(f"{'executor':>8} {'K':>3} {'cands':>5} {'loop s':>8} {'cand/h':>8} {k0:>7} {'ex/s':>7} {k0:>7} "
+          f"{'s/ex vs local':>13}")
     for r in results:
-        print(f"{r['k']:>3} {r['candidates']:>5} {r['loop_s']:>8.1f} {r['cand_per_h']:>8.0f} "
-              f"{r['cand_per_h_ratio']:>7.2f} {r['ex_per_s']:>7.2f} {r['ex_per_s_ratio']:>7.2f}")
+        vs = r["s_per_example_vs_local"]
+        print(f"{r['executor']:>8} {r['k']:>3} {r['candidates']:>5} {r['loop_s']:>8.1f} {r['cand_per_h']:>8.0f} "
+              f"{r['cand_per_h_ratio']:>7.2f} {r['ex_per_s']:>7.2f} {r['ex_per_s_ratio']:>7.2f} "
+              f"{'-' if vs is None else f'{vs:.2f}':>13}")
     return 0
 
 
