@@ -29,7 +29,7 @@ from .boundary import Boundary, inspect
 from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_splits, load_splits
 from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
-from .executors.base import TaskOutput, task_timeout, trace_name
+from .executors.base import TaskOutput, task_timeout
 from .executors import check_executor, gateway_token, get_executor
 from .executors.local import LocalExecutor
 from .fsutil import append_jsonl_many, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -40,6 +40,7 @@ from .protocols import Executor, ExecutorBatch, NullProgress, Progress, Sandbox,
 from .rundir import create_run_dir, finish_run, journal, new_run_id
 from .runtime.sampling import MAX_SAMPLE_INDEX, SAMPLE_ENV
 from .sandbox import get_sandbox
+from .sandbox.ingest import trace_name
 from .scoring import score_results, write_eval
 
 OUTCOME_FORMAT = "pipemend-outcome-1"

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from ..protocols import ExampleResult, SandboxJob, SandboxOutcome
-from ..sandbox.ingest import EGRESS, RESULTS, RESULTS_CAP, RUNNER, RUNNER_CAP, TRACE_CAP, TRACES, open_dir, read_regular
+from ..sandbox.ingest import (EGRESS, RESULTS, RESULTS_CAP, RUNNER, RUNNER_CAP, TRACE_CAP, TRACES, open_dir,
+                              read_regular, trace_name)
 
 WALL_SLACK_S = 300.0
 """Added to a task's examples' time (``ceil(n / concurrency) * example_timeout_s``) for its default timeout."""
@@ -119,14 +120,6 @@ def _checked_outcome(raw: Any, sandbox: str) -> SandboxOutcome:
         timed_out=raw.get("timed_out") is True, error=error[:TAIL_CHARS] if isinstance(error, str) else None,
         stdout_tail=text("stdout_tail"), stderr_tail=text("stderr_tail"), startup_s=num("startup_s"),
         wall_s=num("wall_s"))
-
-
-def trace_name(example_id: str) -> str | None:
-    """``<id>.json`` when that is a plain file name, else None (such an example has no trace file)."""
-    name = f"{example_id}.json"
-    if "/" in example_id or "\0" in example_id or example_id in ("", ".", "..") or len(name.encode()) > 255:
-        return None
-    return name
 
 
 def read_task_output(out_dir: Path, ids: list[str], outcome: SandboxOutcome) -> TaskOutput:

@@ -176,7 +176,8 @@ def expected_ids(inputs_file: Path) -> list[str]:
     return ids
 
 
-def _trace_name(example_id: str) -> str | None:
+def trace_name(example_id: str) -> str | None:
+    """``<id>.json`` when that is a plain file name, else None (such an example has no trace file)."""
     name = f"{example_id}.json"
     if "/" in example_id or "\0" in example_id or example_id in ("", ".", "..") or len(name.encode()) > 255:
         return None
@@ -223,7 +224,7 @@ def ingest(scratch_out: Path, out_dir: Path, ids: list[str], *, results_cap: int
         if traces_fd is not None:
             try:
                 for ex_id in dict.fromkeys(ids):
-                    name = _trace_name(ex_id)
+                    name = trace_name(ex_id)
                     if name is None:
                         continue
                     try:
@@ -246,7 +247,7 @@ def _drop_stale(out_dir: Path, ids: list[str], *, keep_results: bool, kept: set[
     if not keep_results:
         (out_dir / RESULTS).unlink(missing_ok=True)
     for ex_id in ids:
-        name = _trace_name(ex_id)
+        name = trace_name(ex_id)
         if name and ex_id not in kept:
             (out_dir / TRACES / name).unlink(missing_ok=True)
 
