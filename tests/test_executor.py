@@ -93,3 +93,46 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def test_a_tasks_hostile_output_keeps_only_its_own_capped_rows_and_traces() -> None:
+    """What a node sends back is taken in as hostile: rows and traces of other ids, path-like trace names,
+    oversized or non-bytes files, a garbled outcome are dropped, and what was dropped is said."""
+    from pipemend.executors.base import TaskOutput
+    from pipemend.sandbox.ingest import RUNNER_CAP, TRACE_CAP
+
+    raw = {
+        "outcome": {"sandbox": "x" * 500, "returncode": True, "timed_out": "yes", "error": 7,
+                    "stderr_tail": "e" * 10_000, "startup_s": float("nan"), "wall_s": 2},
+        "rows": [{"id": "a", "output": "A"}, {"id": "stranger", "output": "S"}, ["not", "a", "row"],
+                 {"id": 3, "output": "?"}],
+        "traces": {"a": b"{}", "../a": b"{}", "b": "not bytes", "stranger": b"{}",
+                   "big": b"x" * (TRACE_CAP + 1)},
+        "runner_json": b"y" * (RUNNER_CAP + 1), "egress_json": "text",
+    }
+    out = TaskOutput.checked(raw, ["a", "b", "big", "../a"], sandbox="process")
+    assert out.rows == [{"id": "a", "output": "A"}]
+    assert out.traces == {"a": b"{}"}
+    assert out.runner_json is None and out.egress_json is None
+    o = out.outcome
+    assert len(o.sandbox) == 40 and o.returncode is None and o.timed_out is False and o.error is None
+    assert o.startup_s == 0.0 and o.wall_s == 2.0
+    assert "refused from the task's output" in o.stderr_tail and "a trace of another id" in o.stderr_tail
+    assert "a row of another id or shape" in o.stderr_tail
+    # nothing usable at all is an outcome that says so, never a crash
+    empty = TaskOutput.checked(["not", "a", "dict"], ["a"], sandbox="process")
+    assert empty.rows == [] and empty.outcome.error == "the task returned no outcome"
+
+
+def test_a_torn_or_linked_results_file_from_a_task_is_read_as_regular_files_only(tmp_path) -> None:
+    from pipemend.executors.base import read_task_output
+    from pipemend.protocols import SandboxOutcome
+
+    out = tmp_path / "out"
+    (out / "traces").mkdir(parents=True)
+    (out / "results.jsonl").write_bytes(b'{"id": "a", "output": "A"}\n{"id": "b", "outp')  # torn last line
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"labels": "leaked"}')
+    (out / "traces" / "a.json").symlink_to(secret)  # a link is never followed
+    got = read_task_output(out, ["a", "b"], SandboxOutcome(sandbox="process", returncode=0))
+    assert got.rows == [{"id": "a", "output": "A"}] and got.traces == {}
