@@ -7,7 +7,7 @@ Runs ``pipemend optimize --parallel K`` once per K on a copy of the tinyqa test 
 ``simulated/slow-echo`` (every uncached call takes 0.3 s: the night is spent waiting on latency), with
 ``--val`` made-up countries in its corpus and val split (each prompt distinct, so none is a cache hit) and
 one full look per judgement (``racing: [1.0]``, ``confirm_runs: 0``: every K pays the same per candidate). The
-proposer (``PromptWords`` below) makes one distinct change per candidate to the answer prompt (a new word,
+proposer (``prompt_words.PromptWords``) makes one distinct change per candidate to the answer prompt (a new word,
 so no call is a cache hit), which changes no score: each candidate is raced on val and refused, so every
 K does the same kind of work. Each run has its own LLM cache. Prints, per K, the loop's wall time
 (from the baseline's end to the loop's stop), candidates per hour, example evaluations per second (rows
@@ -29,26 +29,9 @@ from typing import Any
 
 from pipemend.fsutil import read_jsonl
 from pipemend.optimize import OptimizeConfig, run_optimize
-from pipemend.protocols import Proposal, ProposalContext
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "tests" / "fixtures" / "targets" / "tinyqa"
-WORDS = ["briefly", "clearly", "plainly", "simply", "exactly", "directly", "kindly", "calmly", "neatly", "quickly",
-         "gently", "boldly", "firmly", "fairly", "truly", "warmly"]
-
-
-class PromptWords:
-    """Candidate n adds the word ``WORDS[n-1]`` to the sentence prompt: a new prompt, the same score."""
-
-    name = "prompt-words"
-
-    def propose(self, ctx: ProposalContext) -> Proposal | None:
-        i = ctx.candidate_index - 1
-        if i >= len(WORDS):
-            return None
-        text = (ctx.tools.root / "prompts" / "sentence.txt").read_text(encoding="utf-8")
-        ctx.tools.write_file("prompts/sentence.txt", text.replace("Reply", f"Reply {WORDS[i]}", 1))
-        return Proposal(rationale=f"say {WORDS[i]}", rung="prompt")
 
 
 def widen(target: Path, n_val: int) -> None:
@@ -70,7 +53,7 @@ def run_one(k: int, executor: str, args: argparse.Namespace, work: Path) -> dict
     target = work / f"target-{executor}-k{k}"
     shutil.copytree(TARGET, target, ignore=shutil.ignore_patterns("__pycache__"))
     widen(target, args.val)
-    fields: dict[str, Any] = dict(target=str(target), proposer=f"{Path(__file__).stem}:PromptWords",
+    fields: dict[str, Any] = dict(target=str(target), proposer="prompt_words:PromptWords",
                                   model="simulated/slow-echo", budget_usd=5.0, max_candidates=args.candidates,
                                   sandbox=args.sandbox, run_id=f"bench-{executor}-k{k}", reports_dir=str(work / "reports"),
                                   parallel=k, executor=executor)

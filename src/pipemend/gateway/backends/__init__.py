@@ -29,8 +29,7 @@ from typing import Any, Sequence
 from ...errors import ConfigError, UsageError
 from ...plugins import is_dotted_path, resolve
 from ...protocols import LLMBackend
-from .base import BackendError, forward_headers
-from .local import MODEL_NAME as LOCAL_MODEL
+from .base import LOCAL_MODEL, BackendError, forward_headers
 from .simulated import SIMULATED
 
 __all__ = ["BackendError", "BackendRegistry", "LLMBackend", "ModelAllowList", "backend_kind", "forward_headers",

@@ -6,6 +6,9 @@ import contextvars
 import uuid
 from typing import Any
 
+LOCAL_MODEL = "local/qwen2.5-coder-1.5b-instruct"
+"""The one model the ``local`` backend serves (here, so that naming it does not load llama.cpp or numpy)."""
+
 # Anthropic error types by HTTP status, for replies the gateway builds itself.
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -42,11 +42,11 @@ from typing import Any, Iterator
 
 from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
-from .base import BackendError, message_response, text_of
+from .base import LOCAL_MODEL, BackendError, message_response, text_of
 from .local_llama import LlamaSession
 from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
-MODEL_NAME = "local/qwen2.5-coder-1.5b-instruct"
+MODEL_NAME = LOCAL_MODEL
 SEED = 0
 # Context of the one model (``PIPEMEND_LOCAL_N_CTX``): an agent session's system prompt and 16 tools
 # take ~3.5k tokens before its first tool result (the model's own limit is 32k; the KV cache costs
