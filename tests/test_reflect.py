@@ -147,6 +147,26 @@ def test_a_rewrite_tried_before_is_refused_and_later_candidates_see_other_exampl
     assert "was tried before" in transcript(s, 2)[-2]["message"]
 
 
+def test_a_sibling_of_the_same_parallel_round_counts_as_tried_and_moves_the_examples_on(tmp_path, wt, sessions):
+    """``ctx.in_flight`` holds a reflect candidate of the same round, not judged yet: its rewrite is refused
+    like a tried one, this candidate starts k examples further down, and the model is told the sibling's plan."""
+    in_flight = [{"n": 1, "rung": "prompt", "rationale": "asked for the entity only",
+                  "meta": {"proposer": "reflect", "file": ANSWER, "rung_failed": "prompt",
+                           "reflect_key": rewrite_key(ANSWER, GOOD + "\n")}}]
+    s = start(tmp_path, sessions, [
+        (["### Example 1 (t3)", "### Example 2 (t1)",
+          "candidate 1, being judged now, in this round: asked for the entity only"],
+         answer_reply(GOOD)),
+    ])
+    ctx = make_ctx(wt, n=2)
+    ctx.in_flight = in_flight
+    proposer = s.proposer("reflect", max_retries=0, k_examples=2, repair_turns=0)
+    assert proposer.propose(ctx) is None
+    s.check_complete()
+    assert "(t2)" not in request_text(s)
+    assert "was tried before" in transcript(s, 2)[-2]["message"]
+
+
 def test_the_budget_is_the_harness_s(tmp_path, wt, sessions):
     s = start(tmp_path, sessions, [(None, answer_reply(GOOD.replace("{{ question }}", "{{ query }}")))])
     with pytest.raises(ProposerBudgetExhausted) as info:

@@ -24,7 +24,10 @@ so can Claude when a key is set (``--agent-model claude-sonnet-4-5``).
   and keep exactly the template variables of the original (Jinja2 names, or
   ``str.format`` fields of a ``.txt`` prompt), must differ from the current
   file and from every earlier reflect rewrite of it (``meta["reflect_key"]``
-  in the history). A reply that breaks a rule is answered once
+  in the history, and in ``ctx.in_flight``: the reflect candidates of the same
+  parallel round, which also count for the example offset and are shown to the
+  model as being judged now, so K reflect candidates of a round are K different
+  rewrites from K different sets of failures). A reply that breaks a rule is answered once
   (``repair_turns``) with what was wrong; a second bad reply ends the proposal
   with None and the reason in the log and transcript.
 
@@ -330,11 +333,12 @@ class _Reflection(AgentSession):
     def run(self) -> Proposal | None:
         ctx = self.ctx
         earlier = [h for h in ctx.history or [] if (h.get("meta") or {}).get("proposer") == "reflect"]
+        siblings = [f for f in ctx.in_flight or [] if (f.get("meta") or {}).get("proposer") == "reflect"]
         rung, ids = pick_failures(ctx.diagnosis or {}, set(self.train), self.cfg.rung)
         if not ids:
             ctx.log("reflect: no failing train example to learn from")
             return None
-        seen = sum(1 for h in earlier if (h.get("meta") or {}).get("rung_failed") == rung)
+        seen = sum(1 for h in earlier + siblings if (h.get("meta") or {}).get("rung_failed") == rung)
         start = (seen * self.cfg.k_examples) % len(ids)
         chosen = (ids[start:] + ids[:start])[: self.cfg.k_examples]
         traces = {i: self._trace(i) for i in chosen}
@@ -348,8 +352,8 @@ class _Reflection(AgentSession):
             ctx.log(f"reflect: {rel} cannot be rewritten safely: {e}")
             return None
         tried = set(self.proposer._tried)
-        tried.update(str((h.get("meta") or {}).get("reflect_key")) for h in earlier)
-        message = self._render(rel, text, syntax, rung, chosen, traces, earlier)
+        tried.update(str((h.get("meta") or {}).get("reflect_key")) for h in earlier + siblings)
+        message = self._render(rel, text, syntax, rung, chosen, traces, earlier, siblings)
         self.record("start", model=self.cfg.model, system=SYSTEM, prompt_file=rel, rung=rung, examples=chosen,
                     budget=self.budget.model_dump())
         messages: list[dict[str, Any]] = [{"role": "user", "content": message}]
@@ -419,7 +423,8 @@ class _Reflection(AgentSession):
         return max(scores, key=lambda r: (scores[r], "answer" in PurePosixPath(r).name.lower(), -files.index(r)))
 
     def _render(self, rel: str, text: str, syntax: PromptSyntax, rung: str, chosen: list[str],
-                traces: dict[str, dict[str, Any] | None], earlier: list[dict[str, Any]]) -> str:
+                traces: dict[str, dict[str, Any] | None], earlier: list[dict[str, Any]],
+                siblings: list[dict[str, Any]]) -> str:
         path = Path(self.cfg.template) if self.cfg.template else TEMPLATES / "reflect.md.j2"
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(path.parent)), trim_blocks=True,
                                  lstrip_blocks=True, keep_trailing_newline=True)
@@ -441,6 +446,8 @@ class _Reflection(AgentSession):
         tried = [{"n": h.get("n", h.get("index")), "outcome": "kept" if h.get("accepted") else "not kept",
                   "rationale": _short(str(h.get("rationale") or ""), 300)}
                  for h in earlier if (h.get("meta") or {}).get("file") == rel]
+        tried += [{"n": f.get("n"), "outcome": "being judged now, in this round", "rationale": _short(str(
+                   f.get("rationale") or ""), 300)} for f in siblings if (f.get("meta") or {}).get("file") == rel]
         m = self.ctx.manifest
         return env.get_template(path.name).render(
             manifest=m, metric=m.metric_label(), rung=rung, rung_hint=RUNG_HINTS.get(rung, ""), path=rel, text=text,
