@@ -15,6 +15,7 @@ import pytest
 from support import SUBDIR, StubTrain, git, make_ctx, reply, secret_labels, start, tool_use, transcript
 
 from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted
+from pipemend.proposers.claude import ClaudeProposerConfig
 
 
 def test_multi_turn_session_reads_edits_runs_and_submits(tmp_path, wt, sessions):
@@ -162,6 +163,21 @@ def test_the_temperature_option_reaches_the_model(tmp_path, wt, sessions):
     assert s.proposer(temperature=0.3).propose(make_ctx(wt)) is None
     (call,) = [json.loads(line) for line in s.calls_text().splitlines()]
     assert call["request"]["temperature"] == 0.3
+
+
+def test_tool_choice_any_reaches_the_model_and_is_the_default_for_a_local_model(tmp_path, wt, sessions):
+    s = start(tmp_path, sessions, [(None, reply(tool_use("give_up", {"reason": "all tried"}, "tu1"))),
+                                   (None, reply(tool_use("give_up", {"reason": "all tried"}, "tu2")))])
+    assert s.proposer(tool_choice="any").propose(make_ctx(wt)) is None
+    assert s.proposer().propose(make_ctx(wt, n=2)) is None
+    s.check_complete()
+    forced, default = [json.loads(line)["request"] for line in s.calls_text().splitlines()]
+    assert forced["tool_choice"] == {"type": "any"}
+    assert "tool_choice" not in default  # a scripted (API-like) model: `auto`, the API's own default
+    assert ClaudeProposerConfig(model="local/qwen2.5-coder-1.5b-instruct").effective_tool_choice() == "any"
+    assert ClaudeProposerConfig(model="local/qwen2.5-coder-1.5b-instruct", tool_choice="auto"
+                                ).effective_tool_choice() == "auto"
+    assert ClaudeProposerConfig(model="claude-sonnet-4-5").effective_tool_choice() == "auto"
 
 
 def test_the_system_prompt_names_errors_and_unattributed_failures(wt):

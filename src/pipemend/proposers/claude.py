@@ -52,7 +52,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import jinja2
@@ -73,6 +73,13 @@ class ClaudeProposerConfig(AgentProposerConfig):
     temperature: float | None = Field(None, ge=0, le=1, description="Sampling temperature; None: the API default.")
     max_retries: int = Field(2, ge=0, description="SDK retries of a failed request.")
     request_timeout_s: float = Field(600.0, gt=0, description="HTTP timeout of one agent request.")
+    tool_choice: Literal["auto", "any"] | None = Field(
+        None, description="`any`: every reply is a tool call, with no text before it; `auto`: the model may reply "
+                          "in text. None: `any` for a `local/` model (a small model writes hundreds of tokens of "
+                          "its instructions back before each call, minutes a turn on a CPU), `auto` otherwise.")
+
+    def effective_tool_choice(self) -> str:
+        return self.tool_choice or ("any" if self.model.startswith("local/") else "auto")
 
 
 def _aggregate_verdict(verdict: Any) -> dict[str, Any]:
@@ -181,6 +188,8 @@ class _Session(AgentSession):
             sent = len(messages)
             kwargs: dict[str, Any] = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
                                       "system": system, "tools": tools, "messages": messages}
+            if self.cfg.effective_tool_choice() == "any":
+                kwargs["tool_choice"] = {"type": "any"}
             data = agent_call.request(self, client, with_temperature(kwargs, self.cfg.temperature))
             dollars = agent_call.charge(self, self.cfg.model, data.get("usage"), self.cfg.price_per_mtok)
             content, uses, problems = self._read_reply(data)
