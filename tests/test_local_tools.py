@@ -345,7 +345,7 @@ def scripted_local(monkeypatch):
     """The local backend with its model session replaced by the scripted fake (the model file is never loaded)."""
     holder: dict[str, ScriptedQwenAtTheModelBoundary] = {}
     monkeypatch.setattr(local, "load_llama", lambda *args: object())
-    monkeypatch.setattr(local, "LlamaSession", lambda llama: holder["model"])
+    monkeypatch.setattr(local, "LlamaSession", lambda llama, snapshots=None: holder["model"])
     return holder
 
 
@@ -436,7 +436,7 @@ def test_a_prefilled_prompt_gives_the_very_logits_of_a_fresh_evaluation():
     _local_model_or_skip()
     import numpy as np
 
-    from pipemend.gateway.backends.local_llama import LlamaSession
+    from pipemend.gateway.backends.local_llama import LlamaSession, PrefixSnapshots
 
     backend = local.LocalBackend()
     llama = local.load_llama(None, backend.n_ctx, backend.n_threads)
@@ -459,3 +459,38 @@ def test_a_prefilled_prompt_gives_the_very_logits_of_a_fresh_evaluation():
             break
     session.prefill(two)
     assert np.array_equal(last_logits(), fresh)
+
+    # read from a snapshot of `one`'s first blocks, after other work: the very same logits
+    snapshots = PrefixSnapshots()
+    kept = LlamaSession(llama, snapshots)
+    kept.prefill(one)
+    assert snapshots.saved == 1 and snapshots.hits == 0
+    for i, _ in enumerate(kept.generate(one, temperature=0, top_k=1, top_p=1, seed=0)):
+        if i >= 4:
+            break
+    kept.prefill(session.tokenize("Something else entirely. " * 40))
+    kept.prefill(two)
+    assert snapshots.hits == 1
+    assert np.array_equal(last_logits(), fresh)
+
+
+def test_prefix_snapshots_give_the_longest_saved_boundary_whose_tokens_match_and_drop_the_oldest():
+    from pipemend.gateway.backends.local_llama import PrefixSnapshots
+
+    snaps = PrefixSnapshots(max_bytes=25)
+    prompt = list(range(100, 135))
+    keys = PrefixSnapshots.keys(prompt, 8, 34)
+    assert [b for b, _ in keys] == [8, 16, 24, 32]
+    assert snaps.longest(prompt, keys) == (0, None)
+    snaps.put(keys[0][1], prompt[:8], b"a" * 10)
+    snaps.put(keys[2][1], prompt[:24], b"c" * 10)
+    assert snaps.longest(prompt, keys) == (24, b"c" * 10)
+    assert snaps.longest(prompt[:20], PrefixSnapshots.keys(prompt[:20], 8, 19)) == (8, b"a" * 10)
+    changed = prompt[:10] + [0] + prompt[11:]  # a token of the second block differs: only the first block is shared
+    assert snaps.longest(changed, PrefixSnapshots.keys(changed, 8, 34)) == (8, b"a" * 10)
+    snaps.put(keys[3][1], prompt[:32], b"d" * 10)  # over 25 bytes: the least recently used one (24) goes
+    assert snaps.longest(prompt, keys) == (32, b"d" * 10)
+    assert snaps.longest(prompt, keys[:3]) == (8, b"a" * 10)
+    snaps.put(keys[1][1], prompt[:16], b"x" * 26)  # larger than the whole cache: not kept
+    assert snaps.longest(prompt, keys[:2]) == (8, b"a" * 10)
+    assert (snaps.saved, snaps.hits) == (3, 6)

@@ -14,7 +14,9 @@ A request with ``tools`` gets real ``tool_use`` blocks (``local_tools``: Qwen2.5
 ``<tool_call>`` format, each call decoded under a grammar of the tools' input schemas;
 ``local_llama``: the llama.cpp side). Its prompt, too, is read from an empty KV cache
 (``LlamaSession.prefill``): keeping the blocks shared with the previous prompt was not bit
-for bit a fresh evaluation once other completions had run.
+for bit a fresh evaluation once other completions had run. What it shares with an earlier
+tool prompt is restored from a snapshot of that prompt's first blocks, taken as they were
+read into an empty cache (``PrefixSnapshots``), which is the same computation.
 
 Portable across x86-64 CPUs: the model loads with llama.cpp's extra buffer
 types off (``use_extra_bufts``, the runtime weight repacking): on a CPU that
@@ -43,7 +45,7 @@ from typing import Any, Iterator
 from ..local_guard import REBUILD_HINT, ensure_runs_here
 from ..model_files import INSTALL_HINT, ModelFileError, ensure_model_file
 from .base import LOCAL_MODEL, BackendError, message_response, text_of
-from .local_llama import LlamaSession
+from .local_llama import LlamaSession, PrefixSnapshots
 from .local_tools import Sampling, ToolDecoder, request_tools, tool_choice
 
 MODEL_NAME = LOCAL_MODEL
@@ -56,6 +58,9 @@ DEFAULT_N_CTX = 16384
 _lock = threading.Lock()
 _llama: Any = None  # the one llama_cpp.Llama of this process
 _llama_path: Path | None = None
+_prefixes = PrefixSnapshots(max_bytes=int(os.environ.get("PIPEMEND_LOCAL_PREFIX_CACHE_MB", "1024")) << 20)
+"""Snapshots of tool prompts' first blocks (``local_llama.PrefixSnapshots``): an agent turn reads only what it
+added to the last turn's prompt. ``PIPEMEND_LOCAL_PREFIX_CACHE_MB=0`` turns them off."""
 
 
 def load_llama(model_path: Path | None, n_ctx: int, n_threads: int) -> Any:
@@ -121,6 +126,7 @@ def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
 def _close() -> None:
     """Free the model before interpreter teardown (llama-cpp's own destructor fails that late)."""
     global _llama
+    _prefixes.clear()
     if _llama is not None:
         _llama.close()
         _llama = None
@@ -218,7 +224,8 @@ class LocalBackend:
         with _lock:
             llama = load_llama(self.model_path, self.n_ctx, self.n_threads)
             self.calls += 1
-            reply = ToolDecoder(LlamaSession(llama), sampling, prefill=not self.prefix_reuse).decode(
+            session = LlamaSession(llama, _prefixes if _prefixes.max_bytes > 0 else None)
+            reply = ToolDecoder(session, sampling, prefill=not self.prefix_reuse).decode(
                 request, tools, choice, int(request.get("max_tokens", 256)), stops)
         return message_response(MODEL_NAME, reply.content, stop_reason=reply.stop_reason,
                                 stop_sequence=reply.stop_sequence, input_tokens=reply.input_tokens,

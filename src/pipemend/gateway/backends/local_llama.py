@@ -11,6 +11,10 @@ decoding (temperature > 0) keeps llama-cpp-python's own grammar sampler.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -21,11 +25,74 @@ TOP_FIRST = (1, 64)  # candidates checked against the grammar before the whole v
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 
 
-class LlamaSession:
-    """One reply's access to a loaded ``llama_cpp.Llama``."""
+@dataclass(frozen=True)
+class _Snapshot:
+    tokens: tuple[int, ...]
+    state: bytes
 
-    def __init__(self, llama: Any):
+
+class PrefixSnapshots:
+    """KV-cache snapshots of prompt prefixes, each read from an empty cache, taken at ``n_batch`` boundaries.
+
+    An agent's next request repeats its last one and adds to it, so reading each prompt afresh reads the same
+    thousands of tokens again every turn (minutes a turn on a small CPU). Keeping the KV cache of the last
+    prompt was not bit for bit a fresh read once other completions had run (``LlamaSession.prefill``). A
+    snapshot is: the memory is cleared, the prefix's state (sequence 0, ``llama_state_seq_set_data``) is
+    written back into it, and the rest of the prompt is evaluated from that boundary. A fresh read evaluates
+    the prompt in ``n_batch`` blocks from position 0 into an empty cache; the snapshot holds exactly the
+    cells of the first blocks of such a read, in the same places, and the rest is evaluated in the same
+    blocks, so every computation is the fresh read's (the slow test checks the logits bit for bit, after
+    other work). Keyed by a hash chained over the blocks; the tokens are compared too. Least recently used
+    snapshots go first when ``max_bytes`` is passed.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, _Snapshot] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.saved = 0
+
+    @staticmethod
+    def keys(tokens: Sequence[int], n_batch: int, upto: int) -> list[tuple[int, str]]:
+        """``(boundary, key)`` for every ``n_batch`` boundary of ``tokens`` up to ``upto``, shortest first."""
+        out, h = [], hashlib.sha256()
+        for b in range(n_batch, upto + 1, n_batch):
+            h.update(np.asarray(tokens[b - n_batch:b], dtype=np.int64).tobytes())
+            out.append((b, h.copy().hexdigest()))
+        return out
+
+    def longest(self, tokens: Sequence[int], keys: list[tuple[int, str]]) -> tuple[int, bytes | None]:
+        with self._lock:
+            for b, key in reversed(keys):
+                snap = self._items.get(key)
+                if snap is not None and list(snap.tokens) == list(tokens[:b]):
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return b, snap.state
+        return 0, None
+
+    def put(self, key: str, tokens: Sequence[int], state: bytes) -> None:
+        if len(state) > self.max_bytes:
+            return
+        with self._lock:
+            self._items[key] = _Snapshot(tuple(tokens), state)
+            self._items.move_to_end(key)
+            self.saved += 1
+            while sum(len(s.state) for s in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class LlamaSession:
+    """One reply's access to a loaded ``llama_cpp.Llama`` (and the process's prefix snapshots of it, if any)."""
+
+    def __init__(self, llama: Any, snapshots: PrefixSnapshots | None = None):
         self.llama = llama
+        self.snapshots = snapshots
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -46,10 +113,38 @@ class LlamaSession:
         keys and values depend only on the tokens up to its end) and matched a fresh evaluation bit for bit
         in one process, but not in CI's, after other completions had run: the logits of the last token
         differed. A greedy reply that depends on which request came before breaks the cache's premise, so
-        every prompt is read afresh (``PIPEMEND_LOCAL_PREFIX_REUSE=1`` trades this back for speed).
+        every prompt is read afresh (``PIPEMEND_LOCAL_PREFIX_REUSE=1`` trades this back for speed), or from
+        a ``PrefixSnapshots`` snapshot of its first blocks, which is the same computation.
         """
-        self.llama.reset()
-        self.llama.eval(list(prompt))
+        prompt = list(prompt)
+        llama = self.llama
+        llama.reset()
+        if self.snapshots is None or not prompt:
+            llama.eval(prompt)
+            return
+        import llama_cpp
+
+        n_batch = int(llama.n_batch)
+        last = ((len(prompt) - 1) // n_batch) * n_batch  # the last boundary before the final token
+        keys = PrefixSnapshots.keys(prompt, n_batch, last)
+        start, state = self.snapshots.longest(prompt, keys)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llama._ctx.ctx), True)
+        if state is not None:
+            buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, buf, len(state), 0) != len(state):
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llama._ctx.ctx), True)
+                start = 0
+            else:
+                llama.input_ids[:start] = prompt[:start]
+                llama.n_tokens = start
+        if last > start:
+            llama.eval(prompt[start:last])
+            size = llama_cpp.llama_state_seq_get_size(llama._ctx.ctx, 0)
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(llama._ctx.ctx, buf, size, 0)
+            if 0 < written <= size:
+                self.snapshots.put(keys[-1][1], prompt[:last], ctypes.string_at(buf, written))
+        llama.eval(prompt[last:])
 
     def generate(self, sequence: Sequence[int], *, temperature: float, top_k: int, top_p: float,
                  seed: int) -> Iterator[int]:
