@@ -320,7 +320,7 @@ def test_a_gateway_on_every_interface_refuses_a_network_request_without_the_runs
         assert _tcp_status(ip, port, "POST", f"/t/{token}/v1/messages", body=call) == 200
         assert _tcp_status(ip, port, "POST", "/v1/messages", {"x-pipemend-token": token}, call) == 200
         gw.flush()
-    calls = read_jsonl(tmp_path / "run" / "gateway" / "calls.jsonl")
+    calls = list(read_jsonl(tmp_path / "run" / "gateway" / "calls.jsonl"))
     assert len(calls) == 2  # the refused requests never reached a backend
 
 
@@ -338,7 +338,7 @@ def test_a_task_without_the_drivers_socket_reaches_a_gateway_on_every_interface_
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     target = tmp_path / "echo_qa"
     shutil.copytree(TARGETS / "echo_qa", target, ignore=shutil.ignore_patterns("__pycache__"))
-    rows = read_jsonl(target / "data.jsonl")[:4]
+    rows = list(read_jsonl(target / "data.jsonl"))[:4]
     (tmp_path / "out").mkdir()
     inputs = tmp_path / "out" / "inputs.jsonl"
     inputs.write_text("".join(json.dumps({"id": r["id"], "inputs": r["inputs"]}) + "\n" for r in rows))
