@@ -360,3 +360,35 @@ def test_a_task_without_the_drivers_socket_reaches_a_gateway_on_every_interface_
         r["id"]: (r["inputs"]["question"], None) for r in rows}
     calls = read_jsonl(tmp_path / "run" / "gateway" / "calls.jsonl")
     assert sorted(c.get("example_id") for c in calls) == sorted(r["id"] for r in rows)
+
+
+@pytest.mark.parametrize("command", ["eval", "optimize"])
+def test_ray_task_cpus_on_the_command_line_is_checked_before_anything_runs(tmp_path, command) -> None:
+    pytest.importorskip("ray")
+    from typer.testing import CliRunner
+
+    from pipemend.cli import app
+
+    def run(*args: str):
+        done = CliRunner().invoke(app, [command, str(TARGETS / "echo_qa"), "--reports-dir", str(tmp_path), *args])
+        return done.exit_code, " ".join(done.output.split())
+
+    code, said = run("--executor", "local", "--ray-task-cpus", "0.25")
+    assert code == 2 and "--ray-task-cpus needs --executor ray" in said
+    for bad in ("0", "-1", "nan", "inf", "0.00001"):
+        code, said = run("--executor", "ray", "--ray-task-cpus", bad)
+        assert code == 2 and "expected the CPUs each Ray task asks for, a number > 0" in said, (bad, said)
+    assert not any(tmp_path.iterdir())  # no run directory, no Ray started
+
+
+def test_ray_task_cpus_in_a_config_is_checked_and_kept() -> None:
+    from pydantic import ValidationError
+
+    from pipemend.optimize import OptimizeConfig
+
+    assert OptimizeConfig(target="t").ray_task_cpus == 1.0
+    cfg = OptimizeConfig.model_validate({"target": "t", "executor": "ray", "ray_task_cpus": 0.25})
+    assert cfg.ray_task_cpus == 0.25
+    for bad in (0, -0.5, float("nan"), True, "many"):
+        with pytest.raises(ValidationError, match="ray_task_cpus"):
+            OptimizeConfig(target="t", ray_task_cpus=bad)
