@@ -324,12 +324,13 @@ def test_a_gateway_on_every_interface_refuses_a_network_request_without_the_runs
     assert len(calls) == 2  # the refused requests never reached a backend
 
 
-@pytest.mark.parametrize("kind", ["process", pytest.param("bwrap", marks=pytest.mark.bwrap)])
+@pytest.mark.parametrize("kind", ["process", pytest.param("bwrap", marks=pytest.mark.bwrap),
+                                  pytest.param("docker", marks=pytest.mark.docker)])
 def test_a_task_without_the_drivers_socket_reaches_a_gateway_on_every_interface_with_the_token(
         local_ray, tmp_path, monkeypatch, kind) -> None:
     """As on a node other than the driver's (no gateway socket to mount): the gateway listens on 0.0.0.0, the
     task dials it at the driver's address as Ray knows it, with the run's token: the process sandbox itself,
-    bubblewrap (no network inside) through the task's relay socket. Every echo comes back and is logged."""
+    bubblewrap and Docker (no network inside) through the task's relay socket. Every echo comes back, logged."""
     from sandbox_support import sandbox_or_skip
 
     from pipemend.executors.ray import with_host
@@ -355,7 +356,8 @@ def test_a_task_without_the_drivers_socket_reaches_a_gateway_on_every_interface_
             executor.close()
         gw.flush()
         assert batch.job.gateway_url == with_host(gw.url, executor.driver_ip) != gw.url
-        assert not ipaddress.ip_address(executor.driver_ip).is_unspecified
+        ip = ipaddress.ip_address(executor.driver_ip)
+        assert not ip.is_unspecified and (not ip.is_loopback or _non_loopback_ipv4() is None)  # over the network
     assert {k: (row["output"], row["error"]) for k, row in got.items()} == {
         r["id"]: (r["inputs"]["question"], None) for r in rows}
     calls = read_jsonl(tmp_path / "run" / "gateway" / "calls.jsonl")

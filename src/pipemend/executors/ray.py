@@ -217,7 +217,11 @@ def run_shard(tar: bytes, lines: list[str], ids: list[str], spec: dict[str, Any]
         if socket is None or not Path(socket).is_socket():
             socket = None
             if getattr(sandbox, "name", "") != "process":
-                relay = GatewayRelay(tmp / "gateway.sock", spec["gateway_url"])
+                # in a folder only the task's user may pass (``tmp`` is 0711 for the sandbox user): no other
+                # user of the node reaches the gateway through the relay; the sandbox gets the socket mounted
+                private = tmp / "relay"
+                private.mkdir(mode=0o700)
+                relay = GatewayRelay(private / "gateway.sock", spec["gateway_url"])
                 socket = str(relay.path)
         job = SandboxJob(
             worktree=work, target_subdir="", entrypoint=spec["entrypoint"], inputs_file=inputs, out_dir=tmp / "out",
