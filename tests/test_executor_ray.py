@@ -394,3 +394,21 @@ def test_ray_task_cpus_in_a_config_is_checked_and_kept() -> None:
     for bad in (0, -0.5, float("nan"), True, "many"):
         with pytest.raises(ValidationError, match="ray_task_cpus"):
             OptimizeConfig(target="t", ray_task_cpus=bad)
+
+
+def test_eval_takes_the_gateways_interface_and_a_fixed_port_for_a_tunnel(tmp_path, monkeypatch) -> None:
+    """``eval --gateway-host 0.0.0.0 --gateway-port N`` (the local executor): the gateway listens there, with a
+    token since it is beyond loopback, the journal records its address without the token, and the run's
+    sandboxes, on the run's socket, score as usual."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = tmp_path / "echo_qa"
+    shutil.copytree(TARGETS / "echo_qa", target, ignore=shutil.ignore_patterns("__pycache__"))
+    res = run_eval(target, split="val", sandbox="process", run_id="eval-tunnel", reports_dir=tmp_path / "reports",
+                   gateway_host="0.0.0.0", gateway_port=port)
+    assert not res.dead, res.dead
+    started = [e for e in read_jsonl(res.run_dir / "journal.jsonl") if e["event"] == "gateway_started"]
+    assert [e["url"] for e in started] == [f"http://0.0.0.0:{port}"]
+    assert any(s for _, s, _ in _scores(res.run_dir).values())

@@ -376,7 +376,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
              sandbox: str = "auto", run_id: str | None = None, reports_dir: Path = Path("reports"),
              thresholds: LadderThresholds | None = None, progress: Progress | None = None,
              judge_model: str | None = None, executor: str = "local", ray_address: str | None = None,
-             ray_task_cpus: float = DEFAULT_TASK_CPUS, gateway_host: str = "127.0.0.1") -> EvalRun:
+             ray_task_cpus: float = DEFAULT_TASK_CPUS, gateway_host: str = "127.0.0.1",
+             gateway_port: int = 0) -> EvalRun:
     """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
 
     Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
@@ -403,7 +404,7 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
         result = _eval_splits(target, manifest, run_dir, split=split, limit=limit, model=model,
                               sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model,
                               executor_kind=executor, ray_address=ray_address, ray_task_cpus=ray_task_cpus,
-                              gateway_host=gateway_host)
+                              gateway_host=gateway_host, gateway_port=gateway_port)
     except BaseException as e:
         finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -417,7 +418,7 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
                  sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress,
                  judge_model: str | None = None, executor_kind: str = "local",
                  ray_address: str | None = None, ray_task_cpus: float = DEFAULT_TASK_CPUS,
-                 gateway_host: str = "127.0.0.1") -> EvalRun:
+                 gateway_host: str = "127.0.0.1", gateway_port: int = 0) -> EvalRun:
     frozen = freeze_target(target, manifest, run_dir)
     splits_all = frozen.splits()
     journal(run_dir, "frozen", dir=str(frozen.dir), sizes={k: len(v) for k, v in splits_all.items()})
@@ -426,7 +427,7 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
     progress.log(f"model: {model} (sandbox {box.name})")
     gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir),
-                                    models=manifest.models(model), host=gateway_host,
+                                    models=manifest.models(model), host=gateway_host, port=gateway_port,
                                     token=gateway_token(executor_kind, gateway_host)))
     gateway.start()
     journal(run_dir, "gateway_started", url=gateway.address)

@@ -63,6 +63,8 @@ RAY_TASK_CPUS_HELP = ("CPUs each Ray task asks for (default 1; a number > 0): a 
 GATEWAY_HOST_HELP = ("Interface the pipeline gateway listens on (default 127.0.0.1). With --executor ray on other "
                      "machines: an address the nodes reach, or 0.0.0.0. Beyond loopback every request needs the "
                      "run's token, over plain HTTP: docs/distributed.md.")
+GATEWAY_PORT_HELP = ("TCP port of the pipeline gateway (default 0: a free one); fix it for an SSH or TLS tunnel "
+                     "to the Ray nodes (docs/distributed.md).")
 
 
 def executor_options(executor: str | None, ray_address: str | None,

@@ -336,8 +336,8 @@ class RayExecutor(ShardedExecutor):
         elif self.remote_nodes and is_loopback(host) and not self._warned:
             self._warned = True
             self.announce(f"executor: the gateway listens on {host}, which the cluster's {self.remote_nodes} other "
-                          "node(s) cannot reach: their tasks' model calls fail (pass --gateway-host, "
-                          "docs/distributed.md)")
+                          "node(s) cannot reach unless a tunnel carries it there: their tasks' model calls fail "
+                          "(pass --gateway-host, docs/distributed.md)")
         return super().submit(job, candidate=candidate, timeout_s=timeout_s)
 
     def close(self) -> None:

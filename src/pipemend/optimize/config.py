@@ -45,7 +45,11 @@ class OptimizeConfig(BaseModel):
         "wait on a model (an API model's latency) can ask for a fraction such as 0.25, so that four run per CPU.")
     gateway_host: str = Field(
         "127.0.0.1", description="Interface the pipeline gateway listens on; with executor ray on other machines, "
-        "an address the Ray nodes reach (the gateway then needs its per-run token: set for every ray run).")
+        "an address the Ray nodes reach, or 0.0.0.0 (beyond loopback, and for every ray run, the gateway needs "
+        "its per-run token). See docs/distributed.md.")
+    gateway_port: int = Field(0, ge=0, le=65535, description=(
+        "TCP port of the pipeline gateway; 0: a free one. A fixed port lets an SSH or TLS tunnel carry the Ray "
+        "nodes' calls (docs/distributed.md)."))
     run_id: str | None = Field(None, description="Run id (default optimize-<date>-<time>-<hex>).")
     reports_dir: str = Field("reports", description="Folder holding run directories.")
     cache_dir: str | None = Field(None, description="LLM response cache (default RUN_DIR/gateway/cache).")
