@@ -56,7 +56,7 @@ def run_one(k: int, executor: str, args: argparse.Namespace, work: Path) -> dict
     fields: dict[str, Any] = dict(target=str(target), proposer="prompt_words:PromptWords",
                                   model="simulated/slow-echo", budget_usd=5.0, max_candidates=args.candidates,
                                   sandbox=args.sandbox, run_id=f"bench-{executor}-k{k}", reports_dir=str(work / "reports"),
-                                  parallel=k, executor=executor)
+                                  parallel=k, executor=executor, ray_task_cpus=args.ray_task_cpus)
     cfg = OptimizeConfig(**fields)
     t0 = time.perf_counter()
     summary = run_optimize(cfg)
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=40, help="Val examples (made-up countries).")
     p.add_argument("--sandbox", default="process")
     p.add_argument("--executors", nargs="+", default=["local"], choices=["local", "ray"])
+    p.add_argument("--ray-task-cpus", type=float, default=1.0,
+                   help="CPUs each Ray task asks for (a fraction such as 0.25 for this latency-bound model).")
     p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pipemend-bench-parallel-") as tmp:

@@ -25,12 +25,15 @@ def shared():
 
 
 def test_results_stream_back_in_completion_order(tmp_path, shared) -> None:
-    # "slow" can only finish after "fast" ran (it waits for fast's marker): its shard must come back second
-    rows = [{"id": "slow", "mode": "wait_for", "path": str(shared / "fast-ran")},
-            {"id": "fast", "mode": "ok", "marker": str(shared / "fast-ran")}]
+    # "slow" (first in the batch) waits until the test has "fast"'s result in hand: the batch must stream fast's
+    # result back while slow's task still runs (fast merely writing a marker would race slow's task under load)
+    rows = [{"id": "slow", "mode": "wait_for", "path": str(shared / "go")}, {"id": "fast", "mode": "ok"}]
     executor = LocalExecutor(ProcessSandbox(announce=lambda m: None), shard_size=1)
     batch = executor.submit(toy_job(tmp_path, rows), candidate="c1")
-    got = list(batch.results())
+    results = batch.results()
+    got = [next(results)]
+    (shared / "go").touch()
+    got += list(results)
     assert [r.example_id for r in got] == ["fast", "slow"]
     assert [r.row["output"] for r in got] == ["fast", "slow"] and batch.done
     assert batch.outcome().returncode == 0 and not batch.outcome().timed_out

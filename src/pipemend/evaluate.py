@@ -30,7 +30,7 @@ from .dataset import Example, FrozenTarget, freeze_target, frozen_files, limit_s
 from .diagnose import Diagnosis, LadderThresholds, diagnose_run, primary_split
 from .errors import UsageError
 from .executors.base import TaskOutput, task_timeout
-from .executors import check_executor, gateway_token, get_executor
+from .executors import DEFAULT_TASK_CPUS, check_executor, check_task_cpus, gateway_token, get_executor
 from .executors.local import LocalExecutor
 from .fsutil import append_jsonl_many, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from .gateway import Gateway, GatewayConfig
@@ -375,7 +375,9 @@ def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
 def run_eval(target: Path, *, split: str = "val", limit: int | None = None, model: str | None = None,
              sandbox: str = "auto", run_id: str | None = None, reports_dir: Path = Path("reports"),
              thresholds: LadderThresholds | None = None, progress: Progress | None = None,
-             judge_model: str | None = None, executor: str = "local", ray_address: str | None = None) -> EvalRun:
+             judge_model: str | None = None, executor: str = "local", ray_address: str | None = None,
+             ray_task_cpus: float = DEFAULT_TASK_CPUS, gateway_host: str = "127.0.0.1",
+             gateway_port: int = 0) -> EvalRun:
     """``pipemend eval``: a run directory of kind ``eval``, the split(s) evaluated and diagnosed.
 
     Bad usage (split, sandbox, limit, manifest, data) is a ``UsageError`` before any run directory exists.
@@ -389,6 +391,7 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: expected a positive number of examples")
     check_executor(executor)
+    check_task_cpus(ray_task_cpus)
     manifest = load_manifest(target)
     load_splits(manifest, target)  # bad data is a usage error before any run directory exists
     model = model or manifest.llm.model
@@ -400,7 +403,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
     try:
         result = _eval_splits(target, manifest, run_dir, split=split, limit=limit, model=model,
                               sandbox_kind=sandbox, thresholds=thresholds, progress=progress, judge_model=judge_model,
-                              executor_kind=executor, ray_address=ray_address)
+                              executor_kind=executor, ray_address=ray_address, ray_task_cpus=ray_task_cpus,
+                              gateway_host=gateway_host, gateway_port=gateway_port)
     except BaseException as e:
         finish_run(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -413,7 +417,8 @@ def run_eval(target: Path, *, split: str = "val", limit: int | None = None, mode
 def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limit: int | None, model: str,
                  sandbox_kind: str, thresholds: LadderThresholds | None, progress: Progress,
                  judge_model: str | None = None, executor_kind: str = "local",
-                 ray_address: str | None = None) -> EvalRun:
+                 ray_address: str | None = None, ray_task_cpus: float = DEFAULT_TASK_CPUS,
+                 gateway_host: str = "127.0.0.1", gateway_port: int = 0) -> EvalRun:
     frozen = freeze_target(target, manifest, run_dir)
     splits_all = frozen.splits()
     journal(run_dir, "frozen", dir=str(frozen.dir), sizes={k: len(v) for k, v in splits_all.items()})
@@ -422,7 +427,8 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     box = get_sandbox(sandbox_kind, announce=lambda msg: progress.event("announce", text=str(msg)))
     progress.log(f"model: {model} (sandbox {box.name})")
     gateway = Gateway(GatewayConfig(run_dir=run_dir, socket_path=gateway_socket_path(run_dir),
-                                    models=manifest.models(model), token=gateway_token(executor_kind)))
+                                    models=manifest.models(model), host=gateway_host, port=gateway_port,
+                                    token=gateway_token(executor_kind, gateway_host)))
     gateway.start()
     journal(run_dir, "gateway_started", url=gateway.address)
     summaries: dict[str, dict[str, Any]] = {}
@@ -433,6 +439,7 @@ def _eval_splits(target: Path, manifest: Any, run_dir: Path, *, split: str, limi
     executor = None
     try:
         executor = get_executor(executor_kind, box, sandbox_kind=sandbox_kind, ray_address=ray_address,
+                                ray_task_cpus=ray_task_cpus,
                                 announce=lambda msg: progress.event("announce", text=str(msg)))
         if judge_model:
             judge = JudgeClient.start(run_dir, judge_model, concurrency=manifest.runner.concurrency,

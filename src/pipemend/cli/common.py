@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import PipemendError, SandboxUnavailable, UsageError
-from ..executors import check_executor, executor_from_env
+from ..executors import check_executor, check_task_cpus, executor_from_env
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -58,12 +58,24 @@ def options_error(e: ValidationError) -> UsageError:
 
 EXECUTOR_HELP = "local | ray: where evaluations run (default: ray when RAY_ADDRESS is set and ray is installed)."
 RAY_ADDRESS_HELP = "The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray)."
+RAY_TASK_CPUS_HELP = ("CPUs each Ray task asks for (default 1; a number > 0): a fraction such as 0.25 runs four "
+                      "latency-bound tasks (waiting on an API model) per CPU.")
+GATEWAY_HOST_HELP = ("Interface the pipeline gateway listens on (default 127.0.0.1). With --executor ray on other "
+                     "machines: an address the nodes reach, or 0.0.0.0. Beyond loopback every request needs the "
+                     "run's token, over plain HTTP: docs/distributed.md.")
+GATEWAY_PORT_HELP = ("TCP port of the pipeline gateway (default 0: a free one); fix it for an SSH or TLS tunnel "
+                     "to the Ray nodes (docs/distributed.md).")
 
 
-def executor_options(executor: str | None, ray_address: str | None) -> dict[str, Any]:
-    """``executor`` and ``ray_address`` for a flow: the named executor (checked: ``ray`` needs the package), else
-    ``ray`` when ``RAY_ADDRESS`` is set and Ray is installed, else ``local``."""
+def executor_options(executor: str | None, ray_address: str | None,
+                     ray_task_cpus: float | None = None) -> dict[str, Any]:
+    """``executor``, ``ray_address`` and ``ray_task_cpus`` (when given) for a flow: the named executor (checked:
+    ``ray`` needs the package), else ``ray`` when ``RAY_ADDRESS`` is set and Ray is installed, else ``local``."""
     name = check_executor(executor) if executor is not None else executor_from_env()
-    if ray_address is not None and name != "ray":
-        raise UsageError("--ray-address needs --executor ray")
-    return {"executor": name, "ray_address": ray_address}
+    for option, value in (("--ray-address", ray_address), ("--ray-task-cpus", ray_task_cpus)):
+        if value is not None and name != "ray":
+            raise UsageError(f"{option} needs --executor ray")
+    options: dict[str, Any] = {"executor": name, "ray_address": ray_address}
+    if ray_task_cpus is not None:
+        options["ray_task_cpus"] = check_task_cpus(ray_task_cpus)
+    return options

@@ -14,7 +14,8 @@ from ..diagnose import Diagnosis, LadderThresholds, load_thresholds, rediagnose
 from ..errors import RunFailed
 from ..evaluate import run_eval
 from ..judges.agreement import Agreement, check_judge, judge_agreement
-from .common import EXECUTOR_HELP, RAY_ADDRESS_HELP, err, executor_options, out
+from .common import (EXECUTOR_HELP, GATEWAY_HOST_HELP, GATEWAY_PORT_HELP, RAY_ADDRESS_HELP, RAY_TASK_CPUS_HELP,
+                     err, executor_options, out)
 from .progress import RichProgress
 from .render import agreement_lines, judge_line, render_diagnosis, scores_table
 
@@ -62,18 +63,21 @@ def eval_cmd(
         "The judge --judge-agreement checks: judge:correctness, judge:faithfulness or judge:relevance.")),
     executor: Optional[str] = typer.Option(None, "--executor", help=EXECUTOR_HELP),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_task_cpus: Optional[float] = typer.Option(None, "--ray-task-cpus", help=RAY_TASK_CPUS_HELP),
+    gateway_host: str = typer.Option("127.0.0.1", "--gateway-host", help=GATEWAY_HOST_HELP),
+    gateway_port: int = typer.Option(0, "--gateway-port", min=0, max=65535, help=GATEWAY_PORT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout, nothing else."),
 ) -> None:
     """Evaluate a target on a split (default val): scores, CI, cost, latency and the failure diagnosis."""
     ladder = _thresholds(thresholds, pass_threshold, min_share)
-    where = executor_options(executor, ray_address)
+    where = executor_options(executor, ray_address, ray_task_cpus)
     if agreement:
         check_judge(judge)
     # stdout stays clean for --json: progress and notes go to stderr
     with RichProgress(err, counts="off" if as_json else "bars", timestamps=False) as progress:
         result = run_eval(target, split=split, limit=limit, model=model, sandbox=sandbox, run_id=run_id,
                           reports_dir=reports_dir, thresholds=ladder, progress=progress, judge_model=judge_model,
-                          **where)
+                          gateway_host=gateway_host, gateway_port=gateway_port, **where)
         checked: Agreement | None = None
         if agreement and not result.dead:
             progress.log(f"judging the labelled examples with {judge} for --judge-agreement")

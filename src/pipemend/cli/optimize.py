@@ -18,7 +18,8 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from ..optimize import OptimizeConfig, OptimizeSummary, ladder_change, resume, run_optimize
-from .common import EXECUTOR_HELP, RAY_ADDRESS_HELP, err, executor_options, options_error
+from .common import (EXECUTOR_HELP, GATEWAY_HOST_HELP, GATEWAY_PORT_HELP, RAY_ADDRESS_HELP, RAY_TASK_CPUS_HELP,
+                     err, executor_options, options_error)
 from .progress import RichProgress
 from .render import summary_table, summary_footer
 
@@ -91,8 +92,9 @@ def optimize(
                    "(default: MLFLOW_TRACKING_URI when set and mlflow is installed)."),
     executor: Optional[str] = typer.Option(None, help=EXECUTOR_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
-    gateway_host: str = typer.Option("127.0.0.1", help="Interface the pipeline gateway listens on (with --executor "
-                                     "ray on other machines: an address the nodes reach; docs/distributed.md)."),
+    ray_task_cpus: Optional[float] = typer.Option(None, help=RAY_TASK_CPUS_HELP),
+    gateway_host: str = typer.Option("127.0.0.1", help=GATEWAY_HOST_HELP),
+    gateway_port: int = typer.Option(0, help=GATEWAY_PORT_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Propose, gate and keep changes to a pipeline; every accepted one is a git branch."""
@@ -103,7 +105,8 @@ def optimize(
                              sandbox=sandbox, run_id=run_id, reports_dir=str(reports_dir),
                              cache_dir=str(cache_dir) if cache_dir else None, otlp_endpoint=otlp_endpoint,
                              mlflow=mlflow or mlflow_from_env(),
-                             **executor_options(executor, ray_address), gateway_host=gateway_host)
+                             **executor_options(executor, ray_address, ray_task_cpus), gateway_host=gateway_host,
+                             gateway_port=gateway_port)
     except ValidationError as e:
         raise options_error(e) from None
     with RichProgress(err) as progress:

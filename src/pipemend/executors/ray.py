@@ -8,7 +8,10 @@ paid twice. Ray has no per-task timeout and a non-forced cancel can miss a runni
 ray#46157): the host waits with ``ray.wait`` up to each task's deadline and then ``ray.cancel(ref,
 force=True)``; the sandbox inside gets the deadline plus ``INNER_GRACE_S`` as its wall clock, a backstop only.
 A task whose sandbox is Docker asks for the custom resource ``pipemend_docker`` (``DOCKER_RESOURCE``), which
-marks the nodes that have Docker (``ray start --resources '{"pipemend_docker": 1000}'``).
+marks the nodes that have Docker (``ray start --resources '{"pipemend_docker": 1000}'``). Each task asks for
+``num_cpus`` CPUs (``--ray-task-cpus``, default 1; a fraction for tasks that mostly wait on a model). Before any
+task, ``check_cluster`` refuses (``UsageError``) a cluster where no node could run one (no ``pipemend_docker``
+for a Docker run, fewer CPUs than asked): Ray would keep such tasks pending forever.
 
 Node side (``run_shard``): unpack the tar into a temporary folder (``tarfile``'s ``data`` filter: regular
 files and folders only, nothing outside), pick the sandbox (``auto``: Docker where the node has it, else
@@ -18,11 +21,13 @@ The host takes them in through ``TaskOutput.checked`` (ids, names, size caps), a
 The gateway: where the host's socket is on the node (the same machine), the sandbox gets it as always;
 elsewhere a process sandbox dials the gateway's URL, and Docker or bubblewrap (no network inside) get a unix
 socket served by ``GatewayRelay`` in the task, which forwards each request to that URL. The URL carries the
-run's gateway token (``GatewayConfig.token``): see docs/distributed.md.
+run's gateway token (``GatewayConfig.token``): see docs/distributed.md. A gateway listening on every interface
+(``--gateway-host 0.0.0.0``) is dialled at the driver's address as Ray knows it (``ray.util.get_node_ip_address``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import os
@@ -39,10 +44,12 @@ from urllib.parse import urlsplit
 
 import ray
 
+from ..errors import UsageError
 from ..globs import walk_files
 from ..protocols import SandboxJob
 from ..sandbox import get_sandbox
 from ..sandbox.common import masked_paths, target_dir
+from . import is_loopback
 from .base import ShardedBatch, ShardedExecutor, Task, TaskOutput, read_task_output
 from .local import run_never_raising
 
@@ -54,7 +61,8 @@ SKIP_PARTS = frozenset({".git", ".venv", "venv", "__pycache__", "node_modules"})
 TAR_CAP = 512 * 1024 * 1024
 """Largest target folder shipped to the nodes (bytes, uncompressed)."""
 RELAY_BODY_CAP = 32 * 1024 * 1024
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+"""Gateway hosts meaning every interface: a URL that names one is dialled at the driver's address instead."""
 TARS_KEPT = 16
 """Batches whose target tar the driver keeps in the object store for their tasks and retries."""
 
@@ -97,6 +105,33 @@ def job_spec(job: SandboxJob, sandbox_kind: str, wall_timeout_s: float) -> dict[
         "concurrency": job.concurrency, "example_timeout_s": job.example_timeout_s, "wall_timeout_s": wall_timeout_s,
         "env": dict(job.env), "requirements": requirements, "hidden": list(job.hidden),
     }
+
+
+def check_cluster(nodes: list[dict[str, float]], sandbox_kind: str, num_cpus: float) -> None:
+    """A ``UsageError`` when no node (``nodes``: each live node's total resources) could ever run a task asking
+    for ``num_cpus`` CPUs (and, for ``--sandbox docker``, the resource ``DOCKER_RESOURCE``): Ray would keep such
+    a task pending forever. A cluster that grows nodes on demand (an autoscaler) must keep one of each kind up."""
+    fits = [n for n in nodes if n.get(DOCKER_RESOURCE)] if sandbox_kind == "docker" else nodes
+    if not fits:
+        raise UsageError(
+            f"--sandbox docker: no node of the Ray cluster ({len(nodes)} node(s)) has the custom resource "
+            f"{DOCKER_RESOURCE}, which marks the nodes with Docker, so every task would wait forever. Start each "
+            f"node that has Docker with ray start --address HEAD:6379 --resources '{{\"{DOCKER_RESOURCE}\": 1000}}' "
+            "(docs/distributed.md), or run with --sandbox bwrap (bubblewrap on the nodes) or --sandbox auto")
+    most = max(float(n.get("CPU") or 0) for n in fits)
+    if num_cpus > most:
+        where = f"with {DOCKER_RESOURCE} " if sandbox_kind == "docker" else ""
+        raise UsageError(
+            f"--ray-task-cpus {num_cpus:g}: no node {where}of the Ray cluster has that many CPUs (the largest has "
+            f"{most:g}), so every task would wait forever: ask for at most {most:g} (a fraction such as 0.25 suits "
+            "tasks that mostly wait on a model)")
+
+
+def with_host(url: str, host: str) -> str:
+    """``url`` with its host replaced by ``host`` (port, path and token kept)."""
+    parts = urlsplit(url)
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 # --------------------------------------------------------------------------- on the node
@@ -182,7 +217,11 @@ def run_shard(tar: bytes, lines: list[str], ids: list[str], spec: dict[str, Any]
         if socket is None or not Path(socket).is_socket():
             socket = None
             if getattr(sandbox, "name", "") != "process":
-                relay = GatewayRelay(tmp / "gateway.sock", spec["gateway_url"])
+                # in a folder only the task's user may pass (``tmp`` is 0711 for the sandbox user): no other
+                # user of the node reaches the gateway through the relay; the sandbox gets the socket mounted
+                private = tmp / "relay"
+                private.mkdir(mode=0o700)
+                relay = GatewayRelay(private / "gateway.sock", spec["gateway_url"])
                 socket = str(relay.path)
         job = SandboxJob(
             worktree=work, target_subdir="", entrypoint=spec["entrypoint"], inputs_file=inputs, out_dir=tmp / "out",
@@ -273,32 +312,43 @@ class RayExecutor(ShardedExecutor):
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
             self._started = True
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        docker = sum(1 for n in nodes if n.get("Resources", {}).get(DOCKER_RESOURCE))
-        here = ray.util.get_node_ip_address()
-        self.remote_nodes = sum(1 for n in nodes if n.get("NodeManagerAddress") != here)
+        try:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            check_cluster([n.get("Resources") or {} for n in nodes], sandbox_kind, num_cpus)
+        except BaseException:
+            self._shutdown()
+            raise
+        docker = sum(1 for n in nodes if (n.get("Resources") or {}).get(DOCKER_RESOURCE))
+        self.driver_ip = ray.util.get_node_ip_address()
+        """This machine's address as the cluster sees it: what a gateway on every interface is dialled at."""
+        self.remote_nodes = sum(1 for n in nodes if n.get("NodeManagerAddress") != self.driver_ip)
         """Live nodes other than this machine: they reach the gateway only over the network."""
-        announce(f"executor: ray ({len(nodes)} node(s), {docker} with {DOCKER_RESOURCE}; sandbox {sandbox_kind})")
-        if sandbox_kind == "docker" and not docker:
-            announce(f"executor: no Ray node has the resource {DOCKER_RESOURCE}: docker tasks wait for one")
+        announce(f"executor: ray ({len(nodes)} node(s), {docker} with {DOCKER_RESOURCE}; sandbox {sandbox_kind}, "
+                 f"{num_cpus:g} CPU(s) a task)")
         super().__init__(RayTasks(sandbox_kind, num_cpus), shard_size=shard_size, max_retries=max_retries,
                          max_running=None)
         self.announce, self._warned = announce, False
 
     def submit(self, job: SandboxJob, *, candidate: str, timeout_s: float | None = None) -> ShardedBatch:
         host = urlsplit(job.gateway_url).hostname or ""
-        if self.remote_nodes and host in LOOPBACK and not self._warned:
+        if host in WILDCARDS:  # listening on every interface: the nodes dial this machine's address
+            job = dataclasses.replace(job, gateway_url=with_host(job.gateway_url, self.driver_ip))
+        elif self.remote_nodes and is_loopback(host) and not self._warned:
             self._warned = True
             self.announce(f"executor: the gateway listens on {host}, which the cluster's {self.remote_nodes} other "
-                          "node(s) cannot reach: their tasks' model calls fail (pass --gateway-host, "
-                          "docs/distributed.md)")
+                          "node(s) cannot reach unless a tunnel carries it there: their tasks' model calls fail "
+                          "(pass --gateway-host, docs/distributed.md)")
         return super().submit(job, candidate=candidate, timeout_s=timeout_s)
 
     def close(self) -> None:
         super().close()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         if self._started:
             ray.shutdown()
             self._started = False
 
 
-__all__ = ["DOCKER_RESOURCE", "GatewayRelay", "RayExecutor", "RayTasks", "run_shard", "target_tar"]
+__all__ = ["DOCKER_RESOURCE", "GatewayRelay", "RayExecutor", "RayTasks", "check_cluster", "run_shard", "target_tar",
+           "with_host"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UsageError
+from ..executors import DEFAULT_TASK_CPUS, check_task_cpus
 from ..proposers import get_proposer
 
 SUMMARY_FORMAT = "pipemend-optimize-summary-1"
@@ -39,9 +40,16 @@ class OptimizeConfig(BaseModel):
     ray_address: str | None = Field(
         None, description="The Ray cluster (`ray://HOST:10001`, `HOST:6379`, `auto`); None: $RAY_ADDRESS, else a "
         "local Ray. Only with executor ray.")
+    ray_task_cpus: float = Field(
+        DEFAULT_TASK_CPUS, description="CPUs each Ray task asks for (executor ray): a number > 0. Tasks that mostly "
+        "wait on a model (an API model's latency) can ask for a fraction such as 0.25, so that four run per CPU.")
     gateway_host: str = Field(
         "127.0.0.1", description="Interface the pipeline gateway listens on; with executor ray on other machines, "
-        "an address the Ray nodes reach (the gateway then needs its per-run token: set for every ray run).")
+        "an address the Ray nodes reach, or 0.0.0.0 (beyond loopback, and for every ray run, the gateway needs "
+        "its per-run token). See docs/distributed.md.")
+    gateway_port: int = Field(0, ge=0, le=65535, description=(
+        "TCP port of the pipeline gateway; 0: a free one. A fixed port lets an SSH or TLS tunnel carry the Ray "
+        "nodes' calls (docs/distributed.md)."))
     run_id: str | None = Field(None, description="Run id (default optimize-<date>-<time>-<hex>).")
     reports_dir: str = Field("reports", description="Folder holding run directories.")
     cache_dir: str | None = Field(None, description="LLM response cache (default RUN_DIR/gateway/cache).")
@@ -57,6 +65,14 @@ class OptimizeConfig(BaseModel):
         "is judged; headers from OTEL_EXPORTER_OTLP_HEADERS."))
     mlflow: str | None = Field(None, description=(
         "MLflow tracking URI: an experiment per target, a run per candidate, prompts registered, traces sent."))
+
+    @field_validator("ray_task_cpus", mode="before")
+    @classmethod
+    def _task_cpus(cls, value: Any) -> float:
+        try:
+            return check_task_cpus(value)
+        except UsageError as e:
+            raise ValueError(str(e)) from None
 
 
 class CandidateSummary(BaseModel):

@@ -216,7 +216,8 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
         model = cfg.model or frozen.manifest.llm.model
         gateway = Gateway(GatewayConfig(run_dir=run_dir, budget_usd=cfg.budget_usd, cache_dir=cache,
                                         socket_path=gateway_socket_path(run_dir), models=frozen.manifest.models(model),
-                                        host=cfg.gateway_host, token=gateway_token(cfg.executor)))
+                                        host=cfg.gateway_host, port=cfg.gateway_port,
+                                        token=gateway_token(cfg.executor, cfg.gateway_host)))
         gateway.start()
         gateways.append(gateway)
         sandbox = get_sandbox(cfg.sandbox, announce=lambda msg: progress.event("announce", text=str(msg)))
@@ -230,7 +231,7 @@ def open_env(run_dir: Path, cfg: OptimizeConfig, progress: Progress) -> RunEnv:
             gateways.append(judge.gateway)
         ectx = EvalContext(run_dir, frozen, sandbox, gateway, model, sealed=sealed, judge=judge,
                            executor=get_executor(cfg.executor, sandbox, sandbox_kind=cfg.sandbox,
-                                                 ray_address=cfg.ray_address,
+                                                 ray_address=cfg.ray_address, ray_task_cpus=cfg.ray_task_cpus,
                                                  announce=lambda msg: progress.event("announce", text=str(msg))))
         options = proposer_options(cfg)
         agent_gateway = None
