@@ -32,6 +32,7 @@ from pipemend.proposers.tools import ProposerTools
 from pipemend.proposers import get_proposer
 from pipemend.report import render_report
 from pipemend.review import list_candidates
+from pipemend.sandbox.ingest import SCRATCH_PREFIX
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -156,13 +157,31 @@ def evaluating(run_dir: Path, rel: str) -> bool:
     return (out / "inputs.jsonl").is_file() and not (out.parent / f"{out.name}.key.json").exists()
 
 
+@pytest.fixture
+def scratch(tmp_path, monkeypatch) -> Path:
+    """The sandboxes' scratch folders go here (a killed run's are reaped by its resume: only this test's)."""
+    path = tmp_path / "scratch"
+    path.mkdir()
+    monkeypatch.setenv("PIPEMEND_SCRATCH", str(path))
+    return path
+
+
+def run_refs(repo: Path, run_id: str) -> dict[str, str]:
+    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)",
+                          f"refs/heads/pipemend/{run_id}/", f"refs/pipemend/{run_id}/"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return dict(zip(out[::2], out[1::2]))
+
+
 def resume_like_the_reference(reference, tmp_path: Path, run_id: str, finished: dict[str, int],
                               hold: Path | None = None) -> dict:
     """Resume the killed run ``run_id``: it ends in the reference run's verdicts and refs, without running a
-    finished evaluation again or sending any request to the model twice; returns its summary."""
+    finished evaluation again or sending any request to the model twice, and what the killed sandboxes left in
+    the scratch folder is gone; returns its summary."""
     ref_summary, ref_refs, _, _ = reference
     run_dir = tmp_path / "reports" / run_id
     summary = summary_of(drive("resume", str(run_dir)))
+    assert not list((tmp_path / "scratch").glob(f"{SCRATCH_PREFIX}{run_id}-*"))
     assert summary["status"] == "done" and read_json(run_dir / "run.json")["status"] == "done"
     assert verdicts(summary) == verdicts(ref_summary)
     assert ref_trees(tmp_path / "repo", run_id) == ref_refs, "refs differ (or a judged ref was left behind)"
@@ -178,7 +197,7 @@ def resume_like_the_reference(reference, tmp_path: Path, run_id: str, finished: 
     return summary
 
 
-def test_kill_with_three_candidates_half_evaluated_then_resume(tmp_path, monkeypatch, reference):
+def test_kill_with_three_candidates_half_evaluated_then_resume(tmp_path, monkeypatch, scratch, reference):
     """Each candidate of the round has run 2 of its 8 val examples and waits on its third (held) when the run is
     killed: none of the three evaluations finished, all three started."""
     hold = tmp_path / "hold"
@@ -186,8 +205,8 @@ def test_kill_with_three_candidates_half_evaluated_then_resume(tmp_path, monkeyp
     prefixes = [PROMPT_OF[n] for n in (1, 2, 3)]
     held_models.hold(hold, prefixes, after=2)
     target = make_repo(tmp_path / "repo")
-    run_dir = tmp_path / "reports" / "mid"
-    killed = drive("start", json.dumps(kill_config(tmp_path, target, "mid")),
+    run_dir = tmp_path / "reports" / "par-mid"
+    killed = drive("start", json.dumps(kill_config(tmp_path, target, "par-mid")),
                    kill_when=lambda: held_models.reached(hold) >= set(prefixes))
     assert killed is None, "the run finished though its candidates' prompts were held"
     st = replay(run_dir)
@@ -199,17 +218,18 @@ def test_kill_with_three_candidates_half_evaluated_then_resume(tmp_path, monkeyp
     finished = finished_evals(run_dir)
     assert finished and not [rel for rel in finished if rel.startswith("candidates/")]
     held_models.release(hold)
-    resume_like_the_reference(reference, tmp_path, "mid", finished, hold)
+    resume_like_the_reference(reference, tmp_path, "par-mid", finished, hold)
 
 
-def test_kill_after_judging_then_gc_then_resume(tmp_path, monkeypatch, reference):
+def test_kill_after_judging_then_gc_then_resume(tmp_path, scratch, reference):
     """Killed after all three candidates were journaled judged, while the first is being accepted (its branch
     update waits on a lock): nothing but the ``judged`` refs names their commits, and a ``git gc --prune=now``
     before the resume keeps them. The resumed run ends as the reference, with no ``judged`` ref left; resuming
     the finished run changes nothing, and the report and the branch list read both states."""
     target = make_repo(tmp_path / "repo")
-    repo, run_dir = tmp_path / "repo", tmp_path / "reports" / "gc"
-    accept_first = "refs/heads/pipemend/gc/cand-1"
+    run_id = "par-gc"
+    repo, run_dir = tmp_path / "repo", tmp_path / "reports" / run_id
+    accept_first = f"refs/heads/pipemend/{run_id}/cand-1"
 
     def accepting_the_first() -> bool:
         if not (repo / ".git" / f"{accept_first}.lock").exists() and any(
@@ -217,48 +237,53 @@ def test_kill_after_judging_then_gc_then_resume(tmp_path, monkeypatch, reference
             block_ref(repo, accept_first)
         return git_waits_on(accept_first)
 
-    killed = drive("start", json.dumps(kill_config(tmp_path, target, "gc")), kill_when=accepting_the_first)
+    killed = drive("start", json.dumps(kill_config(tmp_path, target, run_id)), kill_when=accepting_the_first)
     assert killed is None, "the run finished though its first acceptance was blocked"
     st = replay(run_dir)
     assert st.round is not None and sorted(st.round.judged) == [1, 2, 3] and not st.round.done
     shas = {n: st.round.judged[n]["sha"] for n in (1, 2, 3)}
-    refs = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)",
-                           "refs/pipemend/gc/"], capture_output=True, text=True, check=True).stdout.split()
-    assert dict(zip(refs[::2], refs[1::2])) == {judged_ref("gc", n): sha for n, sha in shas.items()}
+    base = f"refs/heads/pipemend/{run_id}/base"
+    assert run_refs(repo, run_id) == {base: run_refs(repo, run_id)[base],
+                                      **{judged_ref(run_id, n): sha for n, sha in shas.items()}}
     waiting = list_candidates(run_dir)  # the branch list and the report read a run killed mid-selection
     assert [c["n"] for c in waiting] == [1, 2, 3] and not [c for c in waiting if c["branch"] or c["ref"]]
     assert all(p.is_file() for p in render_report(run_dir))
     finished = finished_evals(run_dir)
     subprocess.run(["git", "-C", str(repo), "gc", "--quiet", "--prune=now", "--aggressive"], check=True)
     assert all(commit_exists(repo, sha) for sha in shas.values()), "gc deleted a judged candidate"
-    summary = resume_like_the_reference(reference, tmp_path, "gc", finished)
+    summary = resume_like_the_reference(reference, tmp_path, run_id, finished)
     # a finished run: resume returns its summary and touches nothing
     events = (run_dir / "journal.jsonl").read_bytes()
     again = summary_of(drive("resume", str(run_dir)))
     assert verdicts(again) == verdicts(summary) and (run_dir / "journal.jsonl").read_bytes() == events
-    assert ref_trees(repo, "gc") == reference[1]
+    assert ref_trees(repo, run_id) == reference[1]
     html, md = render_report(run_dir)
     assert "cand-1" in Path(md).read_text(encoding="utf-8")
     rows = {r["n"]: r for r in list_candidates(run_dir)}
     assert sorted(rows) == [1, 2, 3] and rows[1]["accepted"] and not rows[2]["accepted"]
 
 
-def test_kill_while_a_rebased_candidate_is_rejudged_then_resume(tmp_path, monkeypatch, reference):
+def test_kill_while_a_rebased_candidate_is_rejudged_then_resume(tmp_path, monkeypatch, scratch, reference):
     """Candidate 1 accepted, candidate 2 rebased onto it and half re-judged (2 of 8 val examples; the third held),
     candidate 3 judged and waiting when the run is killed."""
     hold = tmp_path / "hold"
     monkeypatch.setenv(held_models.DIR_ENV, str(hold))
     held_models.hold(hold, [REBASED_PROMPT], after=2)
     target = make_repo(tmp_path / "repo")
-    run_dir = tmp_path / "reports" / "rebased"
-    killed = drive("start", json.dumps(kill_config(tmp_path, target, "rebased")),
+    run_id = "par-rebased"
+    run_dir = tmp_path / "reports" / run_id
+    killed = drive("start", json.dumps(kill_config(tmp_path, target, run_id)),
                    kill_when=lambda: REBASED_PROMPT in held_models.reached(hold))
     assert killed is None, "the run finished though the rebased candidate's prompts were held"
     st = replay(run_dir)
     assert st.round is not None and sorted(st.round.judged) == [1, 2, 3] and st.round.done == {1}
     assert st.candidates[1].accepted and evaluating(run_dir, "candidates/2/rebased/evals/val")
+    # 1 is kept (its judged ref is gone); 2 and 3 wait, each on its judged commit
+    refs = run_refs(tmp_path / "repo", run_id)
+    assert {ref.split(f"/{run_id}/", 1)[1] for ref in refs} == {"base", "cand-1", "best", "judged/2", "judged/3"}
+    assert [refs[judged_ref(run_id, n)] for n in (2, 3)] == [st.round.judged[n]["sha"] for n in (2, 3)]
     finished = finished_evals(run_dir)
     assert sorted(rel for rel in finished if rel.startswith("candidates/")) == [  # 1, 2, 3 against the base
         f"candidates/{n}/evals/val" for n in (1, 2, 3)]
     held_models.release(hold)
-    resume_like_the_reference(reference, tmp_path, "rebased", finished, hold)
+    resume_like_the_reference(reference, tmp_path, run_id, finished, hold)
