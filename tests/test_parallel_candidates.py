@@ -21,7 +21,7 @@ import pytest
 import held_models
 from drive import drive
 from parallel_support import (KILL_ROUND, PROMPT_OF, REBASED_PROMPT, block_ref, commit_exists, config,
-                              git_waits_on, make_repo, ref_trees)
+                              git_waits_on, make_repo, ref_trees, run_refs)
 
 from pipemend.fsutil import read_json, read_jsonl
 from pipemend.journal import replay
@@ -66,7 +66,7 @@ def test_a_round_keeps_the_best_and_rejudges_the_others_against_it(reference):
     by_n = {c["n"]: c for c in summary["candidates"]}
     # all three pass against the baseline (delta 1.0 each): the tie goes to the lowest index
     assert by_n[1]["accepted"] and summary["best"]["n"] == 1
-    # 2 (pipeline.py) rebases cleanly onto 1 and is raced again against it: nothing left to gain, refused
+    # 2 (pipeline.py and the prompts) rebases cleanly onto 1 and is raced again against it: nothing left to gain, refused
     assert not by_n[2]["accepted"] and by_n[2]["delta"] == 0.0
     assert any("min_delta" in r or "delta" in r for r in by_n[2]["reasons"]), by_n[2]["reasons"]
     # 3 edits the line 1 changed: its diff does not apply onto the new base
@@ -166,13 +166,6 @@ def scratch(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def run_refs(repo: Path, run_id: str) -> dict[str, str]:
-    out = subprocess.run(["git", "-C", str(repo), "for-each-ref", "--format=%(refname) %(objectname)",
-                          f"refs/heads/pipemend/{run_id}/", f"refs/pipemend/{run_id}/"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    return dict(zip(out[::2], out[1::2]))
-
-
 def resume_like_the_reference(reference, tmp_path: Path, run_id: str, finished: dict[str, int],
                               hold: Path | None = None) -> dict:
     """Resume the killed run ``run_id``: it ends in the reference run's verdicts and refs, without running a
@@ -242,9 +235,9 @@ def test_kill_after_judging_then_gc_then_resume(tmp_path, scratch, reference):
     st = replay(run_dir)
     assert st.round is not None and sorted(st.round.judged) == [1, 2, 3] and not st.round.done
     shas = {n: st.round.judged[n]["sha"] for n in (1, 2, 3)}
-    base = f"refs/heads/pipemend/{run_id}/base"
-    assert run_refs(repo, run_id) == {base: run_refs(repo, run_id)[base],
-                                      **{judged_ref(run_id, n): sha for n, sha in shas.items()}}
+    refs = run_refs(repo, run_id)
+    assert set(refs) == {f"refs/heads/pipemend/{run_id}/base"} | {judged_ref(run_id, n) for n in shas}
+    assert all(refs[judged_ref(run_id, n)] == sha for n, sha in shas.items())
     waiting = list_candidates(run_dir)  # the branch list and the report read a run killed mid-selection
     assert [c["n"] for c in waiting] == [1, 2, 3] and not [c for c in waiting if c["branch"] or c["ref"]]
     assert all(p.is_file() for p in render_report(run_dir))
