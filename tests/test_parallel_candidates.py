@@ -15,6 +15,7 @@ import re
 import subprocess
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,16 +24,18 @@ from drive import drive
 from parallel_support import (KILL_ROUND, PROMPT_OF, REBASED_PROMPT, block_ref, commit_exists, config,
                               git_waits_on, make_repo, ref_trees, run_refs)
 
+from pipemend.errors import RunFailed
 from pipemend.fsutil import read_json, read_jsonl
-from pipemend.journal import replay
+from pipemend.journal import RoundState, replay
 from pipemend.manifest import load_manifest
-from pipemend.optimize.parallel import judged_ref
+from pipemend.optimize.parallel import hold_judged, judged_ref
 from pipemend.protocols import ProposalContext
 from pipemend.proposers.tools import ProposerTools
 from pipemend.proposers import get_proposer
 from pipemend.report import render_report
 from pipemend.review import list_candidates
 from pipemend.sandbox.ingest import SCRATCH_PREFIX
+from pipemend.sandbox.worktrees import snapshot_target
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -280,3 +283,26 @@ def test_kill_while_a_rebased_candidate_is_rejudged_then_resume(tmp_path, monkey
         f"candidates/{n}/evals/val" for n in (1, 2, 3)]
     held_models.release(hold)
     resume_like_the_reference(reference, tmp_path, run_id, finished, hold)
+
+
+def test_a_resumed_round_names_exactly_the_judged_commits_that_wait(tmp_path):
+    """Before a round goes on, each judged candidate that waits has its ``judged`` ref (set again from the journal);
+    a finished candidate's and an unjournaled one's are deleted; a waiting one whose commit is gone fails the run,
+    naming it."""
+    target = make_repo(tmp_path / "repo")
+    snap = snapshot_target(target, "hold", tmp_path / "run")
+    base = snap.resolve(snap.base_branch)
+    c1, c2, c3 = (subprocess.run(["git", "-C", str(snap.repo), "commit-tree", f"{base}^{{tree}}", "-p", base, "-m",
+                                  f"cand-{n}"], capture_output=True, text=True, check=True).stdout.strip()
+                  for n in (1, 2, 3))
+    snap.set_ref(judged_ref("hold", 1), c1)  # finished before the kill, its ref not yet deleted
+    snap.set_ref(judged_ref("hold", 3), c1)  # a ref set just before a kill, for another commit
+    snap.set_ref(judged_ref("hold", 4), c3)  # set, never journaled
+    rnd = RoundState(id=1, base_n=0, base_sha=base, base_val_dir="evals/baseline-val", first=1, k=3, tests_before=0,
+                     judged={1: {"sha": c1}, 2: {"sha": c2}, 3: {"sha": c3}}, done={1})
+    env = SimpleNamespace(snap=snap, run_id="hold")
+    hold_judged(env, rnd)
+    assert snap.refs("refs/pipemend/hold/") == {judged_ref("hold", 2): c2, judged_ref("hold", 3): c3}
+    rnd.judged[3] = {"sha": "1" * 40}
+    with pytest.raises(RunFailed, match="candidate 3 .* 111111111111 is gone"):
+        hold_judged(env, rnd)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import shutil
 import subprocess
 import threading
 import traceback
@@ -58,7 +57,7 @@ import git
 
 from .. import evidence, gate
 from ..errors import RunFailed
-from ..fsutil import atomic_write_text, read_json
+from ..fsutil import atomic_write_bytes, atomic_write_text, read_json
 from ..journal import RoundState, RunState, record, replay
 from ..protocols import Proposal
 from . import candidate
@@ -272,8 +271,8 @@ def _rejudge(env: RunEnv, st: RunState, rnd: RoundState, n: int, sha: str, ratio
     base_n, base_sha, base_val_dir = st.current_base
     assert base_sha is not None and base_val_dir is not None
     cdir = env.run_dir / "candidates" / str(n)
-    if (cdir / "verdict.json").is_file() and not (cdir / "first-verdict.json").exists():
-        shutil.copyfile(cdir / "verdict.json", cdir / "first-verdict.json")
+    if (cdir / "verdict.json").is_file() and not (cdir / "first-verdict.json").exists():  # whole, or not there
+        atomic_write_bytes(cdir / "first-verdict.json", (cdir / "verdict.json").read_bytes())
     env.show(f"candidate {n}: rebasing onto candidate {base_n}")
     evals = f"candidates/{n}/rebased/evals"
     with _worktree(env, f"cand-{n}-rebased", base_sha) as wt:
