@@ -231,7 +231,7 @@ def test_kill_after_judging_then_gc_then_resume(tmp_path, scratch, reference):
         if not (repo / ".git" / f"{accept_first}.lock").exists() and any(
                 e.get("event") == "round_started" for e in read_jsonl(run_dir / "journal.jsonl")):
             block_ref(repo, accept_first)
-        return git_waits_on(accept_first)
+        return git_waits_on(repo, accept_first)
 
     killed = drive("start", json.dumps(kill_config(tmp_path, target, run_id)), kill_when=accepting_the_first)
     assert killed is None, "the run finished though its first acceptance was blocked"
