@@ -27,7 +27,8 @@ A run with ``parallel`` K > 1 works in rounds (``optimize/parallel.py``), each a
 - ``candidate_started`` ``{n, base_sha, round}`` as above; ``candidate_abandoned`` ``{n, reason, round}``: the
   proposer had no more ideas, and the round has no candidate from ``n`` on.
 - ``candidate_judged`` ``{n, round, sha, delta, val_score, rationale}``: the candidate commit ``sha`` passed the
-  gate against the round's base (its ``verdict.json`` is on disk, no ref yet); it waits for the selection.
+  gate against the round's base (its ``verdict.json`` is on disk, the ref ``refs/pipemend/<run>/judged/<n>`` names
+  the commit until the candidate is finished); it waits for the selection.
 - ``candidate_done`` with ``{round, rejudged}``: a candidate that failed against the round's base
   (``rejudged`` false), the selected one (the best delta, accepted as judged), or one re-judged against the
   new base (``rejudged`` true: rebased, raced again, one more slot of the error budget when it was tested).

@@ -15,18 +15,23 @@ A round (journal events in ``journal.py``):
    thread of its own (``candidate.judge`` against the round's base, at its slot), while the next one is
    proposed: the round's evaluations run at once, each a sandboxed subprocess or container.
    One that fails against the base is finished at once (``candidate_done`` with ``round``, its rejected
-   ref); one that passes is journaled ``candidate_judged`` (commit, delta) and waits.
+   ref); one that passes gets the ref ``refs/pipemend/<run>/judged/<n>`` on its commit, is journaled
+   ``candidate_judged`` (commit, delta) and waits. Nothing else names that commit until the candidate is
+   finished, and a ``git gc`` between a kill and the resume would delete an unnamed one.
 3. Select: the passed ones ranked by delta (highest first, ties by lower index). The first is accepted
    as judged (its branch, ``best``). Each next one is re-judged against the new base: the candidate's
    diff (round base -> its commit) is applied onto a checkout of the new base, a fresh commit is built
    from those files, checked and raced on val against the new base's rows
    (``candidates/<n>/rebased/evals``) at the next free slot of the error budget; a diff that does not
    apply is rejected with a ``rebase_conflict`` reason naming the files, and keeps its first commit as
-   its rejected ref. One that passes again is accepted and is the new base for the next.
+   its rejected ref. One that passes again is accepted and is the new base for the next. A finished
+   candidate's ``judged`` ref is deleted once its ``candidate_done`` is journaled (until then a resume may
+   re-judge it from that commit).
 4. ``round_done``.
 
 Resume: ``replay`` gives the open round (``RunState.round``): members with a ``candidate_done`` are
-finished, judged ones wait for the selection, the rest are proposed and judged again (their finished
+finished, judged ones wait for the selection (their ``judged`` refs are set again from the journal, and
+any other ``judged`` ref of the run is deleted), the rest are proposed and judged again (their finished
 evaluations read back by ``EvalKey``). The selected candidate's verdict is rebuilt by judging its
 commit again from disk (every evaluation reused). The selection is a function of the journal, so the
 resumed round ends in the same refs.
@@ -40,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import shutil
 import subprocess
 import threading
 import traceback
@@ -49,8 +53,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
+import git
+
 from .. import evidence, gate
-from ..fsutil import atomic_write_text, read_json
+from ..errors import RunFailed
+from ..fsutil import atomic_write_bytes, atomic_write_text, read_json
 from ..journal import RoundState, RunState, record, replay
 from ..protocols import Proposal
 from . import candidate
@@ -82,11 +89,13 @@ def run_round(env: RunEnv, st: RunState, diagnosis: dict[str, Any]) -> tuple[Run
     rnd = st.round
     assert rnd is not None
     finished: list[int] = []
+    hold_judged(env, rnd)
     with _serialized(env):
         stop = _judge_members(env, st, rnd, diagnosis, finished)
         st = replay(env.run_dir)
         assert st.round is not None
         stop = _select(env, st, st.round, finished) or stop
+    _set_judged_refs(env, {})
     record(env.run_dir, "round_done", round=rnd.id)
     return replay(env.run_dir), stop, sorted(finished)
 
@@ -161,6 +170,7 @@ def _judge_first(env: RunEnv, st: RunState, rnd: RoundState, n: int, wt: Path, p
     if judged.verdict.accepted:
         s = judged.verdict.stats
         assert s is not None and judged.sha is not None
+        env.snap.set_ref(judged_ref(env.run_id, n), judged.sha)  # its only name until it is finished
         record(env.run_dir, "candidate_judged", n=n, round=rnd.id, sha=judged.sha, delta=s.delta,
                val_score=s.cand_mean, rationale=proposed.rationale[:4000])
     else:
@@ -179,6 +189,39 @@ def _refused(env: RunEnv, n: int, sha: str | None, reason: gate.Reason) -> Judge
 def _finish(env: RunEnv, n: int, judged: Judged, rationale: str, *, evals: str | None = None, **extra: Any) -> None:
     sha, ref = candidate.keep(env, n, judged, rationale)
     candidate.journal(env, n, judged.verdict, sha, ref, rationale, evals=evals, **extra)
+    env.snap.delete_ref(judged_ref(env.run_id, n))
+
+
+# --------------------------------------------------------------------------- judged commits waiting for the selection
+
+
+def judged_ref(run_id: str, n: int) -> str:
+    """``refs/pipemend/<run>/judged/<n>``: the commit of candidate ``n``, judged and waiting for its round's
+    selection (beside ``rejected/<n>``; deleted once the candidate is finished)."""
+    return f"refs/pipemend/{run_id}/judged/{n}"
+
+
+def hold_judged(env: RunEnv, rnd: RoundState) -> None:
+    """The ``judged`` refs as the journal says, before a round goes on: one on each judged candidate that waits
+    (set again: a restored copy of the repo may lack it), none other (a kill may have come before a delete)."""
+    waiting = {n: str(ev["sha"]) for n, ev in rnd.judged.items() if n not in rnd.done}
+    for n, sha in sorted(waiting.items()):
+        try:
+            env.snap.resolve(sha)
+        except git.GitCommandError:
+            raise RunFailed(f"candidate {n} waits for its round's selection, but its commit {sha[:12]} is gone from "
+                            f"{env.snap.repo} (its ref {judged_ref(env.run_id, n)} was deleted?)") from None
+    _set_judged_refs(env, waiting)
+
+
+def _set_judged_refs(env: RunEnv, wanted: dict[int, str]) -> None:
+    prefix = judged_ref(env.run_id, 0)[:-1]
+    for ref, sha in env.snap.refs(prefix).items():
+        n = ref[len(prefix):]
+        if not (n.isdigit() and wanted.get(int(n)) == sha):
+            env.snap.delete_ref(ref)
+    for n, sha in sorted(wanted.items()):
+        env.snap.set_ref(judged_ref(env.run_id, n), sha)
 
 
 # --------------------------------------------------------------------------- select and re-judge
@@ -228,8 +271,8 @@ def _rejudge(env: RunEnv, st: RunState, rnd: RoundState, n: int, sha: str, ratio
     base_n, base_sha, base_val_dir = st.current_base
     assert base_sha is not None and base_val_dir is not None
     cdir = env.run_dir / "candidates" / str(n)
-    if (cdir / "verdict.json").is_file() and not (cdir / "first-verdict.json").exists():
-        shutil.copyfile(cdir / "verdict.json", cdir / "first-verdict.json")
+    if (cdir / "verdict.json").is_file() and not (cdir / "first-verdict.json").exists():  # whole, or not there
+        atomic_write_bytes(cdir / "first-verdict.json", (cdir / "verdict.json").read_bytes())
     env.show(f"candidate {n}: rebasing onto candidate {base_n}")
     evals = f"candidates/{n}/rebased/evals"
     with _worktree(env, f"cand-{n}-rebased", base_sha) as wt:
