@@ -243,6 +243,7 @@ def test_kill_after_judging_then_gc_then_resume(tmp_path, scratch, reference):
     assert all(refs[judged_ref(run_id, n)] == sha for n, sha in shas.items())
     waiting = list_candidates(run_dir)  # the branch list and the report read a run killed mid-selection
     assert [c["n"] for c in waiting] == [1, 2, 3] and not [c for c in waiting if c["branch"] or c["ref"]]
+    assert [(c["verdict"], c["accepted"]) for c in waiting] == [("judged, waiting for the round's selection", False)] * 3
     assert all(p.is_file() for p in render_report(run_dir))
     finished = finished_evals(run_dir)
     subprocess.run(["git", "-C", str(repo), "gc", "--quiet", "--prune=now", "--aggressive"], check=True)
@@ -278,6 +279,9 @@ def test_kill_while_a_rebased_candidate_is_rejudged_then_resume(tmp_path, monkey
     refs = run_refs(tmp_path / "repo", run_id)
     assert {ref.split(f"/{run_id}/", 1)[1] for ref in refs} == {"base", "cand-1", "best", "judged/2", "judged/3"}
     assert [refs[judged_ref(run_id, n)] for n in (2, 3)] == [st.round.judged[n]["sha"] for n in (2, 3)]
+    rows = {c["n"]: (c["verdict"], c["accepted"]) for c in list_candidates(run_dir)}
+    assert rows == {1: ("accepted", True), 2: ("being re-judged on the new base", False),
+                    3: ("judged, waiting for the round's selection", False)}
     finished = finished_evals(run_dir)
     assert sorted(rel for rel in finished if rel.startswith("candidates/")) == [  # 1, 2, 3 against the base
         f"candidates/{n}/evals/val" for n in (1, 2, 3)]

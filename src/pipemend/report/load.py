@@ -178,7 +178,12 @@ def load_candidate(run_dir: Path, n: int, st: RunState) -> dict[str, Any]:
     rec: CandidateRecord | None = st.candidates.get(n)
     stats = verdict.get("stats") or {}
     rationale = read_text(cdir / "rationale.md").strip() or (rec.rationale if rec else "").strip()
-    if verdict or rec:
+    waiting = rec is None and st.round is not None and n in st.round.judged
+    if waiting:  # passed against its round's base; its verdict on disk is not the last word until candidate_done
+        accepted = False
+        status = ("being re-judged on the new base" if (cdir / "rebased").is_dir()
+                  else "judged, waiting for the round's selection")
+    elif verdict or rec:
         accepted = bool(verdict.get("accepted", rec.accepted if rec else False))
         status = "accepted" if accepted else "rejected"
     else:
