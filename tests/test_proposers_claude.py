@@ -191,3 +191,20 @@ def test_the_system_prompt_names_errors_and_unattributed_failures(wt):
     assert "Failures no rung could be judged for (no retrieval step and no evidence text): 1 (t4)" in text
     quiet = render_system_prompt(make_ctx(wt, diagnosis={**diagnosis, "errors": 0, "unattributed": 0}))
     assert "Runner errors" not in quiet and "no rung could be judged" not in quiet
+
+
+def test_the_agent_is_told_its_editable_files_and_where_to_start(wt):
+    """A small model given globs and "read failing traces" invented a file named after an example id: the
+    system prompt lists the files it may edit (never a protected one), the opening names the first call."""
+    from pipemend.proposers.claude import opening, render_system_prompt
+
+    ctx = make_ctx(wt)
+    text = render_system_prompt(ctx)
+    line = next(ln for ln in text.splitlines() if ln.startswith("- The editable files there now:"))
+    listed = line.split(":", 1)[1].replace("`", "").split(", ")
+    assert "prompts/answer.j2" in listed and all(ctx.tools.is_writable(p) for p in listed)
+    assert not [p for p in listed if p.startswith("data/")]
+    assert opening(ctx, 3).startswith("Propose one change for candidate 1. There are 3 train examples. Start by "
+                                      "calling `read_trace` on `t1`, a failing train example at the recommended "
+                                      "rung (prompt)")
+    assert "read failing traces" in opening(make_ctx(wt, diagnosis={"counts": {}}), 3)

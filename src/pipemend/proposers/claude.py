@@ -116,10 +116,12 @@ def render_system_prompt(ctx: ProposalContext, template_path: Path | None = None
             "verdict": _aggregate_verdict(verdict),
         })
     diagnosis = ctx.diagnosis or {}
+    editable_files = _editable_files(ctx)
     return env.get_template(path.name).render(
         manifest=m,
         metric=m.metric_label(),
         editable=m.editable,
+        editable_files=editable_files[:MAX_LISTED_FILES], editable_more=len(editable_files) > MAX_LISTED_FILES,
         protected=m.all_protected(),
         knobs={name: k.model_dump() for name, k in (m.knobs or {}).items()},
         diagnosis={k: diagnosis.get(k) for k in ("counts", "recommended", "ids", "errors", "error_ids", "unattributed",
@@ -130,6 +132,33 @@ def render_system_prompt(ctx: ProposalContext, template_path: Path | None = None
         history_dir=ctx.history_dir,
         candidate_index=ctx.candidate_index,
     )
+
+
+MAX_LISTED_FILES = 40
+
+
+def _editable_files(ctx: ProposalContext) -> list[str]:
+    """The files of the worktree the agent may edit (named in its prompt: a small model otherwise invents paths)."""
+    tools = getattr(ctx, "tools", None)
+    if tools is None:
+        return []
+    try:
+        return [p for p in tools.list_files() if tools.is_writable(p)]
+    except Exception:  # noqa: BLE001 - a listing that fails leaves the prompt without it; the tools still work
+        return []
+
+
+def opening(ctx: ProposalContext, n_train: int) -> str:
+    """The session's first user message: the task, and where to start (a failing example of the recommended
+    rung, by id: a small model given only "read failing traces" called other tools first)."""
+    diagnosis = ctx.diagnosis or {}
+    rung = diagnosis.get("recommended")
+    ids = (diagnosis.get("ids") or {}).get(rung) if isinstance(diagnosis.get("ids"), dict) else None
+    start = (f"Start by calling `read_trace` on `{ids[0]}`, a failing train example at the recommended rung "
+             f"({rung}); then read the file that step used, " if isinstance(ids, list) and ids
+             else "Start from the diagnosis, read failing traces, ")
+    return (f"Propose one change for candidate {ctx.candidate_index}. There are {n_train} train examples. "
+            f"{start}make one scoped change, check it on train, then submit.")
 
 
 class ClaudeProposer:
@@ -169,10 +198,8 @@ class _Session(AgentSession):
                     limits={k: getattr(self.cfg, k) for k in ("max_tool_input_chars", "max_tool_output_chars",
                                                                "max_repeated_calls", "max_malformed_calls",
                                                                "max_idle_replies")})
-        messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": (
-            f"Propose one change for candidate {ctx.candidate_index}. There are {len(self.train)} train examples. "
-            "Start from the diagnosis, read failing traces, make one scoped change, check it on train, then submit."
-        )}]}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": opening(
+            ctx, len(self.train))}]}]
         client = self.proposer.client()
         sent = 0
         while True:
