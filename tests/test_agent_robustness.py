@@ -231,6 +231,23 @@ def test_the_last_turn_is_announced_and_a_spent_turn_budget_says_no_submit(tmp_p
     assert info.value.reason == "turns" and "no submit within the turn limit" in str(info.value)
 
 
+def test_an_edit_and_a_train_run_in_a_cycle_going_nowhere_end_the_session_as_looping(wt):
+    """Each edit changes the file, so no call repeats with no file changed in between; the same calls made
+    ``max_session_repeats`` times in the session end it all the same (a 1.5B agent's 40 turns went so)."""
+    from pipemend.proposers.agent_tools import Toolbox
+
+    box = Toolbox(make_ctx(wt, train=StubTrain(wt)), max_repeated_calls=4, max_session_repeats=3)
+    edit = {"path": "prompts/answer.j2", "old": "Answer:", "new": "Now. Answer:"}
+    for _ in range(2):
+        assert box.call("edit_file", edit)[1] is False
+        assert box.call("run_train", {"ids": ["t1"]})[1] is False
+    assert box.ending is None and "Now. Now. Answer:" in (wt / SUBDIR / "prompts" / "answer.j2").read_text()
+    out, is_error = box.call("edit_file", edit)
+    assert is_error and box.ending is not None and box.ending[0] == "looping"
+    assert "edit_file" in out and "3 times in this session" in out
+    assert (wt / SUBDIR / "prompts" / "answer.j2").read_text().count("Now.") == 2  # the ending call did not run
+
+
 def test_a_toolbox_whose_session_was_ended_runs_nothing_more(wt):
     """Whatever drives the toolbox (the claude loop raises at once; an MCP client may keep calling), an ended
     session's tools refuse everything, submit included."""

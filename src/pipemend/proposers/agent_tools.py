@@ -170,25 +170,28 @@ class Toolbox:
     fails its schema, an input past ``max_input_chars``, an edit that breaks a file) comes back as an error
     string for the agent. Each such call is counted in ``counts`` (``FLAGS``), and the flags of the last call
     are in ``last_flags``. Two patterns end the session: the same call (tool and input) made
-    ``max_repeated_calls`` times with no file changed in between (``looping``), and ``max_malformed_calls``
-    malformed or unknown calls in a row (``malformed``); ``ending`` then holds ``(reason, message)`` and the
-    session stops (``AgentSessionEnded``).
+    ``max_repeated_calls`` times with no file changed in between, or ``max_session_repeats`` times in the
+    session whatever changed (an edit and a train run in a cycle that goes nowhere: a small model's habit),
+    both ``looping``; and ``max_malformed_calls`` malformed or unknown calls in a row (``malformed``).
+    ``ending`` then holds ``(reason, message)`` and the session stops (``AgentSessionEnded``).
     """
 
     def __init__(self, ctx: ProposalContext, *, max_output_chars: int = 20_000, max_input_chars: int = 200_000,
-                 max_repeated_calls: int = 4, max_malformed_calls: int = 5):
+                 max_repeated_calls: int = 4, max_malformed_calls: int = 5, max_session_repeats: int = 8):
         self.ctx = ctx
         self.tools = ctx.tools
         self.max_output_chars = max_output_chars
         self.max_input_chars = max_input_chars
         self.max_repeated_calls = max_repeated_calls
         self.max_malformed_calls = max_malformed_calls
+        self.max_session_repeats = max_session_repeats
         self.history = ReadOnlyTree(ctx.history_dir) if ctx.history_dir and Path(ctx.history_dir).is_dir() else None
         self.train = {str(ex["id"]): ex for ex in ctx.train_examples}
         self.counts: Counter[str] = Counter()
         self.last_flags: list[str] = []
         self.ending: tuple[EndReason, str] | None = None
         self._seen: Counter[str] = Counter()
+        self._seen_in_session: Counter[str] = Counter()
         self._repeats = 0
         self._malformed_streak = 0
 
@@ -231,13 +234,13 @@ class Toolbox:
         self._count(name, flags)
         return output, is_error
 
-    def _key(self, name: Any, args: Any) -> str:
+    @staticmethod
+    def _call_key(name: Any, args: Any) -> str:
         try:
             text = json.dumps([name, args], sort_keys=True, default=str)
         except (TypeError, ValueError, RecursionError):
             text = repr((name, args))
-        revision = getattr(self.tools, "revision", 0)
-        return f"{revision}:{hashlib.sha256(text.encode('utf-8', 'replace')).hexdigest()}"
+        return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
     def _screen(self, name: Any, args: Any, flags: list[str]) -> str | None:
         """Why the call cannot run (its flags appended), or None when it may."""
@@ -261,17 +264,21 @@ class Toolbox:
         return None
 
     def _repeat(self, name: str, args: Any, flags: list[str]) -> str | None:
-        key = self._key(name, args)
+        call = self._call_key(name, args)
+        self._seen_in_session[call] += 1
+        key = f"{getattr(self.tools, 'revision', 0)}:{call}"
         self._seen[key] += 1
         n = self._repeats = self._seen[key]
         if n >= 2:
             flags.append("repeated")
+        shown = json.dumps(args, default=str)[:200] if args is not None else "{}"
         if n >= self.max_repeated_calls:
-            shown = json.dumps(args, default=str)[:200] if args is not None else "{}"
             self.ending = ("looping", f"the agent made the same call {name} {shown} {n} times with no file changed "
                                       "in between")
-            return f"session ended by the harness: {self.ending[1]}"
-        return None
+        elif self._seen_in_session[call] >= self.max_session_repeats:
+            self.ending = ("looping", f"the agent made the same call {name} {shown} {self._seen_in_session[call]} "
+                                      "times in this session")
+        return f"session ended by the harness: {self.ending[1]}" if self.ending else None
 
     def _count(self, name: Any, flags: list[str]) -> None:
         self.last_flags = flags
@@ -404,6 +411,9 @@ class AgentProposerConfig(BaseModel):
     max_repeated_calls: int = Field(
         4, ge=2, description="The same call (tool and input) this many times with no file changed in between ends "
                              "the session (`looping`).")
+    max_session_repeats: int = Field(
+        8, ge=2, description="The same call (tool and input) this many times in one session, files changed in "
+                             "between or not, ends it (`looping`): an edit and a train run in a cycle going nowhere.")
     max_malformed_calls: int = Field(
         5, ge=1, description="Malformed or unknown tool calls in a row that end the session (`malformed`).")
     max_idle_replies: int = Field(
@@ -434,7 +444,8 @@ class AgentSession:
         self.budget: ProposerBudget = ctx.budget if ctx.budget is not None else ProposerBudget()
         cfg = config or AgentProposerConfig()
         self.box = Toolbox(ctx, max_output_chars=max_tool_output_chars, max_input_chars=cfg.max_tool_input_chars,
-                           max_repeated_calls=cfg.max_repeated_calls, max_malformed_calls=cfg.max_malformed_calls)
+                           max_repeated_calls=cfg.max_repeated_calls, max_malformed_calls=cfg.max_malformed_calls,
+                           max_session_repeats=cfg.max_session_repeats)
         self.counts = self.box.counts
         """The transcript's counters: the toolbox's (``FLAGS``) and the session's own (replies)."""
         self.train = self.box.train

@@ -34,7 +34,7 @@ session goes on. Each of these is counted (``Toolbox.FLAGS`` and the session's
 The harness ends a session going nowhere by raising ``AgentSessionEnded``
 (the loop refuses the candidate with reason ``proposer_ended`` and goes on):
 ``looping`` (the same call ``max_repeated_calls`` times with no file changed
-in between), ``malformed`` (``max_malformed_calls`` malformed or unknown calls
+in between, or ``max_session_repeats`` times in the session), ``malformed`` (``max_malformed_calls`` malformed or unknown calls
 in a row), ``no_submit`` (``max_idle_replies`` replies in a row without a tool
 call run). The last turn is announced to the agent; a turn budget spent
 without a submit is ``ProposerBudgetExhausted("turns")``.
@@ -196,8 +196,8 @@ class _Session(AgentSession):
         self.record("start", model=self.cfg.model, system=system, tools=[t["name"] for t in tools],
                     budget=self.budget.model_dump(),
                     limits={k: getattr(self.cfg, k) for k in ("max_tool_input_chars", "max_tool_output_chars",
-                                                               "max_repeated_calls", "max_malformed_calls",
-                                                               "max_idle_replies")})
+                                                               "max_repeated_calls", "max_session_repeats",
+                                                               "max_malformed_calls", "max_idle_replies")})
         messages: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "text", "text": opening(
             ctx, len(self.train))}]}]
         client = self.proposer.client()
