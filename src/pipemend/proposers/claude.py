@@ -34,10 +34,11 @@ session goes on. Each of these is counted (``Toolbox.FLAGS`` and the session's
 The harness ends a session going nowhere by raising ``AgentSessionEnded``
 (the loop refuses the candidate with reason ``proposer_ended`` and goes on):
 ``looping`` (the same call ``max_repeated_calls`` times with no file changed
-in between, or ``max_session_repeats`` times in the session), ``malformed`` (``max_malformed_calls`` malformed or unknown calls
-in a row), ``no_submit`` (``max_idle_replies`` replies in a row without a tool
-call run). The last turn is announced to the agent; a turn budget spent
-without a submit is ``ProposerBudgetExhausted("turns")``.
+in between, or ``max_session_repeats`` times in the session), ``malformed``
+(``max_malformed_calls`` malformed or unknown calls in a row), ``no_submit``
+(``max_idle_replies`` replies in a row without a tool call run). The last
+turn is announced to the agent; a turn budget spent without a submit is
+``ProposerBudgetExhausted("turns")``.
 
 Transcript: every request (the new messages), response, tool result and notice
 is a ``pipemend-transcript-1`` record, kept in ``Proposal.meta["transcript"]``
