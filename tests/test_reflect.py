@@ -24,7 +24,8 @@ from pipemend.gateway.model_files import default_model_path
 from pipemend.optimize import OptimizeConfig, run_optimize
 from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted, get_proposer
 from pipemend.proposers.reflect import (
-    ReflectError, check_rewrite, extract_rewrite, pick_failures, prompt_relevance, rewrite_key,
+    ReflectError, check_rewrite, extract_rewrite, next_examples, pick_failures, prompt_relevance, rewrite_key,
+    rung_failures,
 )
 
 ANSWER = "prompts/answer.j2"
@@ -167,6 +168,24 @@ def test_a_sibling_of_the_same_parallel_round_counts_as_tried_and_moves_the_exam
     assert "was tried before" in transcript(s, 2)[-2]["message"]
 
 
+def test_once_a_rung_s_failures_have_all_been_shown_the_next_candidate_takes_the_next_rung_s(tmp_path, wt, sessions):
+    """Two earlier reflect candidates saw all three prompt-rung failures (k = 2): the third is shown the context
+    rung's failure (t5) instead of the same examples again. (The benchmark's reflect stopped after one candidate:
+    its rung had a single failure, so its second request repeated the first.)"""
+    history = [{"n": n, "accepted": False, "rationale": f"try {n}", "rung": "prompt",
+                "meta": {"proposer": "reflect", "file": ANSWER, "rung_failed": "prompt", "reflect_key": f"k{n}"}}
+               for n in (1, 2)]
+    s = start(tmp_path, sessions, [
+        (["### Example 1 (t5)", "at the **context** rung", "candidate 1, not kept: try 1"], answer_reply(GOOD)),
+    ])
+    proposal = s.proposer("reflect", max_retries=0, k_examples=2).propose(make_ctx(wt, n=3, history=history))
+    s.check_complete()
+    assert proposal is not None and proposal.rung == "context"
+    assert proposal.meta["rung_failed"] == "context" and proposal.meta["examples"] == ["t5"]
+    seen = request_text(s)
+    assert "(t1)" not in seen and "(t2)" not in seen and "(t3)" not in seen and "(t4)" not in seen
+
+
 def test_the_budget_is_the_harness_s(tmp_path, wt, sessions):
     s = start(tmp_path, sessions, [(None, answer_reply(GOOD.replace("{{ question }}", "{{ query }}")))])
     with pytest.raises(ProposerBudgetExhausted) as info:
@@ -222,6 +241,21 @@ def test_failures_prefer_the_prompt_rung_and_stay_on_train():
     assert pick_failures(d, {"t7"}) == ("error", ["t7"])
     assert pick_failures(d, train, "error") == ("error", ["t7"])
     assert pick_failures({}, train) == ("", [])
+
+
+def test_next_examples_walk_each_rung_then_the_next_then_come_round():
+    d = {"ids": {"prompt": ["t1", "t2", "t3"], "retrieval": ["t4"], "context": ["t5", "v1"], "model": []},
+         "recommended": "retrieval", "error_ids": ["t7"]}
+    rungs = rung_failures(d, {"t1", "t2", "t3", "t4", "t5", "t7"})
+    assert rungs == [("prompt", ["t1", "t2", "t3"]), ("retrieval", ["t4"]), ("context", ["t5"]), ("error", ["t7"])]
+    walk, shown = [], {}
+    for _ in range(7):
+        rung, ids = next_examples(rungs, shown, 2)
+        walk.append((rung, ids))
+        shown[rung] = shown.get(rung, 0) + 1
+    assert walk == [("prompt", ["t1", "t2"]), ("prompt", ["t3", "t1"]), ("retrieval", ["t4"]), ("context", ["t5"]),
+                    ("error", ["t7"]), ("prompt", ["t2", "t3"]), ("prompt", ["t1", "t2"])]
+    assert rung_failures(d, {"t1", "t7"}, "error") == [("error", ["t7"])]
 
 
 def test_the_prompt_file_is_the_one_the_failing_steps_used():

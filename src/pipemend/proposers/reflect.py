@@ -8,11 +8,14 @@ rewritten. No tool use, so a small local model can do it
 (``--agent-model local/qwen2.5-coder-1.5b-instruct``, the default, offline), and
 so can Claude when a key is set (``--agent-model claude-sonnet-4-5``).
 
-- **Rung:** the prompt rung when the diagnosis puts failures on it, else its
-  recommended rung, else any rung with failures, else the failures it could put
-  on no rung (``unattributed``) or that raised (``error``); option ``rung``
-  forces one. Each reflect candidate at a rung starts ``k_examples`` further
-  down that rung's list, so successive candidates see different failures.
+- **Rung:** the prompt rung when the diagnosis puts failures on it, then its
+  recommended rung, then the other rungs with failures, then the failures it
+  could put on no rung (``unattributed``) or that raised (``error``); option
+  ``rung`` forces one. Each reflect candidate at a rung starts ``k_examples``
+  further down that rung's list, so successive candidates see different
+  failures; once every failure of a rung has been shown, the next candidate
+  takes the next rung's. When all have been shown, the first rung's come round
+  again (the model also sees its earlier rewrites, and a repeated one is refused).
 - **File:** among the editable prompt files (``transforms.is_prompt_file``),
   the one the failing generation steps used: its name matches a step's name or
   one of its short inputs (``style: short`` → ``short.txt``), or its fixed text
@@ -44,6 +47,7 @@ import hashlib
 import json
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -224,9 +228,10 @@ def extract_rewrite(reply: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- what to show the model
 
 
-def pick_failures(diagnosis: dict[str, Any], train_ids: set[str], forced: str | None = None) -> tuple[str, list[str]]:
-    """(rung, failing train ids at it): ``forced``, else prompt, else the recommended rung, else any rung with
-    failures, else the unattributed, else the erroring ones; ``("", [])`` when nothing fails."""
+def rung_failures(diagnosis: dict[str, Any], train_ids: set[str],
+                  forced: str | None = None) -> list[tuple[str, list[str]]]:
+    """Each rung with failing train examples, as (rung, ids), in the order reflect takes them: ``forced`` alone,
+    else prompt, the recommended rung, the other rungs, the unattributed, the erroring ones."""
     ids = diagnosis.get("ids") if isinstance(diagnosis.get("ids"), dict) else {}
     lists = {r: ids.get(r) for r in LADDER_RUNGS}
     lists["unattributed"] = diagnosis.get("unattributed_ids")
@@ -235,13 +240,30 @@ def pick_failures(diagnosis: dict[str, Any], train_ids: set[str], forced: str | 
         order = [forced]
     else:
         recommended = diagnosis.get("recommended")
-        order = ["prompt", *([recommended] if recommended in LADDER_RUNGS else []), "context", "model", "retrieval",
-                 "unattributed", "error"]
+        order = list(dict.fromkeys(["prompt", *([recommended] if recommended in LADDER_RUNGS else []), "context",
+                                    "model", "retrieval", "unattributed", "error"]))
+    found = []
     for rung in order:
-        found = [str(i) for i in lists.get(rung) or [] if str(i) in train_ids]
-        if found:
-            return rung, found
-    return "", []
+        failing = lists.get(rung)
+        on_train = [str(i) for i in failing if str(i) in train_ids] if isinstance(failing, list) else []
+        if on_train:
+            found.append((rung, on_train))
+    return found
+
+
+def pick_failures(diagnosis: dict[str, Any], train_ids: set[str], forced: str | None = None) -> tuple[str, list[str]]:
+    """(rung, failing train ids at it) of the first rung reflect takes; ``("", [])`` when nothing fails."""
+    found = rung_failures(diagnosis, train_ids, forced)
+    return found[0] if found else ("", [])
+
+
+def next_examples(rungs: list[tuple[str, list[str]]], shown: dict[str, int], k: int) -> tuple[str, list[str]]:
+    """(rung, the next ``k`` failing ids to show): the first rung of ``rungs`` whose failures the ``shown[rung]``
+    earlier candidates at it have not all seen, from where they stopped; when every rung's have been seen, the
+    first rung's again, going on round its list. ``rungs`` is not empty."""
+    rung, ids = next(((r, i) for r, i in rungs if shown.get(r, 0) * k < len(i)), rungs[0])
+    start = (shown.get(rung, 0) * k) % len(ids)
+    return rung, (ids[start:] + ids[:start])[:k]  # a short last block is filled from the start of the list
 
 
 def _strings(value: Any, out: list[str], budget: int = 200) -> None:
@@ -334,13 +356,12 @@ class _Reflection(AgentSession):
         ctx = self.ctx
         earlier = [h for h in ctx.history or [] if (h.get("meta") or {}).get("proposer") == "reflect"]
         siblings = [f for f in ctx.in_flight or [] if (f.get("meta") or {}).get("proposer") == "reflect"]
-        rung, ids = pick_failures(ctx.diagnosis or {}, set(self.train), self.cfg.rung)
-        if not ids:
+        rungs = rung_failures(ctx.diagnosis or {}, set(self.train), self.cfg.rung)
+        if not rungs:
             ctx.log("reflect: no failing train example to learn from")
             return None
-        seen = sum(1 for h in earlier + siblings if (h.get("meta") or {}).get("rung_failed") == rung)
-        start = (seen * self.cfg.k_examples) % len(ids)
-        chosen = (ids[start:] + ids[:start])[: self.cfg.k_examples]
+        shown = Counter(str((h.get("meta") or {}).get("rung_failed")) for h in earlier + siblings)
+        rung, chosen = next_examples(rungs, shown, self.cfg.k_examples)
         traces = {i: self._trace(i) for i in chosen}
         rel = self._choose_file(list(traces.values()))
         if rel is None:
