@@ -23,6 +23,7 @@ from pipemend.gateway import Gateway, GatewayConfig
 from pipemend.gateway.model_files import default_model_path
 from pipemend.optimize import OptimizeConfig, run_optimize
 from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted, get_proposer
+from pipemend.proposers.agent_tools import AgentSessionEnded
 from pipemend.proposers.reflect import (
     ReflectError, check_rewrite, extract_rewrite, next_examples, pick_failures, prompt_relevance, rewrite_key,
     rung_failures,
@@ -122,13 +123,35 @@ def test_a_broken_template_then_no_block_ends_without_a_change(tmp_path, wt, ses
     ctx = make_ctx(wt)
     ctx.log = logs.append
     before = (wt / SUBDIR / ANSWER).read_text()
-    assert s.proposer("reflect", max_retries=0).propose(ctx) is None
+    with pytest.raises(AgentSessionEnded) as info:  # this candidate ends; the loop goes on with the next
+        s.proposer("reflect", max_retries=0).propose(ctx)
     s.check_complete()
     assert (wt / SUBDIR / ANSWER).read_text() == before and not git(wt, "diff")
-    assert logs and "no usable rewrite of prompts/answer.j2 after 2 replies" in logs[-1]
-    assert "no <prompt> ... </prompt> block" in logs[-1]
+    assert info.value.reason == "malformed"
+    assert "no usable rewrite of prompts/answer.j2 after 2 replies" in str(info.value)
+    assert "no <prompt> ... </prompt> block" in str(info.value) and logs and "no <prompt>" in logs[-1]
+    meta = info.value.meta
+    assert meta["outcome"] == "ended" and meta["rung_failed"] == "prompt" and meta["examples"] == ["t1", "t2", "t3"]
     end = transcript(s)[-1]
-    assert end["event"] == "end" and end["outcome"] == "malformed"
+    assert end["event"] == "end" and end["outcome"] == "ended" and end["reason"] == "malformed"
+
+
+def test_after_three_unusable_candidates_in_a_row_reflect_is_out_of_ideas(tmp_path, wt, sessions):
+    ended = {"proposer": "reflect", "outcome": "ended", "file": ANSWER, "rung_failed": "prompt"}
+    history = [{"n": n, "accepted": False, "rationale": "", "rung": "prompt", "meta": dict(ended)} for n in (1, 2, 3)]
+    s = start(tmp_path, sessions, [])
+    logs: list[str] = []
+    ctx = make_ctx(wt, n=4, history=history)
+    ctx.log = logs.append
+    assert s.proposer("reflect", max_retries=0).propose(ctx) is None
+    s.check_complete()  # no request was sent
+    assert "last 3 candidates gave no usable rewrite" in logs[-1]
+    # one kept rewrite in between: the run of unusable ones is two, and reflect goes on
+    history[1]["meta"] = {**ended, "outcome": "submitted", "reflect_key": "k2"}
+    (tmp_path / "again").mkdir()
+    s2 = start(tmp_path / "again", sessions, [(["### Example 1 (t5)"], answer_reply(GOOD))])
+    assert s2.proposer("reflect", max_retries=0).propose(make_ctx(wt, n=4, history=history)) is not None
+    s2.check_complete()
 
 
 def test_a_rewrite_tried_before_is_refused_and_later_candidates_see_other_examples(tmp_path, wt, sessions):
@@ -142,7 +165,8 @@ def test_a_rewrite_tried_before_is_refused_and_later_candidates_see_other_exampl
          answer_reply(GOOD)),
     ])
     proposer = s.proposer("reflect", max_retries=0, k_examples=2, repair_turns=0)
-    assert proposer.propose(make_ctx(wt, n=2, history=history)) is None
+    with pytest.raises(AgentSessionEnded, match="was tried before"):
+        proposer.propose(make_ctx(wt, n=2, history=history))
     s.check_complete()
     assert "(t2)" not in request_text(s)
     assert "was tried before" in transcript(s, 2)[-2]["message"]
@@ -162,7 +186,8 @@ def test_a_sibling_of_the_same_parallel_round_counts_as_tried_and_moves_the_exam
     ctx = make_ctx(wt, n=2)
     ctx.in_flight = in_flight
     proposer = s.proposer("reflect", max_retries=0, k_examples=2, repair_turns=0)
-    assert proposer.propose(ctx) is None
+    with pytest.raises(AgentSessionEnded, match="was tried before"):
+        proposer.propose(ctx)
     s.check_complete()
     assert "(t2)" not in request_text(s)
     assert "was tried before" in transcript(s, 2)[-2]["message"]
@@ -306,6 +331,37 @@ def test_optimize_with_reflect_judges_the_rewrite_at_the_gate(tmp_path):
     assert verdict["accepted"] is True
 
 
+@pytest.mark.timeout(300)
+def test_a_candidate_with_no_usable_rewrite_costs_only_that_candidate(tmp_path):
+    """Candidate 1's two replies hold no rewrite: it ends as ``proposer_ended`` and the run goes on; candidate 2's
+    rewrite is judged and kept. (Before, the loop took the unusable reply for "out of ideas" and stopped.)"""
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    usage = {"input_tokens": 700, "output_tokens": 30}
+    entries = [
+        {"name": "no block", "once": True, "required": True, "match": {"last_user_contains": "<current_prompt>"},
+         "response": {"content": [text("I would ask for the fact alone.")], "stop_reason": "end_turn", "usage": usage}},
+        {"name": "no block again", "once": True, "required": True,
+         "match": {"last_user_contains": "That reply cannot be used: your reply has no <prompt>"},
+         "response": {"content": [text("Be brief.")], "stop_reason": "end_turn", "usage": usage}},
+        {"name": "rewrite", "once": True, "required": True, "match": {"last_user_contains": "<current_prompt>"},
+         "response": {"content": [text("Rationale: ask for the fact alone.\n<prompt>\n{fact}\n</prompt>")],
+                      "stop_reason": "end_turn", "usage": usage}},
+    ]
+    script = tmp_path / "agent.yaml"
+    script.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
+    cfg = OptimizeConfig(target=str(target), proposer="reflect", agent_model=f"scripted:{script}",
+                         proposer_options={"max_retries": 0}, sandbox="process", run_id="rf",
+                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=2)
+    s = run_optimize(cfg, optimize_harness.RecordingProgress())
+    run_dir = Path(s.run_dir)
+    assert [c.accepted for c in s.candidates] == [False, True]
+    assert not s.candidates[0].val_evaluated and any("agent session ended (malformed)" in r
+                                                     for r in s.candidates[0].reasons)
+    assert read_json(run_dir / "candidates" / "1" / "proposal.json")["outcome"] == "ended"
+    assert s.best["branch"] == "pipemend/rf/cand-2"
+    assert len(list(read_jsonl(run_dir / "agent" / "gateway" / "calls.jsonl"))) == 3
+
+
 # --------------------------------------------------------------------------- the real local model (slow)
 
 
@@ -323,7 +379,10 @@ def test_the_local_model_writes_a_parseable_rewrite_and_the_checks_judge_it(tmp_
     try:
         proposer = get_proposer("reflect", model=model, base_url=gateway.url, api_key="test", k_examples=2,
                                 max_trace_chars=1200, max_tokens=400, transcript_dir=str(tmp_path / "t"))
-        proposal = proposer.propose(make_ctx(wt))
+        try:
+            proposal = proposer.propose(make_ctx(wt))
+        except AgentSessionEnded:
+            proposal = None  # no usable rewrite: this candidate ended, as the transcript says
     finally:
         gateway.stop()
     records = list(read_jsonl(tmp_path / "t" / "transcript.jsonl"))
@@ -334,7 +393,7 @@ def test_the_local_model_writes_a_parseable_rewrite_and_the_checks_judge_it(tmp_
     end = records[-1]
     original, new = git(wt, "show", f"HEAD:{SUBDIR}/{ANSWER}"), (wt / SUBDIR / ANSWER).read_text()
     if proposal is None:
-        assert end["outcome"] == "malformed" and new == original
+        assert end["outcome"] == "ended" and end["reason"] == "malformed" and new == original
         with pytest.raises(ReflectError):
             check_rewrite(original, first + "\n", ANSWER)
     else:

@@ -31,8 +31,10 @@ so can Claude when a key is set (``--agent-model claude-sonnet-4-5``).
   parallel round, which also count for the example offset and are shown to the
   model as being judged now, so K reflect candidates of a round are K different
   rewrites from K different sets of failures). A reply that breaks a rule is answered once
-  (``repair_turns``) with what was wrong; a second bad reply ends the proposal
-  with None and the reason in the log and transcript.
+  (``repair_turns``) with what was wrong; a second bad reply ends this candidate
+  (``AgentSessionEnded``, ``malformed``: the loop records it and goes on, and the
+  next candidate is shown the next failures). After ``MAX_UNUSABLE_IN_A_ROW``
+  such candidates in a row, reflect is out of ideas (None).
 
 The request goes through the run's agent-side gateway (``base_url``: the loop
 passes it, the key stays there); each response's usage is charged to the
@@ -44,6 +46,7 @@ and notice is a ``pipemend-transcript-1`` record (``transcript_dir``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import string
@@ -69,6 +72,8 @@ LADDER_RUNGS = ("prompt", "retrieval", "context", "model")
 MAX_PROMPT_CHARS = 64_000
 """A rewritten prompt file longer than this is refused."""
 FIELD_CHARS = 400
+MAX_UNUSABLE_IN_A_ROW = 3
+"""After this many reflect candidates in a row ended with no usable rewrite, reflect is out of ideas."""
 """Inputs, expected answer and output of an example are cut here in the request."""
 
 SYSTEM = ("You are an expert prompt engineer. You rewrite one prompt template of an LLM pipeline so that the "
@@ -360,6 +365,11 @@ class _Reflection(AgentSession):
         if not rungs:
             ctx.log("reflect: no failing train example to learn from")
             return None
+        unusable = list(itertools.takewhile(lambda h: (h.get("meta") or {}).get("outcome") == "ended",
+                                            reversed(earlier)))
+        if len(unusable) >= MAX_UNUSABLE_IN_A_ROW:
+            ctx.log(f"reflect: the model's last {len(unusable)} candidates gave no usable rewrite; stopping")
+            return None
         shown = Counter(str((h.get("meta") or {}).get("rung_failed")) for h in earlier + siblings)
         rung, chosen = next_examples(rungs, shown, self.cfg.k_examples)
         traces = {i: self._trace(i) for i in chosen}
@@ -409,9 +419,9 @@ class _Reflection(AgentSession):
             why = f" (reflective rewrite of {rel} from {len(chosen)} failing train examples at the {rung} rung)"
             return Proposal(rationale=rationale + why, rung=rung if rung in LADDER_RUNGS else "prompt", meta=meta)
         reason = f"no usable rewrite of {rel} after {1 + self.cfg.repair_turns} replies: {problem}"
-        self.record("end", outcome="malformed", reason=reason, spent=self.budget.spent())
-        ctx.log(f"reflect: {reason}")
-        return None
+        ended = self.ended("malformed", reason)
+        ended.meta.update(kind="reflect", file=rel, rung_failed=rung, examples=chosen)
+        raise ended
 
     # ----------------------------------------------------------------- parts
 
@@ -466,7 +476,8 @@ class _Reflection(AgentSession):
             })
         tried = [{"n": h.get("n", h.get("index")), "outcome": "kept" if h.get("accepted") else "not kept",
                   "rationale": _short(str(h.get("rationale") or ""), 300)}
-                 for h in earlier if (h.get("meta") or {}).get("file") == rel]
+                 for h in earlier if (h.get("meta") or {}).get("file") == rel
+                 and (h.get("meta") or {}).get("outcome") != "ended"]  # no rewrite came of it
         tried += [{"n": f.get("n"), "outcome": "being judged now, in this round", "rationale": _short(str(
                    f.get("rationale") or ""), 300)} for f in siblings if (f.get("meta") or {}).get("file") == rel]
         m = self.ctx.manifest
