@@ -298,11 +298,22 @@ def test_the_prompt_file_is_the_one_the_failing_steps_used():
 # --------------------------------------------------------------------------- through the optimize loop
 
 
+def optimize_reflect(tmp_path: Path, entries: list[dict], *, max_candidates: int):
+    """`optimize --proposer reflect` on tinyqa (process sandbox) with the scripted agent model ``entries``;
+    (summary, script path, target folder)."""
+    target = optimize_harness.make_repo(tmp_path / "repo")
+    script = tmp_path / "agent.yaml"
+    script.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
+    cfg = OptimizeConfig(target=str(target), proposer="reflect", agent_model=f"scripted:{script}",
+                         proposer_options={"max_retries": 0}, sandbox="process", run_id="rf",
+                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=max_candidates)
+    return run_optimize(cfg, optimize_harness.RecordingProgress()), script, target
+
+
 @pytest.mark.timeout(300)
 def test_optimize_with_reflect_judges_the_rewrite_at_the_gate(tmp_path):
     """`optimize --proposer reflect --agent-model scripted:...` on tinyqa: the rewrite of the prompt the failing
     answer step used (sentence.txt) goes through the gate and is kept."""
-    target = optimize_harness.make_repo(tmp_path / "repo")
     entries = [
         {"name": "rewrite", "once": True, "required": True,
          "match": {"last_user_contains": ["<current_prompt>\nReply with a full sentence about the capital. Fact: {fact}",
@@ -311,12 +322,7 @@ def test_optimize_with_reflect_judges_the_rewrite_at_the_gate(tmp_path):
                                        "<prompt>\n{fact}\n</prompt>")],
                       "stop_reason": "end_turn", "usage": {"input_tokens": 700, "output_tokens": 30}}},
     ]
-    script = tmp_path / "agent.yaml"
-    script.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
-    cfg = OptimizeConfig(target=str(target), proposer="reflect", agent_model=f"scripted:{script}",
-                         proposer_options={"max_retries": 0}, sandbox="process", run_id="rf",
-                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=1)
-    s = run_optimize(cfg, optimize_harness.RecordingProgress())
+    s, script, target = optimize_reflect(tmp_path, entries, max_candidates=1)
     run_dir = Path(s.run_dir)
     assert [c.accepted for c in s.candidates] == [True] and s.best["branch"] == "pipemend/rf/cand-1"
     assert s.candidates[0].val_score == 1.0 and s.baseline["val"] == 0.0
@@ -335,7 +341,6 @@ def test_optimize_with_reflect_judges_the_rewrite_at_the_gate(tmp_path):
 def test_a_candidate_with_no_usable_rewrite_costs_only_that_candidate(tmp_path):
     """Candidate 1's two replies hold no rewrite: it ends as ``proposer_ended`` and the run goes on; candidate 2's
     rewrite is judged and kept. (Before, the loop took the unusable reply for "out of ideas" and stopped.)"""
-    target = optimize_harness.make_repo(tmp_path / "repo")
     usage = {"input_tokens": 700, "output_tokens": 30}
     entries = [
         {"name": "no block", "once": True, "required": True, "match": {"last_user_contains": "<current_prompt>"},
@@ -347,12 +352,7 @@ def test_a_candidate_with_no_usable_rewrite_costs_only_that_candidate(tmp_path):
          "response": {"content": [text("Rationale: ask for the fact alone.\n<prompt>\n{fact}\n</prompt>")],
                       "stop_reason": "end_turn", "usage": usage}},
     ]
-    script = tmp_path / "agent.yaml"
-    script.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
-    cfg = OptimizeConfig(target=str(target), proposer="reflect", agent_model=f"scripted:{script}",
-                         proposer_options={"max_retries": 0}, sandbox="process", run_id="rf",
-                         reports_dir=str(tmp_path / "reports"), budget_usd=1.0, max_candidates=2)
-    s = run_optimize(cfg, optimize_harness.RecordingProgress())
+    s, _, _ = optimize_reflect(tmp_path, entries, max_candidates=2)
     run_dir = Path(s.run_dir)
     assert [c.accepted for c in s.candidates] == [False, True]
     assert not s.candidates[0].val_evaluated and any("agent session ended (malformed)" in r
