@@ -98,7 +98,7 @@ def test_optimize_with_the_ladder_raises_val(user_repo: Path, tmp_path: Path) ->
     assert sum(1 for n in counts.values() if n) >= 2, counts
 
 
-@pytest.mark.agent_e2e  # ~16 min on two cores; not in CI's run yet (one pass here)
+@pytest.mark.agent_e2e  # ~15 min on two cores; in CI's slow run
 @pytest.mark.timeout(7200)
 def test_optimize_with_the_claude_proposer_on_the_local_model(user_repo: Path, tmp_path: Path) -> None:
     """`--proposer claude --agent-model local/...`: a whole agent session offline, on real tool calls."""
