@@ -72,9 +72,9 @@ LADDER_RUNGS = ("prompt", "retrieval", "context", "model")
 MAX_PROMPT_CHARS = 64_000
 """A rewritten prompt file longer than this is refused."""
 FIELD_CHARS = 400
+"""Inputs, expected answer and output of an example are cut here in the request."""
 MAX_UNUSABLE_IN_A_ROW = 3
 """After this many reflect candidates in a row ended with no usable rewrite, reflect is out of ideas."""
-"""Inputs, expected answer and output of an example are cut here in the request."""
 
 SYSTEM = ("You are an expert prompt engineer. You rewrite one prompt template of an LLM pipeline so that the "
           "pipeline stops failing the way the examples show. You reply in the exact form asked for.")
