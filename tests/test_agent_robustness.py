@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from support import SUBDIR, StubTrain, make_ctx, reply, start, tool_use, transcript
+from support import SUBDIR, StubTrain, git, make_ctx, reply, start, tool_use, transcript
 
 from pipemend.proposers import ProposerBudget
 from pipemend.proposers.agent_tools import AgentSessionEnded
@@ -260,3 +260,35 @@ def test_a_toolbox_whose_session_was_ended_runs_nothing_more(wt):
     (wt / SUBDIR / "prompts" / "answer.j2").write_text("changed\n")
     assert box.call("read_file", {"path": "config.yaml"}) == (f"session ended by the harness: {box.ending[1]}", True)
     assert "ended by the harness" in box.finish("submit", {"rationale": "r", "rung": "prompt"})
+
+
+def test_a_submit_of_exactly_a_change_judged_on_this_base_is_refused_with_its_verdict(wt, tmp_path):
+    """A greedy small agent makes the same edit candidate after candidate. Its submit is refused while the diff
+    is one the history shows judged on this base and not kept; the candidate before the last accepted one was
+    judged on an older base, so its diff does not count."""
+    from pipemend.proposers.agent_tools import Toolbox
+
+    answer = wt / SUBDIR / "prompts" / "answer.j2"
+    answer.write_text(answer.read_text().replace("Answer:", "Reply briefly. Answer:"))
+    diff = git(wt, "diff")  # what the tools' diff gives (the gate's diff in a run)
+    history_dir = tmp_path / "history"
+    for n in (1, 2, 3):
+        (history_dir / str(n)).mkdir(parents=True)
+        (history_dir / str(n) / "diff.patch").write_text(diff if n in (1, 3) else "other\n")
+    verdict = {"reasons": ["val delta -0.2500 below min_delta 0.02"]}
+    history = [{"n": 1, "accepted": False, "verdict": verdict}, {"n": 2, "accepted": True, "verdict": {}},
+               {"n": 3, "accepted": False, "verdict": verdict}]
+    submit = {"rationale": "brief answers", "rung": "prompt"}
+
+    box = Toolbox(make_ctx(wt, n=4, history=history, history_dir=history_dir))
+    out = box.finish("submit", submit)
+    assert isinstance(out, str) and "exactly the change of candidate 3" in out and "below min_delta" in out
+    assert box.counts["refused_submit"] == 1
+
+    history[2]["accepted"] = True  # 3 kept: nothing judged on the new base yet, and 1 was on an older one
+    assert not isinstance(Toolbox(make_ctx(wt, n=4, history=history, history_dir=history_dir)).finish(
+        "submit", submit), str)
+    answer.write_text(answer.read_text().replace("briefly", "in one word"))  # another change: accepted
+    history[2]["accepted"] = False
+    assert not isinstance(Toolbox(make_ctx(wt, n=4, history=history, history_dir=history_dir)).finish(
+        "submit", submit), str)

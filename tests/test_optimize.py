@@ -179,6 +179,19 @@ def test_a_behaviourally_identical_change_is_not_accepted_and_the_candidate_limi
     assert s.candidates[1].reasons == ["the proposal changed no file"] and s.candidates[1].ref is None
 
 
+def test_the_same_change_again_on_the_same_base_is_refused_without_an_evaluation(tmp_path, target):
+    """A proposer that proposes exactly the change of a candidate already judged (and not kept) on this base:
+    refused as a duplicate, with no val evaluation; the run goes on."""
+    s = _run(_cfg(tmp_path, target, ["comment", "comment", "short"], max_candidates=3))
+    assert [c.accepted for c in s.candidates] == [False, False, True]
+    assert s.candidates[0].val_evaluated and any("below min_delta" in r for r in s.candidates[0].reasons)
+    assert s.candidates[1].reasons == ["the same files as candidate 1, judged on this base and not kept; "
+                                       "not evaluated again"]
+    assert not s.candidates[1].val_evaluated
+    assert not (Path(s.run_dir) / "candidates" / "2" / "evals").exists()
+    assert f"refs/pipemend/{s.run_id}/rejected/2" in _refs(tmp_path / "repo", s.run_id)
+
+
 @pytest.fixture(scope="module")
 def failing_run(tmp_path_factory):
     """Candidates that fail each their own way, then a good one: a crashing proposer (1), a broken pipeline (2),

@@ -323,7 +323,32 @@ class Toolbox:
             return f"submit refused: could not compute the diff ({e})"
         if not diff.strip():
             return "submit refused: the worktree has no change yet; edit a file first"
+        if (same := self._judged_before(diff)) is not None:
+            n, verdict = same
+            return (f"submit refused: this is exactly the change of candidate {n}, judged on this same base and not "
+                    f"kept ({verdict}); judging it again would say the same. Change something else, or give_up")
         return parsed
+
+    def _judged_before(self, diff: str) -> tuple[int, str] | None:
+        """(n, why it was not kept) of an earlier candidate judged on the current base whose diff is ``diff``
+        (the history's ``<n>/diff.patch``: the gate's diff, as ``diff`` is), else None. The candidates after the
+        last accepted one share the current base."""
+        if self.history is None:
+            return None
+        history = [h for h in self.ctx.history or [] if isinstance(h.get("n"), int)]
+        last_kept = max((h["n"] for h in history if h.get("accepted")), default=0)
+        for h in history:
+            if h["n"] <= last_kept or h.get("accepted"):
+                continue
+            try:
+                earlier = self.history.read_file(f"{h['n']}/diff.patch")
+            except ToolError:
+                continue
+            if earlier == diff:
+                reasons = (h.get("verdict") or {}).get("reasons") if isinstance(h.get("verdict"), dict) else None
+                why = "; ".join(str(r) for r in reasons[:3]) if isinstance(reasons, list) and reasons else "refused"
+                return h["n"], why
+        return None
 
     def _t_list_files(self, a: ListFilesIn) -> str:
         files = self.tools.list_files(a.glob)
