@@ -25,7 +25,7 @@ from pipemend.optimize import OptimizeConfig, run_optimize
 from pipemend.proposers import ProposerBudget, ProposerBudgetExhausted, get_proposer
 from pipemend.proposers.agent_tools import AgentSessionEnded
 from pipemend.proposers.reflect import (
-    ReflectError, check_rewrite, extract_rewrite, next_examples, pick_failures, prompt_relevance, rewrite_key,
+    ReflectError, check_rewrite, extract_rewrite, next_examples, prompt_relevance, rewrite_key,
     rung_failures,
 )
 
@@ -261,11 +261,11 @@ def test_failures_prefer_the_prompt_rung_and_stay_on_train():
     d = {"ids": {"prompt": ["v9", "t2"], "retrieval": ["t4"], "context": [], "model": []}, "recommended": "retrieval",
          "error_ids": ["t7"], "unattributed_ids": []}
     train = {"t2", "t4", "t7"}
-    assert pick_failures(d, train) == ("prompt", ["t2"])
-    assert pick_failures(d, {"t4", "t7"}) == ("retrieval", ["t4"])
-    assert pick_failures(d, {"t7"}) == ("error", ["t7"])
-    assert pick_failures(d, train, "error") == ("error", ["t7"])
-    assert pick_failures({}, train) == ("", [])
+    assert rung_failures(d, train)[0] == ("prompt", ["t2"])
+    assert rung_failures(d, {"t4", "t7"})[0] == ("retrieval", ["t4"])
+    assert rung_failures(d, {"t7"})[0] == ("error", ["t7"])
+    assert rung_failures(d, train, "error") == [("error", ["t7"])]
+    assert rung_failures({}, train) == []
 
 
 def test_next_examples_walk_each_rung_then_the_next_then_come_round():

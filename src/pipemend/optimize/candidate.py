@@ -133,7 +133,7 @@ def judge(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, base_val_d
     static = [] if problems else [gate.Reason(f"refused_{r.code}", str(r)) for r in tree.refusals]
     if not problems and tree.sha:
         static += static_checks(env, wt, tree.diff, tree.changed, base_sha)
-    if not problems and not static and tree.sha and (same := judged_before(env, st, tree.sha)) is not None:
+    if not problems and not static and tree.sha and (same := judged_before(env, st, tree.sha, base_sha)) is not None:
         problems.append(gate.Reason("duplicate", f"the same files as candidate {same}, judged on this base and not "
                                                  "kept; not evaluated again"))
     stats, stop = None, None
@@ -149,19 +149,20 @@ def judge(env: RunEnv, st: RunState, n: int, wt: Path, base_sha: str, base_val_d
     return Judged(verdict, tree.sha, stop)
 
 
-def judged_before(env: RunEnv, st: RunState, sha: str) -> int | None:
-    """The earliest candidate whose judged commit has ``sha``'s parent and tree (the same files on the same base)
-    and that was evaluated on val and not kept, else None: its evaluation would only be repeated. A small model
-    proposes the same change over and over."""
+def judged_before(env: RunEnv, st: RunState, sha: str, base_sha: str) -> int | None:
+    """The earliest candidate whose judged commit has ``sha``'s tree on the same base (``sha`` is built on
+    ``base_sha``, and a judged commit's parent is the base it was judged on) and that was evaluated on val and
+    not kept, else None: its evaluation would only be repeated. A small model proposes the same change over
+    and over."""
     try:
-        tree, parent = env.snap.tree_of(sha), env.snap.resolve(f"{sha}^")
+        tree, base = env.snap.tree_of(sha), env.snap.resolve(base_sha)
     except GitCommandError:  # no answer is no duplicate: the evaluation decides
         return None
     for c in sorted(st.candidates.values(), key=lambda c: c.n):
         if c.accepted or not c.tested or not c.sha:
             continue
         try:
-            if env.snap.tree_of(c.sha) == tree and env.snap.resolve(f"{c.sha}^") == parent:
+            if env.snap.tree_of(c.sha) == tree and env.snap.resolve(f"{c.sha}^") == base:
                 return c.n
         except GitCommandError:  # a commit gone (gc) is no duplicate
             continue

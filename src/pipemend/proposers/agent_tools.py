@@ -338,7 +338,7 @@ class Toolbox:
         history = [h for h in self.ctx.history or [] if isinstance(h.get("n"), int)]
         last_kept = max((h["n"] for h in history if h.get("accepted")), default=0)
         for h in history:
-            if h["n"] <= last_kept or h.get("accepted"):
+            if h["n"] <= last_kept:  # judged on an older base (or kept)
                 continue
             try:
                 earlier = self.history.read_file(f"{h['n']}/diff.patch")

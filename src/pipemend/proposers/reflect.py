@@ -256,12 +256,6 @@ def rung_failures(diagnosis: dict[str, Any], train_ids: set[str],
     return found
 
 
-def pick_failures(diagnosis: dict[str, Any], train_ids: set[str], forced: str | None = None) -> tuple[str, list[str]]:
-    """(rung, failing train ids at it) of the first rung reflect takes; ``("", [])`` when nothing fails."""
-    found = rung_failures(diagnosis, train_ids, forced)
-    return found[0] if found else ("", [])
-
-
 def next_examples(rungs: list[tuple[str, list[str]]], shown: dict[str, int], k: int) -> tuple[str, list[str]]:
     """(rung, the next ``k`` failing ids to show): the first rung of ``rungs`` whose failures the ``shown[rung]``
     earlier candidates at it have not all seen, from where they stopped; when every rung's have been seen, the
